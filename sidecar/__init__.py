@@ -1,0 +1,8 @@
+"""The ext_authz sidecar: Envoy's CheckRequest in, an allow/deny CheckResponse out.
+
+Data flow of one check, one module per arrow::
+
+    CheckRequest -> input.py -> identity.py -> decision.py -> ratelimit/ -> response.py
+
+``server.py`` only strings these together.
+"""

@@ -1,0 +1,111 @@
+"""Typed configuration of the ext_authz sidecar (the ``authz:`` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Unit = Literal["second", "minute", "hour", "day"]
+
+UNIT_SECONDS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+@dataclass(frozen=True)
+class OpaConfig:
+    """Where OPA runs and how its answers are used."""
+
+    url: str = "http://127.0.0.1:8181"
+    # Data path of the decision: package envoy.authz, rule ``result`` (OPA-Envoy's convention).
+    policy_path: str = "envoy/authz/result"
+    timeout_s: float = 0.5
+    # "deny": OPA unreachable or slow -> 503 (fail closed). "allow": let the request through.
+    failure_mode: Literal["deny", "allow"] = "deny"
+    cache_size: int = 10_000
+    cache_ttl_s: float = 5.0
+    # Data documents whose content is the policy's data revision (hashed with /v1/policies).
+    revision_paths: list[str] = field(default_factory=lambda: ["kernelgate"])
+    revision_poll_s: float = 1.0
+    # Headers that differ per request and that policies must not read; left out of the cache key.
+    cache_ignore_headers: list[str] = field(
+        default_factory=lambda: [
+            "x-request-id", "traceparent", "tracestate", "baggage", "x-b3-traceid",
+            "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-envoy-expected-rq-timeout-ms",
+            "content-length",
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    jwks_file: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    algorithms: list[str] = field(default_factory=lambda: ["RS256", "ES256", "HS256"])
+    leeway_s: float = 0.0
+    max_token_bytes: int = 8192
+    # Claims that carry the tenant, tier and scopes.
+    tenant_claim: str = "tenant"
+    tier_claim: str = "tier"
+    scopes_claim: str = "scope"
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    # YAML/JSON file of {sha256 hex of key: {tenant, tier, scopes, name}}; reloaded on change.
+    api_keys_file: str | None = None
+    api_key_header: str = "x-api-key"
+    jwt: JwtConfig = field(default_factory=JwtConfig)
+    reload_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class LimitRule:
+    """Budgets for requests matching (tenant, model, route); "*" matches anything."""
+
+    tenant: str = "*"
+    model: str = "*"
+    route: str = "*"
+    requests: int | None = None
+    tokens: int | None = None
+    unit: Unit = "minute"
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    enabled: bool = True
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = 0.05
+    redis_key_prefix: str = "kernelgate:rl:"
+    # Redis unreachable: "local" falls back to in-memory budgets, "deny" answers 503, "allow" skips limits.
+    redis_failure_mode: Literal["local", "deny", "allow"] = "local"
+    # Count and log, never deny.
+    shadow: bool = False
+    # Used when the policy's decision carries no ``rate_limit`` object.
+    rules: list[LimitRule] = field(default_factory=list)
+    # Token estimate when the body gives no max_tokens (OpenAI's default for completions).
+    default_max_tokens: int = 16
+    chars_per_token: float = 4.0
+
+
+@dataclass(frozen=True)
+class DecisionLogConfig:
+    enabled: bool = True
+    # "-" is standard output; else a file path (appended).
+    path: str = "-"
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    # host:port, or unix:/path/to.sock
+    listen: str = "127.0.0.1:9191"
+    # Seconds SIGTERM waits for in-flight checks before exit.
+    drain_s: float = 10.0
+    # Worker processes sharing the port (SO_REUSEPORT); 1 = this process only.
+    workers: int = 1
+    # Prefix of headers the sidecar adds for the upstream; clients' own copies are removed.
+    header_prefix: str = "x-kernelgate-"
+    opa: OpaConfig = field(default_factory=OpaConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)

@@ -116,12 +116,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        errors = []
+        if len(non_none) == 1:  # Optional[X]: X's own message is the clearest
+            return _convert(non_none[0], value, key)
         for arg in non_none:
             try:
                 return _convert(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(key, f"value {value!r} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)

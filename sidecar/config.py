@@ -92,7 +92,7 @@ class RateLimitConfig:
 class DecisionLogConfig:
     enabled: bool = True
     # "-" is standard output; else a file path (appended).
-    path: str = "-"
+    output_path: str = "-"
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,12 @@ class SidecarConfig:
     workers: int = 1
     # Prefix of headers the sidecar adds for the upstream; clients' own copies are removed.
     header_prefix: str = "x-kernelgate-"
+    # Remove the caller's credentials (Authorization, API key header) before the upstream sees them.
+    strip_credentials: bool = True
+    # Bodies larger than this are not parsed (the policy sees body_error "too_large").
+    max_body_bytes: int = 1 << 20
+    # Prometheus /metrics of the sidecar ("" disables).
+    metrics_listen: str = "127.0.0.1:9192"
     opa: OpaConfig = field(default_factory=OpaConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)

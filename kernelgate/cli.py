@@ -1,0 +1,155 @@
+"""``kernelgate``: one CLI for every process of the pod.
+
+    kernelgate authz        the ext_authz sidecar (gRPC)
+    kernelgate serve        the inference server (HTTP, OpenAI-style)
+    kernelgate up           the whole local stack on loopback
+    kernelgate envoy-config the Envoy bootstrap used by the stack, the tests and k8s
+    kernelgate inject       add the sidecar containers to a Kubernetes manifest
+    kernelgate hash-key     the stored form of an API key
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from kernelgate.settings import ConfigError
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(args: argparse.Namespace):
+    from kernelgate.config import load
+
+    return load(args.config)
+
+
+def cmd_authz(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from otel.setup import configure_tracing
+    from sidecar.server import run
+
+    with configure_tracing(config.telemetry, "kernelgate-authz"):
+        run(config.authz)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from inference.server import run
+    from otel.setup import configure_tracing
+
+    with configure_tracing(config.telemetry, "kernelgate-inference"):
+        run(config.inference)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from kernelgate.stack import run_stack
+
+    return run_stack(_load(args), args.config)
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from kernelgate.envoy_config import render
+
+    config = _load(args)
+    text = yaml.safe_dump(render(config.envoy), sort_keys=False) if args.format == "yaml" \
+        else json.dumps(render(config.envoy), indent=2) + "\n"
+    if args.output and args.output != "-":
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from kernelgate.inject import InjectError, inject_stream
+
+    source = sys.stdin if args.filename == "-" else open(args.filename, encoding="utf-8")  # noqa: SIM115
+    try:
+        sys.stdout.write(inject_stream(source.read()))
+    except InjectError as exc:
+        print(f"kernelgate inject: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from sidecar.identity import hash_api_key
+
+    key = args.key if args.key != "-" else sys.stdin.readline().strip()
+    entry = {hash_api_key(key): {"tenant": args.tenant, "tier": args.tier, "scopes": args.scopes,
+                                 "name": args.name or args.tenant}}
+    sys.stdout.write(yaml.safe_dump(entry, sort_keys=False))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _load(args)
+    print(f"{args.config or '(defaults)'}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kernelgate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default=os.environ.get("KERNELGATE_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", default=os.environ.get("KERNELGATE_CONFIG"),
+                       help="YAML config file (env KERNELGATE_CONFIG); KERNELGATE__SECTION__KEY=value overrides")
+        return p
+
+    with_config(sub.add_parser("authz", help="run the ext_authz sidecar")).set_defaults(func=cmd_authz)
+    with_config(sub.add_parser("serve", help="run the inference server")).set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("up", help="run the local stack (OPA, sidecar, inference, Envoy, Jaeger)")
+                ).set_defaults(func=cmd_up)
+    p = with_config(sub.add_parser("envoy-config", help="print the Envoy bootstrap"))
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.set_defaults(func=cmd_envoy_config)
+    p = sub.add_parser("inject", help="add kernelgate's containers to a Deployment/StatefulSet/Pod manifest")
+    p.add_argument("-f", "--filename", default="-", help="manifest file, or - for stdin")
+    p.set_defaults(func=cmd_inject)
+    p = sub.add_parser("hash-key", help="print the api_keys_file entry for an API key")
+    p.add_argument("key", help="the API key, or - to read it from stdin (keeps it out of shell history)")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--tier", default="free")
+    p.add_argument("--scopes", nargs="*", default=["completions", "embeddings", "models"])
+    p.add_argument("--name")
+    p.set_defaults(func=cmd_hash_key)
+    with_config(sub.add_parser("validate-config", help="load and validate a config file")
+                ).set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"kernelgate: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"kernelgate: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

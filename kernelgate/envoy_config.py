@@ -1,0 +1,146 @@
+"""The Envoy bootstrap, built from envoy-data-plane's typed messages.
+
+One function makes it for the local stack, the tests and the Kubernetes ConfigMap,
+so all three run exactly the same Envoy configuration.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterLbPolicy
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address, GrpcService, GrpcServiceEnvoyGrpc, Http1ProtocolOptions, Http2ProtocolOptions, Pipe, SocketAddress,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig
+from envoy_data_plane.envoy.config.trace.v3 import TracingHttp as TracingProvider
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import BufferSettings, ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager, HttpConnectionManagerCodecType, HttpConnectionManagerPathWithEscapedSlashesAction,
+    HttpConnectionManagerTracing, HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions, HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+
+AUTHZ_CLUSTER = "kernelgate_authz"
+UPSTREAM_CLUSTER = "inference"
+OTLP_CLUSTER = "otel_collector"
+
+
+@dataclass(frozen=True)
+class EnvoyConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    # host:port or unix:/path of the kernelgate authz sidecar.
+    authz_address: str = "127.0.0.1:9191"
+    authz_timeout_s: float = 1.0
+    # Envoy's answer when the sidecar itself cannot be reached: no request passes without an allow.
+    failure_mode_allow: bool = False
+    status_on_error: int = 503
+    upstream_address: str = "127.0.0.1:8000"
+    # Completions can stream for minutes; 0 disables the route timeout.
+    upstream_timeout_s: float = 600.0
+    # Bytes of the body sent to ext_authz; larger bodies arrive cut (x-envoy-auth-partial-body).
+    max_request_bytes: int = 1 << 20
+    # host:port of an OTLP/gRPC collector (Jaeger); "" disables tracing.
+    otlp_address: str = ""
+    service_name: str = "kernelgate-envoy"
+    trace_sampling_percent: float = 100.0
+
+
+def _address(target: str) -> Address:
+    if target.startswith("unix:"):
+        return Address(pipe=Pipe(path=target[len("unix:"):]))
+    host, _, port = target.rpartition(":")
+    return Address(socket_address=SocketAddress(address=host.strip("[]"), port_value=int(port)))
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+def _cluster(name: str, target: str, http2: bool, timeout_s: float = 1.0) -> Cluster:
+    protocol = HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+        http2_protocol_options=Http2ProtocolOptions()) if http2 else HttpProtocolOptionsExplicitHttpConfig(
+        http_protocol_options=Http1ProtocolOptions()))
+    is_ip = target.startswith("unix:") or target.rpartition(":")[0].replace(".", "").isdigit()
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STATIC if is_ip else ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=_seconds(timeout_s),
+        lb_policy=ClusterLbPolicy.ROUND_ROBIN,
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(protocol)},
+        load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(
+            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(target)))])]),
+    )
+
+
+def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
+    ext_authz = ExtAuthz(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+                                 timeout=_seconds(cfg.authz_timeout_s)),
+        transport_api_version=2,  # V3
+        with_request_body=BufferSettings(max_request_bytes=cfg.max_request_bytes, allow_partial_message=True),
+        failure_mode_allow=cfg.failure_mode_allow,
+        status_on_error=HttpStatus(code=StatusCode(cfg.status_on_error)),
+    )
+    route_config = RouteConfiguration(name="kernelgate", virtual_hosts=[VirtualHost(
+        name="inference", domains=["*"],
+        routes=[Route(match=RouteMatch(prefix="/"), route=RouteAction(
+            cluster=UPSTREAM_CLUSTER, timeout=_seconds(cfg.upstream_timeout_s)))])])
+    hcm = HttpConnectionManager(
+        stat_prefix="ingress_http",
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        route_config=route_config,
+        # The path the policy sees is the path the upstream routes on.
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
+        use_remote_address=True,
+        generate_request_id=True,
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(ext_authz)),
+            HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
+        ],
+    )
+    clusters = [
+        _cluster(AUTHZ_CLUSTER, cfg.authz_address, http2=True),
+        _cluster(UPSTREAM_CLUSTER, cfg.upstream_address, http2=False),
+    ]
+    if cfg.otlp_address:
+        hcm.tracing = HttpConnectionManagerTracing(
+            random_sampling=Percent(value=cfg.trace_sampling_percent),
+            spawn_upstream_span=True,
+            provider=TracingProvider(name="envoy.tracers.opentelemetry", typed_config=AnyMessage.pack(
+                OpenTelemetryConfig(grpc_service=GrpcService(
+                    envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTLP_CLUSTER), timeout=_seconds(1.0)),
+                    service_name=cfg.service_name))))
+        clusters.append(_cluster(OTLP_CLUSTER, cfg.otlp_address, http2=True))
+    listener = Listener(
+        name="ingress",
+        address=_address(f"{cfg.listen_host}:{cfg.listen_port}"),
+        filter_chains=[FilterChain(filters=[Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(hcm))])],
+    )
+    return Bootstrap(
+        admin=Admin(address=_address(f"{cfg.admin_host}:{cfg.admin_port}")),
+        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
+    )
+
+
+def render(cfg: EnvoyConfig) -> dict[str, Any]:
+    """The bootstrap as a plain dict (Envoy reads it as YAML or JSON)."""
+    return build_bootstrap(cfg).to_dict()

@@ -1,0 +1,66 @@
+"""Tracing set-up, in one place: provider, sampler, exporter, propagators, resource.
+
+Instrumented code only calls ``opentelemetry.trace.get_tracer(...)`` and starts spans;
+when telemetry is disabled those spans are no-ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from kernelgate import __version__
+from otel.config import TelemetryConfig
+
+# Downward-API environment variables (k8s/) -> resource attributes.
+_ENV_RESOURCE = {"POD_NAME": "k8s.pod.name", "POD_NAMESPACE": "k8s.namespace.name", "NODE_NAME": "k8s.node.name"}
+
+
+def build_resource(config: TelemetryConfig, service_name: str):
+    from opentelemetry.sdk.resources import Resource
+
+    attrs = {"service.name": service_name, "service.version": __version__}
+    for env, key in _ENV_RESOURCE.items():
+        if os.environ.get(env):
+            attrs[key] = os.environ[env]
+    attrs.update(config.resource_attributes)
+    return Resource.create(attrs)
+
+
+@contextlib.contextmanager
+def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iterator[object | None]:
+    """Install the SDK tracer provider for this process; flush and shut it down on exit."""
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]))
+    if config is None or not config.enabled:
+        yield None
+        return
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True, timeout=config.export_timeout_s)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = config.otlp_endpoint.rstrip("/")
+        exporter = OTLPSpanExporter(endpoint=endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces",
+                                    timeout=config.export_timeout_s)
+    provider = TracerProvider(resource=build_resource(config, service_name),
+                              sampler=ParentBased(TraceIdRatioBased(config.sampling_ratio)))
+    # Batched and off the request path: a full queue drops spans, never blocks a request.
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=config.max_queue_size,
+                                                   export_timeout_millis=int(config.export_timeout_s * 1000)))
+    trace.set_tracer_provider(provider)
+    try:
+        yield provider
+    finally:
+        provider.shutdown()

@@ -1,0 +1,60 @@
+"""One structured JSON line per decision.
+
+Only what an operator needs to audit a decision goes in: ids, tenant, method, path
+without its query string, outcome and why. Headers, bodies, keys and tokens never
+do, so there is nothing to redact after the fact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from sidecar.config import DecisionLogConfig
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    decision_id: str
+    request_id: str
+    tenant: str | None
+    identity_method: str
+    method: str
+    path: str
+    outcome: str  # "allow" | "deny"
+    http_status: int
+    reason: str
+    latency_ms: float
+    cache_hit: bool
+    policy_revision: str
+    shadow_denied: bool = False
+    rate_limit: dict[str, Any] = field(default_factory=dict)
+
+
+class DecisionLogger:
+    def __init__(self, config: DecisionLogConfig, stream: TextIO | None = None):
+        self._enabled = config.enabled
+        self._owned = False
+        if stream is not None:
+            self._stream = stream
+        elif config.output_path == "-":
+            self._stream = sys.stdout
+        else:
+            self._stream = open(config.output_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._owned = True
+
+    def write(self, record: DecisionRecord) -> None:
+        if not self._enabled:
+            return
+        line = asdict(record)
+        line["ts"] = round(time.time(), 6)
+        line["kind"] = "decision"
+        self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()

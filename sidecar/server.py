@@ -1,0 +1,136 @@
+"""gRPC wiring: Authorization/Check, grpc.health.v1, reflection; SIGTERM drains.
+
+``run(config)`` is what ``kernelgate authz`` calls. Everything the Check handler
+needs is built here, once, and passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from sidecar.authorizer import Authorizer
+from sidecar.config import SidecarConfig
+from sidecar.decision import Decider, DecisionCache
+from sidecar.decision_log import DecisionLogger
+from sidecar.identity import Authenticator
+from sidecar.metrics import SidecarMetrics
+from sidecar.opa import OpaPolicyClient
+from sidecar.ratelimit import build_rate_limiter
+
+log = logging.getLogger("kernelgate.authz")
+
+SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, authorizer: Authorizer):
+        self._authorizer = authorizer
+
+    async def Check(self, request, context):  # noqa: N802 - gRPC method name
+        return await self._authorizer.check(request)
+
+
+@dataclass
+class Sidecar:
+    """The running pieces, so tests and ``run`` can start and stop them alike."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    authorizer: Authorizer
+    decider: Decider
+    authenticator: Authenticator
+    closers: list
+    background: list[asyncio.Task]
+    stop_event: asyncio.Event
+    port: int
+
+
+def listen_address(listen: str) -> str:
+    return listen if listen.startswith("unix:") else listen
+
+
+async def start(config: SidecarConfig) -> Sidecar:
+    registry = CollectorRegistry()
+    metrics = SidecarMetrics(registry)
+    if config.metrics_listen:
+        host, _, port = config.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+
+    authenticator = Authenticator(config.identity)
+    opa_client = OpaPolicyClient(config.opa)
+    decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
+    rate_limiter = build_rate_limiter(config.ratelimit) if config.ratelimit.enabled else None
+    decision_log = DecisionLogger(config.decision_log)
+    authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+                                      ("grpc.max_receive_message_length", 8 << 20)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(listen_address(config.listen))
+    if port == 0 and not config.listen.startswith("unix:"):
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+
+    stop_event = asyncio.Event()
+    with contextlib.suppress(Exception):
+        await decider.refresh_revision()  # OPA may start after us; the watcher catches up
+    background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
+                  asyncio.create_task(authenticator.watch(stop_event), name="credential-reload")]
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    closers = [opa_client.close, decision_log.close]
+    if rate_limiter is not None:
+        closers.append(rate_limiter.close)
+    log.info("kernelgate authz listening on %s (OPA %s, rate limits %s)", config.listen, config.opa.url,
+             config.ratelimit.backend if rate_limiter else "off")
+    return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
+                   stop_event, port)
+
+
+async def stop(sidecar: Sidecar, grace_s: float) -> None:
+    """Health goes NOT_SERVING, new checks are refused, in-flight ones finish (up to grace_s)."""
+    await sidecar.health.enter_graceful_shutdown()
+    await sidecar.server.stop(grace_s)
+    sidecar.stop_event.set()
+    for task in sidecar.background:
+        task.cancel()
+    await asyncio.gather(*sidecar.background, return_exceptions=True)
+    for close in sidecar.closers:
+        result = close()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+async def serve(config: SidecarConfig) -> None:
+    sidecar = await start(config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("draining in-flight checks (up to %.1fs)", config.drain_s)
+    await stop(sidecar, config.drain_s)
+    log.info("stopped")
+
+
+def run(config: SidecarConfig) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

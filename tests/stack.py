@@ -1,0 +1,136 @@
+"""Envoy -> kernelgate sidecar -> OPA (and Redis), in front of the echo upstream, on loopback.
+
+``AuthzStack`` starts the real programs with the same Envoy bootstrap that
+``kernelgate envoy-config`` prints; tests restart, kill or slow any of them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kernelgate.envoy_config import EnvoyConfig, render
+from tests import procs
+from tests.procs import ROOT, Proc, free_port
+
+# Demo credentials used by the tests (hashes go in the key file, never the keys).
+ACME_KEY = "kg-test-acme-0123456789"
+GLOBEX_KEY = "kg-test-globex-0123456789"
+INITECH_KEY = "kg-test-initech-0123456789"
+
+
+def write_api_keys(path: Path) -> None:
+    from sidecar.identity import hash_api_key
+
+    entries = {
+        hash_api_key(ACME_KEY): {"tenant": "acme", "tier": "pro", "scopes": ["*"], "name": "acme-ci"},
+        hash_api_key(GLOBEX_KEY): {"tenant": "globex", "tier": "free",
+                                   "scopes": ["completions", "models"], "name": "globex-ci"},
+        hash_api_key(INITECH_KEY): {"tenant": "initech", "tier": "free", "scopes": ["*"], "name": "initech"},
+    }
+    path.write_text(yaml.safe_dump(entries))
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass
+class AuthzStack:
+    workdir: Path
+    authz_overrides: dict[str, Any] = field(default_factory=dict)
+    envoy_overrides: dict[str, Any] = field(default_factory=dict)
+    redis_url: str | None = None
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.logs = self.workdir / "logs"
+        self.policy_dir = self.workdir / "policies"
+        shutil.copytree(ROOT / "policies", self.policy_dir,
+                        ignore=shutil.ignore_patterns("*_test.rego"))
+        self.keys_file = self.workdir / "api-keys.yaml"
+        write_api_keys(self.keys_file)
+        self.opa_port = free_port()
+        self.authz_port = free_port()
+        self.metrics_port = free_port()
+        self.upstream_port = free_port()
+        self.envoy_port = free_port()
+        self.admin_port = free_port()
+        self.decision_log = self.workdir / "decisions.jsonl"
+
+    # --- configuration -------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        authz: dict[str, Any] = {
+            "listen": f"127.0.0.1:{self.authz_port}",
+            "metrics_listen": f"127.0.0.1:{self.metrics_port}",
+            "drain_s": 5,
+            "opa": {"url": f"http://127.0.0.1:{self.opa_port}", "timeout_s": 0.5, "revision_poll_s": 0.2},
+            "identity": {"api_keys_file": str(self.keys_file), "reload_interval_s": 0.2},
+            "decision_log": {"output_path": str(self.decision_log)},
+        }
+        if self.redis_url:
+            authz["ratelimit"] = {"backend": "redis", "redis_url": self.redis_url}
+        envoy = {"listen_port": self.envoy_port, "admin_port": self.admin_port,
+                 "authz_address": f"127.0.0.1:{self.authz_port}",
+                 "upstream_address": f"127.0.0.1:{self.upstream_port}"}
+        return {"authz": deep_merge(authz, self.authz_overrides), "envoy": deep_merge(envoy, self.envoy_overrides)}
+
+    def write_config(self) -> Path:
+        path = self.workdir / "kernelgate.yaml"
+        path.write_text(yaml.safe_dump(self.config()))
+        return path
+
+    # --- processes -------------------------------------------------------------
+    def start(self) -> "AuthzStack":
+        self.start_opa()
+        self.procs["upstream"] = procs.start("upstream", [sys.executable, "-m", "tests.echo_upstream",
+                                                          str(self.upstream_port)], self.logs)
+        self.start_sidecar()
+        self.start_envoy()
+        procs.wait_tcp(self.upstream_port, proc=self.procs["upstream"])
+        return self
+
+    def start_opa(self) -> Proc:
+        self.procs["opa"] = procs.start_opa(self.logs, self.policy_dir, port=self.opa_port)
+        return self.procs["opa"]
+
+    def start_sidecar(self, name: str = "sidecar") -> Proc:
+        config = self.write_config()
+        proc = procs.start(name, [sys.executable, "-m", "kernelgate.cli", "authz", "--config", str(config)],
+                           self.logs)
+        procs.wait_tcp(self.authz_port, proc=proc)
+        self.procs[name] = proc
+        return proc
+
+    def start_envoy(self) -> Proc:
+        cfg = self.config()["envoy"]
+        bootstrap = self.workdir / "envoy.yaml"
+        bootstrap.write_text(yaml.safe_dump(render(EnvoyConfig(**cfg))))
+        proc = procs.start("envoy", [procs.find_binary("envoy"), "-c", str(bootstrap), "--use-dynamic-base-id",
+                                     "--log-level", "warn", "--concurrency", "1"], self.logs)
+        procs.wait_http(f"http://127.0.0.1:{self.admin_port}/ready", proc=proc)
+        self.procs["envoy"] = proc
+        return proc
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.envoy_port}"
+
+    def decisions(self) -> list[dict[str, Any]]:
+        import json
+
+        if not self.decision_log.exists():
+            return []
+        return [json.loads(line) for line in self.decision_log.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()

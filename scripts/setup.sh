@@ -37,12 +37,14 @@ if [ ! -x "$BIN/opa" ] || ! "$BIN/opa" version 2>/dev/null | grep -q "Version: $
   GOBIN="$BIN" go install "github.com/open-policy-agent/opa@$OPA_VERSION" >"$LOGS/opa.log" 2>&1 \
     || { cat "$LOGS/opa.log" >&2; exit 1; }
 fi
-if [ ! -x "$BIN/opa-envoy-plugin" ]; then
-  # OPA-Envoy (the rival for bench/) is optional: the module proxy may refuse it.
+# OPA-Envoy (the rival for bench/) is optional: the module proxy may refuse it.
+# A refusal is remembered for a day so every run does not ask again.
+if [ ! -x "$BIN/opa-envoy-plugin" ] && [ -z "$(find "$BIN/opa-envoy-plugin.unavailable" -mmin -1440 2>/dev/null)" ]; then
   if GOBIN="$BIN" go install "github.com/open-policy-agent/opa-envoy-plugin/cmd/opa-envoy-plugin@v1.19.1-envoy" \
       >"$LOGS/opa-envoy.log" 2>&1; then
     log "built opa-envoy-plugin"
   else
+    touch "$BIN/opa-envoy-plugin.unavailable"
     log "opa-envoy-plugin not available from the module proxy (see $LOGS/opa-envoy.log); bench/ skips the rival"
   fi
 fi

@@ -48,6 +48,12 @@ class Verdict:
     rate_limit: dict[str, Any] | None = None
 
 
+def _unavailable(verdict: Verdict, reason: str, message: str) -> Any:
+    """503 + Retry-After: the sidecar cannot decide right now (fail closed)."""
+    verdict.reason, verdict.http_status = reason, 503
+    return response.deny(503, response.error_body(message, "service_unavailable", reason), {"retry-after": "1"})
+
+
 class Authorizer:
     def __init__(self, config: SidecarConfig, authenticator: Authenticator, decider: Decider,
                  rate_limiter: RateLimiter | None, decision_log: DecisionLogger,
@@ -105,10 +111,8 @@ class Authorizer:
                 opa_span.set_status(trace.StatusCode.ERROR, str(exc))
                 decision = self._on_opa_failure(exc)
                 if decision is None:
-                    verdict.reason, verdict.http_status = "policy_unavailable", 503
-                    return response.deny(503, response.error_body(
-                        "authorization is temporarily unavailable", "service_unavailable", "policy_unavailable"),
-                        {"retry-after": "1"}), identity
+                    return _unavailable(verdict, "policy_unavailable",
+                                        "authorization is temporarily unavailable"), identity
             opa_span.set_attribute("kernelgate.cache_hit", decision.source == "cache")
         verdict.cache_hit = decision.source == "cache"
         self._metrics.cache.labels("hit" if verdict.cache_hit else "miss").inc()
@@ -148,8 +152,12 @@ class Authorizer:
                           estimated: int, verdict: Verdict) -> RateLimitResult | Any | None:
         body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else {}
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        budgets = budgets_for(identity.tenant, model, check_input.route, decision.rate_limit,
-                              self._config.ratelimit.rules, estimated)
+        try:
+            budgets = budgets_for(identity.tenant, model, check_input.route, decision.rate_limit,
+                                  self._config.ratelimit.rules, estimated)
+        except ValueError as exc:  # a policy bug must not mean "no limit"
+            log.error("policy returned an invalid rate_limit: %s", exc)
+            return _unavailable(verdict, "invalid_rate_limit", "rate limits for this request are misconfigured")
         if not budgets:
             return None
         with self._tracer.start_as_current_span("ratelimit") as span:
@@ -158,10 +166,7 @@ class Authorizer:
             except RateLimitUnavailable:
                 span.set_status(trace.StatusCode.ERROR, "rate-limit backend unavailable")
                 self._metrics.ratelimit.labels("unavailable", self._config.ratelimit.backend).inc()
-                verdict.reason, verdict.http_status = "ratelimit_unavailable", 503
-                return response.deny(503, response.error_body(
-                    "rate limiting is temporarily unavailable", "service_unavailable", "ratelimit_unavailable"),
-                    {"retry-after": "1"})
+                return _unavailable(verdict, "ratelimit_unavailable", "rate limiting is temporarily unavailable")
             span.set_attribute("kernelgate.ratelimit.backend", result.backend)
             span.set_attribute("kernelgate.ratelimit.degraded", result.degraded)
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()

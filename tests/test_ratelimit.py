@@ -104,6 +104,8 @@ def test_gcra_cost_over_limit_is_never_allowed() -> None:
 def test_gcra_rejects_bad_budget() -> None:
     with pytest.raises(ValueError):
         decide(0.0, None, 0, 60.0, 1)
+    with pytest.raises(ValueError):
+        Budget("k", 10, 60.0, -1, "tokens")
 
 
 # --- memory ---------------------------------------------------------------------------------

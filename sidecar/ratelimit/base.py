@@ -21,6 +21,11 @@ class Budget:
     cost: int
     kind: str
 
+    def __post_init__(self) -> None:
+        # Checked here, before any backend: a negative cost would refill a shared budget.
+        if self.limit <= 0 or self.period_s <= 0 or self.cost < 0:
+            raise ValueError("a budget needs limit > 0, period_s > 0 and cost >= 0")
+
 
 @dataclass(frozen=True)
 class BudgetState:

@@ -45,6 +45,8 @@ class EnvoyConfig:
     admin_port: int = 9901
     # host:port or unix:/path of the kernelgate authz sidecar.
     authz_address: str = "127.0.0.1:9191"
+    # False leaves ext_authz out (bench/ measures Envoy alone with it).
+    authz_enabled: bool = True
     authz_timeout_s: float = 1.0
     # Envoy's answer when the sidecar itself cannot be reached: no request passes without an allow.
     failure_mode_allow: bool = False
@@ -112,12 +114,13 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         use_remote_address=True,
         generate_request_id=True,
         http_filters=[
-            HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(ext_authz)),
+            *([HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(ext_authz))]
+              if cfg.authz_enabled else []),
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
         ],
     )
     clusters = [
-        _cluster(AUTHZ_CLUSTER, cfg.authz_address, http2=True),
+        *([_cluster(AUTHZ_CLUSTER, cfg.authz_address, http2=True)] if cfg.authz_enabled else []),
         _cluster(UPSTREAM_CLUSTER, cfg.upstream_address, http2=False),
     ]
     if cfg.otlp_address:

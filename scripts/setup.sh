@@ -13,6 +13,7 @@ LOGS="$KG_HOME/logs"
 export PIP_CACHE_DIR="$KG_HOME/pip"
 OPA_VERSION="v1.19.1"
 JAEGER_MODULE_VERSION="v1.76.0"   # the v1 tag of the Jaeger v2 release (cmd/jaeger)
+KUSTOMIZE_VERSION="v5.8.2"        # renders k8s/ for the tests (v5.8.3 needs Go >= 1.27)
 TORCH_SPEC="torch==2.11.*"
 mkdir -p "$BIN" "$LOGS"
 
@@ -32,7 +33,7 @@ fi
 if ! command -v go >/dev/null 2>&1; then
   echo "setup: the Go toolchain is required to build OPA and Jaeger" >&2; exit 1
 fi
-if [ ! -x "$BIN/opa" ] || ! "$BIN/opa" version 2>/dev/null | grep -q "Version: ${OPA_VERSION#v}"; then
+if [ ! -x "$BIN/opa" ] || [[ "$("$BIN/opa" version 2>/dev/null)" != *"Version: ${OPA_VERSION#v}"* ]]; then
   log "building OPA $OPA_VERSION from its Go module"
   GOBIN="$BIN" go install "github.com/open-policy-agent/opa@$OPA_VERSION" >"$LOGS/opa.log" 2>&1 \
     || { cat "$LOGS/opa.log" >&2; exit 1; }
@@ -61,6 +62,20 @@ if [ ! -x "$BIN/jaeger" ] || [ "$(cat "$BIN/jaeger.version" 2>/dev/null)" != "$J
   echo "$JAEGER_MODULE_VERSION" >"$BIN/jaeger.version"
 fi
 
+# vegeta: the HTTP load generator of bench/ (fixed-rate open loop and closed loop).
+VEGETA_VERSION="v12.12.0"
+if [ ! -x "$BIN/vegeta" ]; then
+  log "building vegeta $VEGETA_VERSION"
+  GOBIN="$BIN" go install "github.com/tsenart/vegeta/v12@$VEGETA_VERSION" >"$LOGS/vegeta.log" 2>&1 \
+    || { cat "$LOGS/vegeta.log" >&2; exit 1; }
+fi
+
+if [ ! -x "$BIN/kustomize" ] || [ "$("$BIN/kustomize" version 2>/dev/null)" != "$KUSTOMIZE_VERSION" ]; then
+  log "building kustomize $KUSTOMIZE_VERSION from its Go module"
+  GOBIN="$BIN" go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" >"$LOGS/kustomize.log" 2>&1 \
+    || { cat "$LOGS/kustomize.log" >&2; exit 1; }
+fi
+
 # --- Python venv -----------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv $VENV"
@@ -80,11 +95,13 @@ want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c 'import sidecar' >/dev/null 2>&1 \
    || [ "$("$PY" -c 'import sidecar,os;print(os.path.dirname(os.path.dirname(sidecar.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
   log "installing kernelgate and its dependencies"
-  DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation -e "$ROOT[inference,dev]"
+  DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation -e "$ROOT[inference,dev,bench]"
   echo "$want" >"$stamp"
 fi
 ln -sf "$BIN/opa" "$VENV/bin/opa"
 ln -sf "$BIN/jaeger" "$VENV/bin/jaeger"
+ln -sf "$BIN/kustomize" "$VENV/bin/kustomize"
+ln -sf "$BIN/vegeta" "$VENV/bin/vegeta"
 [ -x "$BIN/opa-envoy-plugin" ] && ln -sf "$BIN/opa-envoy-plugin" "$VENV/bin/opa-envoy-plugin"
 "$VENV/bin/envoy" --version >/dev/null
 log "ready: $VENV (envoy, opa, jaeger, redis-server on PATH once activated)"

@@ -7,6 +7,7 @@ nothing of gRPC: ``server.py`` hands it a CheckRequest and sends back what it re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -69,11 +70,13 @@ class Authorizer:
         self._prefix = config.header_prefix.lower()
         self._credential_headers = ("authorization", config.identity.api_key_header.lower())
 
-    async def check(self, check_request: Any) -> Any:
+    async def check(self, check_request: Any, call_metadata: Mapping[str, str] | None = None) -> Any:
+        """``call_metadata``: the gRPC call's metadata, where Envoy puts its ext_authz span's context."""
         started = time.perf_counter()
         decision_id = uuid.uuid4().hex
         headers = dict(check_request.attributes.request.http.headers)
-        parent = propagate.extract(headers)
+        carrier = call_metadata if call_metadata and "traceparent" in call_metadata else headers
+        parent = propagate.extract(carrier)
         verdict = Verdict()
         identity: Identity | None = None
         check_input: CheckInput | None = None
@@ -92,7 +95,7 @@ class Authorizer:
 
     async def _decide(self, check_input: CheckInput, decision_id: str, verdict: Verdict) -> tuple[Any, Identity | None]:
         document = check_input.document
-        with self._tracer.start_as_current_span("identity"):
+        with self._child_span("identity"):
             try:
                 identity = self._authenticator.authenticate(check_input.headers)
             except AuthError as exc:
@@ -104,7 +107,7 @@ class Authorizer:
                                     self._config.ratelimit)
         document["kernelgate"]["estimated_tokens"] = estimated
 
-        with self._tracer.start_as_current_span("opa.query") as opa_span:
+        with self._child_span("opa.query") as opa_span:
             try:
                 decision = await self._decider.decide(document)
             except DecisionUnavailable as exc:
@@ -160,7 +163,7 @@ class Authorizer:
             return _unavailable(verdict, "invalid_rate_limit", "rate limits for this request are misconfigured")
         if not budgets:
             return None
-        with self._tracer.start_as_current_span("ratelimit") as span:
+        with self._child_span("ratelimit") as span:
             try:
                 result = await self._rate_limiter.charge(budgets)
             except RateLimitUnavailable:
@@ -172,6 +175,16 @@ class Authorizer:
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
         verdict.rate_limit = {s.kind: {"limit": s.limit, "remaining": s.remaining} for s in result.states}
         return result
+
+    def _child_span(self, name: str) -> Any:
+        """A child of the current span, or nothing when the check is not being recorded.
+
+        Unsampled checks are the common case; skipping their three child spans saves
+        tens of microseconds a check.
+        """
+        if trace.get_current_span().is_recording():
+            return self._tracer.start_as_current_span(name)
+        return contextlib.nullcontext(trace.INVALID_SPAN)
 
     def _on_opa_failure(self, exc: DecisionUnavailable) -> Decision | None:
         mode = self._config.opa.failure_mode

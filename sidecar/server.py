@@ -37,7 +37,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         self._authorizer = authorizer
 
     async def Check(self, request, context):  # noqa: N802 - gRPC method name
-        return await self._authorizer.check(request)
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        return await self._authorizer.check(request, metadata)
 
 
 @dataclass

@@ -173,7 +173,9 @@ class Authorizer:
             span.set_attribute("kernelgate.ratelimit.backend", result.backend)
             span.set_attribute("kernelgate.ratelimit.degraded", result.degraded)
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
-        verdict.rate_limit = {s.kind: {"limit": s.limit, "remaining": s.remaining} for s in result.states}
+        verdict.rate_limit = {"backend": result.backend, "degraded": result.degraded,
+                              "budgets": {s.kind: {"limit": s.limit, "remaining": s.remaining}
+                                          for s in result.states}}
         return result
 
     def _child_span(self, name: str) -> Any:
@@ -230,7 +232,7 @@ class Authorizer:
             span.set_attribute("kernelgate.policy_revision", self._decider.revision[:16])
             if tenant:
                 span.set_attribute("kernelgate.tenant", tenant)
-            for kind, state in (verdict.rate_limit or {}).items():
+            for kind, state in (verdict.rate_limit or {}).get("budgets", {}).items():
                 span.set_attribute(f"kernelgate.ratelimit.{kind}.remaining", state["remaining"])
             if verdict.outcome != "allow":
                 span.set_attribute("kernelgate.deny_reason", verdict.reason)

@@ -128,7 +128,8 @@ def start_kernelgate(workdir: Path, upstream_port: int, cache: bool = True) -> S
     config_path = workdir / "kernelgate.yaml"
     config_path.write_text(yaml.safe_dump(config))
     sidecar = start("sidecar", [sys.executable, "-m", "kernelgate.cli", "--log-level", "warning", "authz",
-                                "--config", str(config_path)], workdir / "logs")
+                                "--config", str(config_path)], workdir / "logs",
+                    authz=authz_port)
     wait_tcp(authz_port, proc=sidecar)
     envoy = start_envoy(workdir, "kernelgate", EnvoyConfig(
         listen_port=port, admin_port=free_port(), authz_address=f"127.0.0.1:{authz_port}",
@@ -185,6 +186,23 @@ def attack(system: System, targets: Path, duration_s: float, rate: int = 0, conc
     }
 
 
+def check_rpc_load(authz_target: str, concurrency: int, duration_s: float, distinct: bool) -> dict:
+    """The Check RPC alone (ghz, through server reflection): no Envoy, no upstream."""
+    prompt = "prompt {{.RequestNumber}}" if distinct else "the same prompt"
+    body = json.dumps({"model": "tiny-gpt2", "prompt": prompt, "max_tokens": 16})
+    data = {"attributes": {"request": {"http": {
+        "method": "POST", "path": "/v1/completions", "host": "bench",
+        "headers": {"x-api-key": ACME_KEY, "content-type": "application/json"}, "body": body}}}}
+    out = subprocess.run([find_binary("ghz"), "--insecure", "--call", "envoy.service.auth.v3.Authorization/Check",
+                          "-d", json.dumps(data), "-c", str(concurrency), "-z", f"{duration_s}s", "--format", "json",
+                          authz_target], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    pct = {int(p["percentage"]): p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
+    return {"target": "check_rpc", "inputs": "distinct" if distinct else "repeated", "concurrency": concurrency,
+            "rps": round(report["rps"], 1), "p50_ms": pct.get(50), "p90_ms": pct.get(90), "p99_ms": pct.get(99),
+            "status_codes": report.get("statusCodeDistribution", {})}
+
+
 def max_sustained(rows: list[dict], p99_ms: float = 10.0) -> float:
     """Highest offered rate served with p99 <= p99_ms, no errors and >= 95 % of the rate achieved."""
     good = [r["rate"] for r in rows if r["mode"] == "open" and r["p99_ms"] <= p99_ms and r["errors"] == 0
@@ -196,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="kernelgate-bench-"))
     upstream, upstream_port = start_upstream(workdir)
     rows: list[dict] = []
+    check_rows: list[dict] = []
     starters = {"envoy_only": start_envoy_only, "kernelgate": start_kernelgate}
     rival = shutil.which("opa-envoy-plugin") or (Path(sys.executable).parent / "opa-envoy-plugin")
     rival_available = Path(str(rival)).exists()
@@ -205,6 +224,12 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             system = starters[name](workdir / name if (workdir / name).mkdir() is None else workdir, upstream_port)
             try:
+                if name == "kernelgate" and args.check_rpc:
+                    authz_target = f"127.0.0.1:{system.procs[1].ports['authz']}"
+                    for distinct in (True, False):
+                        for conc in (1, 8, 32):
+                            check_rows.append(check_rpc_load(authz_target, conc, args.duration, distinct))
+                            print(json.dumps(check_rows[-1]), flush=True)
                 targets = workdir / f"{name}.targets"
                 write_targets(targets, system.url, args.distinct)
                 attack(system, targets, 2, rate=200)  # warm-up (connections, caches, JIT-free but still)
@@ -218,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
                 system.stop()
     finally:
         upstream.stop()
-    return {"rows": rows, "rival_available": rival_available}
+    return {"rows": rows, "check_rpc_rows": check_rows, "rival_available": rival_available}
 
 
 def summarize(result: dict, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -240,6 +265,8 @@ def summarize(result: dict, args: argparse.Namespace) -> tuple[dict, dict]:
         "command": command, "machine": machine, "rows": rows,
         "max_sustained_rps_p99_le_10ms": {s: max_sustained([r for r in rows if r["system"] == s])
                                          for s in sorted({r["system"] for r in rows})},
+        "check_rpc_rows": result["check_rpc_rows"],
+        "ratelimit_overhead": "bench/results/ratelimit.json (p50/p99 of one charge, memory and Redis)",
         "ratio_rps_kernelgate_over_opa_envoy": None,
         "ratio_p99_kernelgate_over_opa_envoy": None,
         "opa_envoy": "not run: the opa-envoy-plugin binary could not be built here (the Go module proxy answers "
@@ -288,6 +315,8 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--distinct", type=int, default=1000)
+    parser.add_argument("--no-check-rpc", dest="check_rpc", action="store_false",
+                        help="skip the Check RPC alone (ghz against the sidecar)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

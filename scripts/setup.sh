@@ -76,6 +76,14 @@ if [ ! -x "$BIN/kustomize" ] || [ "$("$BIN/kustomize" version 2>/dev/null)" != "
     || { cat "$LOGS/kustomize.log" >&2; exit 1; }
 fi
 
+# ghz: the gRPC load generator of bench/ (Check RPC alone, through server reflection).
+GHZ_VERSION="v0.120.0"
+if [ ! -x "$BIN/ghz" ]; then
+  log "building ghz $GHZ_VERSION"
+  GOBIN="$BIN" go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION" >"$LOGS/ghz.log" 2>&1 \
+    || { cat "$LOGS/ghz.log" >&2; exit 1; }
+fi
+
 # --- Python venv -----------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv $VENV"
@@ -102,6 +110,7 @@ ln -sf "$BIN/opa" "$VENV/bin/opa"
 ln -sf "$BIN/jaeger" "$VENV/bin/jaeger"
 ln -sf "$BIN/kustomize" "$VENV/bin/kustomize"
 ln -sf "$BIN/vegeta" "$VENV/bin/vegeta"
+ln -sf "$BIN/ghz" "$VENV/bin/ghz"
 [ -x "$BIN/opa-envoy-plugin" ] && ln -sf "$BIN/opa-envoy-plugin" "$VENV/bin/opa-envoy-plugin"
 "$VENV/bin/envoy" --version >/dev/null
 log "ready: $VENV (envoy, opa, jaeger, redis-server on PATH once activated)"

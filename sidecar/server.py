@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from sidecar.authorizer import Authorizer
@@ -30,6 +30,20 @@ from sidecar.ratelimit import build_rate_limiter
 log = logging.getLogger("kernelgate.authz")
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+class MethodAwareReflection(reflection.aio.ReflectionServicer):
+    """Reflection that also resolves method names (``pkg.Service.Method``).
+
+    xds-protos registers upb descriptors, whose pool finds services but not their
+    methods; grpcurl and ghz ask for the method, so fall back to its service.
+    """
+
+    def _file_containing_symbol(self, request, fully_qualified_name):
+        response = super()._file_containing_symbol(request, fully_qualified_name)
+        if response.HasField("error_response") and "." in fully_qualified_name:
+            return super()._file_containing_symbol(request, fully_qualified_name.rsplit(".", 1)[0])
+        return response
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
@@ -79,8 +93,8 @@ async def start(config: SidecarConfig) -> Sidecar:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)), server)
     port = server.add_insecure_port(listen_address(config.listen))
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"cannot listen on {config.listen}")

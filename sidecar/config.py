@@ -101,7 +101,8 @@ class SidecarConfig:
     listen: str = "127.0.0.1:9191"
     # Seconds SIGTERM waits for in-flight checks before exit.
     drain_s: float = 10.0
-    # Worker processes sharing the port (SO_REUSEPORT); 1 = this process only.
+    # Worker processes sharing the port (SO_REUSEPORT); 1 = this process only. More than one
+    # needs budgets every worker shares: ratelimit.backend "redis" (or rate limits off).
     workers: int = 1
     # Prefix of headers the sidecar adds for the upstream; clients' own copies are removed.
     header_prefix: str = "x-kernelgate-"
@@ -115,3 +116,12 @@ class SidecarConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.workers > 1 and self.listen.startswith("unix:"):
+            raise ValueError("workers > 1 needs a TCP listen address (SO_REUSEPORT)")
+        if self.workers > 1 and self.ratelimit.enabled and self.ratelimit.backend == "memory":
+            raise ValueError("workers > 1 with in-memory rate limits would give each worker its own budget; "
+                             "use ratelimit.backend: redis")

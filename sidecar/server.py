@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -142,10 +142,37 @@ async def serve(config: SidecarConfig) -> None:
     log.info("stopped")
 
 
-def run(config: SidecarConfig) -> None:
+def _run_one(config: SidecarConfig) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
         asyncio.run(serve(config))
     else:
         uvloop.run(serve(config))
+
+
+def run(config: SidecarConfig) -> None:
+    """Serve in this process, plus ``workers - 1`` more processes on the same port.
+
+    Python serves one check at a time per process; workers spread checks over cores
+    (the kernel balances connections between SO_REUSEPORT sockets). Only the first
+    process exposes metrics. SIGTERM to this process drains every worker.
+    """
+    if config.workers == 1:
+        _run_one(config)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    extra = [context.Process(target=_run_one, args=(replace(config, metrics_listen=""),), daemon=False,
+                             name=f"kernelgate-authz-{i}") for i in range(1, config.workers)]
+    for proc in extra:
+        proc.start()
+    try:
+        _run_one(config)
+    finally:
+        for proc in extra:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: each worker drains its own in-flight checks
+        for proc in extra:
+            proc.join(config.drain_s + 5)

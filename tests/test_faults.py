@@ -33,10 +33,15 @@ async def drive(stack: AuthzStack, stop: asyncio.Event, statuses: list[int], wor
     await asyncio.gather(*(worker(i) for i in range(workers)))
 
 
-async def test_sidecar_killed_and_restarted_under_load(tmp_path):
-    stack = AuthzStack(tmp_path)
+def unlimited_stack(tmp_path, **kwargs) -> AuthzStack:
+    """A started stack whose budgets never run out, so every failure seen is the fault's."""
+    stack = AuthzStack(tmp_path, **kwargs)
     set_limits(stack, "pro", requests=10**6, tokens=10**9)
-    stack.start()
+    return stack.start()
+
+
+async def test_sidecar_killed_and_restarted_under_load(tmp_path):
+    stack = unlimited_stack(tmp_path)
     try:
         stop, statuses = asyncio.Event(), []
         load = asyncio.create_task(drive(stack, stop, statuses))
@@ -60,9 +65,7 @@ async def test_sidecar_killed_and_restarted_under_load(tmp_path):
 
 
 async def test_opa_frozen_under_load_fails_closed_then_recovers(tmp_path):
-    stack = AuthzStack(tmp_path)
-    set_limits(stack, "pro", requests=10**6, tokens=10**9)
-    stack.start()
+    stack = unlimited_stack(tmp_path)
     opa = stack.procs["opa"]
     try:
         stop, statuses = asyncio.Event(), []
@@ -89,9 +92,7 @@ async def test_opa_frozen_under_load_fails_closed_then_recovers(tmp_path):
 async def test_redis_killed_and_restarted_falls_back_then_shares_again(tmp_path, redis_server, redis_url):
     from tests import procs
 
-    stack = AuthzStack(tmp_path, redis_url=redis_url)
-    set_limits(stack, "pro", requests=10**6, tokens=10**9)
-    stack.start()
+    stack = unlimited_stack(tmp_path, redis_url=redis_url)
     try:
         stop, statuses = asyncio.Event(), []
         load = asyncio.create_task(drive(stack, stop, statuses))

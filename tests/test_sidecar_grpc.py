@@ -28,7 +28,7 @@ def completion_check(key: str = ACME_KEY, prompt: str = "hi") -> external_auth_p
 
 @pytest.fixture
 def sidecar(tmp_path: Path):
-    stack = AuthzStack(tmp_path)
+    stack = AuthzStack(tmp_path, authz_overrides={"opa": {"timeout_s": 10}})
     stack.start_opa()
     stack.start_sidecar()
     yield stack
@@ -64,13 +64,53 @@ async def test_sigterm_drains_in_flight_checks(sidecar: AuthzStack):
         os.kill(opa.popen.pid, signal.SIGSTOP)  # hold the checks inside the sidecar
         try:
             in_flight = [asyncio.ensure_future(stub.Check(completion_check(prompt=f"p{i}"))) for i in range(5)]
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(1.5)  # all five reach the sidecar, even on a busy machine
             sidecar.procs["sidecar"].popen.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
+            assert not any(f.done() for f in in_flight), "checks must wait for OPA, not be cut off"
         finally:
             os.kill(opa.popen.pid, signal.SIGCONT)
         answers = await asyncio.gather(*in_flight, return_exceptions=True)
-    # OPA answered after SIGTERM (within its 0.5 s timeout): every in-flight check got a real decision
+    # OPA answered after SIGTERM (within the 10 s timeout): every in-flight check got a real decision
     assert all(isinstance(a, external_auth_pb2.CheckResponse) for a in answers), answers
     assert all(a.HasField("ok_response") for a in answers), answers
     assert sidecar.procs["sidecar"].popen.wait(10) == 0
+
+
+def test_workers_need_shared_budgets():
+    from kernelgate.settings import ConfigError, build
+    from sidecar.config import SidecarConfig
+
+    with pytest.raises(ConfigError, match="own budget"):
+        build(SidecarConfig, {"workers": 2})
+    assert build(SidecarConfig, {"workers": 2, "ratelimit": {"backend": "redis"}}).workers == 2
+
+
+async def test_two_workers_share_one_port(tmp_path: Path, redis_url: str):
+    stack = AuthzStack(tmp_path, authz_overrides={"workers": 2}, redis_url=redis_url)
+    stack.start_opa()
+    proc = stack.start_sidecar()
+    workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.popen.pid
+               and b"spawn_main" in _cmdline(p)]
+    assert len(workers) == 1, "a second worker process serves the same port"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.authz_port}") as channel:
+        resp = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(completion_check())
+        assert resp.HasField("ok_response")
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.popen.wait(20) == 0
+    assert not workers[0].exists(), "SIGTERM stops every worker"
+    stack.stop()
+
+
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1

@@ -46,10 +46,11 @@ def cmd_authz(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     from inference.server import run
-    from otel.setup import configure_tracing
+    from inference.tracing import Tracing
+    from otel.setup import configure_tracing, kernel_tracing
 
-    with configure_tracing(config.telemetry, "kernelgate-inference"):
-        run(config.inference)
+    with configure_tracing(config.telemetry, "kernelgate-inference"), kernel_tracing(config.telemetry) as kernels:
+        run(config.inference, Tracing(request_observer=kernels), kernels)
     return 0
 
 

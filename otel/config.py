@@ -6,10 +6,22 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
 @dataclass(frozen=True)
 class KernelTraceConfig:
-    """CUDA kernel capture: sampled, rate-limited, processed off the request path."""
+    """CUDA kernel capture: sampled, rate-limited, processed off the request path.
 
+    A request is captured when its trace is head-sampled and either its trace id falls in
+    ``ratio`` or the upstream request carries ``force_header: 1`` (the sidecar sets it only
+    when the policy decision asked for it); at most ``max_captures_per_minute`` captures
+    start per minute, forced ones included. See docs/tracing.md.
+    """
+
+    enabled: bool = True
     ratio: float = 0.0
     # Header that forces a kernel trace, honoured only when the policy allowed it for the tenant.
     force_header: str = "x-kernelgate-trace-kernels"
@@ -17,6 +29,20 @@ class KernelTraceConfig:
     max_captures_per_minute: int = 6
     # Kernels of one name beyond this count in one forward are folded into one span with a count.
     fold_after: int = 8
+    # Forward passes profiled per captured request: its prefill and the decode steps after it.
+    steps_per_request: int = 2
+    # What the profiler records: "cuda" kernels, "cpu" operators (CPU-only serving, tests), or by device.
+    activities: Literal["auto", "cuda", "cpu"] = "auto"
+    # Captures waiting for the worker thread; beyond this a capture is dropped, never waited for.
+    max_pending: int = 8
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.ratio <= 1.0, f"kernels.ratio must be within 0..1, got {self.ratio}")
+        _require(self.max_spans_per_trace >= 1, "kernels.max_spans_per_trace must be >= 1")
+        _require(self.max_captures_per_minute >= 0, "kernels.max_captures_per_minute must be >= 0")
+        _require(self.fold_after >= 1, "kernels.fold_after must be >= 1")
+        _require(self.steps_per_request >= 1, "kernels.steps_per_request must be >= 1")
+        _require(self.max_pending >= 1, "kernels.max_pending must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -28,6 +54,13 @@ class TelemetryConfig:
     # Head sampling (parent-based): share of new traces recorded.
     sampling_ratio: float = 1.0
     export_timeout_s: float = 5.0
+    # How long finished spans wait in the batch before export (seconds).
+    export_delay_s: float = 2.0
     max_queue_size: int = 8192
     resource_attributes: dict[str, str] = field(default_factory=dict)
     kernels: KernelTraceConfig = field(default_factory=KernelTraceConfig)
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.sampling_ratio <= 1.0,
+                 f"telemetry.sampling_ratio must be within 0..1, got {self.sampling_ratio}")
+        _require(self.export_delay_s > 0, "telemetry.export_delay_s must be > 0")

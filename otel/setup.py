@@ -58,9 +58,30 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
                               sampler=ParentBased(TraceIdRatioBased(config.sampling_ratio)))
     # Batched and off the request path: a full queue drops spans, never blocks a request.
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=config.max_queue_size,
+                                                   schedule_delay_millis=config.export_delay_s * 1000,
                                                    export_timeout_millis=int(config.export_timeout_s * 1000)))
     trace.set_tracer_provider(provider)
     try:
         yield provider
     finally:
         provider.shutdown()
+
+
+@contextlib.contextmanager
+def kernel_tracing(config: TelemetryConfig | None) -> Iterator[object | None]:
+    """The kernel tracer (otel/kernels.py) of this process, or None when tracing or capture is off.
+
+    Enter it inside ``configure_tracing``: its worker exports what is pending before the
+    provider shuts down.
+    """
+    if config is None or not config.enabled or not config.kernels.enabled:
+        yield None
+        return
+    from otel.kernels import TRACER_NAME, KernelTracer, TorchProfilerCapture, resolve_activities
+
+    tracer = KernelTracer(config.kernels, trace.get_tracer(TRACER_NAME),
+                          TorchProfilerCapture(resolve_activities(config.kernels)))
+    try:
+        yield tracer
+    finally:
+        tracer.close()

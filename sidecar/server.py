@@ -111,7 +111,7 @@ async def start(config: SidecarConfig) -> Sidecar:
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
     log.info("kernelgate authz listening on %s (OPA %s, rate limits %s)", config.listen, config.opa.url,
-             config.ratelimit.backend if rate_limiter else "off")
+             config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
                    stop_event, port)
 

@@ -7,6 +7,7 @@ SIGTERM stops them in reverse order, each draining its in-flight requests.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from kernelgate.config import KernelgateConfig
+from kernelgate.envoy_admin import drain as drain_envoy
 from kernelgate.envoy_config import render
 from kernelgate.processes import Proc, find_binary, start, wait_http, wait_tcp
 
@@ -77,6 +79,9 @@ def run_stack(config: KernelgateConfig, config_path: str | None) -> int:
         return 1
     finally:
         for proc in reversed(started):
+            if proc.name == "envoy" and proc.popen.poll() is None:
+                with contextlib.suppress(OSError):
+                    drain_envoy(f"http://{config.envoy.admin_host}:{config.envoy.admin_port}", timeout_s=15)
             proc.stop(timeout=15)
         print(f"[up] stopped; logs kept in {logs}", flush=True)
 

@@ -6,6 +6,7 @@ requests it served (the tests prove nothing passed Envoy without an allow).
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from aiohttp import web
@@ -19,6 +20,8 @@ def build_app() -> web.Application:
             return web.json_response(served)
         served["count"] += 1
         body = await request.read()
+        if "sleep" in request.query:  # a slow upstream, for drain tests
+            await asyncio.sleep(float(request.query["sleep"]))
         return web.json_response({
             "method": request.method,
             "path": request.path_qs,

@@ -327,3 +327,19 @@ async def test_reload_keys_and_policy_under_load_without_a_failed_request(make_s
     assert (new_key_status, new_model_status) == (200, 200)
     assert len(results) > 20
     assert set(results) == {200}, f"failed requests during reload: {sorted(set(results))}"
+
+
+async def test_envoy_drain_lets_in_flight_requests_finish(stack: AuthzStack) -> None:
+    from kernelgate.envoy_admin import active_requests, drain
+
+    admin = f"http://127.0.0.1:{stack.admin_port}"
+    slow = asyncio.ensure_future(post(stack.url, headers={"x-api-key": ACME_KEY}, path="/v1/completions?sleep=1.5"))
+    for _ in range(50):
+        if active_requests(admin):
+            break
+        await asyncio.sleep(0.05)
+    assert active_requests(admin) == 1
+    drained = await asyncio.to_thread(drain, admin, 10)
+    assert drained
+    status, _, echo = await slow
+    assert status == 200 and echo["path"] == "/v1/completions?sleep=1.5"

@@ -16,7 +16,7 @@ from kernelgate.envoy_config import EnvoyConfig
 from kernelgate.settings import ConfigError, apply_env_overrides, build, load_file
 from sidecar.config import SidecarConfig
 
-PATH_SUFFIXES = ("_file", "_dir", "_path")
+PATH_SUFFIXES = ("_file", "_dir")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class KernelgateConfig:
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> KernelgateConfig:
     raw = load_file(path)
     raw = apply_env_overrides(raw, os.environ if environ is None else environ)
-    base = Path(path).resolve().parent if path else Path.cwd()
+    # absolute(), not resolve(): a ConfigMap mount is a symlink into a dated folder the
+    # kubelet replaces on update; files beside the config must be found by the stable name.
+    base = Path(path).absolute().parent if path else Path.cwd()
     raw = _resolve_paths(raw, base)
     inference_raw = raw.pop("inference", None)
     telemetry_raw = raw.pop("telemetry", None)
@@ -68,13 +70,13 @@ def _build_telemetry(raw: Any) -> Any:
 
 
 def _resolve_paths(data: Any, base: Path) -> Any:
-    """Relative ``*_file``/``*_dir``/``*_path`` values are relative to the config file."""
+    """Relative ``*_file`` / ``*_dir`` values are relative to the config file."""
     if isinstance(data, dict):
         out = {}
         for key, value in data.items():
             if isinstance(value, str) and str(key).endswith(PATH_SUFFIXES) and value and value != "-" \
                     and not os.path.isabs(value):
-                out[key] = str((base / value).resolve())
+                out[key] = os.path.normpath(base / value)
             else:
                 out[key] = _resolve_paths(value, base)
         return out

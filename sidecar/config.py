@@ -92,7 +92,7 @@ class RateLimitConfig:
 class DecisionLogConfig:
     enabled: bool = True
     # "-" is standard output; else a file path (appended).
-    output_path: str = "-"
+    output_file: str = "-"
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ class DecisionLogger:
         self._owned = False
         if stream is not None:
             self._stream = stream
-        elif config.output_path == "-":
+        elif config.output_file == "-":
             self._stream = sys.stdout
         else:
-            self._stream = open(config.output_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._stream = open(config.output_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
             self._owned = True
 
     def write(self, record: DecisionRecord) -> None:

@@ -74,7 +74,7 @@ class AuthzStack:
             "drain_s": 5,
             "opa": {"url": f"http://127.0.0.1:{self.opa_port}", "timeout_s": 0.5, "revision_poll_s": 0.2},
             "identity": {"api_keys_file": str(self.keys_file), "reload_interval_s": 0.2},
-            "decision_log": {"output_path": str(self.decision_log)},
+            "decision_log": {"output_file": str(self.decision_log)},
         }
         if self.redis_url:
             authz["ratelimit"] = {"backend": "redis", "redis_url": self.redis_url}

@@ -78,3 +78,17 @@ def test_envoy_bootstrap_guards_the_upstream():
     assert authz["withRequestBody"]["allowPartialMessage"] is True
     assert hcm["normalizePath"] is True and hcm["mergeSlashes"] is True
     assert hcm["pathWithEscapedSlashesAction"] == "REJECT_REQUEST"
+
+
+def test_relative_files_are_relative_to_the_config_file_and_nothing_else(tmp_path: Path):
+    from kernelgate.config import load
+
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "k.yaml"
+    path.write_text(yaml.safe_dump({"authz": {"identity": {"api_keys_file": "keys.yaml"},
+                                              "opa": {"policy_path": "envoy/authz/result"}},
+                                    "stack": {"policies_dir": "../policies"}}))
+    cfg = load(path, environ={})
+    assert cfg.authz.identity.api_keys_file == str(tmp_path / "conf" / "keys.yaml")
+    assert cfg.stack.policies_dir == str(tmp_path / "policies")
+    assert cfg.authz.opa.policy_path == "envoy/authz/result"

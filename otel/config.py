@@ -48,9 +48,10 @@ class KernelTraceConfig:
 @dataclass(frozen=True)
 class TelemetryConfig:
     enabled: bool = False
-    # OTLP collector (Jaeger v2 takes OTLP directly): grpc -> host:port, http -> http://host:4318
+    # OTLP collector (Jaeger v2 takes OTLP directly): grpc -> host:port, http -> http://host:4318,
+    # file -> a path that gets OTLP/JSON lines (otel/otlp_file.py)
     otlp_endpoint: str = "127.0.0.1:4317"
-    protocol: Literal["grpc", "http"] = "grpc"
+    protocol: Literal["grpc", "http", "file"] = "grpc"
     # Head sampling (parent-based): share of new traces recorded.
     sampling_ratio: float = 1.0
     export_timeout_s: float = 5.0

@@ -44,7 +44,11 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    if config.protocol == "grpc":
+    if config.protocol == "file":
+        from otel.otlp_file import OTLPJsonFileExporter
+
+        exporter = OTLPJsonFileExporter(config.otlp_endpoint)
+    elif config.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True, timeout=config.export_timeout_s)

@@ -1,0 +1,110 @@
+"""Attention over the slot KV cache, plugged into a Hugging Face or DeepSpeed-injected model.
+
+The model computes projections, norms and MLPs as usual (HF modules, or DeepSpeed's fused
+kernels after injection); only the attention core is ours: it writes this step's keys and
+values into the slots and attends over them. That is what makes iteration-level batching
+possible with either backend: DeepSpeed's own attention keeps one shared position counter
+for the whole batch, which cannot express sequences of different lengths joining and
+leaving between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from inference.kv_cache import SlotKVCache
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Where this step's tokens go in the cache and which cached columns each may see."""
+
+    first_slot: int
+    num_rows: int
+    kv_len: int
+    row_index: torch.Tensor        # [rows, 1] int64: 0..rows-1
+    write_positions: torch.Tensor  # [rows, q_len] int64: cache column of each new token
+    mask: torch.Tensor             # [rows, 1, q_len, kv_len] bool: True where attention is allowed
+
+
+class SlotAttention:
+    """The attention core shared by every layer of one model.
+
+    The runner sets ``cache`` once and ``batch`` before each forward pass; layers call
+    :meth:`attend` with their query/key/value projections ``[rows, heads, q_len, head_dim]``.
+    """
+
+    def __init__(self) -> None:
+        self.cache: SlotKVCache | None = None
+        self.batch: AttentionBatch | None = None
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float | None = None) -> torch.Tensor:
+        """Store ``key``/``value`` and return the attention output ``[rows, q_len, heads, head_dim]``."""
+        cache, batch = self.cache, self.batch
+        if cache is None or batch is None:
+            raise RuntimeError("SlotAttention used outside a runner step")
+        rows = slice(batch.first_slot, batch.first_slot + batch.num_rows)
+        keys = cache.keys(layer)[rows]
+        values = cache.values(layer)[rows]
+        keys[batch.row_index, :, batch.write_positions] = key.transpose(1, 2).to(keys.dtype)
+        values[batch.row_index, :, batch.write_positions] = value.transpose(1, 2).to(values.dtype)
+        out = F.scaled_dot_product_attention(
+            query, keys[:, :, :batch.kv_len], values[:, :, :batch.kv_len], attn_mask=batch.mask,
+            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2)
+
+
+def install_in_hf_model(model: torch.nn.Module, attention: SlotAttention) -> str:
+    """Route the attention of every layer of a Hugging Face model through ``attention``.
+
+    Registers a uniquely named attention function with transformers' AttentionInterface and
+    selects it on the model's config; returns that name.
+    """
+    from transformers import AttentionInterface
+
+    def slot_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+                               **_: Any) -> tuple[torch.Tensor, None]:
+        return attention.attend(module.layer_idx, query, key, value, scaling), None
+
+    name = f"kernelgate_slots_{id(attention):x}"
+    AttentionInterface.register(name, slot_attention_forward)
+    model.config._attn_implementation = name
+    for sub in model.modules():
+        config = getattr(sub, "config", None)
+        if config is not None and config is not model.config and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+    return name
+
+
+def install_in_deepspeed_layers(layers: list[torch.nn.Module], attention: SlotAttention) -> None:
+    """Replace the attention core of DeepSpeed-injected layers (in model order) with ``attention``.
+
+    DeepSpeed's fused QKV GEMM (with its layer norm), output projection and MLP kernels
+    stay; its ``compute_attention`` receives the fused ``[rows, q_len, 3*hidden]``
+    projection (query, key, value blocks, heads in order) and must return
+    ``(context [rows, q_len, hidden], key, value)``.
+    """
+    for index, layer in enumerate(layers):
+        ds_attention = layer.attention
+        heads = ds_attention.num_attention_heads_per_partition
+        hidden = ds_attention.hidden_size_per_partition
+        ds_attention.compute_attention = _deepspeed_attention_core(attention, index, heads, hidden // heads)
+
+
+def _deepspeed_attention_core(attention: SlotAttention, layer: int, heads: int, head_dim: int):
+    def compute_attention(qkv_out: Any, *_: Any, **__: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(qkv_out, (list, tuple)):
+            qkv_out = qkv_out[0]
+        rows, q_len, _ = qkv_out.shape
+        query, key, value = qkv_out.view(rows, q_len, 3, heads, head_dim).unbind(2)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        context = attention.attend(layer, query, key, value, head_dim ** -0.5)
+        return context.reshape(rows, q_len, heads * head_dim), key, value
+
+    return compute_attention

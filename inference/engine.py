@@ -1,0 +1,373 @@
+"""The generation engine: one thread that loads the model, then runs continuous batching.
+
+Knows nothing of HTTP. The serving layer calls :meth:`Engine.submit` on the event loop and
+reads :class:`RequestStream` outputs; the engine thread admits waiting requests between
+decode steps (prefilling them into free slots), decodes every running sequence one token
+per step, applies stop conditions, and hands each step's outputs back to the event loop in
+one ``call_soon_threadsafe``. Torch releases the GIL inside kernels, so the event loop keeps
+serving while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from inference.config import BatchingConfig, ModelConfig
+from inference.detokenize import IncrementalDetokenizer, StopStringFilter
+from inference.generation import (EngineDeadError, EngineNotReadyError, GenerationOutput, GenerationRequest,
+                                  RequestStream)
+from inference.metrics import InferenceMetrics
+from inference.model_loader import LoadedModel, load_model
+from inference.runner import ModelRunner
+from inference.sampling import RequestSampler, next_tokens
+from inference.scheduler import Scheduler, Sequence
+from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
+
+log = logging.getLogger("kernelgate.inference.engine")
+
+MAX_PREFILL_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the serving layer may know of the loaded model."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    tokenizer: Any
+    backend: str
+    device: str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    steps: int
+
+
+@dataclass
+class _DecodeState:
+    """Per-request decoding state, created when the request gets a slot."""
+
+    sampler: RequestSampler
+    detokenizer: IncrementalDetokenizer
+    stop_filter: StopStringFilter
+    stop_token_ids: frozenset[int]
+
+
+class Engine:
+    """Owns the model and the thread that runs it."""
+
+    def __init__(self, model_config: ModelConfig, batching: BatchingConfig, metrics: InferenceMetrics,
+                 tracing: Tracing, forward_observer: ForwardObserver | None = None,
+                 load: Callable[[ModelConfig, int], LoadedModel] = load_model) -> None:
+        self._model_config = model_config
+        self._batching = batching
+        self.metrics = metrics
+        self._metrics = metrics
+        self._tracing = tracing
+        self._observer = forward_observer
+        self._load = load
+        self._scheduler = Scheduler(batching, MAX_PREFILL_TOKENS)
+        self._cond = threading.Condition()
+        self._aborts: set[str] = set()
+        self._by_id: dict[str, Sequence] = {}
+        self._ready = threading.Event()
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._model: LoadedModel | None = None
+        self._runner: ModelRunner | None = None
+        self._steps = 0
+        self.info: ModelInfo | None = None
+        metrics.watch_gpu_memory(self._gpu_memory_bytes)
+
+    # -- lifecycle (any thread) -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load and warm up on the engine thread; ``ready`` turns true when done."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="kernelgate-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._failure is None and not self._stopping
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self._failure is not None:
+                raise EngineDeadError(f"engine failed: {self._failure}") from self._failure
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+        return self._failure is None
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Finish what is running or queued, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(waiting=len(self._scheduler.waiting), running=len(self._scheduler.running),
+                               steps=self._steps)
+
+    # -- requests (event loop thread) -------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; raises QueueFullError, EngineNotReadyError or EngineDeadError."""
+        if self._failure is not None:
+            raise EngineDeadError(f"engine failed: {self._failure}")
+        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self.abort)
+        seq = Sequence(request=request, sink=stream, enqueued_ns=time.monotonic_ns(),
+                       enqueued_wall_ns=time.time_ns(), token_ids=list(request.prompt_token_ids))
+        with self._cond:
+            if not self._ready.is_set() or self._stopping:
+                raise EngineNotReadyError("model is not ready" if not self._stopping else "server is shutting down")
+            self._scheduler.add(seq)
+            self._by_id[request.request_id] = seq
+            self._metrics.queue_depth.set(len(self._scheduler.waiting))
+            self._cond.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (client gone); its slot is freed at the next step boundary."""
+        with self._cond:
+            if request_id in self._by_id:
+                self._aborts.add(request_id)
+                self._cond.notify()
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._model = self._load(self._model_config, self._batching.max_batch_size)
+                self._runner = ModelRunner(self._model.module, self._model.attention,
+                                           num_slots=self._batching.max_batch_size,
+                                           max_len=self._model.max_model_len, dtype=self._model.dtype,
+                                           device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
+                self._warm_up()
+                self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
+                                      vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
+                                      tokenizer=self._model.tokenizer, backend=self._model.backend,
+                                      device=str(self._model.device))
+                self._ready.set()
+                self._metrics.ready.set(1)
+                log.info("model %s ready (%s backend, %s, KV cache %.1f MiB, CUDA graphs %s)", self.info.name,
+                         self.info.backend, self.info.device, self._runner.kv.nbytes / 2**20,
+                         "on" if self._runner.uses_cuda_graphs else "off")
+                self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiting client and to /readyz
+            log.exception("inference engine failed")
+            self._failure = exc
+            self._metrics.ready.set(0)
+            self._fail_all(exc)
+
+    def _warm_up(self) -> None:
+        """One full-batch prefill and decode (allocates every workspace), then graph capture."""
+        runner = self._runner
+        assert runner is not None
+        started = time.monotonic()
+        rows = runner.num_slots
+        runner.prefill(0, [[1, 2, 3, 4]] * rows)
+        runner.decode([5] * rows, [4] * rows)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        runner.capture_decode_graphs()
+        log.info("warm-up done in %.1fs", time.monotonic() - started)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._apply_aborts()
+                now = time.monotonic_ns()
+                admitted = self._scheduler.admit(now, draining=self._stopping)
+                running = list(self._scheduler.running)
+                self._metrics.queue_depth.set(len(self._scheduler.waiting))
+                self._metrics.running.set(len(running))
+                if not running:
+                    if self._stopping and not self._scheduler.waiting:
+                        return
+                    self._cond.wait(self._scheduler.wait_timeout_s(now))
+                    continue
+            if admitted:
+                self._step("prefill", admitted)
+            else:
+                self._step("decode", running)
+
+    def _step(self, phase: StepPhase, seqs: list[Sequence]) -> None:
+        runner = self._runner
+        assert runner is not None
+        if phase == "prefill":
+            for seq in seqs:
+                self._begin(seq)
+        step = StepInfo(index=self._steps, phase=phase, batch_size=len(seqs),
+                        num_tokens=sum(s.prompt_len for s in seqs) if phase == "prefill" else len(seqs),
+                        request_ids=tuple(s.request_id for s in seqs), start_time_ns=time.time_ns(),
+                        trace_contexts=tuple(s.request.trace_context for s in seqs))
+        self._notify_observer("start", step, None)
+        if phase == "prefill":
+            logits = runner.prefill(seqs[0].slot, [s.token_ids for s in seqs])
+        else:
+            logits = runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
+        tokens = next_tokens(logits, [s.state.sampler for s in seqs])
+        end_ns, now = time.time_ns(), time.monotonic_ns()
+        self._steps += 1
+        deliveries: list[tuple[RequestStream, GenerationOutput]] = []
+        done: list[Sequence] = []
+        for seq, token in zip(seqs, tokens):
+            output = self._append(seq, token, now)
+            deliveries.append((seq.sink, output))
+            if output.finished:
+                done.append(seq)
+        with self._cond:
+            for seq in done:
+                self._retire(seq)
+            self._metrics.running.set(len(self._scheduler.running))
+        self._metrics.batch_size.labels(phase).observe(len(seqs))
+        self._metrics.generated_tokens.inc(len(seqs))
+        if phase == "prefill":
+            self._metrics.prompt_tokens.inc(step.num_tokens)
+        self._deliver(deliveries)
+        span_context = self._tracing.record_step(
+            step, end_ns, [s.request.trace_context for s in seqs],
+            {"kernelgate.step.phase": phase, "kernelgate.step.index": step.index,
+             "kernelgate.step.batch_size": len(seqs), "kernelgate.step.num_tokens": step.num_tokens,
+             "gen_ai.request.model": self._model_config.name})
+        self._notify_observer("finish", step, span_context)
+
+    def _begin(self, seq: Sequence) -> None:
+        """Create the decoding state of a sequence that just got a slot; record its queue span."""
+        model = self._model
+        assert model is not None
+        params = seq.request.params
+        backend = getattr(model.tokenizer, "backend_tokenizer", model.tokenizer)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                       else frozenset(model.eos_token_ids))
+        seq.state = _DecodeState(sampler=RequestSampler(params, model.device),
+                                 detokenizer=IncrementalDetokenizer(backend, len(model.tokenizer)),
+                                 stop_filter=StopStringFilter(params.stop), stop_token_ids=stop_ids)
+        admitted_wall = seq.enqueued_wall_ns + (seq.admitted_ns - seq.enqueued_ns)
+        self._tracing.record_child("queue", seq.request.trace_context, seq.enqueued_wall_ns, admitted_wall,
+                                   {"kernelgate.queue.slot": seq.slot})
+
+    def _append(self, seq: Sequence, token: int, now: int) -> GenerationOutput:
+        """Add one generated token; return the output that carries it."""
+        state: _DecodeState = seq.state
+        seq.token_ids.append(token)
+        seq.generated += 1
+        if seq.generated == 1:
+            seq.first_token_ns = now
+            self._metrics.time_to_first_token.observe((now - seq.enqueued_ns) / 1e9)
+        reason = None
+        text = ""
+        if token in state.stop_token_ids:
+            reason = "stop"
+        else:
+            text = state.stop_filter.push(state.detokenizer.add(token))
+            if state.stop_filter.stopped:
+                reason = "stop"
+        if reason is None and seq.generated >= seq.request.params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            text += state.stop_filter.flush()
+            if seq.generated > 1:
+                self._metrics.time_per_output_token.observe((now - seq.first_token_ns) / 1e9 / (seq.generated - 1))
+            self._metrics.finished.labels(reason).inc()
+        return GenerationOutput(request_id=seq.request_id, text=text, token_ids=(token,), prompt_tokens=seq.prompt_len,
+                                completion_tokens=seq.generated, finished=reason is not None,
+                                finish_reason=reason)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Free a running sequence's slot (caller holds the lock)."""
+        move = self._scheduler.finish(seq)
+        if move is not None and self._runner is not None:
+            self._runner.move(move.src, move.dst, move.length)
+        self._by_id.pop(seq.request_id, None)
+        self._aborts.discard(seq.request_id)
+
+    def _apply_aborts(self) -> None:
+        """Drop aborted requests from the queue or the batch (caller holds the lock)."""
+        for request_id in list(self._aborts):
+            seq = self._by_id.get(request_id)
+            self._aborts.discard(request_id)
+            if seq is None:
+                continue
+            if seq.slot >= 0:
+                self._retire(seq)
+            else:
+                self._scheduler.remove_waiting(seq)
+                self._by_id.pop(request_id, None)
+            self._metrics.finished.labels("abort").inc()
+            log.info("request %s cancelled after %d tokens; slot freed", request_id, seq.generated)
+
+    def _deliver(self, deliveries: list[tuple[RequestStream, GenerationOutput]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, GenerationOutput]]] = {}
+        for stream, output in deliveries:
+            by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            seqs = list(self._by_id.values())
+            self._by_id.clear()
+        error = EngineDeadError(f"engine failed: {exc}")
+        self._deliver_error([s.sink for s in seqs], error)
+
+    def _deliver_error(self, streams: list[RequestStream], error: BaseException) -> None:
+        for stream in streams:
+            try:
+                stream.loop.call_soon_threadsafe(stream.put, error)
+            except RuntimeError:
+                pass
+
+    def _notify_observer(self, which: str, step: StepInfo, span_context: Any) -> None:
+        if self._observer is None:
+            return
+        try:
+            if which == "start":
+                self._observer.start(step)
+            else:
+                self._observer.finish(step, span_context)
+        except Exception:  # noqa: BLE001 - an observer must never break serving
+            log.exception("forward observer %s() failed", which)
+
+    def _gpu_memory_bytes(self) -> float:
+        model = self._model
+        if model is None or model.device.type != "cuda":
+            return 0.0
+        free, total = torch.cuda.mem_get_info(model.device)
+        return float(total - free)
+
+
+def _put_all(items: list[tuple[RequestStream, GenerationOutput]]) -> None:
+    for stream, output in items:
+        stream.put(output)

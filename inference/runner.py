@@ -1,0 +1,185 @@
+"""Forward steps of a causal LM over the slot KV cache: prefill, decode, CUDA-graph replay.
+
+The runner knows tensors and slots, not requests: the engine tells it which slots to
+fill with which prompts, and which tokens/positions to decode next, and gets logits back.
+Decode steps have static shapes once the batch is padded to a bucket and the attended
+key length is rounded up, so on CUDA each (batch bucket, key-length bucket) is captured
+once as a CUDA graph and replayed, which removes the per-kernel launch cost that
+dominates small-batch decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from inference.attention import AttentionBatch, SlotAttention
+from inference.kv_cache import KVGeometry, SlotKVCache
+
+log = logging.getLogger("kernelgate.inference.runner")
+
+MIN_KV_BUCKET = 64
+
+
+def kv_bucket(length: int, max_len: int) -> int:
+    """Key length a step attends over: next power of two (at least 64), capped at the cache."""
+    bucket = MIN_KV_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_len)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a decode graph: 1, 2, 4, 8, then every multiple of 8, and the max."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+@dataclass
+class _DecodeGraph:
+    graph: "torch.cuda.CUDAGraph"
+    logits: torch.Tensor
+
+
+class ModelRunner:
+    """Runs one model's forward passes; the only place that touches the KV cache."""
+
+    def __init__(self, module: torch.nn.Module, attention: SlotAttention, num_slots: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device, use_cuda_graphs: bool) -> None:
+        self._module = module
+        self._backbone = module.base_model
+        self._lm_head = module.get_output_embeddings()
+        self._attention = attention
+        self.device = device
+        self.max_len = max_len
+        self.num_slots = num_slots
+        self.kv = SlotKVCache(KVGeometry.of(module.config), num_slots, max_len, dtype, device)
+        attention.cache = self.kv
+        self._columns = torch.arange(max_len, device=device)
+        self._row_index = torch.arange(num_slots, device=device).view(-1, 1)
+        self._use_graphs = use_cuda_graphs and device.type == "cuda"
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._buckets = batch_buckets(num_slots)
+        self._static_tokens = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
+        self._static_positions = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
+        self._staging = torch.zeros(2, num_slots, 1, dtype=torch.long, pin_memory=device.type == "cuda")
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return bool(self._graphs)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Fill slots ``first_slot..`` with ``prompts``; return next-token logits ``[n, vocab]``."""
+        rows = len(prompts)
+        width = max(len(p) for p in prompts)
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        tokens = tokens.to(self.device, non_blocking=True)
+        positions = self._columns[:width].expand(rows, width)
+        causal = self._columns[:width].view(1, width) <= self._columns[:width].view(width, 1)
+        batch = AttentionBatch(first_slot=first_slot, num_rows=rows, kv_len=width,
+                               row_index=self._row_index[:rows], write_positions=positions,
+                               mask=causal.expand(rows, 1, width, width))
+        hidden = self._hidden(tokens, positions, batch)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._lm_head(hidden[torch.arange(rows, device=self.device), last])
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of the first ``len(tokens)`` slots; return logits ``[n, vocab]``.
+
+        ``positions[i]`` is the cache column (= sequence position) of ``tokens[i]``.
+        """
+        rows = len(tokens)
+        kv_len = kv_bucket(max(positions) + 1, self.max_len)
+        if self._graphs:
+            size = next(b for b in self._buckets if b >= rows)
+            graph = self._graphs.get((size, kv_len))
+            if graph is not None:
+                self._stage(tokens, positions, size)
+                graph.graph.replay()
+                return graph.logits[:rows]
+        token_tensor = torch.tensor(tokens, dtype=torch.long).view(rows, 1).to(self.device)
+        position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
+        return self._decode_logits(token_tensor, position_tensor, kv_len)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.kv.move(src, dst, length)
+
+    # -- CUDA graphs ------------------------------------------------------------------------
+
+    def capture_decode_graphs(self) -> int:
+        """Capture every (batch bucket, key-length bucket) decode step; return how many."""
+        if not self._use_graphs:
+            return 0
+        started = time.monotonic()
+        kv_lens = sorted({kv_bucket(n, self.max_len) for n in _powers_of_two(MIN_KV_BUCKET, self.max_len)})
+        pool = torch.cuda.graph_pool_handle()
+        self._static_tokens.zero_()
+        self._static_positions.zero_()
+        try:
+            for size in reversed(self._buckets):
+                for kv_len in reversed(kv_lens):
+                    self._graphs[(size, kv_len)] = self._capture(size, kv_len, pool)
+        except Exception:  # noqa: BLE001 - a model whose kernels cannot be captured still serves
+            log.exception("CUDA graph capture failed; decoding without CUDA graphs")
+            self._graphs.clear()
+            torch.cuda.synchronize()
+            return 0
+        torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (batch %s x key length %s) in %.1fs", len(self._graphs),
+                 self._buckets, kv_lens, time.monotonic() - started)
+        return len(self._graphs)
+
+    def _capture(self, size: int, kv_len: int, pool: object) -> _DecodeGraph:
+        tokens, positions = self._static_tokens[:size], self._static_positions[:size]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode_logits(tokens, positions, kv_len)  # warm-up outside the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self._decode_logits(tokens, positions, kv_len)
+        return _DecodeGraph(graph=graph, logits=logits)
+
+    def _stage(self, tokens: list[int], positions: list[int], size: int) -> None:
+        rows = len(tokens)
+        staging = self._staging
+        staging[:, rows:size].zero_()
+        staging[0, :rows, 0] = torch.tensor(tokens, dtype=torch.long)
+        staging[1, :rows, 0] = torch.tensor(positions, dtype=torch.long)
+        self._static_tokens[:size].copy_(staging[0, :size], non_blocking=True)
+        self._static_positions[:size].copy_(staging[1, :size], non_blocking=True)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        rows = tokens.shape[0]
+        mask = self._columns[:kv_len].view(1, 1, 1, kv_len) <= positions.view(rows, 1, 1, 1)
+        batch = AttentionBatch(first_slot=0, num_rows=rows, kv_len=kv_len, row_index=self._row_index[:rows],
+                               write_positions=positions, mask=mask)
+        hidden = self._hidden(tokens, positions, batch)
+        return self._lm_head(hidden[:, -1])
+
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        self._attention.batch = batch
+        try:
+            out = self._backbone(input_ids=tokens, position_ids=positions, use_cache=False, return_dict=True)
+        finally:
+            self._attention.batch = None
+        return out.last_hidden_state
+
+
+def _powers_of_two(start: int, stop: int) -> list[int]:
+    values = []
+    value = start
+    while value < stop * 2:
+        values.append(value)
+        value *= 2
+    return values

@@ -1,0 +1,145 @@
+"""Composition root of the inference server: builds the parts, runs them, drains on SIGTERM.
+
+``run(config)`` blocks until SIGTERM/SIGINT, then stops accepting connections, lets
+in-flight requests finish (up to ``limits.drain_timeout_s``), stops the engine and
+returns, so the process exits 0. ``build_app`` is the same wiring without the listener,
+for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from inference.api import STATE, ServerState, create_app
+from inference.config import InferenceConfig
+from inference.metrics import InferenceMetrics
+from inference.serving import GenerationService
+from inference.tracing import ForwardObserver, Tracing
+
+log = logging.getLogger("kernelgate.inference.server")
+
+
+def build_app(config: InferenceConfig, engine: object | None = None, *, encoder: object | None = None,
+              tracing: Tracing | None = None, forward_observer: ForwardObserver | None = None) -> web.Application:
+    """The application for ``config``; pass ``engine`` (and its metrics) to share one across apps.
+
+    An engine passed in is started if needed but never stopped here (its owner does that);
+    one built here is started at application start-up and stopped at clean-up.
+    """
+    tracing = tracing or Tracing()
+    owns_engine = engine is None
+    if engine is None:
+        from inference.engine import Engine
+
+        metrics = InferenceMetrics(CollectorRegistry())
+        engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer)
+    else:
+        metrics = engine.metrics  # type: ignore[attr-defined]
+    if encoder is None and config.embeddings.enabled:
+        from inference.embeddings import Encoder
+
+        encoder = Encoder(config.embeddings)
+    preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
+    state = ServerState(config=config, generation=GenerationService(engine, preprocess_executor, tracing),
+                        encoder=encoder, metrics=metrics, tracing=tracing)
+    app = create_app(state)
+
+    async def start_models(_: web.Application) -> None:
+        if not getattr(engine, "started", False):
+            engine.start()  # type: ignore[attr-defined]
+        if encoder is not None and not encoder.ready:
+            encoder.start()  # type: ignore[attr-defined]
+
+    async def stop_models(_: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        if owns_engine:
+            await loop.run_in_executor(None, engine.shutdown, config.limits.drain_timeout_s)  # type: ignore[attr-defined]
+        if encoder is not None and hasattr(encoder, "close"):
+            encoder.close()
+        preprocess_executor.shutdown(wait=False, cancel_futures=True)
+
+    app.on_startup.append(start_models)
+    app.on_cleanup.append(stop_models)
+    return app
+
+
+async def start_listening(app: web.Application, host: str, port: int, drain_timeout_s: float) -> web.AppRunner:
+    """Start serving ``app``; client disconnects cancel their handlers (and so their requests)."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=drain_timeout_s, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def drain(runner: web.AppRunner, timeout_s: float) -> None:
+    """Stop accepting, wait for in-flight requests (bounded), then close everything."""
+    state = runner.app[STATE]
+    state.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    log.info("draining: %d request(s) in flight", state.in_flight)
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(state.idle.wait(), timeout_s)
+    except TimeoutError:
+        log.warning("drain timeout (%.0fs): %d request(s) still in flight are cut off", timeout_s, state.in_flight)
+    log.info("drained in %.2fs; shutting down", time.monotonic() - started)
+    await runner.cleanup()
+
+
+async def serve(config: InferenceConfig, tracing: Tracing | None = None,
+                forward_observer: ForwardObserver | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = build_app(config, tracing=tracing, forward_observer=forward_observer)
+    runner = await start_listening(app, config.listen.host, config.listen.port, config.limits.drain_timeout_s)
+    log.info("inference server listening on http://%s:%d (model %s)", config.listen.host, config.listen.port,
+             config.model.name)
+    await stop.wait()
+    log.info("shutdown signal received")
+    await drain(runner, config.limits.drain_timeout_s)
+
+
+def run(config: InferenceConfig, tracing: Tracing | None = None,
+        forward_observer: ForwardObserver | None = None) -> None:
+    """Run the server in the foreground until SIGTERM (blocking); uvloop when installed."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(config, tracing, forward_observer))
+    log.info("inference server stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m inference.server --config file.yaml`` (the ``inference:`` section)."""
+    from kernelgate.settings import apply_env_overrides, build, load_file
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", help="kernelgate YAML config file")
+    args = parser.parse_args(argv)
+    data = apply_env_overrides(load_file(args.config), os.environ)
+    run(build(InferenceConfig, data.get("inference"), "inference"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Trace spans of the inference server, through the OpenTelemetry API only.
+
+The tracer is obtained here, once, and passed to the API layer and the engine inside a
+:class:`Tracing` object. Whoever installs an SDK (another issue) gets: a server span per
+request that continues the caller's W3C ``traceparent``; ``preprocess`` and ``queue``
+child spans; and one ``engine.step`` span per forward pass, linked to the span of every
+request in that batch. Engine-side spans are created after the fact from recorded
+timestamps, so nothing is added to the forward pass itself.
+
+:class:`ForwardObserver` is the hook for kernel-level tracing (``otel/kernels.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
+
+TRACER_NAME = "kernelgate.inference"
+
+StepPhase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One engine forward pass, as a forward observer sees it."""
+
+    index: int
+    phase: StepPhase
+    batch_size: int
+    num_tokens: int
+    request_ids: tuple[str, ...]
+    start_time_ns: int
+    # Span contexts of the requests' server spans, aligned with request_ids (kernel capture finds its requests).
+    trace_contexts: tuple[SpanContext | None, ...] = ()
+
+
+class ForwardObserver(Protocol):
+    """Called by the engine thread around every forward pass (prefill or decode step).
+
+    ``start(step)`` runs right before the forward pass is launched and ``finish(step,
+    span_context)`` right after the step's sampled tokens are on the host (so the GPU work
+    of the step is complete). ``span_context`` is that of the ``engine.step`` span (None
+    when tracing is off), so captured kernels can be attached to it. Both run on the
+    engine thread: keep them cheap, and never raise (errors are logged and ignored).
+    """
+
+    def start(self, step: StepInfo) -> None: ...
+
+    def finish(self, step: StepInfo, span_context: SpanContext | None) -> None: ...
+
+
+class RequestObserver(Protocol):
+    """Told of each request span (e.g. ``otel.kernels.KernelTracer``, which selects requests to profile)."""
+
+    def on_request(self, span: trace.Span, headers: Mapping[str, str]) -> object: ...
+
+    def on_request_end(self, span_context: SpanContext) -> None: ...
+
+
+class Tracing:
+    """Creates this server's spans; wraps the single tracer."""
+
+    def __init__(self, tracer: trace.Tracer | None = None, request_observer: RequestObserver | None = None) -> None:
+        self.tracer = tracer or trace.get_tracer(TRACER_NAME)
+        self._request_observer = request_observer
+
+    @contextmanager
+    def request_span(self, name: str, headers: Mapping[str, str],
+                     attributes: Mapping[str, Any]) -> Iterator[trace.Span]:
+        """Server span continuing the caller's ``traceparent``; current inside the block."""
+        parent = propagate.extract(headers)
+        with self.tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
+                                               attributes=dict(attributes), record_exception=False,
+                                               set_status_on_exception=False) as span:
+            if self._request_observer is not None:
+                self._request_observer.on_request(span, headers)
+            try:
+                yield span
+            except Exception as exc:
+                # Client errors (4xx) leave a server span's status unset; only 5xx are errors.
+                status = getattr(exc, "status", 500)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise
+            finally:
+                if self._request_observer is not None:
+                    self._request_observer.on_request_end(span.get_span_context())
+
+    @contextmanager
+    def child_span(self, name: str) -> Iterator[trace.Span]:
+        with self.tracer.start_as_current_span(name) as span:
+            yield span
+
+    def record_child(self, name: str, parent: SpanContext | None, start_ns: int, end_ns: int,
+                     attributes: Mapping[str, Any] | None = None) -> None:
+        """A finished span under ``parent``, from recorded wall-clock timestamps."""
+        if parent is None or not parent.is_valid:
+            return
+        ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+        span = self.tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes)
+        span.end(end_time=end_ns)
+
+    def record_step(self, step: StepInfo, end_ns: int, request_contexts: Sequence[SpanContext | None],
+                    attributes: Mapping[str, Any]) -> SpanContext | None:
+        """The ``engine.step`` span of a finished forward pass, linked to its requests' spans.
+
+        It belongs to the trace of the batch's first head-sampled request (so that request's
+        trace shows its steps, and a step is recorded exactly when one of its requests is);
+        the other requests reach it through their link.
+        """
+        valid = [c for c in request_contexts if c is not None and c.is_valid]
+        links = [Link(c) for c in valid]
+        owner = next((c for c in valid if c.trace_flags.sampled), valid[0] if valid else None)
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(owner)) if owner else otel_context.Context()
+        span = self.tracer.start_span("engine.step", context=parent, links=links,
+                                      start_time=step.start_time_ns, attributes=attributes)
+        span.end(end_time=end_ns)
+        span_context = span.get_span_context()
+        return span_context if span_context.is_valid else None

@@ -1,0 +1,468 @@
+"""CUDA kernels of sampled requests as spans, captured with torch's profiler around forward passes.
+
+Flow (see docs/tracing.md):
+
+* ``on_request`` (event loop, from ``inference.tracing.Tracing.request_span``) decides once per
+  request whether its forward passes are profiled: the trace must be head-sampled, and either
+  its trace id falls inside ``ratio`` or the request carries the force header; every capture,
+  forced ones too, spends one of ``max_captures_per_minute``.
+* ``start``/``finish`` (engine thread, the engine's ``forward_observer`` hook) turn the profiler
+  on and off around the first ``steps_per_request`` forward passes of a selected request. That
+  is all the request path pays: enabling the profiler, and the profiler's stop (flushing CUPTI).
+* A worker thread turns the raw profile into spans: events are mapped onto the trace's clock,
+  folded, capped, and exported as children of a ``gpu.forward`` span per captured pass.
+
+The pure parts (clock mapping, folding, caps, sampling) take plain data and are tested
+without a GPU; :class:`TorchProfilerCapture` is the only code that touches torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, SpanKind
+
+from otel.config import KernelTraceConfig
+
+log = logging.getLogger("kernelgate.otel.kernels")
+
+TRACER_NAME = "kernelgate.kernels"
+FORWARD_SPAN = "gpu.forward"
+ANCHOR_NAME = "kernelgate.clock_anchor"
+_TRACE_ID_LOW = (1 << 64) - 1
+_WINDOW_S = 60.0
+
+Activities = Literal["cuda", "cpu"]
+
+
+# --- plain data ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelEvent:
+    """One device activity (or CPU operator) as the profiler reported it, on the profiler's clock."""
+
+    name: str
+    start_ns: int
+    end_ns: int
+    device: int = 0
+    stream: int = 0
+
+
+@dataclass(frozen=True)
+class ClockAnchor:
+    """One instant read on both clocks: the profiler's and the wall clock spans use.
+
+    At capture start a CPU marker is recorded inside the profile while ``time.time_ns()`` is read
+    right before and after it. The marker's midpoint (profiler clock) is taken to be the
+    readings' midpoint (wall clock); ``uncertainty_ns`` is half the readings' gap. The profiler
+    puts GPU timestamps on its CPU clock already, so one offset maps both.
+    """
+
+    profiler_ns: int
+    wall_ns: int
+    uncertainty_ns: int = 0
+
+    def to_wall(self, profiler_ns: int) -> int:
+        return profiler_ns - self.profiler_ns + self.wall_ns
+
+
+@dataclass(frozen=True)
+class KernelSpan:
+    """A span to export: one kernel, or ``count`` kernels of one name folded together."""
+
+    name: str
+    start_ns: int
+    end_ns: int
+    count: int
+    gpu_time_ns: int
+    device: int = 0
+    stream: int = 0
+    kernel_name: str = ""
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """What one captured forward pass becomes, with what was folded, dropped or clamped."""
+
+    spans: tuple[KernelSpan, ...]
+    kernels: int
+    folded: int
+    dropped: int
+    clamped: int
+    gpu_time_ns: int
+    first_ns: int
+    last_ns: int
+
+
+def short_kernel_name(name: str, limit: int = 96) -> str:
+    """``void ns::kernel<T, 4>(args)`` -> ``ns::kernel``: span names stay readable in Jaeger."""
+    short = name[5:] if name.startswith("void ") else name
+    for stop in ("<", "("):
+        cut = short.find(stop)
+        if cut > 0:
+            short = short[:cut]
+    return short.strip()[:limit] or name[:limit]
+
+
+def plan_kernel_spans(events: Iterable[KernelEvent], anchor: ClockAnchor, window: tuple[int, int],
+                      fold_after: int, max_spans: int) -> KernelPlan:
+    """Map ``events`` onto the wall clock, fold repeats, keep at most ``max_spans``.
+
+    Per kernel name, the first ``fold_after`` launches become spans of their own; the rest
+    become one span from the first folded launch's start to the last one's end, with their
+    count and summed GPU time. Times are clamped into ``window`` (the parent span) so the
+    tree stays consistent whatever the residual clock error; ``clamped`` counts the kernels
+    that needed it. Over ``max_spans``, the spans with the least GPU time are dropped.
+    """
+    lo, hi = window
+    mapped: list[tuple[int, int, KernelEvent]] = []
+    clamped = 0
+    for event in events:
+        start, end = anchor.to_wall(event.start_ns), anchor.to_wall(max(event.end_ns, event.start_ns))
+        if start < lo or end > hi:
+            clamped += 1
+        start = min(max(start, lo), hi)
+        mapped.append((start, min(max(end, start), hi), event))
+    mapped.sort(key=lambda m: m[0])
+    by_name: dict[str, list[tuple[int, int, KernelEvent]]] = {}
+    for item in mapped:
+        by_name.setdefault(item[2].name, []).append(item)
+    spans: list[KernelSpan] = []
+    folded = 0
+    for name, items in by_name.items():
+        short = short_kernel_name(name)
+        for start, end, event in items[:fold_after]:
+            spans.append(KernelSpan(short, start, end, 1, end - start, event.device, event.stream, name))
+        rest = items[fold_after:]
+        if rest:
+            folded += len(rest)
+            spans.append(KernelSpan(short, rest[0][0], max(e for _, e, _ in rest), len(rest),
+                                    sum(e - s for s, e, _ in rest), rest[0][2].device, rest[0][2].stream, name))
+    dropped = 0
+    if len(spans) > max_spans:
+        kept = sorted(spans, key=lambda s: s.gpu_time_ns, reverse=True)[:max(max_spans, 0)]
+        dropped = sum(s.count for s in spans) - sum(s.count for s in kept)
+        spans = kept
+    spans.sort(key=lambda s: (s.start_ns, s.end_ns))
+    return KernelPlan(spans=tuple(spans), kernels=len(mapped), folded=folded, dropped=dropped, clamped=clamped,
+                      gpu_time_ns=sum(e - s for s, e, _ in mapped),
+                      first_ns=mapped[0][0] if mapped else lo, last_ns=max((e for _, e, _ in mapped), default=lo))
+
+
+# --- which requests are captured ---------------------------------------------------------------------
+def in_ratio(trace_id: int, ratio: float) -> bool:
+    """Same test as OTel's TraceIdRatioBased: with ratio <= the head ratio, a kernel-sampled
+    trace is always a head-sampled one, and every service decides alike for one trace."""
+    return (trace_id & _TRACE_ID_LOW) < round(ratio * (_TRACE_ID_LOW + 1))
+
+
+def is_forced(headers: Mapping[str, str], header: str) -> bool:
+    value = headers.get(header) or headers.get(header.lower()) or ""
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+class CaptureSampler:
+    """Ratio-or-forced selection under a sliding one-minute cap on captures. Not thread-safe."""
+
+    def __init__(self, ratio: float, max_per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ratio = ratio
+        self._max = max_per_minute
+        self._clock = clock
+        self._starts: deque[float] = deque()
+        self.rate_limited = 0
+
+    def decide(self, trace_id: int, sampled: bool, forced: bool) -> str | None:
+        """``"forced"``, ``"ratio"``, or None (not captured)."""
+        if not sampled:
+            return None
+        reason = "forced" if forced else ("ratio" if in_ratio(trace_id, self._ratio) else None)
+        if reason is None:
+            return None
+        now = self._clock()
+        while self._starts and now - self._starts[0] >= _WINDOW_S:
+            self._starts.popleft()
+        if len(self._starts) >= self._max:
+            self.rate_limited += 1
+            return None
+        self._starts.append(now)
+        return reason
+
+
+# --- the profiler --------------------------------------------------------------------------------------
+@dataclass
+class RawCapture:
+    """What the engine thread hands to the worker: the profiler's result, unparsed."""
+
+    result: Any
+    wall_before_ns: int
+    wall_after_ns: int
+    thread_id: int
+
+
+class Capture(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> RawCapture: ...
+
+    def events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]: ...
+
+
+class TorchProfilerCapture:
+    """torch's profiler (Kineto/CUPTI) switched on for one forward pass at a time.
+
+    ``cuda`` records device activities (kernels, memcpy, memset) plus the CPU anchor marker;
+    ``cpu`` records CPU operators of the calling thread (CPU serving and tests: there are no
+    kernels there). Uses ``torch.autograd``'s enable/disable primitives, which torch.profiler
+    itself is built on, so that stopping does not parse the trace on the request path.
+    """
+
+    def __init__(self, activities: Activities, clock: Callable[[], int] = time.time_ns) -> None:
+        from torch.autograd import ProfilerActivity, ProfilerConfig, ProfilerState
+
+        import torch
+
+        self.activities = activities
+        self._clock = clock
+        self._kinds = {ProfilerActivity.CPU} | ({ProfilerActivity.CUDA} if activities == "cuda" else set())
+        self._config = ProfilerConfig(ProfilerState.KINETO, False, False, False, False, False,
+                                      torch._C._profiler._ExperimentalConfig())
+        self._record = torch.profiler.record_function
+        self._device_cpu = torch._C._autograd.DeviceType.CPU
+        self._anchor: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        from torch.autograd import _enable_profiler, _prepare_profiler
+
+        _prepare_profiler(self._config, self._kinds)
+        _enable_profiler(self._config, self._kinds)
+        before = self._clock()
+        with self._record(ANCHOR_NAME):
+            pass
+        self._anchor = (before, self._clock())
+
+    def stop(self) -> RawCapture:
+        from torch.autograd import _disable_profiler
+
+        result = _disable_profiler()
+        before, after = self._anchor or (0, 0)
+        self._anchor = None
+        return RawCapture(result, before, after, threading.get_native_id())
+
+    def events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
+        """Parse the profile (worker thread): the anchor, then the activities of interest."""
+        kineto = list(raw.result.events())
+        marker = next((e for e in kineto if e.name() == ANCHOR_NAME), None)
+        if marker is None:
+            raise ValueError("clock anchor missing from the profile")
+        anchor = ClockAnchor(profiler_ns=(marker.start_ns() + marker.end_ns()) // 2,
+                             wall_ns=(raw.wall_before_ns + raw.wall_after_ns) // 2,
+                             uncertainty_ns=(raw.wall_after_ns - raw.wall_before_ns) // 2)
+        out: list[KernelEvent] = []
+        for e in kineto:
+            on_cpu = e.device_type() == self._device_cpu
+            if e is marker or (self.activities == "cuda") == on_cpu:
+                continue
+            if on_cpu and (e.start_thread_id() != marker.start_thread_id() or e.is_user_annotation()):
+                continue
+            out.append(KernelEvent(e.name(), e.start_ns(), e.end_ns(), e.device_index(),
+                                   e.device_resource_id()))
+        return out, anchor
+
+
+# --- the observer ----------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Selected:
+    """A captured request: its span, the passes left to profile, the spans left in its trace."""
+
+    span_context: SpanContext
+    reason: str
+    steps_left: int
+    spans_left: int
+
+
+@dataclass
+class _Job:
+    step: Any
+    step_span: SpanContext | None
+    window: tuple[int, int]
+    targets: list[_Selected]
+    raw: RawCapture
+
+
+@dataclass
+class KernelStats:
+    """Counters, for logs and the benchmark."""
+
+    selected: int = 0
+    captures: int = 0
+    exported_spans: int = 0
+    dropped_captures: int = 0
+    failures: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class KernelTracer:
+    """The engine's forward observer for kernel capture, and the request hook that selects requests."""
+
+    def __init__(self, config: KernelTraceConfig, tracer: trace.Tracer, capture: Capture,
+                 sampler: CaptureSampler | None = None, clock: Callable[[], int] = time.time_ns) -> None:
+        self._config = config
+        self._tracer = tracer
+        self._capture = capture
+        self._sampler = sampler or CaptureSampler(config.ratio, config.max_captures_per_minute)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._requests: dict[int, _Selected] = {}  # by request span id; event loop adds, engine reads
+        self._active: list[_Selected] | None = None  # engine thread only
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_pending)
+        self.stats = KernelStats()
+        self._worker = threading.Thread(target=self._work, name="kernelgate-kernel-spans", daemon=True)
+        self._worker.start()
+
+    # -- request side (event loop) ---------------------------------------------------------------------
+    def on_request(self, span: trace.Span, headers: Mapping[str, str]) -> str | None:
+        """Select (or not) the request whose server span is ``span``; records why on the span."""
+        ctx = span.get_span_context()
+        if not ctx.is_valid:
+            return None
+        with self._lock:
+            reason = self._sampler.decide(ctx.trace_id, ctx.trace_flags.sampled,
+                                          is_forced(headers, self._config.force_header))
+            if reason is None:
+                return None
+            self._requests[ctx.span_id] = _Selected(ctx, reason, self._config.steps_per_request,
+                                                    self._config.max_spans_per_trace)
+            self.stats.selected += 1
+            self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        span.set_attribute("kernelgate.kernels.capture", reason)
+        return reason
+
+    def on_request_end(self, span_context: SpanContext) -> None:
+        if self._requests:
+            with self._lock:
+                self._requests.pop(span_context.span_id, None)
+
+    # -- engine side (ForwardObserver) -------------------------------------------------------------------
+    def start(self, step: Any) -> None:
+        """Before a forward pass: profile it if a selected request with passes left is in it."""
+        if not self._requests or self._active is not None:
+            return
+        contexts: Sequence[SpanContext | None] = getattr(step, "trace_contexts", ()) or ()
+        targets: list[_Selected] = []
+        with self._lock:
+            for ctx in contexts:
+                selected = self._requests.get(ctx.span_id) if ctx is not None else None
+                # one request's prompts share its span: count the pass once
+                if selected is not None and selected.steps_left > 0 and selected not in targets:
+                    targets.append(selected)
+            for target in targets:
+                target.steps_left -= 1
+        if not targets:
+            return
+        try:
+            self._capture.start()
+        except Exception:  # noqa: BLE001 - e.g. another profiler is running: skip, never fail the step
+            self.stats.failures += 1
+            log.exception("could not start the kernel profiler")
+            return
+        self._active = targets
+
+    def finish(self, step: Any, span_context: SpanContext | None) -> None:
+        """After the pass (its outputs are on the host, so its kernels are done): stop, hand off."""
+        targets, self._active = self._active, None
+        if targets is None:
+            return
+        now = self._clock()  # the pass's kernels are done: its outputs are on the host
+        try:
+            raw = self._capture.stop()
+        except Exception:  # noqa: BLE001
+            self.stats.failures += 1
+            log.exception("could not stop the kernel profiler")
+            return
+        self.stats.captures += 1
+        try:
+            self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, raw))
+        except queue.Full:
+            self.stats.dropped_captures += 1
+
+    # -- worker ---------------------------------------------------------------------------------------------
+    def close(self, timeout: float = 10.0) -> None:
+        """Export what is pending, then stop the worker (before the tracer provider shuts down)."""
+        try:
+            self._jobs.put(None, timeout=timeout)
+        except queue.Full:
+            log.warning("kernel span worker still busy; pending captures dropped")
+            return
+        self._worker.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._export(job)
+            except Exception:  # noqa: BLE001 - a bad profile loses its spans, nothing else
+                self.stats.failures += 1
+                log.exception("kernel spans of step %s not exported", getattr(job.step, "index", "?"))
+
+    def _export(self, job: _Job) -> None:
+        events, anchor = self._capture.events(job.raw)
+        for target in job.targets:
+            if target.spans_left <= 1:
+                continue
+            plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after, target.spans_left - 1)
+            target.spans_left -= 1 + len(plan.spans)
+            self.stats.exported_spans += 1 + len(plan.spans)
+            self._emit(job, target, plan, anchor)
+
+    def _emit(self, job: _Job, target: _Selected, plan: KernelPlan, anchor: ClockAnchor) -> None:
+        step, step_span = job.step, job.step_span
+        # Under the step span when it is in this request's trace, else under the request span.
+        same_trace = step_span is not None and step_span.trace_id == target.span_context.trace_id
+        parent = step_span if same_trace else target.span_context
+        links = [Link(step_span)] if step_span is not None and not same_trace else []
+        forward = self._tracer.start_span(
+            FORWARD_SPAN, context=trace.set_span_in_context(trace.NonRecordingSpan(parent)), kind=SpanKind.INTERNAL,
+            start_time=job.window[0], links=links, attributes={
+                "kernelgate.step.index": getattr(step, "index", -1),
+                "kernelgate.step.phase": getattr(step, "phase", ""),
+                "kernelgate.step.batch_size": getattr(step, "batch_size", 0),
+                "kernelgate.kernels.capture": target.reason,
+                "kernelgate.kernels.activities": getattr(self._capture, "activities", ""),
+                "kernelgate.kernels.count": plan.kernels,
+                "kernelgate.kernels.spans": len(plan.spans),
+                "kernelgate.kernels.folded": plan.folded,
+                "kernelgate.kernels.dropped": plan.dropped,
+                "kernelgate.kernels.clamped": plan.clamped,
+                "kernelgate.kernels.gpu_time_ns": plan.gpu_time_ns,
+                "kernelgate.kernels.first_start_ns": plan.first_ns,
+                "kernelgate.kernels.last_end_ns": plan.last_ns,
+                "kernelgate.clock.uncertainty_ns": anchor.uncertainty_ns,
+            })
+        ctx = trace.set_span_in_context(forward)
+        for k in plan.spans:
+            attributes: dict[str, Any] = {"gpu.kernel.name": k.kernel_name[:1024], "gpu.device": k.device,
+                                          "gpu.stream": k.stream, "kernelgate.kernel.count": k.count,
+                                          "kernelgate.kernel.gpu_time_ns": k.gpu_time_ns}
+            if k.count > 1:
+                attributes["kernelgate.kernel.folded"] = True
+            self._tracer.start_span(k.name, context=ctx, kind=SpanKind.INTERNAL, start_time=k.start_ns,
+                                    attributes=attributes).end(end_time=k.end_ns)
+        # Ends with its last kernel, so it stays inside the step span (which ends before finish() runs).
+        forward.end(end_time=plan.last_ns if plan.spans else job.window[1])
+
+
+def resolve_activities(config: KernelTraceConfig) -> Activities:
+    if config.activities != "auto":
+        return config.activities
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -102,7 +102,9 @@ async def start(config: SidecarConfig) -> Sidecar:
 
     stop_event = asyncio.Event()
     with contextlib.suppress(Exception):
-        await decider.refresh_revision()  # OPA may start after us; the watcher catches up
+        # OPA may start after us, or hang: never block start-up on it; the watcher catches up.
+        async with asyncio.timeout(config.opa.timeout_s):
+            await decider.refresh_revision()
     background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
                   asyncio.create_task(authenticator.watch(stop_event), name="credential-reload")]
     for name in ("", SERVICE_NAME):
@@ -131,11 +133,11 @@ async def stop(sidecar: Sidecar, grace_s: float) -> None:
 
 
 async def serve(config: SidecarConfig) -> None:
-    sidecar = await start(config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a SIGTERM during start-up still drains
         loop.add_signal_handler(sig, stopping.set)
+    sidecar = await start(config)
     await stopping.wait()
     log.info("draining in-flight checks (up to %.1fs)", config.drain_s)
     await stop(sidecar, config.drain_s)

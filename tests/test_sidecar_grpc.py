@@ -61,6 +61,8 @@ async def test_sigterm_drains_in_flight_checks(sidecar: AuthzStack):
     opa = sidecar.procs["opa"]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.authz_port}") as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
         os.kill(opa.popen.pid, signal.SIGSTOP)  # hold the checks inside the sidecar
         try:
             in_flight = [asyncio.ensure_future(stub.Check(completion_check(prompt=f"p{i}"))) for i in range(5)]

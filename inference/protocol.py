@@ -96,6 +96,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object")
     return data

@@ -44,3 +44,26 @@ async def serve() -> AsyncIterator[Callable[..., Any]]:
         await runner.cleanup()
 
 
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory) -> Iterator[str]:
+    """A real ``kernelgate serve`` process (tiny model) for fuzzing over real HTTP."""
+    import sys
+
+    import yaml
+
+    from kernelgate.processes import free_port, start, wait_http
+
+    workdir = tmp_path_factory.mktemp("hostile-http")
+    port = free_port()
+    config = workdir / "kernelgate.yaml"
+    config.write_text(yaml.safe_dump({"inference": {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "model": {"name": "tiny-gpt2", "random_config": "tiny-gpt2", "device": "cpu", "use_deepspeed": False}}}))
+    proc = start("inference", [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config)],
+                 workdir, env={"DS_ACCELERATOR": "cpu"})
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc=proc, timeout=300)
+    yield f"http://127.0.0.1:{port}"
+    assert proc.popen.poll() is None, "the server must survive the fuzzing"
+    proc.stop()

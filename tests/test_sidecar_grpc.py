@@ -90,18 +90,20 @@ def test_workers_need_shared_budgets():
 
 async def test_two_workers_share_one_port(tmp_path: Path, redis_url: str):
     stack = AuthzStack(tmp_path, authz_overrides={"workers": 2}, redis_url=redis_url)
-    stack.start_opa()
-    proc = stack.start_sidecar()
-    workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.popen.pid
-               and b"spawn_main" in _cmdline(p)]
-    assert len(workers) == 1, "a second worker process serves the same port"
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.authz_port}") as channel:
-        resp = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(completion_check())
-        assert resp.HasField("ok_response")
-    proc.popen.send_signal(signal.SIGTERM)
-    assert proc.popen.wait(20) == 0
-    assert not workers[0].exists(), "SIGTERM stops every worker"
-    stack.stop()
+    try:
+        stack.start_opa()
+        proc = stack.start_sidecar()
+        workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.popen.pid
+                   and b"spawn_main" in _cmdline(p)]
+        assert len(workers) == 1, "a second worker process serves the same port"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.authz_port}") as channel:
+            resp = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(completion_check())
+            assert resp.HasField("ok_response")
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(20) == 0
+        assert not workers[0].exists(), "SIGTERM stops every worker"
+    finally:
+        stack.stop()
 
 
 def _cmdline(proc_dir: Path) -> bytes:

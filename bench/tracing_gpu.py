@@ -2,12 +2,13 @@
 
 Runs the inference server (random-weight model, DeepSpeed kernel injection, CUDA graphs) twice,
 in child processes started exactly as ``kernelgate serve`` starts it (``configure_tracing`` +
-``kernel_tracing`` around ``inference.server.run``), with spans going to an OTLP/JSON file
-(``telemetry.protocol: file``: no collector on the GPU machine):
+``kernel_tracing`` around ``inference.server.run``), with spans going to an OTLP file
+(``telemetry.protocol: file``, protobuf: the OTLP/gRPC exporter's encoding; no collector there):
 
 * ``off``: telemetry disabled;
 * ``spans``: head sampling 100 %, no kernel traces (what the spans alone cost);
-* ``on``: head sampling 100 %, kernel traces for ``--kernel-ratio`` of requests (by trace id).
+* ``on``: head sampling 100 %, kernel traces for ``--kernel-ratio`` of requests (by trace id);
+* ``all-steps``: as ``on``, but every decode ``engine.step`` span kept (``decode_step_spans_every: 1``).
 
 ``overhead_pct`` is the tokens/s ``on`` loses against ``off``.
 
@@ -28,6 +29,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -58,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-ratio", type=float, default=0.01)
     p.add_argument("--max-captures-per-minute", type=int, default=1000,
                    help="high, so that --kernel-ratio, not the cap, decides how many requests are captured")
-    p.add_argument("--modes", default="off,spans,on",
-                   help="off: no telemetry; spans: head sampling 100%%, no kernel traces; on: spans + kernel traces")
+    p.add_argument("--modes", default="off,spans,on,all-steps",
+                   help="off: no telemetry; spans: head sampling 100%%, no kernel traces; on: spans + kernel "
+                        "traces; all-steps: on, keeping every decode step span")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
     p.add_argument("--out", default=str(ROOT / "bench/results/tracing_gpu.json"))
     p.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp/kernelgate-tracing-bench"))
@@ -95,15 +98,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(mode: str, args: argparse.Namespace, spans_path: Path) -> tuple[subprocess.Popen, int, Path, Path]:
+def spans_file(args: argparse.Namespace, mode: str) -> Path:
+    return Path(args.work_dir) / f"spans-{mode}.otlp"
+
+
+def start_server(mode: str, args: argparse.Namespace) -> tuple[subprocess.Popen, int, Path, Path]:
     import yaml
 
     port = free_port()
+    spans_path = spans_file(args, mode)
+    spans_path.parent.mkdir(parents=True, exist_ok=True)
+    spans_path.unlink(missing_ok=True)
     telemetry: dict[str, Any] = {"enabled": False}
     if mode != "off":
         telemetry = {"enabled": True, "protocol": "file", "otlp_endpoint": str(spans_path), "sampling_ratio": 1.0,
                      "export_delay_s": 0.5, "max_queue_size": 65536,
-                     "kernels": {"ratio": args.kernel_ratio if mode == "on" else 0.0,
+                     "decode_step_spans_every": 1 if mode == "all-steps" else 16,
+                     "kernels": {"ratio": 0.0 if mode == "spans" else args.kernel_ratio,
                                  "max_captures_per_minute": args.max_captures_per_minute,
                                  "activities": "cuda" if args.device == "cuda" else "cpu"}}
     config = {"inference": {
@@ -208,10 +219,10 @@ async def forced_request(port: int, args: argparse.Namespace, prompt: list[int],
 
 # -- reading the trace back ------------------------------------------------------------------------------
 def inspect_trace(spans_path: Path, trace_id: str) -> dict[str, Any]:
-    from otel.otlp_file import read_otlp_json_lines
+    from otel.otlp_file import read_otlp_file
     from tests.jaeger import parse_otlp
 
-    traces = parse_otlp(*read_otlp_json_lines(spans_path))
+    traces = parse_otlp(*read_otlp_file(spans_path))
     trace = traces.get(trace_id)
     if trace is None:
         raise RuntimeError(f"trace {trace_id} not in {spans_path}")
@@ -282,14 +293,15 @@ def trimmed_example(found: dict[str, Any], kernels_per_forward: int = 8, steps_s
 
 
 # -- main ---------------------------------------------------------------------------------------------------
-def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]], spans_path: Path) -> dict[str, Any]:
-    proc, port, log_path, config_path = start_server(mode, args, spans_path)
+def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    proc, port, log_path, config_path = start_server(mode, args)
     result: dict[str, Any] = {"mode": mode}
     try:
-        log_text = log_path.read_text()
-        for key, marker in (("backend", "ready ("), ("cuda_graphs", "CUDA graphs ")):
-            at = log_text.find(marker)
-            result[key] = log_text[at + len(marker):].split()[0].rstrip(",)") if at >= 0 else "unknown"
+        ready = re.search(r"ready \((\S+) backend.*CUDA graphs (on|off)", log_path.read_text())
+        result["backend"], result["cuda_graphs"] = ready.groups() if ready else ("unknown", "unknown")
+        fallback = re.search(r"DeepSpeed cannot inject .*", log_path.read_text())
+        if fallback:
+            result["deepspeed_fallback"] = fallback.group(0)
         windows = asyncio.run(drive(port, args, prompts))
         result["windows"] = windows
         result["tokens_per_s"] = statistics.median(w["tokens_per_s"] for w in windows)
@@ -321,13 +333,9 @@ def main() -> int:
     vocab = random_config(args.model).vocab_size
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, min(vocab, 50000), (256, args.prompt_tokens), generator=gen).tolist()
-    spans_path = Path(args.work_dir) / "spans-on.jsonl"
-    spans_path.parent.mkdir(parents=True, exist_ok=True)
-    spans_path.unlink(missing_ok=True)
-
-    runs = {mode: run_mode(mode, args, prompts, spans_path) for mode in args.modes.split(",")}
+    runs = {mode: run_mode(mode, args, prompts) for mode in args.modes.split(",")}
     off, on = runs["off"], runs["on"]
-    found = inspect_trace(spans_path, on["example_trace_id"])
+    found = inspect_trace(spans_file(args, "on"), on["example_trace_id"])
     per_forward = found["per_forward"]
     kernel_spans = sum(f["kernel_spans"] for f in per_forward)
     def lost(mode: str) -> float | None:
@@ -350,6 +358,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu",
         "versions": versions,
         "model": args.model, "backend": on.get("backend"), "cuda_graphs": on.get("cuda_graphs"),
+        **({"deepspeed_fallback": on["deepspeed_fallback"]} if on.get("deepspeed_fallback") else {}),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "concurrency": args.concurrency,
         "kernel_spans": kernel_spans,
         "kernel_spans_by_forward": per_forward,
@@ -359,15 +368,22 @@ def main() -> int:
         "example_trace": trimmed_example(found),
         "overhead_pct": overhead,
         "overhead_pct_spans_only": lost("spans"),
+        "overhead_pct_every_decode_step_span": lost("all-steps"),
         "tokens_per_s": {m: r["tokens_per_s"] for m, r in runs.items()},
         "windows": {m: r["windows"] for m, r in runs.items()},
         "modes": {"off": "telemetry disabled", "spans": "head sampling 100 %, kernel ratio 0",
-                  "on": f"head sampling 100 %, kernel traces for {args.kernel_ratio:.0%} of requests"},
+                  "on": f"head sampling 100 %, kernel traces for {args.kernel_ratio:.0%} of requests, "
+                        "1 decode engine.step span in 16 (the default)",
+                  "all-steps": "as on, every decode engine.step span kept"},
         "tracing_on": {"head_sampling": 1.0, "kernel_ratio": args.kernel_ratio,
                        "max_captures_per_minute": args.max_captures_per_minute,
                        "requests_in_windows": on["requests"], "requests_selected_for_kernels": selected,
                        "forward_passes_profiled": captured, "kernel_tracer": on.get("kernel_tracer"),
-                       "exporter": "OTLP/JSON file (otel/otlp_file.py), BatchSpanProcessor, 0.5 s delay"},
+                       "engine_thread_ms_per_profiled_pass": round(
+                           (on.get("kernel_tracer") or {}).get("engine_thread_ns", 0) / 1e6 / max(captured, 1), 2),
+                       "worker_ms_per_profiled_pass": round(
+                           (on.get("kernel_tracer") or {}).get("worker_ns", 0) / 1e6 / max(captured, 1), 2),
+                       "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay"},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,11 +49,13 @@ class KernelTraceConfig:
 class TelemetryConfig:
     enabled: bool = False
     # OTLP collector (Jaeger v2 takes OTLP directly): grpc -> host:port, http -> http://host:4318,
-    # file -> a path that gets OTLP/JSON lines (otel/otlp_file.py)
+    # file -> a path: OTLP/JSON lines if it ends in .json/.jsonl, else length-prefixed protobuf (otel/otlp_file.py)
     otlp_endpoint: str = "127.0.0.1:4317"
     protocol: Literal["grpc", "http", "file"] = "grpc"
     # Head sampling (parent-based): share of new traces recorded.
     sampling_ratio: float = 1.0
+    # Within a recorded trace: prefill engine.step spans, and 1 decode engine.step span in this many.
+    decode_step_spans_every: int = 16
     export_timeout_s: float = 5.0
     # How long finished spans wait in the batch before export (seconds).
     export_delay_s: float = 2.0
@@ -65,3 +67,4 @@ class TelemetryConfig:
         _require(0.0 <= self.sampling_ratio <= 1.0,
                  f"telemetry.sampling_ratio must be within 0..1, got {self.sampling_ratio}")
         _require(self.export_delay_s > 0, "telemetry.export_delay_s must be > 0")
+        _require(self.decode_step_spans_every >= 1, "telemetry.decode_step_spans_every must be >= 1")

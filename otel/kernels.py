@@ -37,6 +37,7 @@ log = logging.getLogger("kernelgate.otel.kernels")
 TRACER_NAME = "kernelgate.kernels"
 FORWARD_SPAN = "gpu.forward"
 ANCHOR_NAME = "kernelgate.clock_anchor"
+ANCHOR_READINGS = 3
 _TRACE_ID_LOW = (1 << 64) - 1
 _WINDOW_S = 60.0
 
@@ -60,9 +61,10 @@ class ClockAnchor:
     """One instant read on both clocks: the profiler's and the wall clock spans use.
 
     At capture start a CPU marker is recorded inside the profile while ``time.time_ns()`` is read
-    right before and after it. The marker's midpoint (profiler clock) is taken to be the
-    readings' midpoint (wall clock); ``uncertainty_ns`` is half the readings' gap. The profiler
-    puts GPU timestamps on its CPU clock already, so one offset maps both.
+    right before and after it, a few times; the tightest pair wins (another thread taking the
+    GIL in between widens a pair by milliseconds). The marker's midpoint (profiler clock) is
+    taken to be the readings' midpoint (wall clock); ``uncertainty_ns`` is half the readings'
+    gap. The profiler puts GPU timestamps on its CPU clock already, so one offset maps both.
     """
 
     profiler_ns: int
@@ -201,9 +203,7 @@ class RawCapture:
     """What the engine thread hands to the worker: the profiler's result, unparsed."""
 
     result: Any
-    wall_before_ns: int
-    wall_after_ns: int
-    thread_id: int
+    readings: list[tuple[int, int]]  # wall clock before/after each anchor marker
 
 
 class Capture(Protocol):
@@ -224,9 +224,8 @@ class TorchProfilerCapture:
     """
 
     def __init__(self, activities: Activities, clock: Callable[[], int] = time.time_ns) -> None:
-        from torch.autograd import ProfilerActivity, ProfilerConfig, ProfilerState
-
         import torch
+        from torch.autograd import ProfilerActivity, ProfilerConfig, ProfilerState
 
         self.activities = activities
         self._clock = clock
@@ -235,39 +234,40 @@ class TorchProfilerCapture:
                                       torch._C._profiler._ExperimentalConfig())
         self._record = torch.profiler.record_function
         self._device_cpu = torch._C._autograd.DeviceType.CPU
-        self._anchor: tuple[int, int] | None = None
+        self._readings: list[tuple[int, int]] = []
 
     def start(self) -> None:
         from torch.autograd import _enable_profiler, _prepare_profiler
 
         _prepare_profiler(self._config, self._kinds)
         _enable_profiler(self._config, self._kinds)
-        before = self._clock()
-        with self._record(ANCHOR_NAME):
-            pass
-        self._anchor = (before, self._clock())
+        self._readings = []
+        for _ in range(ANCHOR_READINGS):
+            before = self._clock()
+            with self._record(ANCHOR_NAME):
+                pass
+            self._readings.append((before, self._clock()))
 
     def stop(self) -> RawCapture:
         from torch.autograd import _disable_profiler
 
         result = _disable_profiler()
-        before, after = self._anchor or (0, 0)
-        self._anchor = None
-        return RawCapture(result, before, after, threading.get_native_id())
+        readings, self._readings = self._readings, []
+        return RawCapture(result, readings)
 
     def events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
         """Parse the profile (worker thread): the anchor, then the activities of interest."""
         kineto = list(raw.result.events())
-        marker = next((e for e in kineto if e.name() == ANCHOR_NAME), None)
-        if marker is None:
-            raise ValueError("clock anchor missing from the profile")
-        anchor = ClockAnchor(profiler_ns=(marker.start_ns() + marker.end_ns()) // 2,
-                             wall_ns=(raw.wall_before_ns + raw.wall_after_ns) // 2,
-                             uncertainty_ns=(raw.wall_after_ns - raw.wall_before_ns) // 2)
+        markers = sorted((e for e in kineto if e.name() == ANCHOR_NAME), key=lambda e: e.start_ns())
+        if len(markers) != len(raw.readings) or not markers:
+            raise ValueError(f"{len(markers)} clock anchors in the profile, {len(raw.readings)} read")
+        marker, (before, after) = min(zip(markers, raw.readings), key=lambda m: m[1][1] - m[1][0])
+        anchor = ClockAnchor(profiler_ns=(marker.start_ns() + marker.end_ns()) // 2, wall_ns=(before + after) // 2,
+                             uncertainty_ns=(after - before) // 2)
         out: list[KernelEvent] = []
         for e in kineto:
             on_cpu = e.device_type() == self._device_cpu
-            if e is marker or (self.activities == "cuda") == on_cpu:
+            if (on_cpu and e.name() == ANCHOR_NAME) or (self.activities == "cuda") == on_cpu:
                 continue
             if on_cpu and (e.start_thread_id() != marker.start_thread_id() or e.is_user_annotation()):
                 continue
@@ -305,6 +305,9 @@ class KernelStats:
     exported_spans: int = 0
     dropped_captures: int = 0
     failures: int = 0
+    # Time the engine thread spent starting and stopping the profiler (what a captured pass pays).
+    engine_thread_ns: int = 0
+    worker_ns: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -366,12 +369,15 @@ class KernelTracer:
                 target.steps_left -= 1
         if not targets:
             return
+        began = time.perf_counter_ns()
         try:
             self._capture.start()
         except Exception:  # noqa: BLE001 - e.g. another profiler is running: skip, never fail the step
             self.stats.failures += 1
             log.exception("could not start the kernel profiler")
             return
+        finally:
+            self.stats.engine_thread_ns += time.perf_counter_ns() - began
         self._active = targets
 
     def finish(self, step: Any, span_context: SpanContext | None) -> None:
@@ -380,12 +386,15 @@ class KernelTracer:
         if targets is None:
             return
         now = self._clock()  # the pass's kernels are done: its outputs are on the host
+        began = time.perf_counter_ns()
         try:
             raw = self._capture.stop()
         except Exception:  # noqa: BLE001
             self.stats.failures += 1
             log.exception("could not stop the kernel profiler")
             return
+        finally:
+            self.stats.engine_thread_ns += time.perf_counter_ns() - began
         self.stats.captures += 1
         try:
             self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, raw))
@@ -407,11 +416,13 @@ class KernelTracer:
             job = self._jobs.get()
             if job is None:
                 return
+            began = time.perf_counter_ns()
             try:
                 self._export(job)
             except Exception:  # noqa: BLE001 - a bad profile loses its spans, nothing else
                 self.stats.failures += 1
                 log.exception("kernel spans of step %s not exported", getattr(job.step, "index", "?"))
+            self.stats.worker_ns += time.perf_counter_ns() - began
 
     def _export(self, job: _Job) -> None:
         events, anchor = self._capture.events(job.raw)
@@ -425,10 +436,11 @@ class KernelTracer:
 
     def _emit(self, job: _Job, target: _Selected, plan: KernelPlan, anchor: ClockAnchor) -> None:
         step, step_span = job.step, job.step_span
-        # Under the step span when it is in this request's trace, else under the request span.
-        same_trace = step_span is not None and step_span.trace_id == target.span_context.trace_id
+        # Under the step span when it is recorded in this request's trace, else under the request span.
+        recorded = step_span is not None and step_span.trace_flags.sampled
+        same_trace = recorded and step_span.trace_id == target.span_context.trace_id
         parent = step_span if same_trace else target.span_context
-        links = [Link(step_span)] if step_span is not None and not same_trace else []
+        links = [Link(step_span)] if recorded and not same_trace else []
         forward = self._tracer.start_span(
             FORWARD_SPAN, context=trace.set_span_in_context(trace.NonRecordingSpan(parent)), kind=SpanKind.INTERNAL,
             start_time=job.window[0], links=links, attributes={

@@ -1,14 +1,17 @@
-"""OTLP/JSON lines on disk: traces where no collector can be reached (benchmarks, air-gapped nodes).
+"""OTLP on disk: traces where no collector can be reached (benchmarks, air-gapped nodes).
 
-One ``{"resourceSpans": [...]}`` object per export, one per line: the OTLP JSON encoding
-(hex ids, integer enums) that the OpenTelemetry collector's file exporter writes and its
-``otlpjsonfile`` receiver replays, e.g. into Jaeger.
+A path ending in ``.json``/``.jsonl`` gets OTLP/JSON lines, one ``{"resourceSpans": [...]}``
+object per export (hex ids, integer enums: what the OpenTelemetry collector's file exporter
+writes and its ``otlpjsonfile`` receiver replays, e.g. into Jaeger). Any other path gets
+binary ``ExportTraceServiceRequest`` messages, each after its length (4 bytes, big-endian):
+the same encoding work as the OTLP/gRPC exporter, so a benchmark measures what production pays.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +21,11 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")
+_LENGTH = struct.Struct(">I")
+
+
+def is_json_path(path: str | Path) -> bool:
+    return str(path).endswith((".json", ".jsonl"))
 
 
 def _hex_ids(node: Any) -> Any:
@@ -30,24 +38,34 @@ def _hex_ids(node: Any) -> Any:
     return node
 
 
-class OTLPJsonFileExporter(SpanExporter):
-    """Appends each batch to ``path`` as one OTLP/JSON line."""
+def _to_json(message: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return _hex_ids(MessageToDict(message, use_integers_for_enums=True))
+
+
+class OTLPFileExporter(SpanExporter):
+    """Appends each batch to ``path`` (OTLP/JSON line or length-prefixed protobuf, by extension)."""
 
     def __init__(self, path: str | Path) -> None:
         self._lock = threading.Lock()
+        self._json = is_json_path(path)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown()
+        self._file = open(path, "a" if self._json else "ab")  # noqa: SIM115 - closed in shutdown()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        from google.protobuf.json_format import MessageToDict
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-        line = json.dumps(_hex_ids(MessageToDict(encode_spans(spans), use_integers_for_enums=True)),
-                          separators=(",", ":"))
+        request = encode_spans(spans)
+        if self._json:
+            data: str | bytes = json.dumps(_to_json(request), separators=(",", ":")) + "\n"
+        else:
+            body = request.SerializeToString()
+            data = _LENGTH.pack(len(body)) + body
         with self._lock:
             if self._file.closed:
                 return SpanExportResult.FAILURE
-            self._file.write(line + "\n")
+            self._file.write(data)
             self._file.flush()
         return SpanExportResult.SUCCESS
 
@@ -59,9 +77,17 @@ class OTLPJsonFileExporter(SpanExporter):
         return True
 
 
-def read_otlp_json_lines(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Each exported batch, as the ``{"resourceSpans": [...]}`` object it was written as."""
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+def read_otlp_file(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Each exported batch as an OTLP/JSON ``{"resourceSpans": [...]}`` object, whichever the format."""
+    if is_json_path(path):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+        return
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    with open(path, "rb") as fh:
+        while header := fh.read(_LENGTH.size):
+            (size,) = _LENGTH.unpack(header)
+            yield _to_json(ExportTraceServiceRequest.FromString(fh.read(size)))

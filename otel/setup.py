@@ -44,10 +44,12 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    if config.protocol == "file":
-        from otel.otlp_file import OTLPJsonFileExporter
+    from otel.sampling import StepThinningSampler
 
-        exporter = OTLPJsonFileExporter(config.otlp_endpoint)
+    if config.protocol == "file":
+        from otel.otlp_file import OTLPFileExporter
+
+        exporter = OTLPFileExporter(config.otlp_endpoint)
     elif config.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -58,8 +60,8 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
         endpoint = config.otlp_endpoint.rstrip("/")
         exporter = OTLPSpanExporter(endpoint=endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces",
                                     timeout=config.export_timeout_s)
-    provider = TracerProvider(resource=build_resource(config, service_name),
-                              sampler=ParentBased(TraceIdRatioBased(config.sampling_ratio)))
+    sampler = StepThinningSampler(ParentBased(TraceIdRatioBased(config.sampling_ratio)), config.decode_step_spans_every)
+    provider = TracerProvider(resource=build_resource(config, service_name), sampler=sampler)
     # Batched and off the request path: a full queue drops spans, never blocks a request.
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=config.max_queue_size,
                                                    schedule_delay_millis=config.export_delay_s * 1000,

@@ -7,7 +7,6 @@ all exporting OTLP to one Jaeger; assertions are on the trees Jaeger's query API
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -222,7 +221,8 @@ def inference_usable() -> str | None:
 async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_traced, jaeger: Jaeger) -> None:
     stack = make_traced(
         inference={"model": {"device": "cpu", "use_deepspeed": True}, "batching": {"max_wait_ms": 0}},
-        telemetry={"kernels": {"ratio": 0.0, "activities": "cpu", "steps_per_request": 2,
+        telemetry={"decode_step_spans_every": 1,
+                   "kernels": {"ratio": 0.0, "activities": "cpu", "steps_per_request": 2,
                                "max_spans_per_trace": 1000, "fold_after": 2}})
     stack.grant_kernel_traces()
     stack.start()

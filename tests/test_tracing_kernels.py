@@ -290,3 +290,76 @@ def test_unsampled_or_unselected_requests_cost_no_capture(sdk) -> None:
     tracer.close()
     assert Counting.starts == 0
     assert not [s for s in exporter.get_finished_spans() if s.name == FORWARD_SPAN]
+
+
+def test_clock_anchor_takes_the_tightest_reading() -> None:
+    import torch
+
+    ticks = iter([0, 9 * MS, 10 * MS, 10 * MS + 2000, 11 * MS, 14 * MS])  # gaps: 9 ms, 2 us, 3 ms
+
+    def clock() -> int:
+        return next(ticks, 20 * MS)
+
+    capture = TorchProfilerCapture("cpu", clock=clock)
+    capture.start()
+    torch.ones(2).add_(1)
+    raw = capture.stop()
+    assert [after - before for before, after in raw.readings] == [9 * MS, 2000, 3 * MS]
+    _, anchor = capture.events(raw)
+    assert anchor.uncertainty_ns == 1000 and anchor.wall_ns == 10 * MS + 1000
+
+
+# --- thinning the engine's step spans -------------------------------------------------------------------
+def test_step_thinning_keeps_prefill_and_every_nth_decode_step() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
+
+    from otel.sampling import StepThinningSampler
+
+    sampler = StepThinningSampler(ParentBased(ALWAYS_ON), decode_every=4)
+
+    def decide(name: str, phase: str, index: int) -> Decision:
+        return sampler.should_sample(None, 1, name, attributes={"kernelgate.step.phase": phase,
+                                                                "kernelgate.step.index": index}).decision
+
+    assert decide("engine.step", "decode", 5) == Decision.DROP
+    assert decide("engine.step", "decode", 8) == Decision.RECORD_AND_SAMPLE
+    assert decide("engine.step", "prefill", 5) == Decision.RECORD_AND_SAMPLE
+    assert decide("queue", "decode", 5) == Decision.RECORD_AND_SAMPLE
+    assert StepThinningSampler(ParentBased(ALWAYS_ON), 1).should_sample(
+        None, 1, "engine.step", attributes={"kernelgate.step.phase": "decode",
+                                            "kernelgate.step.index": 5}).decision == Decision.RECORD_AND_SAMPLE
+
+
+def test_kernels_of_a_thinned_step_hang_off_the_request() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    from inference.tracing import StepInfo, Tracing
+    from otel.sampling import StepThinningSampler
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=StepThinningSampler(ParentBased(ALWAYS_ON), decode_every=100))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    kernels = KernelTracer(KernelTraceConfig(ratio=1.0, steps_per_request=2), provider.get_tracer("k"),
+                           TorchProfilerCapture("cpu"))
+    tracing = Tracing(provider.get_tracer("inference"), request_observer=kernels)
+    import torch
+
+    with tracing.request_span("POST /v1/completions", {}, {}) as request:
+        ctx = request.get_span_context()
+        for index, phase in enumerate(["prefill", "decode", "decode"]):
+            step = StepInfo(index, phase, 1, 1, ("r",), time.time_ns(), (ctx,))
+            kernels.start(step)
+            torch.ones(8).mul_(2)
+            step_ctx = tracing.record_step(step, time.time_ns(), [ctx], {"kernelgate.step.phase": phase,
+                                                                          "kernelgate.step.index": index})
+            kernels.finish(step, step_ctx)
+    kernels.close()
+    provider.shutdown()
+    spans = exporter.get_finished_spans()
+    steps = [s for s in spans if s.name == "engine.step"]
+    assert [s.attributes["kernelgate.step.index"] for s in steps] == [0], "decode steps 1, 2 thinned out"
+    forwards = sorted((s for s in spans if s.name == FORWARD_SPAN), key=lambda s: s.start_time)
+    assert [f.attributes["kernelgate.step.phase"] for f in forwards] == ["prefill", "decode"]
+    assert forwards[0].parent.span_id == steps[0].context.span_id
+    assert forwards[1].parent.span_id == ctx.span_id and not forwards[1].links
+    assert all(f.context.trace_id == ctx.trace_id for f in forwards)

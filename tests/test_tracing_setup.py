@@ -1,5 +1,5 @@
 """otel/setup.py in a fresh process (a tracer provider is set once per process): exporter,
-sampler, propagators and resource, read back through the OTLP/JSON file exporter."""
+sampler, propagators and resource, read back through the OTLP file exporter (both formats)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from otel.otlp_file import read_otlp_json_lines
+import pytest
+
+from otel.otlp_file import read_otlp_file
 from tests.jaeger import parse_otlp
 from tests.procs import ROOT
 
@@ -37,8 +39,9 @@ with kernel_tracing(TelemetryConfig(enabled=False)) as none:
 """
 
 
-def test_configure_tracing_exports_sampled_spans_with_resource_and_propagation(tmp_path: Path) -> None:
-    out = tmp_path / "spans.jsonl"
+@pytest.mark.parametrize("name", ["spans.jsonl", "spans.otlp"])
+def test_configure_tracing_exports_sampled_spans_with_resource_and_propagation(tmp_path: Path, name: str) -> None:
+    out = tmp_path / name
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env={"POD_NAME": "kg-0", "POD_NAMESPACE": "ml", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
@@ -47,7 +50,7 @@ def test_configure_tracing_exports_sampled_spans_with_resource_and_propagation(t
     traceparent = lines[1]
     assert traceparent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and traceparent.endswith("-01")
 
-    payloads = list(read_otlp_json_lines(out))
+    payloads = list(read_otlp_file(out))
     traces = parse_otlp(*payloads)
     # sampling_ratio 0 drops new roots; a sampled caller's trace is continued (parent-based)
     assert list(traces) == ["4bf92f3577b34da6a3ce929d0e0e4736"]

@@ -1,0 +1,43 @@
+"""Head sampling: parent-based trace-id ratio, and thinning of the engine's per-step spans.
+
+The inference engine starts an ``engine.step`` span for every forward pass (hundreds a second
+under load, each linked to every request in its batch). Recording all of them costs more than
+the rest of the tracing together (docs/tracing.md, bench/results/tracing_gpu.json), so within
+a sampled trace only prefill steps and every ``decode_every``-th decode step are kept. The
+choice is by step index, so one step is kept or dropped for all of its requests alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import Attributes
+
+# Names the inference server uses (inference/tracing.py, inference/engine.py).
+STEP_SPAN = "engine.step"
+STEP_PHASE = "kernelgate.step.phase"
+STEP_INDEX = "kernelgate.step.index"
+
+
+class StepThinningSampler(Sampler):
+    """Drops decode ``engine.step`` spans whose index is not a multiple of ``decode_every``;
+    everything else is decided by ``delegate``."""
+
+    def __init__(self, delegate: Sampler, decode_every: int) -> None:
+        self._delegate = delegate
+        self._every = max(1, decode_every)
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Attributes = None,
+                      links: Sequence[Link] | None = None, trace_state=None) -> SamplingResult:
+        if self._every > 1 and name == STEP_SPAN and attributes and attributes.get(STEP_PHASE) == "decode":
+            index = attributes.get(STEP_INDEX)
+            if isinstance(index, int) and index % self._every:
+                return SamplingResult(Decision.DROP)
+        return self._delegate.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"StepThinningSampler(decode_every={self._every}, {self._delegate.get_description()})"

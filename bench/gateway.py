@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kernelgate.envoy_config import EnvoyConfig, render  # noqa: E402
+from kernelgate.policy_bundle import build_wasm_bundle  # noqa: E402
 from sidecar.config import OpaConfig  # noqa: E402
 from kernelgate.processes import Proc, find_binary, free_port, start, wait_http, wait_tcp  # noqa: E402
 from tests.stack import ACME_KEY, GLOBEX_KEY, write_api_keys  # noqa: E402
@@ -110,18 +111,26 @@ def start_envoy_only(workdir: Path, upstream_port: int) -> System:
     return System("envoy_only", f"http://127.0.0.1:{port}", [envoy], [envoy])
 
 
-def start_kernelgate(workdir: Path, upstream_port: int, cache: bool = True) -> System:
+def start_kernelgate(workdir: Path, upstream_port: int, wasm: bool = False) -> System:
+    """The sidecar asking an OPA server, or (``wasm``) evaluating OPA's Wasm build in process."""
     opa_port, authz_port, port = free_port(), free_port(), free_port()
-    opa = start("opa", [find_binary("opa"), "run", "--server", "--addr", f"127.0.0.1:{opa_port}",
-                        "--log-level", "error", str(bench_policies(workdir))], workdir / "logs")
-    wait_http(f"http://127.0.0.1:{opa_port}/health", proc=opa)
+    policies = bench_policies(workdir)
+    procs: list[Proc] = []
+    if wasm:
+        opa_config = {"mode": "wasm", "wasm_bundle_file": str(build_wasm_bundle(
+            policies, workdir / "bundle.tar.gz", OpaConfig().policy_path))}
+    else:
+        opa = start("opa", [find_binary("opa"), "run", "--server", "--addr", f"127.0.0.1:{opa_port}",
+                            "--log-level", "error", str(policies)], workdir / "logs")
+        wait_http(f"http://127.0.0.1:{opa_port}/health", proc=opa)
+        procs.append(opa)
+        opa_config = {"url": f"http://127.0.0.1:{opa_port}"}
     keys = workdir / "api-keys.yaml"
     write_api_keys(keys)
     config = {"authz": {
         "listen": f"127.0.0.1:{authz_port}", "metrics_listen": f"127.0.0.1:{free_port()}",
         # vegeta numbers every request (x-vegeta-seq); like x-request-id, no policy reads it.
-        "opa": {"url": f"http://127.0.0.1:{opa_port}", "cache_size": 10_000 if cache else 0,
-                "cache_ignore_headers": [*OpaConfig().cache_ignore_headers, "x-vegeta-seq"]},
+        "opa": {**opa_config, "cache_ignore_headers": [*OpaConfig().cache_ignore_headers, "x-vegeta-seq"]},
         "identity": {"api_keys_file": str(keys)},
         "decision_log": {"enabled": False},
     }}
@@ -134,8 +143,8 @@ def start_kernelgate(workdir: Path, upstream_port: int, cache: bool = True) -> S
     envoy = start_envoy(workdir, "kernelgate", EnvoyConfig(
         listen_port=port, admin_port=free_port(), authz_address=f"127.0.0.1:{authz_port}",
         upstream_address=f"127.0.0.1:{upstream_port}"))
-    return System("kernelgate" if cache else "kernelgate_nocache", f"http://127.0.0.1:{port}",
-                  [opa, sidecar, envoy], [opa, sidecar, envoy])
+    procs += [sidecar, envoy]
+    return System("kernelgate_wasm" if wasm else "kernelgate", f"http://127.0.0.1:{port}", procs, procs)
 
 
 def write_targets(path: Path, url: str, distinct: int) -> None:
@@ -215,7 +224,8 @@ def run(args: argparse.Namespace) -> dict:
     upstream, upstream_port = start_upstream(workdir)
     rows: list[dict] = []
     check_rows: list[dict] = []
-    starters = {"envoy_only": start_envoy_only, "kernelgate": start_kernelgate}
+    starters = {"envoy_only": start_envoy_only, "kernelgate": start_kernelgate,
+                "kernelgate_wasm": lambda w, p: start_kernelgate(w, p, wasm=True)}
     rival = shutil.which("opa-envoy-plugin") or (Path(sys.executable).parent / "opa-envoy-plugin")
     rival_available = Path(str(rival)).exists()
     try:
@@ -224,11 +234,13 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             system = starters[name](workdir / name if (workdir / name).mkdir() is None else workdir, upstream_port)
             try:
-                if name == "kernelgate" and args.check_rpc:
-                    authz_target = f"127.0.0.1:{system.procs[1].ports['authz']}"
+                if name.startswith("kernelgate") and args.check_rpc:
+                    sidecar = next(p for p in system.procs if p.name == "sidecar")
+                    authz_target = f"127.0.0.1:{sidecar.ports['authz']}"
                     for distinct in (True, False):
                         for conc in (1, 8, 32):
-                            check_rows.append(check_rpc_load(authz_target, conc, args.duration, distinct))
+                            row = check_rpc_load(authz_target, conc, args.duration, distinct)
+                            check_rows.append({"system": name, **row})
                             print(json.dumps(check_rows[-1]), flush=True)
                 targets = workdir / f"{name}.targets"
                 write_targets(targets, system.url, args.distinct)
@@ -310,7 +322,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=["envoy_only", "kernelgate"])
+    parser.add_argument("--systems", nargs="+", default=["envoy_only", "kernelgate", "kernelgate_wasm"])
     parser.add_argument("--rates", nargs="+", type=int, default=[100, 250, 500, 750, 1000, 1500])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--duration", type=float, default=5.0)

@@ -5,6 +5,7 @@
     kernelgate up           the whole local stack on loopback
     kernelgate envoy-config the Envoy bootstrap used by the stack, the tests and k8s
     kernelgate inject       add the sidecar containers to a Kubernetes manifest
+    kernelgate build-policy compile the policy to a Wasm bundle for in-process evaluation
     kernelgate hash-key     the stored form of an API key
 """
 
@@ -89,6 +90,17 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_policy(args: argparse.Namespace) -> int:
+    from kernelgate.policy_bundle import build_wasm_bundle
+
+    config = _load(args)
+    source = args.policies or config.stack.policies_dir
+    output = build_wasm_bundle(source, args.output, config.authz.opa.policy_path)
+    print(f"wrote {output} (entrypoint {config.authz.opa.policy_path}); serve it with "
+          f"authz.opa.mode: wasm and authz.opa.wasm_bundle_file: {output}")
+    return 0
+
+
 def cmd_hash_key(args: argparse.Namespace) -> int:
     from sidecar.identity import hash_api_key
 
@@ -127,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inject", help="add kernelgate's containers to a Deployment/StatefulSet/Pod manifest")
     p.add_argument("-f", "--filename", default="-", help="manifest file, or - for stdin")
     p.set_defaults(func=cmd_inject)
+    p = with_config(sub.add_parser("build-policy", help="compile policies/ to a Wasm bundle (opa build -t wasm)"))
+    p.add_argument("-o", "--output", default="policy-bundle.tar.gz")
+    p.add_argument("--policies", help="policy directory (default: stack.policies_dir)")
+    p.set_defaults(func=cmd_build_policy)
     p = sub.add_parser("hash-key", help="print the api_keys_file entry for an API key")
     p.add_argument("key", help="the API key, or - to read it from stdin (keeps it out of shell history)")
     p.add_argument("--tenant", required=True)

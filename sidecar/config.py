@@ -12,9 +12,14 @@ UNIT_SECONDS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0,
 
 @dataclass(frozen=True)
 class OpaConfig:
-    """Where OPA runs and how its answers are used."""
+    """Where the policy is evaluated and how its answers are used."""
 
+    # "server": ask the OPA server at ``url`` (opa-python-client). "wasm": evaluate in process
+    # the same policy compiled by OPA (``kernelgate build-policy`` / ``opa build -t wasm``)
+    # from ``wasm_bundle_file``, reloaded when the file changes.
+    mode: Literal["server", "wasm"] = "server"
     url: str = "http://127.0.0.1:8181"
+    wasm_bundle_file: str | None = None
     # Data path of the decision: package envoy.authz, rule ``result`` (OPA-Envoy's convention).
     policy_path: str = "envoy/authz/result"
     timeout_s: float = 0.5
@@ -33,6 +38,10 @@ class OpaConfig:
             "content-length",
         ]
     )
+
+    def __post_init__(self) -> None:
+        if self.mode == "wasm" and not self.wasm_bundle_file:
+            raise ValueError("opa.mode 'wasm' needs opa.wasm_bundle_file")
 
 
 @dataclass(frozen=True)

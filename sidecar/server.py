@@ -25,6 +25,7 @@ from sidecar.decision_log import DecisionLogger
 from sidecar.identity import Authenticator
 from sidecar.metrics import SidecarMetrics
 from sidecar.opa import OpaPolicyClient
+from sidecar.opa_wasm import WasmPolicyClient
 from sidecar.ratelimit import build_rate_limiter
 
 log = logging.getLogger("kernelgate.authz")
@@ -82,7 +83,7 @@ async def start(config: SidecarConfig) -> Sidecar:
         start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
 
     authenticator = Authenticator(config.identity)
-    opa_client = OpaPolicyClient(config.opa)
+    opa_client = WasmPolicyClient(config.opa) if config.opa.mode == "wasm" else OpaPolicyClient(config.opa)
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
     rate_limiter = build_rate_limiter(config.ratelimit) if config.ratelimit.enabled else None
     decision_log = DecisionLogger(config.decision_log)
@@ -112,7 +113,8 @@ async def start(config: SidecarConfig) -> Sidecar:
     closers = [opa_client.close, decision_log.close]
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
-    log.info("kernelgate authz listening on %s (OPA %s, rate limits %s)", config.listen, config.opa.url,
+    policy_source = config.opa.url if config.opa.mode == "server" else f"in process from {config.opa.wasm_bundle_file}"
+    log.info("kernelgate authz listening on %s (policy: %s, rate limits %s)", config.listen, policy_source,
              config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
                    stop_event, port)

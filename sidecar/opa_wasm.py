@@ -1,0 +1,109 @@
+"""The policy evaluated in process: OPA's own compiler output (Wasm), run with opa-py-wasm.
+
+``opa build -t wasm -e envoy/authz/result policies/`` compiles the same Rego the OPA
+server runs into ``policy.wasm`` plus ``data.json`` in a bundle; evaluating that here
+gives OPA's decision without a network round trip or a second process (about 0.2 ms
+instead of about 0.9 ms a decision on this project's policy). The bundle file is watched:
+a new bundle swaps in atomically and changes the revision, which empties the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opapywasm import UNDEFINED, OpaWasmPolicy, PolicyConfig
+
+from sidecar.config import OpaConfig
+
+log = logging.getLogger("kernelgate.decision")
+
+
+class BundleError(ValueError):
+    """The file is not a Wasm bundle made by ``opa build -t wasm``."""
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    policy: OpaWasmPolicy
+    revision: str
+    signature: tuple[int, int, int]
+
+
+def read_bundle(path: str) -> tuple[bytes, Any, str]:
+    """(policy.wasm, data, sha256 of the file) from an OPA bundle tarball."""
+    raw = open(path, "rb").read()
+    wasm = data = None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                name = member.name.lstrip("/")
+                if name == "policy.wasm":
+                    wasm = tar.extractfile(member).read()
+                elif name == "data.json":
+                    data = json.loads(tar.extractfile(member).read() or b"{}")
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise BundleError(f"{path}: not a readable bundle ({type(exc).__name__})") from None
+    if wasm is None:
+        raise BundleError(f"{path}: no policy.wasm in the bundle (build it with `opa build -t wasm`)")
+    return wasm, data or {}, hashlib.sha256(raw).hexdigest()
+
+
+class WasmPolicyClient:
+    """Same interface as OpaPolicyClient (evaluate, revision, close); no server involved."""
+
+    def __init__(self, config: OpaConfig):
+        assert config.wasm_bundle_file
+        self._config = config
+        self._path = config.wasm_bundle_file
+        self._entrypoint = config.policy_path.strip("/")
+        self._bundle = self._load()
+
+    def _signature(self) -> tuple[int, int, int]:
+        st = os.stat(self._path)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load(self) -> LoadedBundle:
+        signature = self._signature()
+        wasm, data, digest = read_bundle(self._path)
+        policy = OpaWasmPolicy.from_wasm_bytes(wasm, config=PolicyConfig(
+            pool_size=1, default_entrypoint=self._entrypoint,
+            eval_timeout_seconds=max(self._config.timeout_s, 0.05)))
+        if self._entrypoint not in policy.entrypoints:
+            raise BundleError(f"{self._path}: the bundle has no entrypoint '{self._entrypoint}' "
+                              f"(it has {sorted(policy.entrypoints)})")
+        policy.set_data(data)
+        return LoadedBundle(policy, digest, signature)
+
+    def maybe_reload(self) -> bool:
+        """Swap in a changed bundle; a broken one keeps the current policy (and is logged)."""
+        try:
+            if self._signature() == self._bundle.signature:
+                return False
+            self._bundle = self._load()
+        except (OSError, BundleError, RuntimeError) as exc:
+            log.error("policy bundle not reloaded, keeping revision %s: %s", self._bundle.revision[:12], exc)
+            return False
+        log.info("policy bundle reloaded: revision %s", self._bundle.revision[:12])
+        return True
+
+    async def evaluate(self, document: Mapping[str, Any]) -> Any:
+        # Synchronous and short (~0.2 ms): cheaper inline than a hop to a thread.
+        result = self._bundle.policy.evaluate(document)
+        return None if result is UNDEFINED else result
+
+    async def revision(self) -> str:
+        self.maybe_reload()
+        return self._bundle.revision
+
+    async def close(self) -> None:
+        close = getattr(self._bundle.policy, "close", None)
+        if close is not None:
+            close()

@@ -212,10 +212,22 @@ def check_rpc_load(authz_target: str, concurrency: int, duration_s: float, disti
             "status_codes": report.get("statusCodeDistribution", {})}
 
 
+def median_run(rows: list[dict], system: str, rate: int) -> dict | None:
+    """The open-loop run of ``system`` at ``rate``; with repeats, the one with the median p99."""
+    runs = sorted((r for r in rows if r["system"] == system and r["mode"] == "open" and r["rate"] == rate),
+                  key=lambda r: r["p99_ms"])
+    return runs[len(runs) // 2] if runs else None
+
+
 def max_sustained(rows: list[dict], p99_ms: float = 10.0) -> float:
-    """Highest offered rate served with p99 <= p99_ms, no errors and >= 95 % of the rate achieved."""
-    good = [r["rate"] for r in rows if r["mode"] == "open" and r["p99_ms"] <= p99_ms and r["errors"] == 0
-            and r["throughput_rps"] >= 0.95 * r["rate"]]
+    """Highest offered rate served with p99 <= p99_ms, no errors and >= 95 % of the rate achieved
+    (with repeats: in the majority of its runs)."""
+    good = []
+    for rate in sorted({r["rate"] for r in rows if r["mode"] == "open"}):
+        runs = [r for r in rows if r["mode"] == "open" and r["rate"] == rate]
+        ok = [r for r in runs if r["p99_ms"] <= p99_ms and r["errors"] == 0 and r["throughput_rps"] >= 0.95 * rate]
+        if len(ok) * 2 > len(runs):
+            good.append(rate)
     return float(max(good, default=0))
 
 
@@ -245,9 +257,10 @@ def run(args: argparse.Namespace) -> dict:
                 targets = workdir / f"{name}.targets"
                 write_targets(targets, system.url, args.distinct)
                 attack(system, targets, 2, rate=200)  # warm-up (connections, caches, JIT-free but still)
-                for rate in args.rates:
-                    rows.append(attack(system, targets, args.duration, rate=rate))
-                    print(json.dumps(rows[-1]), flush=True)
+                for repeat in range(args.repeats):
+                    for rate in args.rates:
+                        rows.append({**attack(system, targets, args.duration, rate=rate), "repeat": repeat})
+                        print(json.dumps(rows[-1]), flush=True)
                 for conc in args.concurrency:
                     rows.append(attack(system, targets, args.duration, concurrency=conc))
                     print(json.dumps(rows[-1]), flush=True)
@@ -262,15 +275,27 @@ def summarize(result: dict, args: argparse.Namespace) -> tuple[dict, dict]:
     rows = result["rows"]
 
     def at(system: str, rate: int) -> dict | None:
-        return next((r for r in rows if r["system"] == system and r["mode"] == "open" and r["rate"] == rate), None)
+        return median_run(rows, system, rate)
 
     command = "python " + " ".join(sys.argv)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    alone, kg = at("envoy_only", 500), at("kernelgate", 500)
+    alone = at("envoy_only", 500)
+
+    def added(system: str, key: str) -> float | None:
+        row = at(system, 500)
+        return round(row[key] - alone[key], 3) if row and alone else None
+
+    modes = {"server": "kernelgate", "wasm": "kernelgate_wasm"}
+    by_mode = {mode: {"added_p99_ms_at_500rps": added(system, "p99_ms"),
+                      "added_p50_ms_at_500rps": added(system, "p50_ms")} for mode, system in modes.items()}
+    measured = {m: v["added_p99_ms_at_500rps"] for m, v in by_mode.items() if v["added_p99_ms_at_500rps"] is not None}
+    best = min(measured, key=measured.get) if measured else None
     authz = {
         "command": command, "machine": machine, "rows": rows,
-        "added_p99_ms_at_500rps": round(kg["p99_ms"] - alone["p99_ms"], 3) if alone and kg else None,
-        "added_p50_ms_at_500rps": round(kg["p50_ms"] - alone["p50_ms"], 3) if alone and kg else None,
+        # The sidecar in its faster policy mode; both modes are in added_by_policy_mode.
+        "added_p99_ms_at_500rps": measured.get(best) if best else None,
+        "added_p99_mode": best,
+        "added_by_policy_mode": by_mode,
         "target_added_p99_ms_at_500rps": 1.0,
     }
     vs = {
@@ -289,12 +314,19 @@ def summarize(result: dict, args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def write_markdown(path: Path, vs: dict) -> None:
-    lines = ["| system | mode | rate | conc | rps | p50 ms | p90 ms | p99 ms | errors | CPU s / 1000 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Each open-loop rate ran `repeat` times (0-based); summaries use the run with the median p99.", "",
+             "| system | mode | rate | repeat | conc | rps | p50 ms | p90 ms | p99 ms | errors | CPU s / 1000 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in vs["rows"]:
-        lines.append(f"| {r['system']} | {r['mode']} | {r['rate'] or ''} | {r['concurrency'] or ''} | "
+        lines.append(f"| {r['system']} | {r['mode']} | {r['rate'] or ''} | {r.get('repeat', '')} | "
+                     f"{r['concurrency'] or ''} | "
                      f"{r['throughput_rps']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['errors']} | {r['cpu_s_per_1000']} |")
+    lines += ["", "Check RPC alone (ghz straight to the sidecar; `Unavailable` = calls cut off when the run ends):", "",
+              "| system | inputs | conc | rps | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    for r in vs["check_rpc_rows"]:
+        lines.append(f"| {r['system']} | {r['inputs']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']:.2f} | "
+                     f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} |")
     lines += ["", f"Max sustained req/s at p99 <= 10 ms: {vs['max_sustained_rps_p99_le_10ms']}",
               f"OPA-Envoy: {vs['opa_envoy']}", "", f"Command: `{vs['command']}`"]
     path.write_text("\n".join(lines) + "\n")
@@ -308,7 +340,9 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for system in sorted({r["system"] for r in rows}):
-        pts = sorted((r["throughput_rps"], r["p99_ms"]) for r in rows if r["system"] == system and r["mode"] == "open")
+        rates = sorted({r["rate"] for r in rows if r["system"] == system and r["mode"] == "open"})
+        medians = [median_run(rows, system, rate) for rate in rates]
+        pts = [(r["throughput_rps"], r["p99_ms"]) for r in medians if r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{system} p99")
     ax.set_xlabel("throughput (req/s)")
     ax.set_ylabel("p99 latency (ms)")
@@ -323,9 +357,10 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=["envoy_only", "kernelgate", "kernelgate_wasm"])
-    parser.add_argument("--rates", nargs="+", type=int, default=[100, 250, 500, 750, 1000, 1500])
+    parser.add_argument("--rates", nargs="+", type=int, default=[250, 500, 750, 1000, 1500])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3, help="open-loop runs per rate (the median p99 is reported)")
     parser.add_argument("--distinct", type=int, default=1000)
     parser.add_argument("--no-check-rpc", dest="check_rpc", action="store_false",
                         help="skip the Check RPC alone (ghz against the sidecar)")
@@ -338,7 +373,7 @@ def main() -> None:
     (args.out / "authz_vs_opa.json").write_text(json.dumps(vs, indent=2) + "\n")
     write_markdown(args.out / "authz_vs_opa.md", vs)
     write_plot(args.out / "authz_vs_opa.png", result["rows"])
-    print(json.dumps({k: authz[k] for k in ("added_p99_ms_at_500rps", "added_p50_ms_at_500rps")}))
+    print(json.dumps({k: authz[k] for k in ("added_p99_ms_at_500rps", "added_p99_mode", "added_by_policy_mode")}))
     print(json.dumps(vs["max_sustained_rps_p99_le_10ms"]))
 
 

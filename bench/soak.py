@@ -53,7 +53,7 @@ def start_stack(workdir: Path, upstream: str) -> tuple[list[Proc], str, Path]:
         "authz": {"listen": f"127.0.0.1:{authz_port}", "metrics_listen": "",
                   "opa": {"url": f"http://127.0.0.1:{opa_port}"},
                   "identity": {"api_keys_file": str(keys)},
-                  "decision_log": {"output_path": str(decision_log)}},
+                  "decision_log": {"output_file": str(decision_log)}},
         "inference": {"listen": {"host": "127.0.0.1", "port": inference_port}},
     }
     config_path = workdir / "kernelgate.yaml"

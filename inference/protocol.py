@@ -7,10 +7,10 @@ silently different answer. Fields this server does not know are ignored, as Open
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from kernelgate import strict_json
 
 
 class RequestError(Exception):
@@ -93,7 +93,7 @@ _UNSUPPORTED_IF_SET = {
 def parse_json(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400."""
     try:
-        data = json.loads(body)
+        data = strict_json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
     except RecursionError:

@@ -13,12 +13,13 @@ clear 4xx instead of guessing why ``parsed_body`` is missing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from google.protobuf.json_format import MessageToDict
+
+from kernelgate import strict_json
 
 VERSION = {"encoding": "protojson", "ext_authz": "v3"}
 
@@ -142,7 +143,7 @@ def parse_body(body: str, headers: dict[str, str], truncated: bool,
     if _nesting_depth_exceeds(body, limits.max_json_depth):
         return None, "invalid_json"
     try:
-        value = json.loads(body)
+        value = strict_json.loads(body)
     except (ValueError, RecursionError):
         return None, "invalid_json"
     if not isinstance(value, dict):

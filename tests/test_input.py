@@ -67,6 +67,12 @@ def test_body_errors_are_named_not_raised():
     assert "parsed_body" not in doc
 
 
+def test_nan_and_infinity_are_not_json():
+    for body in ('{"max_tokens": NaN}', '{"temperature": Infinity}', '{"x": -Infinity}', '{"x": 1e400}'):
+        doc = build_input(check_request(body=body)).document
+        assert doc["kernelgate"]["body_error"] == "invalid_json" and "parsed_body" not in doc
+
+
 def test_non_json_bodies_are_passed_but_not_parsed():
     doc = build_input(check_request(body="hello", headers={"content-type": "text/plain"})).document
     assert doc["attributes"]["request"]["http"]["body"] == "hello"

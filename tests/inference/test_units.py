@@ -99,3 +99,13 @@ def test_buckets() -> None:
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert batch_buckets(3) == [1, 2, 3]
     assert [kv_bucket(n, 1024) for n in (1, 64, 65, 300, 2000)] == [64, 64, 128, 512, 1024]
+
+
+def test_nan_and_infinity_are_rejected_as_invalid_json() -> None:
+    import pytest
+
+    from inference.protocol import RequestError, parse_json
+
+    for body in (b'{"max_tokens": NaN}', b'{"temperature": Infinity}', b'{"top_p": -Infinity}', b'{"seed": 1e400}'):
+        with pytest.raises(RequestError, match="not valid JSON"):
+            parse_json(body)

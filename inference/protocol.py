@@ -7,6 +7,7 @@ silently different answer. Fields this server does not know are ignored, as Open
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 

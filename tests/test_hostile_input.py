@@ -12,7 +12,6 @@ import json
 import string
 from pathlib import Path
 
-import aiohttp
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import HealthCheck, given, settings

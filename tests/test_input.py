@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.input import InputLimits, build_input, parse_path
 

@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kernelgate.processes import start, wait_http  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,23 +129,13 @@ def start_server(model_name: str, variant: str, max_batch: int, args: argparse.N
     config_path = log_dir / f"server-{model_name}-{variant}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = log_dir / f"server-{model_name}-{variant}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "inference.server", "--config", str(config_path)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + args.ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, port, log_path
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(f"server not ready in {args.ready_timeout}s:\n{log_path.read_text()[-4000:]}")
+    server = start(log_path.stem, [sys.executable, "-m", "inference.server", "--config", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
+    except TimeoutError:
+        server.popen.kill()
+        raise
+    return server.popen, port, server.log_path
 
 
 def scrape(port: int, name: str) -> float:

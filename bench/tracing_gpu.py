@@ -37,12 +37,13 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from kernelgate.processes import start, wait_http  # noqa: E402
 
 FORCE_HEADER = "x-kernelgate-trace-kernels"
 REQUEST_SPAN = "POST /v1/completions"
@@ -132,23 +133,13 @@ def start_server(mode: str, args: argparse.Namespace) -> tuple[subprocess.Popen,
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{mode}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(config_path)], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + args.ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, port, log_path, config_path
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(f"server not ready in {args.ready_timeout}s:\n{log_path.read_text()[-4000:]}")
+    server = start(log_path.stem, [sys.executable, __file__, "--serve", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
+    except TimeoutError:
+        server.popen.kill()
+        raise
+    return server.popen, port, server.log_path, config_path
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -205,7 +205,8 @@ async def test_client_disconnect_mid_stream_frees_the_slot(serve) -> None:
         served = await serve(engine=engine)
         async with aiohttp.ClientSession() as s:
             resp = await s.post(f"{served.url}/v1/completions",
-                                json={"model": MODEL, "prompt": "long story", "max_tokens": 400, "stream": True})
+                                json={"model": MODEL, "prompt": "long story", "max_tokens": 400, "stream": True,
+                                      "temperature": 0, "ignore_eos": True})
             assert resp.status == 200
             await resp.content.readuntil(b"\n\n")
             await resp.content.readuntil(b"\n\n")
@@ -280,7 +281,9 @@ async def test_request_timeout_is_504_and_frees_slot(serve) -> None:
         served = await serve(config, engine=engine)
         async with aiohttp.ClientSession() as s:
             status, err = await post(s, f"{served.url}/v1/completions",
-                                     {"model": MODEL, "prompt": "slow", "max_tokens": 200})
+                                     # greedy and ignore_eos: no early stop can beat the timeout
+                                     {"model": MODEL, "prompt": "slow", "max_tokens": 200, "temperature": 0,
+                                      "ignore_eos": True})
         assert status == 504 and err["error"]["code"] == "request_timeout"
         await wait_until(lambda: engine.stats().running == 0, timeout=5)
     finally:

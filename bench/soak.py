@@ -59,26 +59,31 @@ def start_stack(workdir: Path, upstream: str) -> tuple[list[Proc], str, Path]:
     config_path = workdir / "kernelgate.yaml"
     config_path.write_text(yaml.safe_dump(config))
     procs: list[Proc] = []
-    opa = start("opa", [find_binary("opa"), "run", "--server", "--addr", f"127.0.0.1:{opa_port}",
-                        "--log-level", "error", str(bench_policies(workdir))], logs)
-    procs.append(opa)
-    wait_http(f"http://127.0.0.1:{opa_port}/health", proc=opa)
-    cli = [sys.executable, "-m", "kernelgate.cli", "--log-level", "warning"]
-    if upstream == "inference":
-        server = start("inference", [*cli, "serve", "--config", str(config_path)], logs,
-                       env={"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
-        procs.append(server)
-        wait_http(f"http://127.0.0.1:{inference_port}/readyz", proc=server, timeout=600)
-    else:
-        server = start("upstream", [sys.executable, "-m", "tests.echo_upstream", str(inference_port)], logs)
-        procs.append(server)
-        wait_tcp(inference_port, proc=server)
-    sidecar = start("sidecar", [*cli, "authz", "--config", str(config_path)], logs)
-    procs.append(sidecar)
-    wait_tcp(authz_port, proc=sidecar)
-    procs.append(start_envoy(workdir, "soak", EnvoyConfig(
-        listen_port=envoy_port, admin_port=free_port(), authz_address=f"127.0.0.1:{authz_port}",
-        upstream_address=f"127.0.0.1:{inference_port}")))
+    try:
+        opa = start("opa", [find_binary("opa"), "run", "--server", "--addr", f"127.0.0.1:{opa_port}",
+                            "--log-level", "error", str(bench_policies(workdir))], logs)
+        procs.append(opa)
+        wait_http(f"http://127.0.0.1:{opa_port}/health", proc=opa)
+        cli = [sys.executable, "-m", "kernelgate.cli", "--log-level", "warning"]
+        if upstream == "inference":
+            server = start("inference", [*cli, "serve", "--config", str(config_path)], logs,
+                           env={"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+            procs.append(server)
+            wait_http(f"http://127.0.0.1:{inference_port}/readyz", proc=server, timeout=600)
+        else:
+            server = start("upstream", [sys.executable, "-m", "tests.echo_upstream", str(inference_port)], logs)
+            procs.append(server)
+            wait_tcp(inference_port, proc=server)
+        sidecar = start("sidecar", [*cli, "authz", "--config", str(config_path)], logs)
+        procs.append(sidecar)
+        wait_tcp(authz_port, proc=sidecar)
+        procs.append(start_envoy(workdir, "soak", EnvoyConfig(
+            listen_port=envoy_port, admin_port=free_port(), authz_address=f"127.0.0.1:{authz_port}",
+            upstream_address=f"127.0.0.1:{inference_port}")))
+    except BaseException:
+        for proc in reversed(procs):  # a failed start leaves nothing running
+            proc.stop()
+        raise
     return procs, f"http://127.0.0.1:{envoy_port}", decision_log
 
 

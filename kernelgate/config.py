@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,6 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
     inference_raw = raw.pop("inference", None)
     telemetry_raw = raw.pop("telemetry", None)
     config = build(KernelgateConfig, raw)
-    from dataclasses import replace
-
     return replace(config, inference=_build_inference(inference_raw), telemetry=_build_telemetry(telemetry_raw))
 
 

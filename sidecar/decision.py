@@ -176,8 +176,6 @@ class Decider:
                 result = await self._client.evaluate(document)
         except TimeoutError:
             raise DecisionUnavailable(f"OPA did not answer within {self._config.timeout_s}s") from None
-        except PolicyResultError:
-            raise
         except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot decide"
             raise DecisionUnavailable(f"OPA query failed: {type(exc).__name__}: {exc}") from None
         if result is None:

@@ -71,10 +71,6 @@ class Sidecar:
     port: int
 
 
-def listen_address(listen: str) -> str:
-    return listen if listen.startswith("unix:") else listen
-
-
 async def start(config: SidecarConfig) -> Sidecar:
     registry = CollectorRegistry()
     metrics = SidecarMetrics(registry)
@@ -96,7 +92,7 @@ async def start(config: SidecarConfig) -> Sidecar:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)), server)
-    port = server.add_insecure_port(listen_address(config.listen))
+    port = server.add_insecure_port(config.listen)
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()

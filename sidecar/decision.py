@@ -64,6 +64,9 @@ def parse_result(result: Any) -> Decision:
     body = result.get("body", "")
     if not isinstance(body, str):
         body = json.dumps(body)
+    dynamic_metadata = result.get("dynamic_metadata") or {}
+    if not isinstance(dynamic_metadata, Mapping):
+        raise PolicyResultError("policy result field 'dynamic_metadata' must be an object")
     rate_limit = result.get("rate_limit")
     return Decision(
         allowed=allowed,
@@ -72,7 +75,7 @@ def parse_result(result: Any) -> Decision:
         response_headers_to_add=_string_map(result.get("response_headers_to_add"), "response_headers_to_add"),
         request_headers_to_remove=tuple(str(h) for h in result.get("request_headers_to_remove") or ()),
         body=body,
-        dynamic_metadata=result.get("dynamic_metadata") or {},
+        dynamic_metadata=dynamic_metadata,
         reason=str(result.get("reason") or ("ok" if allowed else "denied")),
         rate_limit=rate_limit if isinstance(rate_limit, Mapping) else None,
     )

@@ -77,7 +77,9 @@ class AuthzStack:
             "decision_log": {"output_file": str(self.decision_log)},
         }
         if self.redis_url:
-            authz["ratelimit"] = {"backend": "redis", "redis_url": self.redis_url}
+            # 1 s, not the production 50 ms: the first call connects and loads the Lua script, which
+            # on a busy 2-core CI machine can pass 50 ms and fall back to local budgets mid-test.
+            authz["ratelimit"] = {"backend": "redis", "redis_url": self.redis_url, "redis_timeout_s": 1.0}
         envoy = {"listen_port": self.envoy_port, "admin_port": self.admin_port,
                  "authz_address": f"127.0.0.1:{self.authz_port}",
                  "upstream_address": f"127.0.0.1:{self.upstream_port}"}

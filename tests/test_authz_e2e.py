@@ -343,3 +343,24 @@ async def test_envoy_drain_lets_in_flight_requests_finish(stack: AuthzStack) -> 
     assert drained
     status, _, echo = await slow
     assert status == 200 and echo["path"] == "/v1/completions?sleep=1.5"
+
+
+async def test_policy_with_an_impossible_budget_fails_closed(make_stack) -> None:
+    stack = make_stack()
+    set_limits(stack, "free", requests=0, tokens=1000)  # a policy bug must not mean "no limit"
+    stack.start()
+    before = await upstream_count(stack)
+    status, headers, payload = await post(stack.url, headers={"x-api-key": GLOBEX_KEY})
+    assert (status, payload["error"]["code"]) == (503, "invalid_rate_limit")
+    assert headers["retry-after"] == "1"
+    assert await upstream_count(stack) == before
+
+
+async def test_redis_down_with_failure_mode_deny_is_503(make_stack, redis_server, redis_url) -> None:
+    stack = make_stack(redis_url=redis_url, authz_overrides={"ratelimit": {"redis_failure_mode": "deny"}})
+    stack.start()
+    assert (await post(stack.url, headers={"x-api-key": ACME_KEY}))[0] == 200
+    redis_server.kill()
+    status, headers, payload = await post(stack.url, headers={"x-api-key": ACME_KEY})
+    assert (status, payload["error"]["code"]) == (503, "ratelimit_unavailable")
+    assert headers["retry-after"] == "1"

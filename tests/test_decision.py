@@ -30,7 +30,8 @@ def test_parse_result_bool_and_object():
                       "request_headers_to_remove": ["h"]})
     assert (d.allowed, d.http_status, d.headers, d.body, d.reason, d.request_headers_to_remove) == \
         (False, 429, {"a": "b"}, "x", "r", ("h",))
-    for bad in ("yes", {"http_status": 200}, {"allowed": True, "http_status": 99999}, [1]):
+    for bad in ("yes", {"http_status": 200}, {"allowed": True, "http_status": 99999}, [1],
+                {"allowed": True, "dynamic_metadata": "x"}, {"allowed": True, "headers": ["h"]}):
         with pytest.raises(ValueError):
             parse_result(bad)
 

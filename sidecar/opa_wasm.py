@@ -17,6 +17,7 @@ import os
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from opapywasm import UNDEFINED, OpaWasmPolicy, PolicyConfig
@@ -39,7 +40,7 @@ class LoadedBundle:
 
 def read_bundle(path: str) -> tuple[bytes, Any, str]:
     """(policy.wasm, data, sha256 of the file) from an OPA bundle tarball."""
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     wasm = data = None
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:

@@ -89,6 +89,8 @@ async def start(config: SidecarConfig) -> Sidecar:
                                       ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
     health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):  # known from the first moment: NOT_SERVING, never NOT_FOUND
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)), server)

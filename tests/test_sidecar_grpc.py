@@ -26,6 +26,19 @@ def completion_check(key: str = ACME_KEY, prompt: str = "hi") -> external_auth_p
     return req
 
 
+async def wait_serving(channel: grpc.aio.Channel, service: str = "", timeout: float = 15.0) -> None:
+    """The sidecar reports SERVING once started (OPA's revision read); until then NOT_SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert asyncio.get_running_loop().time() < deadline, "never became SERVING"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def sidecar(tmp_path: Path):
     stack = AuthzStack(tmp_path, authz_overrides={"opa": {"timeout_s": 10}})
@@ -44,9 +57,7 @@ async def test_check_health_and_reflection(sidecar: AuthzStack):
         denied = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(completion_check(key="nope"))
         assert denied.denied_response.status.code == 401
 
-        health = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"))
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        await wait_serving(channel, "envoy.service.auth.v3.Authorization")
 
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         async for answer in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
@@ -61,8 +72,7 @@ async def test_sigterm_drains_in_flight_checks(sidecar: AuthzStack):
     opa = sidecar.procs["opa"]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.authz_port}") as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        await wait_serving(channel)
         os.kill(opa.popen.pid, signal.SIGSTOP)  # hold the checks inside the sidecar
         try:
             in_flight = [asyncio.ensure_future(stub.Check(completion_check(prompt=f"p{i}"))) for i in range(5)]

@@ -1,5 +1,9 @@
 """Side by side on one machine: Envoy alone, Envoy + kernelgate, Envoy + OPA-Envoy (when built).
 
+``grpc_noop`` is Envoy calling a Check server that allows everything and does no work
+(bench/noop_authz.py: same grpcio and uvloop as the sidecar): the floor any grpc.aio
+sidecar pays for the gRPC hop on this machine, measured in the same run.
+
 Each system fronts the same upstream (a second Envoy answering 200 from a direct
 response, so the upstream is never the bottleneck) and gets the same load from
 vegeta: open loop at fixed rates, closed loop at fixed concurrency. Every request
@@ -146,6 +150,18 @@ def start_kernelgate(workdir: Path, upstream_port: int, wasm: bool = False) -> S
     return System("kernelgate_wasm" if wasm else "kernelgate", f"http://127.0.0.1:{port}", procs, procs)
 
 
+def start_grpc_noop(workdir: Path, upstream_port: int) -> System:
+    """Envoy + a Check server that does nothing: what the gRPC hop alone costs."""
+    authz_port, port = free_port(), free_port()
+    noop = start("noop-authz", [sys.executable, str(ROOT / "bench/noop_authz.py"), f"127.0.0.1:{authz_port}"],
+                 workdir / "logs")
+    wait_tcp(authz_port, proc=noop)
+    envoy = start_envoy(workdir, "noop", EnvoyConfig(
+        listen_port=port, admin_port=free_port(), authz_address=f"127.0.0.1:{authz_port}",
+        upstream_address=f"127.0.0.1:{upstream_port}"))
+    return System("grpc_noop", f"http://127.0.0.1:{port}", [noop, envoy], [noop, envoy])
+
+
 def write_targets(path: Path, url: str, distinct: int) -> None:
     with path.open("w") as fh:
         for i in range(distinct):
@@ -235,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
     upstream, upstream_port = start_upstream(workdir)
     rows: list[dict] = []
     check_rows: list[dict] = []
-    starters = {"envoy_only": start_envoy_only, "kernelgate": start_kernelgate,
+    starters = {"envoy_only": start_envoy_only, "grpc_noop": start_grpc_noop, "kernelgate": start_kernelgate,
                 "kernelgate_wasm": lambda w, p: start_kernelgate(w, p, wasm=True)}
     rival = shutil.which("opa-envoy-plugin") or (Path(sys.executable).parent / "opa-envoy-plugin")
     rival_available = Path(str(rival)).exists()
@@ -296,6 +312,9 @@ def summarize(result: dict, args: argparse.Namespace) -> tuple[dict, dict]:
         "added_p99_mode": best,
         "added_by_policy_mode": by_mode,
         "target_added_p99_ms_at_500rps": 1.0,
+        # The same measure for a Check server that does nothing (bench/noop_authz.py).
+        "floor_grpc_noop": {"added_p99_ms_at_500rps": added("grpc_noop", "p99_ms"),
+                            "added_p50_ms_at_500rps": added("grpc_noop", "p50_ms")},
     }
     vs = {
         "command": command, "machine": machine, "rows": rows,
@@ -355,9 +374,9 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=["envoy_only", "kernelgate", "kernelgate_wasm"])
+    parser.add_argument("--systems", nargs="+", default=["envoy_only", "grpc_noop", "kernelgate", "kernelgate_wasm"])
     parser.add_argument("--rates", nargs="+", type=int, default=[250, 500, 750, 1000, 1500])
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--concurrency", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3, help="open-loop runs per rate (the median p99 is reported)")
     parser.add_argument("--distinct", type=int, default=1000)
@@ -372,7 +391,8 @@ def main() -> None:
     (args.out / "authz_vs_opa.json").write_text(json.dumps(vs, indent=2) + "\n")
     write_markdown(args.out / "authz_vs_opa.md", vs)
     write_plot(args.out / "authz_vs_opa.png", result["rows"])
-    print(json.dumps({k: authz[k] for k in ("added_p99_ms_at_500rps", "added_p99_mode", "added_by_policy_mode")}))
+    print(json.dumps({k: authz[k] for k in ("added_p99_ms_at_500rps", "added_p99_mode", "added_by_policy_mode",
+                                            "floor_grpc_noop")}))
     print(json.dumps(vs["max_sustained_rps_p99_le_10ms"]))
 
 

@@ -30,6 +30,7 @@ from inference.runner import ModelRunner
 from inference.sampling import RequestSampler, next_tokens
 from inference.scheduler import Scheduler, Sequence
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
+from kernelgate.gc_freeze import freeze_startup_objects
 
 log = logging.getLogger("kernelgate.inference.engine")
 
@@ -171,6 +172,7 @@ class Engine:
                                            max_len=self._model.max_model_len, dtype=self._model.dtype,
                                            device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
                 self._warm_up()
+                freeze_startup_objects()
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
                                       vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
                                       tokenizer=self._model.tokenizer, backend=self._model.backend,

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from kernelgate.gc_freeze import freeze_startup_objects
 from sidecar.authorizer import Authorizer
 from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, DecisionCache
@@ -108,6 +109,7 @@ async def start(config: SidecarConfig) -> Sidecar:
                   asyncio.create_task(authenticator.watch(stop_event), name="credential-reload")]
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    freeze_startup_objects()
     closers = [opa_client.close, decision_log.close]
     if rate_limiter is not None:
         closers.append(rate_limiter.close)

@@ -1,0 +1,21 @@
+"""Keep start-up objects out of the cyclic garbage collector's way.
+
+A full (generation 2) collection walks every tracked object. After start-up a process
+holds ~140 000 of them in the sidecar (grpc, protobuf, Wasm runtime, policy data) and far
+more in the inference server (model, tokenizer); walking them stalls the event loop or the
+engine thread for ~90 ms (measured in the sidecar on the 2-core dev box), which shows up
+as the p99 of every check in flight. Objects that live as long as the process never become
+garbage, so after start-up they are collected once and then frozen (``gc.freeze``): later
+collections only walk what was created since. Reference counting still frees frozen objects.
+"""
+
+from __future__ import annotations
+
+import gc
+
+
+def freeze_startup_objects() -> int:
+    """Collect start-up garbage, then freeze everything left; returns how many objects are frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-ratio", type=float, default=0.01)
     p.add_argument("--max-captures-per-minute", type=int, default=1000,
                    help="high, so that --kernel-ratio, not the cap, decides how many requests are captured")
+    p.add_argument("--steps-per-request", type=int, help="kernels.steps_per_request (default: the config's)")
     p.add_argument("--modes", default="off,spans,on,all-steps",
                    help="off: no telemetry; spans: head sampling 100%%, no kernel traces; on: spans + kernel "
                         "traces; all-steps: on, keeping every decode step span")
@@ -118,6 +119,8 @@ def start_server(mode: str, args: argparse.Namespace) -> tuple[subprocess.Popen,
                      "kernels": {"ratio": 0.0 if mode == "spans" else args.kernel_ratio,
                                  "max_captures_per_minute": args.max_captures_per_minute,
                                  "activities": "cuda" if args.device == "cuda" else "cpu"}}
+        if args.steps_per_request:
+            telemetry["kernels"]["steps_per_request"] = args.steps_per_request
     config = {"inference": {
         "listen": {"host": "127.0.0.1", "port": port},
         "model": {"name": args.model, "random_config": args.model, "device": args.device,
@@ -245,6 +248,46 @@ def inspect_trace(spans_path: Path, trace_id: str) -> dict[str, Any]:
             "outside": outside}
 
 
+def capture_timing(spans_path: Path) -> dict[str, Any]:
+    """Every captured pass of the run: its step's duration against the unprofiled steps of the
+    same phase, and where the time went inside it (before the first kernel, the largest gap
+    between kernels)."""
+    from otel.otlp_file import read_otlp_file
+    from tests.jaeger import parse_otlp
+
+    traces = parse_otlp(*read_otlp_file(spans_path))
+    steps = {s.span_id: s for t in traces.values() for s in t.spans if s.name == "engine.step"}
+    profiled: set[str] = set()
+    passes = []
+    for trace in traces.values():
+        for forward in trace.named("gpu.forward"):
+            profiled.update(link.span_id for link in forward.links)
+            profiled.add(forward.parent_id)
+            starts = sorted((k.start_ns, k.end_ns, k.name) for k in trace.children(forward))
+            if not starts:
+                continue
+            gaps = [(b[0] - a[0], b[2]) for a, b in zip(starts, starts[1:])]
+            gap, before = max(gaps, default=(0, ""))
+            passes.append({"phase": forward.attributes.get("kernelgate.step.phase"),
+                           "first_kernel_us": (starts[0][0] - forward.start_ns) / 1e3,
+                           "last_kernel_end_us": (max(e for _, e, _ in starts) - forward.start_ns) / 1e3,
+                           "largest_gap_us": gap / 1e3, "largest_gap_before": before})
+    out: dict[str, Any] = {"captured_passes": len(passes)}
+    for phase in ("prefill", "decode"):
+        for label, want in (("profiled", True), ("unprofiled", False)):
+            durations = [(s.end_ns - s.start_ns) / 1e3 for sid, s in steps.items()
+                         if s.attributes.get("kernelgate.step.phase") == phase and (sid in profiled) == want]
+            if durations:
+                out[f"{phase}_step_us_{label}"] = {"n": len(durations), "median": round(statistics.median(durations), 1),
+                                                   "p90": round(sorted(durations)[int(0.9 * (len(durations) - 1))], 1)}
+        mine = [p for p in passes if p["phase"] == phase]
+        if mine:
+            out[f"{phase}_passes_median"] = {k: round(statistics.median(p[k] for p in mine), 1)
+                                             for k in ("first_kernel_us", "last_kernel_end_us", "largest_gap_us")}
+            out[f"{phase}_largest_gap_before"] = sorted({p["largest_gap_before"] for p in mine})[:5]
+    return out
+
+
 def trimmed_example(found: dict[str, Any], kernels_per_forward: int = 8, steps_shown: int = 3) -> list[dict]:
     """The traced request's tree, times relative to the request span, kernels cut to a few per pass."""
     trace, request = found["trace"], found["request"]
@@ -327,6 +370,7 @@ def main() -> int:
     runs = {mode: run_mode(mode, args, prompts) for mode in args.modes.split(",")}
     off, on = runs["off"], runs["on"]
     found = inspect_trace(spans_file(args, "on"), on["example_trace_id"])
+    timing = capture_timing(spans_file(args, "on"))
     per_forward = found["per_forward"]
     kernel_spans = sum(f["kernel_spans"] for f in per_forward)
     def lost(mode: str) -> float | None:
@@ -344,6 +388,8 @@ def main() -> int:
             versions[name.split(".")[0]] = module.__version__
         except Exception:  # noqa: BLE001 - report what is importable
             versions[name.split(".")[0]] = None
+    from otel.config import KernelTraceConfig
+
     result = {
         "command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu",
@@ -368,10 +414,14 @@ def main() -> int:
                   "all-steps": "as on, every decode engine.step span kept"},
         "tracing_on": {"head_sampling": 1.0, "kernel_ratio": args.kernel_ratio,
                        "max_captures_per_minute": args.max_captures_per_minute,
+                       "steps_per_request": args.steps_per_request or KernelTraceConfig().steps_per_request,
                        "requests_in_windows": on["requests"], "requests_selected_for_kernels": selected,
                        "forward_passes_profiled": captured, "kernel_tracer": on.get("kernel_tracer"),
+                       "capture_timing": timing,
                        "engine_thread_ms_per_profiled_pass": round(
                            (on.get("kernel_tracer") or {}).get("engine_thread_ns", 0) / 1e6 / max(captured, 1), 2),
+                       "engine_thread_start_ms_per_profiled_pass": round(
+                           (on.get("kernel_tracer") or {}).get("engine_start_ns", 0) / 1e6 / max(captured, 1), 2),
                        "worker_ms_per_profiled_pass": round(
                            (on.get("kernel_tracer") or {}).get("worker_ns", 0) / 1e6 / max(captured, 1), 2),
                        "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay"},

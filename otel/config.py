@@ -29,8 +29,9 @@ class KernelTraceConfig:
     max_captures_per_minute: int = 6
     # Kernels of one name beyond this count in one forward are folded into one span with a count.
     fold_after: int = 8
-    # Forward passes profiled per captured request: its prefill and the decode steps after it.
-    steps_per_request: int = 2
+    # Forward passes profiled per captured request: its prefill, then (if > 1) decode steps after it.
+    # Each pass costs the engine thread ~30 ms on an H100 (bench/results/tracing_gpu.json), so 1.
+    steps_per_request: int = 1
     # What the profiler records: "cuda" kernels, "cpu" operators (CPU-only serving, tests), or by device.
     activities: Literal["auto", "cuda", "cpu"] = "auto"
     # Captures waiting for the worker thread; beyond this a capture is dropped, never waited for.

@@ -7,8 +7,9 @@ Flow (see docs/tracing.md):
   its trace id falls inside ``ratio`` or the request carries the force header; every capture,
   forced ones too, spends one of ``max_captures_per_minute``.
 * ``start``/``finish`` (engine thread, the engine's ``forward_observer`` hook) turn the profiler
-  on and off around the first ``steps_per_request`` forward passes of a selected request. That
-  is all the request path pays: enabling the profiler, and the profiler's stop (flushing CUPTI).
+  on and off around the first ``steps_per_request`` forward passes of a selected request that
+  start once the profiler is ready again. That is all the request path pays: enabling the
+  profiler (CUPTI re-attaches there), and its stop (flushing CUPTI).
 * A worker thread turns the raw profile into spans: events are mapped onto the trace's clock,
   folded, capped, and exported as children of a ``gpu.forward`` span per captured pass.
 
@@ -19,6 +20,7 @@ without a GPU; :class:`TorchProfilerCapture` is the only code that touches torch
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -38,6 +40,18 @@ TRACER_NAME = "kernelgate.kernels"
 FORWARD_SPAN = "gpu.forward"
 ANCHOR_NAME = "kernelgate.clock_anchor"
 ANCHOR_READINGS = 3
+# torch.cuda._sleep(0) launches this empty kernel: its launch call is the clock marker of a cuda capture.
+ANCHOR_KERNEL = "spin_kernel"
+# After a capture, Kineto detaches CUPTI asynchronously (at a later CUDA call of any thread); a
+# capture started before that is done records no kernels and leaves CUPTI attached. Measured:
+# bench/results/cupti_after_capture.json.
+TEARDOWN_GAP_S = 0.1
+# The worker thread hands the GIL back this often (profile events, spans): a thread busy in Python
+# otherwise keeps it for the switch interval (5 ms) each time the engine thread asks for it back,
+# and an eager forward pass asks at every operator.
+YIELD_EVERY_EVENTS = 256
+YIELD_EVERY_SPANS = 16
+YIELD_S = 0.0002
 _TRACE_ID_LOW = (1 << 64) - 1
 _WINDOW_S = 60.0
 
@@ -60,11 +74,12 @@ class KernelEvent:
 class ClockAnchor:
     """One instant read on both clocks: the profiler's and the wall clock spans use.
 
-    At capture start a CPU marker is recorded inside the profile while ``time.time_ns()`` is read
-    right before and after it, a few times; the tightest pair wins (another thread taking the
-    GIL in between widens a pair by milliseconds). The marker's midpoint (profiler clock) is
-    taken to be the readings' midpoint (wall clock); ``uncertainty_ns`` is half the readings'
-    gap. The profiler puts GPU timestamps on its CPU clock already, so one offset maps both.
+    At capture start a marker is recorded inside the profile (a CPU annotation, or for ``cuda``
+    the runtime call launching an empty kernel) while ``time.time_ns()`` is read right before
+    and after it, a few times; the tightest pair wins (another thread taking the GIL in between
+    widens a pair by milliseconds). The marker's midpoint (profiler clock) is taken to be the
+    readings' midpoint (wall clock); ``uncertainty_ns`` is half the readings' gap. The profiler
+    puts GPU timestamps on its CPU clock already, so one offset maps both.
     """
 
     profiler_ns: int
@@ -73,6 +88,15 @@ class ClockAnchor:
 
     def to_wall(self, profiler_ns: int) -> int:
         return profiler_ns - self.profiler_ns + self.wall_ns
+
+    @classmethod
+    def pick(cls, markers: Sequence[tuple[int, int]], readings: Sequence[tuple[int, int]]) -> ClockAnchor:
+        """The anchor from the tightest reading: ``markers`` (profiler clock) and ``readings``
+        (wall clock before/after each) as (start, end) pairs, in the order they were taken."""
+        if len(markers) != len(readings) or not markers:
+            raise ValueError(f"{len(markers)} clock anchors in the profile, {len(readings)} read")
+        (start, end), (before, after) = min(zip(sorted(markers), readings), key=lambda m: m[1][1] - m[1][0])
+        return cls(profiler_ns=(start + end) // 2, wall_ns=(before + after) // 2, uncertainty_ns=(after - before) // 2)
 
 
 @dataclass(frozen=True)
@@ -207,6 +231,8 @@ class RawCapture:
 
 
 class Capture(Protocol):
+    def ready(self) -> bool: ...
+
     def start(self) -> None: ...
 
     def stop(self) -> RawCapture: ...
@@ -217,10 +243,20 @@ class Capture(Protocol):
 class TorchProfilerCapture:
     """torch's profiler (Kineto/CUPTI) switched on for one forward pass at a time.
 
-    ``cuda`` records device activities (kernels, memcpy, memset) plus the CPU anchor marker;
-    ``cpu`` records CPU operators of the calling thread (CPU serving and tests: there are no
-    kernels there). Uses ``torch.autograd``'s enable/disable primitives, which torch.profiler
-    itself is built on, so that stopping does not parse the trace on the request path.
+    ``cuda`` records device activities (kernels, memcpy, memset) and the CUDA runtime calls that
+    launched them; the clock marker is the launch of an empty kernel. CPU operators are not
+    recorded: for an eager prefill they were 7 in 8 of the profile's events and about doubled
+    the stop and the parse. ``cpu`` records CPU operators of the calling thread (CPU serving and
+    tests: there are no kernels there), marked by a ``record_function``. Uses
+    ``torch.autograd``'s enable/disable primitives, which torch.profiler itself is built on, so
+    that stopping does not parse the trace on the request path.
+
+    For ``cuda`` it sets ``TEARDOWN_CUPTI=1`` unless the operator set it: Kineto detaches CUPTI
+    after a trace only then (libkineto CuptiActivityApi.cpp), and an attached CUPTI made every
+    later CUDA graph replay 10-16 % slower, captured or not, for the life of the process
+    (bench/results/cupti_after_capture.json). CUPTI re-attaches lazily at the next start (15-30
+    ms; torch.profiler allows that with CUDA graphs from CUDA 12.6); ``ready`` is False for
+    ``TEARDOWN_GAP_S`` after a stop, while the detach may still be under way.
     """
 
     def __init__(self, activities: Activities, clock: Callable[[], int] = time.time_ns) -> None:
@@ -229,12 +265,20 @@ class TorchProfilerCapture:
 
         self.activities = activities
         self._clock = clock
-        self._kinds = {ProfilerActivity.CPU} | ({ProfilerActivity.CUDA} if activities == "cuda" else set())
+        if activities == "cuda":
+            os.environ.setdefault("TEARDOWN_CUPTI", "1")
+        self._gap_s = TEARDOWN_GAP_S if activities == "cuda" and os.environ["TEARDOWN_CUPTI"] == "1" else 0.0
+        self._stopped_at = -self._gap_s
+        self._kinds = {ProfilerActivity.CUDA} if activities == "cuda" else {ProfilerActivity.CPU}
         self._config = ProfilerConfig(ProfilerState.KINETO, False, False, False, False, False,
                                       torch._C._profiler._ExperimentalConfig())
+        self._mark: Callable[[], None] = (lambda: torch.cuda._sleep(0)) if activities == "cuda" else self._annotate
         self._record = torch.profiler.record_function
         self._device_cpu = torch._C._autograd.DeviceType.CPU
         self._readings: list[tuple[int, int]] = []
+
+    def ready(self) -> bool:
+        return time.monotonic() - self._stopped_at >= self._gap_s
 
     def start(self) -> None:
         from torch.autograd import _enable_profiler, _prepare_profiler
@@ -244,35 +288,54 @@ class TorchProfilerCapture:
         self._readings = []
         for _ in range(ANCHOR_READINGS):
             before = self._clock()
-            with self._record(ANCHOR_NAME):
-                pass
+            self._mark()
             self._readings.append((before, self._clock()))
 
     def stop(self) -> RawCapture:
         from torch.autograd import _disable_profiler
 
-        result = _disable_profiler()
+        try:
+            result = _disable_profiler()
+        finally:
+            self._stopped_at = time.monotonic()
         readings, self._readings = self._readings, []
         return RawCapture(result, readings)
 
     def events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
         """Parse the profile (worker thread): the anchor, then the activities of interest."""
+        if self.activities == "cuda":
+            return self._device_events(raw)
+        return self._cpu_events(raw)
+
+    def _annotate(self) -> None:
+        with self._record(ANCHOR_NAME):
+            pass
+
+    def _device_events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
+        launches: dict[int, tuple[int, int]] = {}  # runtime calls (CPU side) by correlation id
+        marked: list[int] = []
+        out: list[KernelEvent] = []
+        for i, e in enumerate(raw.result.events()):
+            if i % YIELD_EVERY_EVENTS == YIELD_EVERY_EVENTS - 1:
+                time.sleep(YIELD_S)
+            if e.device_type() == self._device_cpu:
+                launches[e.correlation_id()] = (e.start_ns(), e.end_ns())
+                continue
+            name = e.name()
+            if ANCHOR_KERNEL in name:
+                marked.append(e.correlation_id())
+            else:
+                out.append(KernelEvent(name, e.start_ns(), e.end_ns(), e.device_index(), e.device_resource_id()))
+        return out, ClockAnchor.pick([launches[c] for c in marked if c in launches], raw.readings)
+
+    def _cpu_events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
         kineto = list(raw.result.events())
         markers = sorted((e for e in kineto if e.name() == ANCHOR_NAME), key=lambda e: e.start_ns())
-        if len(markers) != len(raw.readings) or not markers:
-            raise ValueError(f"{len(markers)} clock anchors in the profile, {len(raw.readings)} read")
-        marker, (before, after) = min(zip(markers, raw.readings), key=lambda m: m[1][1] - m[1][0])
-        anchor = ClockAnchor(profiler_ns=(marker.start_ns() + marker.end_ns()) // 2, wall_ns=(before + after) // 2,
-                             uncertainty_ns=(after - before) // 2)
-        out: list[KernelEvent] = []
-        for e in kineto:
-            on_cpu = e.device_type() == self._device_cpu
-            if (on_cpu and e.name() == ANCHOR_NAME) or (self.activities == "cuda") == on_cpu:
-                continue
-            if on_cpu and (e.start_thread_id() != marker.start_thread_id() or e.is_user_annotation()):
-                continue
-            out.append(KernelEvent(e.name(), e.start_ns(), e.end_ns(), e.device_index(),
-                                   e.device_resource_id()))
+        anchor = ClockAnchor.pick([(m.start_ns(), m.end_ns()) for m in markers], raw.readings)
+        threads = {m.start_thread_id() for m in markers}
+        out = [KernelEvent(e.name(), e.start_ns(), e.end_ns(), e.device_index(), e.device_resource_id())
+               for e in kineto if e.device_type() == self._device_cpu and e.name() != ANCHOR_NAME
+               and e.start_thread_id() in threads and not e.is_user_annotation()]
         return out, anchor
 
 
@@ -307,6 +370,7 @@ class KernelStats:
     failures: int = 0
     # Time the engine thread spent starting and stopping the profiler (what a captured pass pays).
     engine_thread_ns: int = 0
+    engine_start_ns: int = 0  # the starting part of engine_thread_ns (CUPTI re-attaches there)
     worker_ns: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -355,7 +419,7 @@ class KernelTracer:
     # -- engine side (ForwardObserver) -------------------------------------------------------------------
     def start(self, step: Any) -> None:
         """Before a forward pass: profile it if a selected request with passes left is in it."""
-        if not self._requests or self._active is not None:
+        if not self._requests or self._active is not None or not self._capture.ready():
             return
         contexts: Sequence[SpanContext | None] = getattr(step, "trace_contexts", ()) or ()
         targets: list[_Selected] = []
@@ -377,7 +441,9 @@ class KernelTracer:
             log.exception("could not start the kernel profiler")
             return
         finally:
-            self.stats.engine_thread_ns += time.perf_counter_ns() - began
+            took = time.perf_counter_ns() - began
+            self.stats.engine_thread_ns += took
+            self.stats.engine_start_ns += took
         self._active = targets
 
     def finish(self, step: Any, span_context: SpanContext | None) -> None:
@@ -460,7 +526,9 @@ class KernelTracer:
                 "kernelgate.clock.uncertainty_ns": anchor.uncertainty_ns,
             })
         ctx = trace.set_span_in_context(forward)
-        for k in plan.spans:
+        for i, k in enumerate(plan.spans):
+            if i % YIELD_EVERY_SPANS == YIELD_EVERY_SPANS - 1:
+                time.sleep(YIELD_S)
             attributes: dict[str, Any] = {"gpu.kernel.name": k.kernel_name[:1024], "gpu.device": k.device,
                                           "gpu.stream": k.stream, "kernelgate.kernel.count": k.count,
                                           "kernelgate.kernel.gpu_time_ns": k.gpu_time_ns}

@@ -3,6 +3,7 @@ capture on CPU operators, and the observer end to end into the SDK's in-memory e
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -307,6 +308,44 @@ def test_clock_anchor_takes_the_tightest_reading() -> None:
     assert [after - before for before, after in raw.readings] == [9 * MS, 2000, 3 * MS]
     _, anchor = capture.events(raw)
     assert anchor.uncertainty_ns == 1000 and anchor.wall_ns == 10 * MS + 1000
+
+
+def test_clock_anchor_needs_one_marker_per_reading() -> None:
+    anchor = ClockAnchor.pick([(30, 40), (10, 20)], [(100, 110), (200, 204)])
+    assert (anchor.profiler_ns, anchor.wall_ns, anchor.uncertainty_ns) == (35, 202, 2), "markers in time order"
+    with pytest.raises(ValueError):
+        ClockAnchor.pick([(10, 20)], [(100, 110), (200, 204)])
+    with pytest.raises(ValueError):
+        ClockAnchor.pick([], [])
+
+
+def test_a_pass_waits_until_the_capture_is_ready_and_keeps_its_budget(sdk) -> None:
+    provider, exporter = sdk
+
+    class NotReadyTwice(TorchProfilerCapture):
+        asked = 0
+
+        def ready(self) -> bool:
+            NotReadyTwice.asked += 1
+            return NotReadyTwice.asked > 2
+
+    config = KernelTraceConfig(ratio=1.0, steps_per_request=2)
+    tracer = KernelTracer(config, provider.get_tracer("k"), NotReadyTwice("cpu"))
+    request = provider.get_tracer("api").start_span("POST /v1/completions")
+    assert tracer.on_request(request, {}) == "ratio"
+    run_steps(tracer, provider, (request.get_span_context(),), steps=5)
+    tracer.close()
+    request.end()
+    forwards = sorted((s for s in exporter.get_finished_spans() if s.name == FORWARD_SPAN), key=lambda s: s.start_time)
+    assert [f.attributes["kernelgate.step.index"] for f in forwards] == [2, 3]
+
+
+def test_cpu_capture_does_not_detach_cupti_or_wait(monkeypatch) -> None:
+    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    capture = TorchProfilerCapture("cpu")
+    capture.start()
+    capture.stop()
+    assert capture.ready() and "TEARDOWN_CUPTI" not in os.environ
 
 
 # --- thinning the engine's step spans -------------------------------------------------------------------

@@ -13,8 +13,15 @@ in child processes started exactly as ``kernelgate serve`` starts it (``configur
 ``overhead_pct`` is the tokens/s ``on`` loses against ``off``.
 
 Each is driven by ``--concurrency`` closed-loop clients that send a fresh sampled ``traceparent``
-with every request (both runs do the same client work); tokens/s is the median of
-``--windows`` windows. Then, in the ``on`` server, one request forced with
+with every request (every mode does the same client work). With ``--schedule interleaved`` (the
+default) all the servers stay up side by side on the GPU and take turns: in each of ``--windows``
+rounds every mode gets one window (order alternating round by round, so drift over the run
+falls on both sides alike), and only one server has load at a time. A mode's tokens/s is the
+mean of its windows; ``overhead_pct`` compares those means, and ``overhead_pct_paired`` gives
+the median and a bootstrap 90 % interval of the per-round losses: windows of one mode vary by
+up to 13 % (the batch falls in and out of lock step), more than the cost measured, so one
+window per mode, or modes run one after the other, cannot show a few per cent.
+``--schedule sequential`` runs the modes one after another (median of windows), as before. Then, in the ``on`` server, one request forced with
 ``x-kernelgate-trace-kernels: 1`` (the header the sidecar passes only when the policy allows
 it) is read back from the file: its ``gpu.forward`` spans, the kernel spans under them, and
 whether every span lies inside its parent's time range.
@@ -56,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--windows", type=int, default=3, help="windows per mode (rounds, when interleaved)")
+    p.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved")
     p.add_argument("--window-s", type=float, default=10.0)
     p.add_argument("--kernel-ratio", type=float, default=0.01)
     p.add_argument("--max-captures-per-minute", type=int, default=1000,
@@ -158,7 +166,7 @@ def traceparent(trace_id: int | None = None) -> str:
     return f"00-{trace_id or random.getrandbits(128):032x}-{random.getrandbits(64):016x}-01"
 
 
-async def drive(port: int, args: argparse.Namespace, prompts: list[list[int]]) -> list[dict[str, float]]:
+async def drive(port: int, args: argparse.Namespace, prompts: list[list[int]], windows: int) -> list[dict[str, float]]:
     """Closed-loop clients; tokens/s of each window (requests that finish inside it)."""
     import aiohttp
 
@@ -186,15 +194,15 @@ async def drive(port: int, args: argparse.Namespace, prompts: list[list[int]]) -
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         await asyncio.gather(*(one(session, prompts[i]) for i in range(args.concurrency)))  # warm-up
         start = time.perf_counter() + 2.0  # let the batch fill before the first window
-        stop_at = start + args.windows * args.window_s
+        stop_at = start + windows * args.window_s
         await asyncio.gather(*(client(session, i) for i in range(args.concurrency)))
-    windows = []
-    for w in range(args.windows):
+    measured = []
+    for w in range(windows):
         lo, hi = start + w * args.window_s, start + (w + 1) * args.window_s
         tokens = sum(t for at, t in finished if lo <= at < hi)
         requests = sum(1 for at, _ in finished if lo <= at < hi)
-        windows.append({"tokens_per_s": round(tokens / args.window_s, 1), "requests": requests})
-    return windows
+        measured.append({"tokens_per_s": round(tokens / args.window_s, 1), "requests": requests})
+    return measured
 
 
 async def forced_request(port: int, args: argparse.Namespace, prompt: list[int], trace_id: int) -> dict:
@@ -327,32 +335,87 @@ def trimmed_example(found: dict[str, Any], kernels_per_forward: int = 8, steps_s
 
 
 # -- main ---------------------------------------------------------------------------------------------------
-def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
-    proc, port, log_path, config_path = start_server(mode, args)
-    result: dict[str, Any] = {"mode": mode}
-    try:
-        ready = re.search(r"ready \((\S+) backend.*CUDA graphs (on|off)", log_path.read_text())
-        result["backend"], result["cuda_graphs"] = ready.groups() if ready else ("unknown", "unknown")
-        fallback = re.search(r"DeepSpeed cannot inject .*", log_path.read_text())
+class ModeServer:
+    """One mode's server, from start to the kernel tracer's counters it leaves behind."""
+
+    def __init__(self, mode: str, args: argparse.Namespace) -> None:
+        self.mode = mode
+        self.proc, self.port, log_path, self.config_path = start_server(mode, args)
+        self.result: dict[str, Any] = {"mode": mode, "windows": []}
+        log = log_path.read_text()
+        ready = re.search(r"ready \((\S+) backend.*CUDA graphs (on|off)", log)
+        self.result["backend"], self.result["cuda_graphs"] = ready.groups() if ready else ("unknown", "unknown")
+        fallback = re.search(r"DeepSpeed cannot inject .*", log)
         if fallback:
-            result["deepspeed_fallback"] = fallback.group(0)
-        windows = asyncio.run(drive(port, args, prompts))
-        result["windows"] = windows
-        result["tokens_per_s"] = statistics.median(w["tokens_per_s"] for w in windows)
-        result["requests"] = sum(w["requests"] for w in windows)
-        print(f"[{mode}] {result['tokens_per_s']} tok/s (windows {[w['tokens_per_s'] for w in windows]})",
-              flush=True)
-        if mode == "on":
-            trace_id = random.getrandbits(128)
-            result["example_trace_id"] = f"{trace_id:032x}"
-            result["example_response"] = asyncio.run(forced_request(port, args, prompts[0], trace_id))["usage"]
-            time.sleep(1.5)  # one export interval
+            self.result["deepspeed_fallback"] = fallback.group(0)
+
+    def measure(self, args: argparse.Namespace, prompts: list[list[int]], windows: int) -> None:
+        got = asyncio.run(drive(self.port, args, prompts, windows))
+        self.result["windows"].extend(got)
+        print(f"[{self.mode}] windows {[w['tokens_per_s'] for w in got]}", flush=True)
+
+    def force_example(self, args: argparse.Namespace, prompts: list[list[int]]) -> None:
+        """One request forced to a kernel trace, to read back from the spans file."""
+        trace_id = random.getrandbits(128)
+        self.result["example_trace_id"] = f"{trace_id:032x}"
+        self.result["example_response"] = asyncio.run(forced_request(self.port, args, prompts[0], trace_id))["usage"]
+        time.sleep(1.5)  # one export interval
+
+    def stop(self, schedule: str) -> dict[str, Any]:
+        stop_server(self.proc)
+        stats_path = Path(str(self.config_path) + ".kernels.json")
+        if stats_path.exists():
+            self.result["kernel_tracer"] = json.loads(stats_path.read_text())
+        values = [w["tokens_per_s"] for w in self.result["windows"]]
+        self.result["tokens_per_s"] = round(statistics.fmean(values) if schedule == "interleaved"
+                                            else statistics.median(values), 1)
+        self.result["requests"] = sum(w["requests"] for w in self.result["windows"])
+        return self.result
+
+
+def run_sequential(modes: list[str], args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, dict]:
+    runs = {}
+    for mode in modes:
+        server = ModeServer(mode, args)
+        try:
+            server.measure(args, prompts, args.windows)
+            if mode == "on":
+                server.force_example(args, prompts)
+        finally:
+            runs[mode] = server.stop(args.schedule)
+    return runs
+
+
+def run_interleaved(modes: list[str], args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, dict]:
+    """All servers up at once; one window per mode per round, the order reversed every other round."""
+    servers: dict[str, ModeServer] = {}
+    try:
+        for mode in modes:
+            servers[mode] = ModeServer(mode, args)
+        for round_index in range(args.windows):
+            for mode in (modes if round_index % 2 == 0 else modes[::-1]):
+                servers[mode].measure(args, prompts, 1)
+        if "on" in servers:
+            servers["on"].force_example(args, prompts)
     finally:
-        stop_server(proc)
-    stats_path = Path(str(config_path) + ".kernels.json")
-    if stats_path.exists():
-        result["kernel_tracer"] = json.loads(stats_path.read_text())
-    return result
+        runs = {mode: server.stop(args.schedule) for mode, server in servers.items()}
+    return runs
+
+
+def paired_loss(off: list[float], on: list[float], draws: int = 2000) -> dict[str, Any]:
+    """Per-round tokens/s lost (%), and a bootstrap 90 % interval of the loss of the means."""
+    losses = [100.0 * (a - b) / a for a, b in zip(off, on)]
+    rng = random.Random(7)
+    pairs = list(zip(off, on))
+    boot = []
+    for _ in range(draws):
+        sample = [rng.choice(pairs) for _ in pairs]
+        total_off = sum(a for a, _ in sample)
+        boot.append(100.0 * (total_off - sum(b for _, b in sample)) / total_off)
+    boot.sort()
+    return {"rounds": len(losses), "per_round": [round(x, 2) for x in losses],
+            "median": round(statistics.median(losses), 2),
+            "interval_90": [round(boot[int(0.05 * draws)], 2), round(boot[int(0.95 * draws) - 1], 2)]}
 
 
 def main() -> int:
@@ -367,7 +430,8 @@ def main() -> int:
     vocab = random_config(args.model).vocab_size
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, min(vocab, 50000), (256, args.prompt_tokens), generator=gen).tolist()
-    runs = {mode: run_mode(mode, args, prompts) for mode in args.modes.split(",")}
+    modes = args.modes.split(",")
+    runs = (run_interleaved if args.schedule == "interleaved" else run_sequential)(modes, args, prompts)
     off, on = runs["off"], runs["on"]
     found = inspect_trace(spans_file(args, "on"), on["example_trace_id"])
     timing = capture_timing(spans_file(args, "on"))
@@ -404,6 +468,10 @@ def main() -> int:
         "example_trace_id": on["example_trace_id"],
         "example_trace": trimmed_example(found),
         "overhead_pct": overhead,
+        **({"overhead_pct_paired": paired_loss([w["tokens_per_s"] for w in off["windows"]],
+                                               [w["tokens_per_s"] for w in on["windows"]])}
+           if args.schedule == "interleaved" else {}),
+        "schedule": args.schedule,
         "overhead_pct_spans_only": lost("spans"),
         "overhead_pct_every_decode_step_span": lost("all-steps"),
         "tokens_per_s": {m: r["tokens_per_s"] for m, r in runs.items()},

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -68,53 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from inference.config import ModelConfig
-    from inference.model_loader import load_model
-    from inference.runner import ModelRunner
+    from bench.pass_timing import PassTimer
     from otel.kernels import TorchProfilerCapture
 
     cuda = args.device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     out: dict[str, Any] = {}
     with torch.inference_mode():
-        model = load_model(ModelConfig(name=args.model, random_config=args.model, device=args.device,
-                                       use_deepspeed=False, max_model_len=512), args.batch)
-        runner = ModelRunner(model.module, model.attention, num_slots=args.batch, max_len=model.max_model_len,
-                             dtype=model.dtype, device=model.device, use_cuda_graphs=cuda)
-        runner.prefill(0, [[1, 2, 3, 4]] * args.batch)
-        runner.decode([5] * args.batch, [4] * args.batch)
-        sync()
-        out["graphs"] = runner.capture_decode_graphs()
-        prompt = [(7 * i) % 50000 for i in range(args.prompt_tokens)]
-        positions = [args.prompt_tokens + 20] * args.batch
-        tokens = [11] * args.batch
-        eager_tokens = torch.full((args.batch, 1), 11, dtype=torch.long, device=model.device)
-        eager_positions = torch.full((args.batch, 1), positions[0], dtype=torch.long, device=model.device)
-        kv_len = 256 if model.max_model_len >= 256 else model.max_model_len
-
-        def graph_step() -> None:
-            runner.decode(tokens, positions).argmax(-1).tolist()
-
-        def eager_step() -> None:
-            runner._decode_logits(eager_tokens, eager_positions, kv_len).argmax(-1).tolist()  # noqa: SLF001
-
-        def prefill() -> None:
-            runner.prefill(args.batch - 1, [prompt]).argmax(-1).tolist()
-
-        def rate(fn: Any, n: int) -> float:
-            sync()
-            began = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync()
-            return round((time.perf_counter() - began) * 1e3 / n, 4)
-
-        def bench() -> dict[str, float]:
-            return {"graph_decode_ms": statistics.median(rate(graph_step, args.decode_steps) for _ in range(5)),
-                    "eager_prefill_ms": statistics.median(rate(prefill, args.prefills) for _ in range(3))}
-
-        for fn in (graph_step, eager_step, prefill):
-            rate(fn, 5)
+        timer = PassTimer.build(args.model, args.device, args.batch, args.prompt_tokens,
+                                decode_steps=args.decode_steps, prefills=args.prefills)
+        out["graphs"] = timer.graphs
+        graph_step, prefill, bench = timer.graph_step, timer.prefill, timer.bench
         rounds: list[dict[str, Any]] = [{"after": "nothing", **bench()}, {"after": "nothing (again)", **bench()}]
         capture = TorchProfilerCapture("cuda" if cuda else "cpu")
         out["TEARDOWN_CUPTI_in_child"] = os.environ.get("TEARDOWN_CUPTI")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -78,44 +77,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from cupti import cupti
 
-    from inference.config import ModelConfig
-    from inference.model_loader import load_model
-    from inference.runner import ModelRunner
+    from bench.pass_timing import PassTimer
 
     out: dict[str, Any] = {"variant": args.child}
     with torch.inference_mode():
-        model = load_model(ModelConfig(name=args.model, random_config=args.model, device="cuda",
-                                       use_deepspeed=False, max_model_len=512), args.batch)
-        runner = ModelRunner(model.module, model.attention, num_slots=args.batch, max_len=model.max_model_len,
-                             dtype=model.dtype, device=model.device, use_cuda_graphs=True)
-        runner.prefill(0, [[1, 2, 3, 4]] * args.batch)
-        runner.decode([5] * args.batch, [4] * args.batch)
-        torch.cuda.synchronize()
-        out["graphs"] = runner.capture_decode_graphs()
-        prompt = [(7 * i) % 50000 for i in range(args.prompt_tokens)]
-        positions = [args.prompt_tokens + 20] * args.batch
-        tokens = [11] * args.batch
-
-        def graph_step() -> None:
-            runner.decode(tokens, positions).argmax(-1).tolist()
-
-        def prefill() -> None:
-            runner.prefill(args.batch - 1, [prompt]).argmax(-1).tolist()
-
-        def rate(fn: Any, n: int) -> float:
-            torch.cuda.synchronize()
-            began = time.perf_counter()
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-            return round((time.perf_counter() - began) * 1e3 / n, 4)
-
-        def bench() -> dict[str, float]:
-            return {"graph_decode_ms": statistics.median(rate(graph_step, 60) for _ in range(5)),
-                    "eager_prefill_ms": statistics.median(rate(prefill, 10) for _ in range(3))}
-
-        for fn in (graph_step, prefill):
-            rate(fn, 5)
+        timer = PassTimer.build(args.model, "cuda", args.batch, args.prompt_tokens)
+        out["graphs"] = timer.graphs
+        graph_step, prefill, bench = timer.graph_step, timer.prefill, timer.bench
         rounds = [{"after": "nothing", **bench()}, {"after": "nothing (again)", **bench()}]
         captures = []
         if args.child != "control":

@@ -5,7 +5,9 @@ Used by ``kernelgate up`` and by the tests' fixtures alike.
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +23,46 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["ROOT", "Proc", "find_binary", "free_port", "start", "wait_http", "wait_tcp"]
 
 
+class _PortPicker:
+    """Ports for servers we are about to start, taken below the kernel's ephemeral range.
+
+    ``bind(0)`` hands out a port from that range, which is also where every outbound connection
+    gets its source port: between picking such a port and the server binding it, any connection
+    (a client, a health check, pip) could take it, and the server fails with "Address already
+    in use". Below the range only servers bind. Ports are tried in sequence from a random start,
+    so one process never hands out the same port twice, and each is checked free by binding it.
+    """
+
+    def __init__(self) -> None:
+        low = 32768
+        try:
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+        self._first = max(1024, low - 16384)
+        self._span = max(low - self._first, 1)
+        self._next = itertools.count(random.randrange(self._span))
+
+    def pick(self) -> int:
+        for _ in range(256):
+            port = self._first + next(self._next) % self._span
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+_PORTS = _PortPicker()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nothing listens on, for a server about to be started."""
+    return _PORTS.pick()
 
 
 def wait_tcp(port: int, timeout: float = 30.0, proc: "Proc | None" = None, host: str = "127.0.0.1") -> None:

@@ -76,7 +76,6 @@ class Engine:
         self._model_config = model_config
         self._batching = batching
         self.metrics = metrics
-        self._metrics = metrics
         self._tracing = tracing
         self._observer = forward_observer
         self._load = load
@@ -150,7 +149,7 @@ class Engine:
                 raise EngineNotReadyError("model is not ready" if not self._stopping else "server is shutting down")
             self._scheduler.add(seq)
             self._by_id[request.request_id] = seq
-            self._metrics.queue_depth.set(len(self._scheduler.waiting))
+            self.metrics.queue_depth.set(len(self._scheduler.waiting))
             self._cond.notify()
         return stream
 
@@ -178,7 +177,7 @@ class Engine:
                                       tokenizer=self._model.tokenizer, backend=self._model.backend,
                                       device=str(self._model.device))
                 self._ready.set()
-                self._metrics.ready.set(1)
+                self.metrics.ready.set(1)
                 log.info("model %s ready (%s backend, %s, KV cache %.1f MiB, CUDA graphs %s)", self.info.name,
                          self.info.backend, self.info.device, self._runner.kv.nbytes / 2**20,
                          "on" if self._runner.uses_cuda_graphs else "off")
@@ -186,7 +185,7 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting client and to /readyz
             log.exception("inference engine failed")
             self._failure = exc
-            self._metrics.ready.set(0)
+            self.metrics.ready.set(0)
             self._fail_all(exc)
 
     def _warm_up(self) -> None:
@@ -209,8 +208,8 @@ class Engine:
                 now = time.monotonic_ns()
                 admitted = self._scheduler.admit(now, draining=self._stopping)
                 running = list(self._scheduler.running)
-                self._metrics.queue_depth.set(len(self._scheduler.waiting))
-                self._metrics.running.set(len(running))
+                self.metrics.queue_depth.set(len(self._scheduler.waiting))
+                self.metrics.running.set(len(running))
                 if not running:
                     if self._stopping and not self._scheduler.waiting:
                         return
@@ -249,11 +248,11 @@ class Engine:
         with self._cond:
             for seq in done:
                 self._retire(seq)
-            self._metrics.running.set(len(self._scheduler.running))
-        self._metrics.batch_size.labels(phase).observe(len(seqs))
-        self._metrics.generated_tokens.inc(len(seqs))
+            self.metrics.running.set(len(self._scheduler.running))
+        self.metrics.batch_size.labels(phase).observe(len(seqs))
+        self.metrics.generated_tokens.inc(len(seqs))
         if phase == "prefill":
-            self._metrics.prompt_tokens.inc(step.num_tokens)
+            self.metrics.prompt_tokens.inc(step.num_tokens)
         self._deliver(deliveries)
         span_context = self._tracing.record_step(
             step, end_ns, [s.request.trace_context for s in seqs],
@@ -284,7 +283,7 @@ class Engine:
         seq.generated += 1
         if seq.generated == 1:
             seq.first_token_ns = now
-            self._metrics.time_to_first_token.observe((now - seq.enqueued_ns) / 1e9)
+            self.metrics.time_to_first_token.observe((now - seq.enqueued_ns) / 1e9)
         reason = None
         text = ""
         if token in state.stop_token_ids:
@@ -298,8 +297,8 @@ class Engine:
         if reason is not None:
             text += state.stop_filter.flush()
             if seq.generated > 1:
-                self._metrics.time_per_output_token.observe((now - seq.first_token_ns) / 1e9 / (seq.generated - 1))
-            self._metrics.finished.labels(reason).inc()
+                self.metrics.time_per_output_token.observe((now - seq.first_token_ns) / 1e9 / (seq.generated - 1))
+            self.metrics.finished.labels(reason).inc()
         return GenerationOutput(request_id=seq.request_id, text=text, token_ids=(token,), prompt_tokens=seq.prompt_len,
                                 completion_tokens=seq.generated, finished=reason is not None,
                                 finish_reason=reason)
@@ -324,7 +323,7 @@ class Engine:
             else:
                 self._scheduler.remove_waiting(seq)
                 self._by_id.pop(request_id, None)
-            self._metrics.finished.labels("abort").inc()
+            self.metrics.finished.labels("abort").inc()
             log.info("request %s cancelled after %d tokens; slot freed", request_id, seq.generated)
 
     def _deliver(self, deliveries: list[tuple[RequestStream, GenerationOutput]]) -> None:

@@ -39,7 +39,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernelgate.processes import start, wait_http  # noqa: E402
+from kernelgate.processes import free_port, start, wait_http  # noqa: E402
 
 FORCE_HEADER = "x-kernelgate-trace-kernels"
 REQUEST_SPAN = "POST /v1/completions"
@@ -70,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-captures-per-minute", type=int, default=1000,
                    help="high, so that --kernel-ratio, not the cap, decides how many requests are captured")
     p.add_argument("--steps-per-request", type=int, help="kernels.steps_per_request (default: the config's)")
+    p.add_argument("--capture", choices=("auto", "cupti", "torch"), default="auto",
+                   help="kernels.capture: what records the kernels (auto: cupti when cupti-python is installed)")
     p.add_argument("--modes", default="off,spans,on,all-steps",
                    help="off: no telemetry; spans: head sampling 100%%, no kernel traces; on: spans + kernel "
                         "traces; all-steps: on, keeping every decode step span")
@@ -102,12 +103,6 @@ def serve_child(config_path: str) -> int:
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spans_file(args: argparse.Namespace, mode: str) -> Path:
     return Path(args.work_dir) / f"spans-{mode}.otlp"
 
@@ -126,7 +121,7 @@ def start_server(mode: str, args: argparse.Namespace) -> tuple[subprocess.Popen,
                      "decode_step_spans_every": 1 if mode == "all-steps" else 16,
                      "kernels": {"ratio": 0.0 if mode == "spans" else args.kernel_ratio,
                                  "max_captures_per_minute": args.max_captures_per_minute,
-                                 "activities": "cuda" if args.device == "cuda" else "cpu"}}
+                                 "activities": "cuda" if args.device == "cuda" else "cpu", "capture": args.capture}}
         if args.steps_per_request:
             telemetry["kernels"]["steps_per_request"] = args.steps_per_request
     config = {"inference": {
@@ -243,6 +238,7 @@ def inspect_trace(spans_path: Path, trace_id: str) -> dict[str, Any]:
         a = forward.attributes
         per_forward.append({
             "phase": a.get("kernelgate.step.phase"), "batch_size": a.get("kernelgate.step.batch_size"),
+            "recorder": a.get("kernelgate.kernels.recorder"),
             "parent": trace.parent(forward).name if trace.parent(forward) else None,
             "kernel_spans": len(kernels), "kernels_captured": a.get("kernelgate.kernels.count"),
             "folded": a.get("kernelgate.kernels.folded"), "dropped": a.get("kernelgate.kernels.dropped"),
@@ -462,6 +458,7 @@ def main() -> int:
         **({"deepspeed_fallback": on["deepspeed_fallback"]} if on.get("deepspeed_fallback") else {}),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "concurrency": args.concurrency,
         "kernel_spans": kernel_spans,
+        "kernel_recorder": sorted({str(f["recorder"]) for f in per_forward}),
         "kernel_spans_by_forward": per_forward,
         "kernel_spans_inside_parent": all(f["all_kernels_inside_parent"] for f in per_forward) and bool(per_forward),
         "spans_outside_parent": found["outside"][:20],

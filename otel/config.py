@@ -34,6 +34,9 @@ class KernelTraceConfig:
     steps_per_request: int = 1
     # What the profiler records: "cuda" kernels, "cpu" operators (CPU-only serving, tests), or by device.
     activities: Literal["auto", "cuda", "cpu"] = "auto"
+    # What records them: "cupti" (CUPTI's Activity API via cupti-python, CUDA only: ~half the cost),
+    # "torch" (torch's profiler), or "auto": cupti for CUDA when cupti-python is installed.
+    capture: Literal["auto", "cupti", "torch"] = "auto"
     # Captures waiting for the worker thread; beyond this a capture is dropped, never waited for.
     max_pending: int = 8
 
@@ -44,6 +47,8 @@ class KernelTraceConfig:
         _require(self.fold_after >= 1, "kernels.fold_after must be >= 1")
         _require(self.steps_per_request >= 1, "kernels.steps_per_request must be >= 1")
         _require(self.max_pending >= 1, "kernels.max_pending must be >= 1")
+        _require(not (self.capture == "cupti" and self.activities == "cpu"),
+                 "kernels.capture: cupti records CUDA kernels only; use torch (or auto) with activities: cpu")
 
 
 @dataclass(frozen=True)

@@ -83,10 +83,9 @@ def kernel_tracing(config: TelemetryConfig | None) -> Iterator[object | None]:
     if config is None or not config.enabled or not config.kernels.enabled:
         yield None
         return
-    from otel.kernels import TRACER_NAME, KernelTracer, TorchProfilerCapture, resolve_activities
+    from otel.kernels import TRACER_NAME, KernelTracer, make_capture
 
-    tracer = KernelTracer(config.kernels, trace.get_tracer(TRACER_NAME),
-                          TorchProfilerCapture(resolve_activities(config.kernels)))
+    tracer = KernelTracer(config.kernels, trace.get_tracer(TRACER_NAME), make_capture(config.kernels))
     try:
         yield tracer
     finally:

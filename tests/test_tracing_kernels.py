@@ -4,8 +4,10 @@ capture on CPU operators, and the observer end to end into the SDK's in-memory e
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry import trace
@@ -144,7 +146,6 @@ def test_torch_profiler_capture_on_cpu_maps_operators_into_the_wall_window() -> 
 
 
 def test_cpu_capture_keeps_only_the_capturing_thread() -> None:
-    import threading
 
     import torch
 
@@ -226,6 +227,7 @@ def test_forced_request_gets_forward_and_kernel_spans_with_real_times_and_foldin
         assert forward.parent.span_id == req_ctx.span_id and forward.context.trace_id == req_ctx.trace_id
         assert [link.context.span_id for link in forward.links] == [step_ctx.span_id]
         assert forward.attributes["kernelgate.kernels.capture"] == "forced"
+        assert forward.attributes["kernelgate.kernels.recorder"] == "torch.profiler"
         kernels = [s for s in spans if s.parent is not None and s.parent.span_id == forward.context.span_id]
         assert kernels, "CPU operators stand in for kernels"
         total += 1 + len(kernels)
@@ -402,3 +404,197 @@ def test_kernels_of_a_thinned_step_hang_off_the_request() -> None:
     assert forwards[0].parent.span_id == steps[0].context.span_id
     assert forwards[1].parent.span_id == ctx.span_id and not forwards[1].links
     assert all(f.context.trace_id == ctx.trace_id for f in forwards)
+
+
+# --- CUPTI's Activity API, through a fake of cupti-python's module ---------------------------------------------
+class FakeCupti:
+    """What CuptiCapture uses of ``cupti.cupti``, with the behaviour measured on the H100
+    (bench/results/cupti_direct.json): records only while a kind is enabled *and* buffer
+    callbacks are registered, ``finalize`` forgets the callbacks, ``activity_flush_all``
+    hands the buffered records to the completed callback on the calling thread. Its clock
+    runs ``OFFSET`` behind the wall clock, like CUPTI's own timestamp base."""
+
+    OFFSET = 123_456_789_000
+
+    class ActivityKind:
+        MEMCPY = 1
+        CONCURRENT_KERNEL = 10
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.callbacks = None
+        self.enabled: set[int] = set()
+        self.buffered: list = []
+        self.fail: dict[str, Exception] = {}
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            raise self.fail.pop(name)
+
+    def activity_register_callbacks(self, requested, completed) -> None:
+        self._call("register")
+        self.callbacks = (requested, completed)
+
+    def activity_enable(self, kind: int) -> None:
+        self._call("enable")
+        self.enabled.add(kind)
+
+    def activity_disable(self, kind: int) -> None:
+        self._call("disable")
+        self.enabled.discard(kind)
+
+    def activity_flush_all(self, flag: int) -> None:
+        self._call("flush")
+        if self.callbacks and self.buffered:
+            size, _ = self.callbacks[0]()
+            assert size > 0
+            records, self.buffered = self.buffered, []
+            self.callbacks[1](records)
+
+    def finalize(self) -> None:
+        self._call("finalize")
+        self.callbacks, self.enabled, self.buffered = None, set(), []
+
+    def get_timestamp(self) -> int:
+        return time.time_ns() - self.OFFSET
+
+    def launch(self, name: str, duration_ns: int = 20_000, kind: int = ActivityKind.CONCURRENT_KERNEL) -> int:
+        """A kernel (or copy) runs now, recorded if CUPTI listens; returns when it started (wall clock)."""
+        start = self.get_timestamp()
+        if kind in self.enabled and self.callbacks:
+            self.buffered.append(SimpleNamespace(kind=kind, name=name, start=start, end=start + duration_ns,
+                                                 device_id=0, stream_id=7))
+        return start + self.OFFSET
+
+    def deliver_full_buffer(self) -> None:
+        """CUPTI hands a full buffer back on a thread of its own, before any flush."""
+        records, self.buffered = self.buffered, []
+        worker = threading.Thread(target=self.callbacks[1], args=(records,))
+        worker.start()
+        worker.join()
+
+
+GEMM = "_ZN2at6native4gemmIfLi4EEEvPfi"
+
+
+def fake_demangle(name: str) -> str:
+    return {GEMM: "void at::native::gemm<float, 4>(float*, int)"}.get(name, name)
+
+
+def run_fake_steps(tracer: KernelTracer, cupti: FakeCupti, context: SpanContext, steps: int,
+                   kernels: tuple[str, ...] = (GEMM,) * 6 + ("softmax",)) -> list[int]:
+    """Engine steps whose pass launches ``kernels`` (and a copy); returns the wall time of each launch."""
+    launched = []
+    for index in range(steps):
+        step = Step(index, "prefill" if index == 0 else "decode", 1, 4, ("r",), time.time_ns(), (context,))
+        tracer.start(step)
+        for name in kernels:
+            launched.append(cupti.launch(name))
+            time.sleep(0.0001)
+        cupti.launch("memcpy HtoD", kind=FakeCupti.ActivityKind.MEMCPY)
+        tracer.finish(step, None)
+    return launched
+
+
+def test_cupti_capture_exports_the_pass_kernels_on_the_wall_clock_and_detaches_after_each(sdk) -> None:
+    from otel.kernels import CuptiCapture
+
+    provider, exporter = sdk
+    cupti = FakeCupti()
+    capture = CuptiCapture(cupti, demangle=fake_demangle)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, steps_per_request=2, fold_after=4), provider.get_tracer("k"),
+                          capture)
+    request = provider.get_tracer("api").start_span("POST /v1/completions")
+    assert tracer.on_request(request, {}) == "ratio"
+    launched = run_fake_steps(tracer, cupti, request.get_span_context(), steps=3)
+    tracer.close()
+    request.end()
+    assert tracer.stats.captures == 2 and tracer.stats.failures == 0
+    per_pass = ["register", "enable", "disable", "flush", "finalize"]
+    assert cupti.calls == per_pass * 2, "callbacks registered again after every finalize, CUPTI never left attached"
+    spans = exporter.get_finished_spans()
+    forwards = sorted((s for s in spans if s.name == FORWARD_SPAN), key=lambda s: s.start_time)
+    assert len(forwards) == 2
+    for forward, first in zip(forwards, (0, 7)):
+        assert forward.attributes["kernelgate.kernels.activities"] == "cuda"
+        assert forward.attributes["kernelgate.kernels.recorder"] == "cupti"
+        assert forward.attributes["kernelgate.kernels.count"] == 7, "kernels only: the copy is not a kernel"
+        kernels = sorted((s for s in spans if s.parent is not None and s.parent.span_id == forward.context.span_id),
+                         key=lambda s: s.start_time)
+        assert [(k.name, k.attributes["kernelgate.kernel.count"]) for k in kernels] == [
+            ("at::native::gemm", 1)] * 4 + [("at::native::gemm", 2), ("softmax", 1)]
+        assert kernels[0].attributes["gpu.kernel.name"] == "void at::native::gemm<float, 4>(float*, int)"
+        uncertainty = forward.attributes["kernelgate.clock.uncertainty_ns"]
+        for k, wall in zip(kernels[:4], launched[first:first + 4]):
+            assert abs(k.start_time - wall) <= uncertainty + 1, "CUPTI's clock mapped onto the wall clock"
+            assert k.end_time - k.start_time == 20_000
+        for k in kernels:
+            assert forward.start_time <= k.start_time <= k.end_time <= forward.end_time
+
+
+def test_cupti_records_handed_back_early_on_another_thread_are_kept() -> None:
+    from otel.kernels import CuptiCapture
+
+    cupti = FakeCupti()
+    capture = CuptiCapture(cupti)
+    capture.start()
+    cupti.launch("early")
+    cupti.deliver_full_buffer()
+    cupti.launch("late")
+    events, anchor = capture.events(capture.stop())
+    assert [e.name for e in events] == ["early", "late"]
+    assert abs(anchor.to_wall(events[0].start_ns) - (events[0].start_ns + cupti.OFFSET)) <= anchor.uncertainty_ns + 1
+
+
+def test_cupti_capture_that_fails_to_start_detaches_and_the_next_pass_is_captured(sdk) -> None:
+    from otel.kernels import CuptiCapture
+
+    provider, exporter = sdk
+    cupti = FakeCupti()
+    cupti.fail["enable"] = RuntimeError("CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED")
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, steps_per_request=2), provider.get_tracer("k"),
+                          CuptiCapture(cupti))
+    request = provider.get_tracer("api").start_span("POST /v1/completions")
+    tracer.on_request(request, {})
+    run_fake_steps(tracer, cupti, request.get_span_context(), steps=2)
+    tracer.close()
+    assert cupti.calls[:3] == ["register", "enable", "finalize"], "a failed start leaves CUPTI detached"
+    assert tracer.stats.failures == 1 and tracer.stats.captures == 1
+    (forward,) = [s for s in exporter.get_finished_spans() if s.name == FORWARD_SPAN]
+    assert forward.attributes["kernelgate.step.index"] == 1 and forward.attributes["kernelgate.kernels.count"] == 7
+
+
+def test_cupti_capture_whose_flush_fails_still_detaches_and_leaks_nothing_into_the_next() -> None:
+    from otel.kernels import CuptiCapture
+
+    cupti = FakeCupti()
+    capture = CuptiCapture(cupti)
+    capture.start()
+    cupti.launch("first")
+    cupti.deliver_full_buffer()
+    cupti.fail["flush"] = RuntimeError("CUPTI_ERROR_UNKNOWN")
+    with pytest.raises(RuntimeError):
+        capture.stop()
+    assert cupti.calls[-1] == "finalize" and cupti.callbacks is None
+    capture.start()
+    cupti.launch("second")
+    events, _ = capture.events(capture.stop())
+    assert [e.name for e in events] == ["second"]
+
+
+def test_capture_choice_follows_the_config(monkeypatch) -> None:
+    import importlib.util
+
+    from otel import kernels
+
+    assert isinstance(kernels.make_capture(KernelTraceConfig(activities="cpu")), TorchProfilerCapture)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "cupti" else None)
+    assert isinstance(kernels.make_capture(KernelTraceConfig(activities="cpu")), TorchProfilerCapture), \
+        "auto: CUPTI records CUDA kernels only"
+    with pytest.raises(ValueError, match="cupti"):
+        KernelTraceConfig(activities="cpu", capture="cupti")
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.make_capture(KernelTraceConfig(capture="cupti"))  # auto activities: no GPU here
+    monkeypatch.setattr(kernels, "resolve_activities", lambda config: "cuda")
+    assert isinstance(kernels.make_capture(KernelTraceConfig(capture="torch")), TorchProfilerCapture)

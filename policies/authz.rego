@@ -190,9 +190,12 @@ _token_values[f] := v if {
 	v != null
 }
 
+# Below 2^31 (as a 32-bit signed count): beyond it the OPA server and its Wasm build disagree
+# on round() (1e308), and the Wasm build's format_int aborts.
 _non_negative_int(v) if {
 	is_number(v)
 	v >= 0
+	v < 2147483648
 	v == round(v)
 }
 
@@ -284,7 +287,7 @@ _problem := _p(404, "route_not_found", sprintf("Invalid URL (%s %s)", [_method, 
 	not _model_fits_route
 } else := _p(
 	400, "invalid_max_tokens",
-	sprintf("Invalid '%s': expected a non-negative integer.", [_bad_token_field]),
+	sprintf("Invalid '%s': expected a non-negative integer below 2147483648.", [_bad_token_field]),
 	_bad_token_field, {},
 ) if {
 	_route.kind
@@ -292,8 +295,9 @@ _problem := _p(404, "route_not_found", sprintf("Invalid URL (%s %s)", [_method, 
 } else := _p(
 	400, "max_tokens_over_ceiling",
 	sprintf(
-		"'%s' is too large: %v. The ceiling for tier %s is %d.",
-		[_token_field_over_ceiling, _token_values[_token_field_over_ceiling], _tier_name, _tier.max_tokens],
+		"'%s' is too large: %s. The ceiling for tier %s is %d.",
+		# format_int, not %v: the Wasm build prints a count sent as 257.0 as "257.0", the server as "257"
+		[_token_field_over_ceiling, format_int(_token_values[_token_field_over_ceiling], 10), _tier_name, _tier.max_tokens],
 	),
 	_token_field_over_ceiling, {},
 ) if {

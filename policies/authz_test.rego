@@ -409,6 +409,20 @@ test_max_tokens_over_ceiling_names_ceiling if {
 	contains(_message(r), "256")
 }
 
+test_max_tokens_sent_as_a_whole_float_reads_as_an_integer if {
+	body := object.union(_chat_body("tiny-gpt2"), json.unmarshal(`{"max_tokens": 257.0}`))
+	r := authz.result with input as _post(_chat, body, _globex)
+	_denied(r, 400, "max_tokens_over_ceiling")
+	contains(_message(r), "too large: 257. The ceiling")
+}
+
+test_max_tokens_from_2_pow_31_is_invalid if {
+	r := authz.result with input as _post(_chat, object.union(_chat_body("tiny-gpt2"), {"max_tokens": 2147483648}), _globex)
+	_denied(r, 400, "invalid_max_tokens")
+	s := authz.result with input as _post(_chat, object.union(_chat_body("tiny-gpt2"), {"max_tokens": 2147483647}), _globex)
+	_denied(s, 400, "max_tokens_over_ceiling")
+}
+
 test_max_tokens_at_ceiling_is_allowed if {
 	r := authz.result with input as _post(_chat, object.union(_chat_body("tiny-gpt2"), {"max_tokens": 256}), _globex)
 	r.allowed == true

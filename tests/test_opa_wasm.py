@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kernelgate.policy_bundle import build_wasm_bundle
@@ -76,6 +76,9 @@ bodies = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(method="POST", path="/v1/completions", body='{"model": "tiny-gpt2", "max_tokens": 257.0}', identity=IDENTITIES[1])
+@example(method="POST", path="/v1/completions", body='{"model": "tiny-gpt2", "max_tokens": 1e20}', identity=IDENTITIES[1])
+@example(method="POST", path="/v1/completions", body='{"model": "tiny-gpt2", "max_tokens": 1.7976931348623157e308}', identity=IDENTITIES[1])
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
        path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models",
                              "/healthz", "/readyz", "/v1/other", "/", "/v1/completions/x"]),

@@ -133,8 +133,9 @@ class KernelPlan:
 
 
 def short_kernel_name(name: str, limit: int = 96) -> str:
-    """``void ns::kernel<T, 4>(args)`` -> ``ns::kernel``: span names stay readable in Jaeger."""
-    short = name[5:] if name.startswith("void ") else name
+    """``void ns::kernel<T, 4>(args)`` -> ``ns::kernel``: span names stay readable in Jaeger.
+    Anonymous namespaces are left out (their parenthesis is not the argument list)."""
+    short = (name[5:] if name.startswith("void ") else name).replace("(anonymous namespace)::", "")
     for stop in ("<", "("):
         cut = short.find(stop)
         if cut > 0:

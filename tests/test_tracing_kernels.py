@@ -84,6 +84,10 @@ def test_short_kernel_names() -> None:
     assert short_kernel_name("ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_tn") == \
         "ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_tn"
     assert short_kernel_name("Memcpy HtoD (Pageable -> Device)") == "Memcpy HtoD"
+    assert short_kernel_name("void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, c10::Half>(c10::Half*)") \
+        == "at::native::cunn_SoftMaxForward"
+    assert short_kernel_name("void (anonymous namespace)::elementwise_kernel_with_index<int>(int)") == \
+        "elementwise_kernel_with_index"
     assert len(short_kernel_name("x" * 500)) == 96
 
 

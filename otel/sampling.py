@@ -2,8 +2,8 @@
 
 The inference engine starts an ``engine.step`` span for every forward pass (hundreds a second
 under load, each linked to every request in its batch). Recording all of them costs more than
-the rest of the tracing together (docs/tracing.md, bench/results/tracing_gpu.json), so within
-a sampled trace only prefill steps and every ``decode_every``-th decode step are kept. The
+the rest of the tracing together (docs/tracing.md, bench/results/tracing_gpu_sequential_torch.json),
+so within a sampled trace only prefill steps and every ``decode_every``-th decode step are kept. The
 choice is by step index, so one step is kept or dropped for all of its requests alike.
 """
 

@@ -357,7 +357,7 @@ class CuptiCapture:
 
     Why not torch's profiler on a GPU: it costs the engine thread ~34 ms a captured pass on the
     H100 (Kineto re-attaching CUPTI, then processing its records with the GIL held); this
-    costs ~15-20 ms (bench/results/cupti_direct.json), and the records arrive as plain values.
+    costs ~21 ms (bench/results/tracing_gpu.json), and the records arrive as plain values.
 
     Per pass, on the engine thread: ``start`` registers the buffer callbacks (CUPTI attaches
     here, ~13 ms; after a ``finalize`` it has forgotten them, and a capture without them records
@@ -416,7 +416,8 @@ class CuptiCapture:
         with self._lock:
             records, self._records = self._records, []
         readings, self._readings = self._readings, []
-        return RawCapture((records, self._markers), readings)
+        markers, self._markers = self._markers, []
+        return RawCapture((records, markers), readings)
 
     def events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
         records, markers = raw.result
@@ -669,6 +670,8 @@ def make_capture(config: KernelTraceConfig) -> Capture:
     if activities != "cuda":
         raise ValueError(f"kernels.capture: cupti records CUDA kernels, and activities resolved to {activities!r} "
                          "(no CUDA device?); use capture: auto or torch")
+    if importlib.util.find_spec("cupti") is None:
+        raise ValueError("kernels.capture: cupti needs NVIDIA's cupti-python (pip install 'kernelgate[gpu]')")
     from cupti import cupti
     from torch._C import _demangle
 

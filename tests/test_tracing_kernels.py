@@ -593,4 +593,8 @@ def test_capture_choice_follows_the_config(monkeypatch) -> None:
     with pytest.raises(ValueError, match="CUDA"):
         kernels.make_capture(KernelTraceConfig(capture="cupti"))  # auto activities: no GPU here
     monkeypatch.setattr(kernels, "resolve_activities", lambda config: "cuda")
+    monkeypatch.setenv("TEARDOWN_CUPTI", "1")  # what the cuda TorchProfilerCapture sets; undone after the test
     assert isinstance(kernels.make_capture(KernelTraceConfig(capture="torch")), TorchProfilerCapture)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match="cupti-python"):
+        kernels.make_capture(KernelTraceConfig(capture="cupti"))

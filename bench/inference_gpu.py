@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernelgate.processes import start, wait_http  # noqa: E402
+from kernelgate.processes import free_port, start, wait_http  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,12 +103,6 @@ def bench_hf(model_name: str, levels: list[int], args: argparse.Namespace) -> li
 
 
 # -- kernelgate server ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_name: str, variant: str, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int, Path]:

@@ -598,3 +598,15 @@ def test_capture_choice_follows_the_config(monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ValueError, match="cupti-python"):
         kernels.make_capture(KernelTraceConfig(capture="cupti"))
+
+
+def test_cupti_capture_whose_detach_fails_keeps_its_records_and_says_so(caplog) -> None:
+    cupti = FakeCupti()
+    capture = CuptiCapture(cupti)
+    capture.start()
+    cupti.launch("kept")
+    cupti.fail["finalize"] = RuntimeError("CUPTI_ERROR_UNKNOWN")
+    with caplog.at_level("ERROR", logger="kernelgate.otel.kernels"):
+        events, _ = capture.events(capture.stop())
+    assert [e.name for e in events] == ["kept"]
+    assert "could not detach CUPTI" in caplog.text

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from common.gc_freeze import freeze_startup_objects
 from inference.config import BatchingConfig, ModelConfig
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
 from inference.generation import (EngineDeadError, EngineNotReadyError, GenerationOutput, GenerationRequest,
@@ -30,7 +31,6 @@ from inference.runner import ModelRunner
 from inference.sampling import RequestSampler, next_tokens
 from inference.scheduler import Scheduler, Sequence
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
-from kernelgate.gc_freeze import freeze_startup_objects
 
 log = logging.getLogger("kernelgate.inference.engine")
 

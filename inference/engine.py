@@ -113,15 +113,6 @@ class Engine:
     def failure(self) -> BaseException | None:
         return self._failure
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready.wait(0.05):
-            if self._failure is not None:
-                raise EngineDeadError(f"engine failed: {self._failure}") from self._failure
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-        return self._failure is None
-
     def shutdown(self, timeout: float = 30.0) -> None:
         """Finish what is running or queued, then stop the thread."""
         with self._cond:

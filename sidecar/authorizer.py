@@ -17,6 +17,7 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 
+from otel import names
 from sidecar import response
 from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, Decision, DecisionUnavailable
@@ -65,7 +66,7 @@ class Authorizer:
         self._rate_limiter = rate_limiter
         self._decision_log = decision_log
         self._metrics = metrics
-        self._tracer = tracer or trace.get_tracer("kernelgate.sidecar")
+        self._tracer = tracer or trace.get_tracer(names.SIDECAR_TRACER)
         self._limits = InputLimits(max_body_bytes=config.max_body_bytes)
         self._prefix = config.header_prefix.lower()
         self._credential_headers = ("authorization", config.identity.api_key_header.lower())
@@ -83,7 +84,7 @@ class Authorizer:
         verdict = Verdict()
         identity: Identity | None = None
         check_input: CheckInput | None = None
-        with self._tracer.start_as_current_span("ext_authz.check", context=parent,
+        with self._tracer.start_as_current_span(names.AUTHZ_CHECK_SPAN, context=parent,
                                                 kind=trace.SpanKind.SERVER) as span:
             try:
                 check_input = build_input(check_request, self._limits)
@@ -98,7 +99,7 @@ class Authorizer:
 
     async def _decide(self, check_input: CheckInput, decision_id: str, verdict: Verdict) -> tuple[Any, Identity | None]:
         document = check_input.document
-        with self._child_span("identity"):
+        with self._child_span(names.IDENTITY_SPAN):
             try:
                 identity = self._authenticator.authenticate(check_input.headers)
             except AuthError as exc:
@@ -110,7 +111,7 @@ class Authorizer:
                                     self._config.ratelimit)
         document["kernelgate"]["estimated_tokens"] = estimated
 
-        with self._child_span("opa.query") as opa_span:
+        with self._child_span(names.OPA_QUERY_SPAN) as opa_span:
             try:
                 decision = await self._decider.decide(document)
             except DecisionUnavailable as exc:
@@ -119,7 +120,7 @@ class Authorizer:
                 if decision is None:
                     return _unavailable(verdict, "policy_unavailable",
                                         "authorization is temporarily unavailable"), identity
-            opa_span.set_attribute("kernelgate.cache_hit", decision.source == "cache")
+            opa_span.set_attribute(names.CACHE_HIT, decision.source == "cache")
         verdict.cache_hit = decision.source == "cache"
         self._metrics.cache.labels("hit" if verdict.cache_hit else "miss").inc()
         verdict.reason = decision.reason
@@ -166,15 +167,15 @@ class Authorizer:
             return _unavailable(verdict, "invalid_rate_limit", "rate limits for this request are misconfigured")
         if not budgets:
             return None
-        with self._child_span("ratelimit") as span:
+        with self._child_span(names.RATELIMIT_SPAN) as span:
             try:
                 result = await self._rate_limiter.charge(budgets)
             except RateLimitUnavailable:
                 span.set_status(trace.StatusCode.ERROR, "rate-limit backend unavailable")
                 self._metrics.ratelimit.labels("unavailable", self._config.ratelimit.backend).inc()
                 return _unavailable(verdict, "ratelimit_unavailable", "rate limiting is temporarily unavailable")
-            span.set_attribute("kernelgate.ratelimit.backend", result.backend)
-            span.set_attribute("kernelgate.ratelimit.degraded", result.degraded)
+            span.set_attribute(names.RATELIMIT_BACKEND, result.backend)
+            span.set_attribute(names.RATELIMIT_DEGRADED, result.degraded)
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
         verdict.rate_limit = {"backend": result.backend, "degraded": result.degraded,
                               "budgets": {s.kind: {"limit": s.limit, "remaining": s.remaining}
@@ -227,18 +228,18 @@ class Authorizer:
         self._metrics.latency.observe(latency)
         tenant = identity.tenant if identity else None
         if span.is_recording():
-            span.set_attribute("kernelgate.decision", verdict.outcome)
-            span.set_attribute("kernelgate.decision_id", decision_id)
-            span.set_attribute("http.response.status_code", verdict.http_status)
-            span.set_attribute("kernelgate.reason", verdict.reason)
-            span.set_attribute("kernelgate.cache_hit", verdict.cache_hit)
-            span.set_attribute("kernelgate.policy_revision", self._decider.revision[:16])
+            span.set_attribute(names.DECISION, verdict.outcome)
+            span.set_attribute(names.DECISION_ID, decision_id)
+            span.set_attribute(names.HTTP_RESPONSE_STATUS_CODE, verdict.http_status)
+            span.set_attribute(names.REASON, verdict.reason)
+            span.set_attribute(names.CACHE_HIT, verdict.cache_hit)
+            span.set_attribute(names.POLICY_REVISION, self._decider.revision[:16])
             if tenant:
-                span.set_attribute("kernelgate.tenant", tenant)
+                span.set_attribute(names.TENANT, tenant)
             for kind, state in (verdict.rate_limit or {}).get("budgets", {}).items():
-                span.set_attribute(f"kernelgate.ratelimit.{kind}.remaining", state["remaining"])
+                span.set_attribute(names.ratelimit_remaining(kind), state["remaining"])
             if verdict.outcome != "allow":
-                span.set_attribute("kernelgate.deny_reason", verdict.reason)
+                span.set_attribute(names.DENY_REASON, verdict.reason)
         self._decision_log.write(DecisionRecord(
             decision_id=decision_id,
             request_id=headers.get("x-request-id", ""),

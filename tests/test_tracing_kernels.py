@@ -1,4 +1,4 @@
-"""Kernel capture (otel/kernels.py) without a GPU: the pure parts on synthetic events, the
+"""Kernel capture (otel/kernels/) without a GPU: the pure parts on synthetic events, the
 capture on CPU operators, and the observer end to end into the SDK's in-memory exporter."""
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from otel.config import KernelTraceConfig
-from otel.kernels import (
-    FORWARD_SPAN, CaptureSampler, ClockAnchor, CuptiCapture, KernelEvent, KernelTracer, TorchProfilerCapture, in_ratio,
-    is_forced, plan_kernel_spans, short_kernel_name,
-)
+from otel.kernels.cupti_capture import CuptiCapture
+from otel.kernels.plan import ClockAnchor, KernelEvent, plan_kernel_spans, short_kernel_name
+from otel.kernels.selection import CaptureSampler, in_ratio, is_forced
+from otel.kernels.torch_capture import TorchProfilerCapture
+from otel.kernels.tracer import KernelTracer
+from otel.names import FORWARD_SPAN
 
 MS = 1_000_000
 
@@ -582,7 +584,7 @@ def test_cupti_capture_whose_flush_fails_still_detaches_and_leaks_nothing_into_t
 def test_capture_choice_follows_the_config(monkeypatch) -> None:
     import importlib.util
 
-    from otel import kernels
+    from otel.kernels import factory as kernels
 
     assert isinstance(kernels.make_capture(KernelTraceConfig(activities="cpu")), TorchProfilerCapture)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "cupti" else None)

@@ -1,0 +1,114 @@
+"""CUDA kernels of one forward pass recorded through CUPTI's Activity API (NVIDIA's ``cupti-python``).
+
+In: ``start``/``stop`` on the engine thread around one pass; CUPTI's buffer callbacks. Out: the
+pass's kernel records as plain tuples, demangled and anchored on the worker thread by ``events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from otel.kernels.capture import ANCHOR_READINGS, YIELD_EVERY_EVENTS, Activities, RawCapture, yield_gil
+from otel.kernels.plan import ClockAnchor, KernelEvent
+
+log = logging.getLogger("kernelgate.otel.kernels.cupti")
+
+
+class CuptiCapture:
+    """CUDA kernels recorded through CUPTI's Activity API directly (NVIDIA's ``cupti-python``).
+
+    Why not torch's profiler on a GPU: it costs the engine thread ~34 ms a captured pass on the
+    H100 (Kineto re-attaching CUPTI, then processing its records with the GIL held); this
+    costs ~21 ms (bench/results/tracing_gpu.json), and the records arrive as plain values.
+
+    Per pass, on the engine thread: ``start`` registers the buffer callbacks (CUPTI attaches
+    here, ~13 ms; after a ``finalize`` it has forgotten them, and a capture without them records
+    nothing), enables concurrent-kernel records and reads the clock anchor (``get_timestamp``,
+    the clock of the kernel records, between two wall-clock readings); ``stop`` disables them,
+    flushes (the records come back through ``_buffer_completed`` on this thread, 1-3 ms) and
+    detaches CUPTI with ``finalize`` (2-5 ms): left attached, CUPTI slowed every later CUDA graph
+    replay 10-18 %. Demangling and everything after run on the worker (``events``).
+
+    ``cupti`` is the ``cupti.cupti`` module (a fake in tests); ``demangle`` turns a kernel's
+    mangled name into the C++ signature (torch's ``_demangle``).
+    """
+
+    name = "cupti"
+    activities: Activities = "cuda"
+    # CUPTI asks for activity buffers as it needs them; one pass of GPT-2 medium filled ~120 KB.
+    BUFFER_BYTES = 8 << 20
+
+    def __init__(self, cupti: Any, demangle: Callable[[str], str] = lambda name: name,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self._cupti = cupti
+        self._kind = cupti.ActivityKind.CONCURRENT_KERNEL
+        self._demangle = demangle
+        self._clock = clock
+        self._lock = threading.Lock()  # CUPTI may hand a full buffer back on a thread of its own
+        self._records: list[tuple[str, int, int, int, int]] = []
+        self._readings: list[tuple[int, int]] = []
+        self._markers: list[tuple[int, int]] = []
+
+    def ready(self) -> bool:
+        return True  # finalize() has detached CUPTI by the time stop() returns
+
+    def start(self) -> None:
+        cupti = self._cupti
+        try:
+            cupti.activity_register_callbacks(self._buffer_requested, self._buffer_completed)
+            cupti.activity_enable(self._kind)
+        except Exception:
+            self._detach()
+            raise
+        with self._lock:
+            self._records = []  # whatever a failed stop() left behind
+        self._readings, self._markers = [], []
+        for _ in range(ANCHOR_READINGS):
+            before = self._clock()
+            stamp = cupti.get_timestamp()
+            self._readings.append((before, self._clock()))
+            self._markers.append((stamp, stamp))
+
+    def stop(self) -> RawCapture:
+        try:
+            self._cupti.activity_disable(self._kind)
+            self._cupti.activity_flush_all(1)  # CUPTI_ACTIVITY_FLAG_FLUSH_FORCED: incomplete buffers too
+        finally:
+            self._detach()
+        with self._lock:
+            records, self._records = self._records, []
+        readings, self._readings = self._readings, []
+        markers, self._markers = self._markers, []
+        return RawCapture((records, markers), readings)
+
+    def events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
+        records, markers = raw.result
+        names: dict[str, str] = {}
+        out: list[KernelEvent] = []
+        for i, (name, start, end, device, stream) in enumerate(records):
+            if i % YIELD_EVERY_EVENTS == YIELD_EVERY_EVENTS - 1:
+                yield_gil()
+            readable = names.get(name)
+            if readable is None:
+                readable = names[name] = self._demangle(name)
+            out.append(KernelEvent(readable, start, end, device, stream))
+        return out, ClockAnchor.pick(markers, raw.readings)
+
+    def _detach(self) -> None:
+        try:
+            self._cupti.finalize()
+        except Exception:  # noqa: BLE001 - the capture's own error (if any) is the one to report
+            log.exception("could not detach CUPTI")
+
+    def _buffer_requested(self) -> tuple[int, int]:
+        return self.BUFFER_BYTES, 0  # size, max records (0: as many as fit)
+
+    def _buffer_completed(self, activities: Sequence[Any]) -> None:
+        # Copied out here: the record objects may point into the buffer CUPTI reuses after this returns.
+        kernels = [(a.name, a.start, a.end, a.device_id, a.stream_id) for a in activities if a.kind == self._kind]
+        with self._lock:
+            self._records.extend(kernels)

@@ -40,6 +40,14 @@ class KernelTraceConfig:
     capture: Literal["auto", "cupti", "torch"] = "auto"
     # Captures waiting for the worker thread; beyond this a capture is dropped, never waited for.
     max_pending: int = 8
+    # cupti: attach CUPTI on a thread of its own as soon as a request is selected, so the engine
+    # thread only enables, flushes and detaches (~4 ms a captured pass, not ~21); the request's
+    # first pass after that is captured (usually an early decode step rather than its prefill).
+    # false: attach on the engine thread at the pass (its prefill is captured).
+    prepare_ahead: bool = True
+    # Adaptive cap: captures are admitted while the engine-thread stall they measure stays under
+    # this share of wall-clock time (per cent; 0: no cap but max_captures_per_minute). See budget.py.
+    stall_budget_pct: float = 1.0
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.ratio <= 1.0, f"kernels.ratio must be within 0..1, got {self.ratio}")
@@ -48,6 +56,8 @@ class KernelTraceConfig:
         _require(self.fold_after >= 1, "kernels.fold_after must be >= 1")
         _require(self.steps_per_request >= 1, "kernels.steps_per_request must be >= 1")
         _require(self.max_pending >= 1, "kernels.max_pending must be >= 1")
+        _require(0.0 <= self.stall_budget_pct <= 100.0,
+                 f"kernels.stall_budget_pct must be within 0..100, got {self.stall_budget_pct}")
         _require(not (self.capture == "cupti" and self.activities == "cpu"),
                  "kernels.capture: cupti records CUDA kernels only; use torch (or auto) with activities: cpu")
 

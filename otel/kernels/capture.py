@@ -41,12 +41,22 @@ class RawCapture:
 
 
 class Capture(Protocol):
-    """Records one forward pass at a time; ``name`` and ``activities`` go on the ``gpu.forward`` span."""
+    """Records one forward pass at a time; ``name`` and ``activities`` go on the ``gpu.forward`` span.
+
+    ``start``, ``stop`` and ``release`` run on the engine thread; ``prepare`` (only called when
+    ``prepares_ahead``) on a thread of the tracer's, to make ``ready`` true without the engine
+    thread paying for it; ``events`` on the worker thread.
+    """
 
     name: str
     activities: Activities
+    prepares_ahead: bool
 
     def ready(self) -> bool: ...
+
+    def prepare(self) -> None: ...
+
+    def release(self) -> None: ...
 
     def start(self) -> None: ...
 

@@ -23,15 +23,22 @@ class CuptiCapture:
 
     Why not torch's profiler on a GPU: it costs the engine thread ~34 ms a captured pass on the
     H100 (Kineto re-attaching CUPTI, then processing its records with the GIL held); this
-    costs ~21 ms (bench/results/tracing_gpu.json), and the records arrive as plain values.
+    costs ~21 ms attaching on the engine thread, and ~4 ms attaching ahead (below); the records
+    arrive as plain values.
 
-    Per pass, on the engine thread: ``start`` registers the buffer callbacks (CUPTI attaches
-    here, ~13 ms; after a ``finalize`` it has forgotten them, and a capture without them records
-    nothing), enables concurrent-kernel records and reads the clock anchor (``get_timestamp``,
-    the clock of the kernel records, between two wall-clock readings); ``stop`` disables them,
-    flushes (the records come back through ``_buffer_completed`` on this thread, 1-3 ms) and
-    detaches CUPTI with ``finalize`` (2-5 ms): left attached, CUPTI slowed every later CUDA graph
-    replay 10-18 %. Demangling and everything after run on the worker (``events``).
+    CUPTI attaches when the buffer callbacks are registered (~13-17 ms; after a ``finalize`` it
+    has forgotten them, and a capture without them records nothing). With ``prepare_ahead``
+    that happens in ``prepare``, on a thread of the tracer's own while the engine keeps serving
+    (``cupti-python`` releases the GIL in its calls), and ``ready`` says when it is done; without,
+    in ``start`` on the engine thread. Per captured pass, on the engine thread: ``start`` enables
+    concurrent-kernel records and reads the clock anchor (``get_timestamp``, the clock of the
+    kernel records, between two wall-clock readings); ``stop`` disables them, flushes (the records
+    come back through ``_buffer_completed`` on this thread, 1-3 ms) and detaches CUPTI with
+    ``finalize`` (2-5 ms): left attached, CUPTI slowed every later CUDA graph replay 10-18 %, and
+    ``finalize`` racing another thread's CUDA calls crashed Kineto (pytorch/kineto#686), so it
+    stays on the engine thread, between two passes. ``release`` detaches an attached CUPTI that
+    no capture followed (the request ended first), on the engine thread too. Demangling and
+    everything after run on the worker (``events``).
 
     ``cupti`` is the ``cupti.cupti`` module (a fake in tests); ``demangle`` turns a kernel's
     mangled name into the C++ signature (torch's ``_demangle``).
@@ -43,25 +50,55 @@ class CuptiCapture:
     BUFFER_BYTES = 8 << 20
 
     def __init__(self, cupti: Any, demangle: Callable[[str], str] = lambda name: name,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, prepare_ahead: bool = False) -> None:
         self._cupti = cupti
         self._kind = cupti.ActivityKind.CONCURRENT_KERNEL
         self._demangle = demangle
         self._clock = clock
+        self.prepares_ahead = prepare_ahead
         self._lock = threading.Lock()  # CUPTI may hand a full buffer back on a thread of its own
+        # Held while CUPTI attaches or detaches: the preparing thread and the engine thread.
+        self._attach_lock = threading.Lock()
+        self._attached = False
         self._records: list[tuple[str, int, int, int, int]] = []
         self._readings: list[tuple[int, int]] = []
         self._markers: list[tuple[int, int]] = []
 
     def ready(self) -> bool:
-        return True  # finalize() has detached CUPTI by the time stop() returns
+        """Whether ``start`` may run now: always when attaching inline, else once ``prepare`` is done."""
+        return self._attached or not self.prepares_ahead
+
+    def prepare(self) -> None:
+        """Attach CUPTI ahead of a capture (not on the engine thread); a no-op when attached."""
+        with self._attach_lock:
+            if self._attached:
+                return
+            try:
+                self._cupti.activity_register_callbacks(self._buffer_requested, self._buffer_completed)
+            except Exception:
+                self._detach()
+                raise
+            self._attached = True
+
+    def release(self) -> None:
+        """Detach a CUPTI that ``prepare`` attached and no capture used (engine thread)."""
+        if self._attached and self._attach_lock.acquire(blocking=False):
+            try:
+                if self._attached:
+                    self._attached = False
+                    self._detach()
+            finally:
+                self._attach_lock.release()
 
     def start(self) -> None:
         cupti = self._cupti
         try:
-            cupti.activity_register_callbacks(self._buffer_requested, self._buffer_completed)
+            if not self._attached:
+                cupti.activity_register_callbacks(self._buffer_requested, self._buffer_completed)
+                self._attached = True
             cupti.activity_enable(self._kind)
         except Exception:
+            self._attached = False
             self._detach()
             raise
         with self._lock:
@@ -74,11 +111,13 @@ class CuptiCapture:
             self._markers.append((stamp, stamp))
 
     def stop(self) -> RawCapture:
-        try:
-            self._cupti.activity_disable(self._kind)
-            self._cupti.activity_flush_all(1)  # CUPTI_ACTIVITY_FLAG_FLUSH_FORCED: incomplete buffers too
-        finally:
-            self._detach()
+        with self._attach_lock:
+            try:
+                self._cupti.activity_disable(self._kind)
+                self._cupti.activity_flush_all(1)  # CUPTI_ACTIVITY_FLAG_FLUSH_FORCED: incomplete buffers too
+            finally:
+                self._attached = False
+                self._detach()
         with self._lock:
             records, self._records = self._records, []
         readings, self._readings = self._readings, []

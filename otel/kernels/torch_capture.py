@@ -43,6 +43,8 @@ class TorchProfilerCapture:
     """
 
     name = "torch.profiler"
+    # Preparing the profiler ahead on another thread was measured and rejected (docs/tracing.md).
+    prepares_ahead = False
 
     def __init__(self, activities: Activities, clock: Callable[[], int] = time.time_ns) -> None:
         import torch
@@ -61,6 +63,12 @@ class TorchProfilerCapture:
         self._record = torch.profiler.record_function
         self._device_cpu = torch._C._autograd.DeviceType.CPU
         self._readings: list[tuple[int, int]] = []
+
+    def prepare(self) -> None:
+        """Nothing to do ahead: the profiler attaches in ``start``."""
+
+    def release(self) -> None:
+        """Nothing to undo: ``prepare`` does nothing."""
 
     def ready(self) -> bool:
         return time.monotonic() - self._stopped_at >= self._gap_s

@@ -22,6 +22,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from otel import names
 from otel.config import KernelTraceConfig
+from otel.kernels.budget import StallBudget
 from otel.kernels.capture import YIELD_EVERY_SPANS, Capture, RawCapture, yield_gil
 from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans
 from otel.kernels.selection import CaptureSampler, is_forced
@@ -37,6 +38,7 @@ class _Selected:
     reason: str
     steps_left: int
     spans_left: int
+    budget_ns: int = 0  # stall the budget set aside for its capture, until settled
 
 
 @dataclass
@@ -59,28 +61,50 @@ class KernelStats:
     failures: int = 0
     # Time the engine thread spent starting and stopping the profiler (what a captured pass pays).
     engine_thread_ns: int = 0
-    engine_start_ns: int = 0  # the starting part of engine_thread_ns (CUPTI re-attaches there)
+    engine_start_ns: int = 0  # the starting part of engine_thread_ns (CUPTI attaches there, unless ahead)
     worker_ns: int = 0
+    # Attaching ahead (a capture that prepares_ahead), on the preparing thread, and its undoing.
+    prepares: int = 0
+    prepare_ns: int = 0
+    releases: int = 0
+    budget_refused: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class KernelTracer:
-    """The engine's forward observer for kernel capture, and the request hook that selects requests."""
+    """The engine's forward observer for kernel capture, and the request hook that selects requests.
+
+    Threads: the event loop selects (``on_request``); the engine thread brackets passes (``start``,
+    ``finish``); the worker exports; and, when the capture ``prepares_ahead``, a preparing thread
+    attaches the recorder as soon as a selected request waits for it, so the engine thread only
+    enables and stops it. ``budget`` caps captures by the stall they measure (budget.py).
+    """
 
     def __init__(self, config: KernelTraceConfig, tracer: trace.Tracer, capture: Capture,
-                 sampler: CaptureSampler | None = None, clock: Callable[[], int] = time.time_ns) -> None:
+                 sampler: CaptureSampler | None = None, clock: Callable[[], int] = time.time_ns,
+                 budget: StallBudget | None = None) -> None:
         self._config = config
         self._tracer = tracer
         self._capture = capture
-        self._sampler = sampler or CaptureSampler(config.ratio, config.max_captures_per_minute)
+        self.budget = budget or StallBudget(config.stall_budget_pct / 100.0)
+        self._sampler = sampler or CaptureSampler(config.ratio, config.max_captures_per_minute, budget=self.budget)
         self._clock = clock
         self._lock = threading.Lock()
         self._requests: dict[int, _Selected] = {}  # by request span id; event loop adds, engine reads
+        self._waiting = 0  # selected requests with passes left to capture (under _lock)
         self._active: list[_Selected] | None = None  # engine thread only
+        self._active_ns = 0  # engine-thread time of the active capture so far
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_pending)
         self.stats = KernelStats()
         self._worker = threading.Thread(target=self._work, name="kernelgate-kernel-spans", daemon=True)
         self._worker.start()
+        self._wake = threading.Event()
+        self._closing = False
+        self._preparer: threading.Thread | None = None
+        if capture.prepares_ahead:
+            self._preparer = threading.Thread(target=self._prepare_ahead, name="kernelgate-kernel-prepare",
+                                              daemon=True)
+            self._preparer.start()
 
     # -- request side (event loop) ---------------------------------------------------------------------
     def on_request(self, span: trace.Span, headers: Mapping[str, str]) -> str | None:
@@ -89,26 +113,40 @@ class KernelTracer:
         if not ctx.is_valid:
             return None
         with self._lock:
-            reason = self._sampler.decide(ctx.trace_id, ctx.trace_flags.sampled,
-                                          is_forced(headers, self._config.force_header))
+            reason, taken = self._sampler.admit(ctx.trace_id, ctx.trace_flags.sampled,
+                                                is_forced(headers, self._config.force_header))
             if reason is None:
+                self.stats.budget_refused = self.budget.refused
                 return None
             self._requests[ctx.span_id] = _Selected(ctx, reason, self._config.steps_per_request,
-                                                    self._config.max_spans_per_trace)
+                                                    self._config.max_spans_per_trace, taken)
+            self._waiting += 1
             self.stats.selected += 1
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        self._wake.set()
         span.set_attribute(names.KERNELS_CAPTURE, reason)
         return reason
 
     def on_request_end(self, span_context: SpanContext) -> None:
         if self._requests:
             with self._lock:
-                self._requests.pop(span_context.span_id, None)
+                selected = self._requests.pop(span_context.span_id, None)
+                unspent = selected.budget_ns if selected is not None else 0
+                if selected is not None:
+                    selected.budget_ns = 0
+                    if selected.steps_left > 0:
+                        self._waiting -= 1
+            if unspent:
+                self.budget.refund(unspent)  # ended before a pass of it was captured
 
     # -- engine side (ForwardObserver) -------------------------------------------------------------------
     def start(self, step: Any) -> None:
         """Before a forward pass: profile it if a selected request with passes left is in it."""
-        if not self._requests or self._active is not None or not self._capture.ready():
+        if not self._waiting:
+            if self._preparer is not None and self._capture.ready():
+                self._release()  # attached ahead for requests that ended (or were captured) first
+            return
+        if self._active is not None or not self._capture.ready():
             return
         contexts: Sequence[SpanContext | None] = getattr(step, "trace_contexts", ()) or ()
         targets: list[_Selected] = []
@@ -120,6 +158,8 @@ class KernelTracer:
                     targets.append(selected)
             for target in targets:
                 target.steps_left -= 1
+                if target.steps_left == 0:
+                    self._waiting -= 1
         if not targets:
             return
         began = time.perf_counter_ns()
@@ -128,12 +168,13 @@ class KernelTracer:
         except Exception:  # noqa: BLE001 - e.g. another profiler is running: skip, never fail the step
             self.stats.failures += 1
             log.exception("could not start the kernel profiler")
+            self._settle(targets, time.perf_counter_ns() - began)
             return
         finally:
             took = time.perf_counter_ns() - began
             self.stats.engine_thread_ns += took
             self.stats.engine_start_ns += took
-        self._active = targets
+        self._active, self._active_ns = targets, took
 
     def finish(self, step: Any, span_context: SpanContext | None) -> None:
         """After the pass (its outputs are on the host, so its kernels are done): stop, hand off."""
@@ -149,16 +190,62 @@ class KernelTracer:
             log.exception("could not stop the kernel profiler")
             return
         finally:
-            self.stats.engine_thread_ns += time.perf_counter_ns() - began
+            took = time.perf_counter_ns() - began
+            self.stats.engine_thread_ns += took
+            self._settle(targets, self._active_ns + took)
+            if self._preparer is not None:
+                self._wake.set()  # another selected request may be waiting for the recorder
         self.stats.captures += 1
         try:
             self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, raw))
         except queue.Full:
             self.stats.dropped_captures += 1
 
+    def _settle(self, targets: list[_Selected], stall_ns: int) -> None:
+        """Charge the budget what one capture (of ``targets``' pass) stalled the engine thread."""
+        with self._lock:
+            taken = sum(t.budget_ns for t in targets)
+            for target in targets:
+                target.budget_ns = 0
+        self.budget.spent(taken, stall_ns)
+
+    def _release(self) -> None:
+        began = time.perf_counter_ns()
+        try:
+            self._capture.release()
+        except Exception:  # noqa: BLE001
+            self.stats.failures += 1
+            log.exception("could not release the kernel recorder")
+        self.stats.releases += 1
+        self.stats.engine_thread_ns += time.perf_counter_ns() - began
+
+    # -- preparing thread ---------------------------------------------------------------------------------
+    def _prepare_ahead(self) -> None:
+        """Attach the recorder whenever a selected request waits for a pass and it is not ready."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            if not self._waiting or self._active is not None or self._capture.ready():
+                continue
+            began = time.perf_counter_ns()
+            try:
+                self._capture.prepare()
+            except Exception:  # noqa: BLE001 - the next selected request tries again
+                self.stats.failures += 1
+                log.exception("could not prepare the kernel recorder")
+            finally:
+                self.stats.prepares += 1
+                self.stats.prepare_ns += time.perf_counter_ns() - began
+
     # -- worker ---------------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
         """Export what is pending, then stop the worker (before the tracer provider shuts down)."""
+        self._closing = True
+        self._wake.set()
+        if self._preparer is not None:
+            self._preparer.join(timeout)
         try:
             self._jobs.put(None, timeout=timeout)
         except queue.Full:

@@ -30,7 +30,7 @@ PREPROCESS_SPAN = "preprocess"
 QUEUE_SPAN = "queue"
 # one per forward pass, linked to every request of its batch; thinned by otel.sampling.StepThinningSampler
 STEP_SPAN = "engine.step"
-# kernel capture: one per captured (or derived) forward pass, parent of its kernel spans (named after the kernel)
+# kernel capture: one per captured forward pass, parent of its kernel spans (named after the kernel)
 FORWARD_SPAN = "gpu.forward"
 
 
@@ -81,7 +81,7 @@ QUEUE_SLOT = "kernelgate.queue.slot"
 KERNELS_CAPTURE = "kernelgate.kernels.capture"
 # on gpu.forward
 KERNELS_ACTIVITIES = "kernelgate.kernels.activities"  # "cuda" | "cpu"
-KERNELS_RECORDER = "kernelgate.kernels.recorder"  # "cupti" | "torch.profiler" | "cuda.graph" (derived)
+KERNELS_RECORDER = "kernelgate.kernels.recorder"  # "cupti" | "torch.profiler"
 KERNELS_COUNT = "kernelgate.kernels.count"
 KERNELS_SPANS = "kernelgate.kernels.spans"
 KERNELS_FOLDED = "kernelgate.kernels.folded"

@@ -11,6 +11,8 @@ Modes (``--modes``):
 * ``spans``: head sampling 100 %, no kernel traces (what the spans alone cost);
 * ``on``: head sampling 100 %, kernel traces for ``--kernel-ratio`` of requests;
 * ``ratio=R``: as ``on`` with kernel traces for R of requests (the cost curve);
+* ``ratio=R:budget=PCT``: as ``ratio=R`` under a stall budget of PCT % (``kernels.stall_budget_pct``;
+  every other mode runs with ``--stall-budget-pct``, 0 by default, so that the ratio decides);
 * ``inline``: as ``on``, CUPTI attached on the engine thread at the pass (``kernels.prepare_ahead: false``);
 * ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``).
 
@@ -38,8 +40,8 @@ back from the file: its ``gpu.forward`` spans, the kernel spans under them, and 
 span lies inside its parent's time range.
 
     python3 bench/tracing_gpu.py --no-deepspeed --modes off,on --out bench/results/tracing_gpu.json
-    # the cost curve over ratios (0.1 %, 1 %, 10 %) in one run:
-    python3 bench/tracing_gpu.py --no-deepspeed --modes off,ratio=0.001,on,ratio=0.1
+    # the cost curve over ratios (0.1 %, 1 %, 10 %) in one run, and 10 % under the default 1 % stall budget:
+    python3 bench/tracing_gpu.py --no-deepspeed --modes off,ratio=0.001,on,ratio=0.1,ratio=0.1:budget=1
 """
 
 from __future__ import annotations
@@ -89,13 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-halfwidth", type=float, default=1.0,
                    help="stop once the 90%% interval of on's pooled loss is within +- this many points")
     p.add_argument("--time-budget-s", type=float, default=0.0,
-                   help="stop starting rounds after this many seconds of measuring, over all runs (0: no limit)")
-    p.add_argument("--window-s", type=float, default=4.0)
-    p.add_argument("--ramp-s", type=float, default=1.0, help="load before each window's count starts")
+                   help="stop starting rounds (past --min-rounds) after this many seconds of measuring, over all "
+                        "runs, server starts not counted (0: no limit)")
+    p.add_argument("--window-s", type=float, default=3.0)
+    p.add_argument("--ramp-s", type=float, default=0.6, help="load before each window's count starts")
     p.add_argument("--trace-ids", choices=("stratified", "random"), default="stratified")
     p.add_argument("--max-captures-per-minute", type=int, default=100000,
                    help="high, so that the ratio (and the stall budget), not this cap, decides")
-    p.add_argument("--stall-budget-pct", type=float, help="kernels.stall_budget_pct (default: the config's)")
+    p.add_argument("--stall-budget-pct", type=float, default=0.0,
+                   help="kernels.stall_budget_pct of every mode but ratio=R:budget=PCT ones (default 0: no cap, "
+                        "so that the ratio decides; the config's default is 1)")
     p.add_argument("--steps-per-request", type=int, help="kernels.steps_per_request (default: the config's)")
     p.add_argument("--capture", choices=("auto", "cupti", "torch"), default="auto",
                    help="kernels.capture: what records the kernels (auto: cupti when cupti-python is installed)")
@@ -116,6 +121,12 @@ class Mode:
     ratio: float = 0.0
     decode_every: int = 16
     prepare_ahead: bool = True
+    stall_budget_pct: float | None = None  # None: --stall-budget-pct
+
+    @property
+    def slug(self) -> str:
+        """The mode in file names (letters, digits, '.', '-' and '_' only)."""
+        return re.sub(r"[^A-Za-z0-9._-]", "_", self.name)
 
     def describe(self) -> str:
         if not self.telemetry:
@@ -124,6 +135,8 @@ class Mode:
                  "1 decode engine.step span in 16" if self.decode_every == 16 else "every decode engine.step span"]
         if not self.prepare_ahead:
             parts.append("CUPTI attached on the engine thread")
+        if self.stall_budget_pct is not None:
+            parts.append(f"stall budget {self.stall_budget_pct:g} %")
         return ", ".join(parts)
 
 
@@ -139,11 +152,17 @@ def parse_mode(name: str, kernel_ratio: float) -> Mode:
     if name == "all-steps":
         return Mode(name, telemetry=True, ratio=kernel_ratio, decode_every=1)
     if name.startswith("ratio="):
-        ratio = float(name.split("=", 1)[1])
+        ratio_part, _, budget_part = name.partition(":")
+        ratio = float(ratio_part.split("=", 1)[1])
         if not 0.0 <= ratio <= 1.0:
             raise SystemExit(f"--modes: {name}: a ratio is within 0..1")
-        return Mode(name, telemetry=True, ratio=ratio)
-    raise SystemExit(f"--modes: unknown mode {name!r} (off, spans, on, ratio=R, inline, all-steps)")
+        budget = None
+        if budget_part:
+            if not budget_part.startswith("budget="):
+                raise SystemExit(f"--modes: {name}: ratio=R or ratio=R:budget=PCT")
+            budget = float(budget_part.split("=", 1)[1])
+        return Mode(name, telemetry=True, ratio=ratio, stall_budget_pct=budget)
+    raise SystemExit(f"--modes: unknown mode {name!r} (off, spans, on, ratio=R[:budget=PCT], inline, all-steps)")
 
 
 # -- the server child: what `kernelgate serve` does, without the sidecar's config sections --------------
@@ -167,8 +186,8 @@ def serve_child(config_path: str) -> int:
     return 0
 
 
-def spans_file(args: argparse.Namespace, run: int, mode: str) -> Path:
-    return Path(args.work_dir) / f"spans-{run}-{mode.replace('=', '')}.otlp"
+def spans_file(args: argparse.Namespace, run: int, mode: Mode) -> Path:
+    return Path(args.work_dir) / f"spans-{run}-{mode.slug}.otlp"
 
 
 def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: Path) -> dict[str, Any]:
@@ -179,8 +198,8 @@ def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: P
                                    "prepare_ahead": mode.prepare_ahead}
         if args.steps_per_request:
             kernels["steps_per_request"] = args.steps_per_request
-        if args.stall_budget_pct is not None:
-            kernels["stall_budget_pct"] = args.stall_budget_pct
+        kernels["stall_budget_pct"] = (mode.stall_budget_pct if mode.stall_budget_pct is not None
+                                       else args.stall_budget_pct)
         telemetry = {"enabled": True, "protocol": "file", "otlp_endpoint": str(spans_path), "sampling_ratio": 1.0,
                      "export_delay_s": 0.5, "max_queue_size": 65536, "decode_step_spans_every": mode.decode_every,
                      "kernels": kernels}
@@ -479,11 +498,11 @@ def start_servers(modes: list[Mode], args: argparse.Namespace, run: int, rng: ra
     pending = []
     for mode in modes:
         port = free_port()
-        spans_path = spans_file(args, run, mode.name)
+        spans_path = spans_file(args, run, mode)
         spans_path.unlink(missing_ok=True)
-        config_path = work / f"server-{run}-{mode.name.replace('=', '')}.yaml"
+        config_path = work / f"server-{run}-{mode.slug}.yaml"
         config_path.write_text(yaml.safe_dump(server_config(mode, args, port, spans_path)))
-        stem = f"server-{run}-{mode.name.replace('=', '')}"
+        stem = f"server-{run}-{mode.slug}"
         proc = start(stem, [sys.executable, __file__, "--serve", str(config_path)], log_dir,
                      env={"PYTHONUNBUFFERED": "1"})
         pending.append((mode, proc, port, config_path, spans_path))
@@ -546,7 +565,8 @@ def main() -> int:
                           flush=True)
                     if now["halfwidth"] <= args.target_halfwidth:
                         break
-                if args.time_budget_s and time.monotonic() - began > args.time_budget_s:
+                measured = sum(done["measuring_s"] for done in runs) + time.monotonic() - measuring
+                if args.time_budget_s and len(rounds) >= args.min_rounds and measured > args.time_budget_s:
                     break
             if last_run:
                 example["trace_id"] = servers["on"].force_example(args, prompts)
@@ -610,7 +630,8 @@ def main() -> int:
                                   **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry else {})}
                          for m in modes[1:]},
         "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"]]
-                              for m in modes[1:] if m.prepare_ahead and m.decode_every == 16), key=lambda x: x[0]),
+                              for m in modes[1:] if m.prepare_ahead and m.decode_every == 16
+                              and m.stall_budget_pct is None), key=lambda x: x[0]),
         "kernel_spans": sum(f["kernel_spans"] for f in per_forward),
         "kernel_recorder": sorted({str(f["recorder"]) for f in per_forward}),
         "kernel_spans_by_forward": per_forward,
@@ -625,8 +646,8 @@ def main() -> int:
                         "tokens": "the server's kernelgate_inference_generated_tokens counter over each window",
                         "interval": "bootstrap 90 %, rounds resampled within runs, 4000 draws"},
         "kernels_config": {"max_captures_per_minute": args.max_captures_per_minute,
-                           "stall_budget_pct": args.stall_budget_pct if args.stall_budget_pct is not None
-                           else config.stall_budget_pct,
+                           "stall_budget_pct": args.stall_budget_pct,
+                           "stall_budget_pct_default": config.stall_budget_pct,
                            "steps_per_request": args.steps_per_request or config.steps_per_request,
                            "capture": args.capture},
         "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay",

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=0.0,
                    help="stop starting rounds (past --min-rounds) after this many seconds of measuring, over all "
                         "runs, server starts not counted (0: no limit)")
+    p.add_argument("--pool-with", nargs="*", default=[], metavar="RESULT",
+                   help="earlier results of this script (same model and load) whose runs count as runs of this one: "
+                        "each mode's loss is pooled over every run that measured it, and all runs are written")
     p.add_argument("--window-s", type=float, default=3.0)
     p.add_argument("--ramp-s", type=float, default=0.6, help="load before each window's count starts")
     p.add_argument("--trace-ids", choices=("stratified", "random"), default="stratified")
@@ -181,7 +184,8 @@ def serve_child(config_path: str) -> int:
     with configure_tracing(telemetry, "kernelgate-inference"), kernel_tracing(telemetry) as kernels:
         run(inference, Tracing(request_observer=kernels), kernels)
     if kernels is not None:
-        stats = dict(kernels.stats.__dict__, budget_cost_ns=round(kernels.budget.cost_ns))
+        stats = dict(kernels.stats.__dict__, budget_cost_ns=round(kernels.budget.cost_ns),
+                     recorder=kernels.recorder_timings())
         Path(config_path + ".kernels.json").write_text(json.dumps(stats))
     return 0
 
@@ -579,33 +583,59 @@ def main() -> int:
         if run == args.runs - 1:
             traces = read_traces(servers["on"].spans_path)
 
-    def pairs(mode: str) -> list[list[tuple[float, float]]]:
-        return [[(r["off"]["tokens_per_s"], r[mode]["tokens_per_s"]) for r in run["rounds"]] for run in runs]
+    for earlier in args.pool_with:
+        prior = json.loads(Path(earlier).read_text())
+        for key in ("model", "concurrency", "prompt_tokens", "new_tokens", "kernel_ratio"):
+            if prior[key] != getattr(args, key):
+                raise SystemExit(f"--pool-with {earlier}: {key} {prior[key]!r}, this run {getattr(args, key)!r}")
+        runs[:0] = [dict(run, pooled_from=earlier) for run in prior["runs"] if "pooled_from" not in run]
+    for index, run in enumerate(runs):
+        run["run"] = index
 
-    losses = {m.name: pooled_loss(pairs(m.name)) for m in modes[1:]}
+    def pairs(mode: str) -> list[list[tuple[float, float]]]:
+        return [[(r["off"]["tokens_per_s"], r[mode]["tokens_per_s"]) for r in run["rounds"]]
+                for run in runs if run["rounds"] and mode in run["rounds"][0]]
+
+    measured = list(modes)  # and the modes only earlier runs measured
+    for run in runs:
+        for name in (run["rounds"][0] if run["rounds"] else {}):
+            if name not in [m.name for m in measured]:
+                measured.append(parse_mode(name, args.kernel_ratio))
+    losses = {m.name: pooled_loss(pairs(m.name)) for m in measured[1:]}
     headline = losses["on"]
     found = inspect_trace(traces, example["trace_id"])
     per_forward = found["per_forward"]
     last = runs[-1]["servers"]
 
+    def recorder_ms(stats: list[dict[str, Any]]) -> dict[str, float]:
+        """The recorder's breakdown (CuptiCapture.timings) per capture, over all runs."""
+        total: dict[str, int] = {}
+        for s in stats:
+            for key, value in (s.get("recorder") or {}).items():
+                total[key] = total.get(key, 0) + value
+        n = max(total.pop("captures", 0), 1)
+        return {key.removesuffix("_ns"): round(value / 1e6 / n, 2) for key, value in total.items()}
+
     def tracer_stats(mode: str) -> dict[str, Any]:
         """A mode's kernel tracer over all runs, per profiled pass and per second of its windows."""
-        stats = [run["servers"][mode].get("kernel_tracer") or {} for run in runs]
+        mine = [run for run in runs if mode in run["servers"]]
+        stats = [run["servers"][mode].get("kernel_tracer") or {} for run in mine]
         total = {k: sum(s.get(k, 0) for s in stats) for k in ("selected", "captures", "engine_thread_ns",
                                                               "engine_start_ns", "worker_ns", "prepare_ns",
                                                               "prepares", "releases", "budget_refused",
                                                               "dropped_captures", "failures")}
-        seconds = sum(w["seconds"] + args.ramp_s for run in runs for r in run["rounds"] for w in [r[mode]])
+        seconds = sum(w["seconds"] + args.ramp_s for run in mine for r in run["rounds"] for w in [r[mode]])
         captures = max(total["captures"], 1)
-        requests = sum(r[mode]["requests_finished"] for run in runs for r in run["rounds"])
-        return {**total, "captures_per_s": round(total["captures"] / seconds, 2) if seconds else None,
+        requests = sum(r[mode]["requests_finished"] for run in mine for r in run["rounds"])
+        return {**total, "runs": len(mine), "captures_per_s": round(total["captures"] / seconds, 2) if seconds else None,
                 "requests_finished_in_windows": requests,
-                "trace_ids_inside_ratio": sum(run["servers"][mode].get("trace_ids_inside_ratio", 0) for run in runs),
+                "trace_ids_inside_ratio": sum(run["servers"][mode].get("trace_ids_inside_ratio", 0) for run in mine),
                 "engine_thread_ms_per_profiled_pass": round(total["engine_thread_ns"] / 1e6 / captures, 2),
                 "engine_thread_start_ms_per_profiled_pass": round(total["engine_start_ns"] / 1e6 / captures, 2),
                 "prepare_ms_per_attach": round(total["prepare_ns"] / 1e6 / max(total["prepares"], 1), 2),
                 "worker_ms_per_profiled_pass": round(total["worker_ns"] / 1e6 / captures, 2),
-                "budget_cost_ms": round(stats[-1].get("budget_cost_ns", 0) / 1e6, 2) if stats[-1] else None}
+                "budget_cost_ms": round(stats[-1].get("budget_cost_ns", 0) / 1e6, 2) if stats[-1] else None,
+                "recorder_ms_per_capture": recorder_ms(stats)}
 
     versions = {"torch": torch.__version__}
     for name in ("transformers", "deepspeed", "opentelemetry.sdk.version", "cupti"):
@@ -628,9 +658,9 @@ def main() -> int:
         "head_sampling": 1.0,
         "cost_by_mode": {m.name: {"description": m.describe(), "kernel_ratio": m.ratio if m.telemetry else None,
                                   **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry else {})}
-                         for m in modes[1:]},
+                         for m in measured[1:]},
         "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"]]
-                              for m in modes[1:] if m.prepare_ahead and m.decode_every == 16
+                              for m in measured[1:] if m.prepare_ahead and m.decode_every == 16
                               and m.stall_budget_pct is None), key=lambda x: x[0]),
         "kernel_spans": sum(f["kernel_spans"] for f in per_forward),
         "kernel_recorder": sorted({str(f["recorder"]) for f in per_forward}),
@@ -640,7 +670,8 @@ def main() -> int:
         "example_trace_id": example["trace_id"],
         "example_trace": trimmed_example(found),
         "capture_timing": capture_timing(traces),
-        "measurement": {"runs": args.runs, "rounds": [len(r["rounds"]) for r in runs], "window_s": args.window_s,
+        "measurement": {"runs": len(runs), "rounds": [len(r["rounds"]) for r in runs], "window_s": args.window_s,
+                        "pooled_with": args.pool_with,
                         "ramp_s": args.ramp_s, "trace_ids": args.trace_ids,
                         "target_halfwidth": args.target_halfwidth, "seconds": round(time.monotonic() - began, 1),
                         "tokens": "the server's kernelgate_inference_generated_tokens counter over each window",

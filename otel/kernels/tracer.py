@@ -106,6 +106,10 @@ class KernelTracer:
                                               daemon=True)
             self._preparer.start()
 
+    def recorder_timings(self) -> dict[str, int]:
+        """The recorder's own breakdown of where capture time goes, if it keeps one (CuptiCapture)."""
+        return dict(getattr(self._capture, "timings", {}))
+
     # -- request side (event loop) ---------------------------------------------------------------------
     def on_request(self, span: trace.Span, headers: Mapping[str, str]) -> str | None:
         """Select (or not) the request whose server span is ``span``; records why on the span."""

@@ -14,6 +14,7 @@ Modes (``--modes``):
 * ``ratio=R:budget=PCT``: as ``ratio=R`` under a stall budget of PCT % (``kernels.stall_budget_pct``;
   every other mode runs with ``--stall-budget-pct``, 0 by default, so that the ratio decides);
 * ``inline``: as ``on``, CUPTI attached on the engine thread at the pass (``kernels.prepare_ahead: false``);
+* ``behind``: as ``on``, CUPTI's flush and detach on the preparing thread too (``kernels.detach_behind``);
 * ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``).
 
 **How the cost is measured.** All of a run's servers stay up side by side on the GPU and take
@@ -124,6 +125,7 @@ class Mode:
     ratio: float = 0.0
     decode_every: int = 16
     prepare_ahead: bool = True
+    detach_behind: bool = False
     stall_budget_pct: float | None = None  # None: --stall-budget-pct
 
     @property
@@ -138,6 +140,8 @@ class Mode:
                  "1 decode engine.step span in 16" if self.decode_every == 16 else "every decode engine.step span"]
         if not self.prepare_ahead:
             parts.append("CUPTI attached on the engine thread")
+        if self.detach_behind:
+            parts.append("flush and detach on the preparing thread")
         if self.stall_budget_pct is not None:
             parts.append(f"stall budget {self.stall_budget_pct:g} %")
         return ", ".join(parts)
@@ -152,6 +156,8 @@ def parse_mode(name: str, kernel_ratio: float) -> Mode:
         return Mode(name, telemetry=True, ratio=kernel_ratio)
     if name == "inline":
         return Mode(name, telemetry=True, ratio=kernel_ratio, prepare_ahead=False)
+    if name == "behind":
+        return Mode(name, telemetry=True, ratio=kernel_ratio, detach_behind=True)
     if name == "all-steps":
         return Mode(name, telemetry=True, ratio=kernel_ratio, decode_every=1)
     if name.startswith("ratio="):
@@ -199,7 +205,7 @@ def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: P
     if mode.telemetry:
         kernels: dict[str, Any] = {"ratio": mode.ratio, "max_captures_per_minute": args.max_captures_per_minute,
                                    "activities": "cuda" if args.device == "cuda" else "cpu", "capture": args.capture,
-                                   "prepare_ahead": mode.prepare_ahead}
+                                   "prepare_ahead": mode.prepare_ahead, "detach_behind": mode.detach_behind}
         if args.steps_per_request:
             kernels["steps_per_request"] = args.steps_per_request
         kernels["stall_budget_pct"] = (mode.stall_budget_pct if mode.stall_budget_pct is not None
@@ -546,7 +552,15 @@ def main() -> int:
     prompts = torch.randint(0, min(vocab, 50000), (256, args.prompt_tokens), generator=gen).tolist()
 
     def on_pairs(rounds: list[dict[str, dict]]) -> list[tuple[float, float]]:
-        return [(r["off"]["tokens_per_s"], r["on"]["tokens_per_s"]) for r in rounds]
+        return [(r["off"]["tokens_per_s"], r["on"]["tokens_per_s"]) for r in rounds if "on" in r]
+
+    prior_runs: list[dict[str, Any]] = []  # --pool-with
+    for earlier in args.pool_with:
+        prior = json.loads(Path(earlier).read_text())
+        for key in ("model", "concurrency", "prompt_tokens", "new_tokens", "kernel_ratio"):
+            if prior[key] != getattr(args, key):
+                raise SystemExit(f"--pool-with {earlier}: {key} {prior[key]!r}, this run {getattr(args, key)!r}")
+        prior_runs += [dict(run, pooled_from=run.get("pooled_from", earlier)) for run in prior["runs"]]
 
     began = time.monotonic()
     runs: list[dict[str, Any]] = []
@@ -556,15 +570,27 @@ def main() -> int:
         servers = start_servers(modes, args, run, rng)
         measuring = time.monotonic()
         rounds: list[dict[str, dict]] = []
+        failed: dict[str, str] = {}
         try:
             last_run = run == args.runs - 1
             while len(rounds) < (args.max_rounds if last_run else args.min_rounds):
                 order = modes if len(rounds) % 2 == 0 else modes[::-1]
-                rounds.append({m.name: servers[m.name].measure(args, prompts) for m in order})
+                measured_round: dict[str, dict] = {}
+                for m in order:
+                    if m.name in failed:
+                        continue
+                    try:
+                        measured_round[m.name] = servers[m.name].measure(args, prompts)
+                    except Exception as exc:  # noqa: BLE001 - an experimental mode may die; the others go on
+                        if m.name in ("off", "on"):
+                            raise
+                        failed[m.name] = f"{type(exc).__name__}: {exc}"[-3000:]
+                        print(f"[run {run}] mode {m.name} failed: {failed[m.name]}", flush=True)
+                rounds.append(measured_round)
                 print(f"[run {run} round {len(rounds)}] " + "  ".join(
-                    f"{m.name} {rounds[-1][m.name]['tokens_per_s']}" for m in modes), flush=True)
+                    f"{name} {w['tokens_per_s']}" for name, w in measured_round.items()), flush=True)
                 if last_run and len(rounds) >= args.min_rounds:
-                    now = pooled_loss([on_pairs(done["rounds"]) for done in runs] + [on_pairs(rounds)])
+                    now = pooled_loss([on_pairs(done["rounds"]) for done in prior_runs + runs] + [on_pairs(rounds)])
                     print(f"  on, pooled: {now['overhead_pct']} % [{now['interval90'][0]}, {now['interval90'][1]}]",
                           flush=True)
                     if now["halfwidth"] <= args.target_halfwidth:
@@ -577,28 +603,24 @@ def main() -> int:
         finally:
             infos = {name: server.stop() for name, server in servers.items()}
         runs.append({"run": run, "measuring_s": round(time.monotonic() - measuring, 1), "rounds": rounds,
-                     "servers": infos,
-                     "tokens_per_s": {m.name: round(statistics.fmean(r[m.name]["tokens_per_s"] for r in rounds), 1)
-                                      for m in modes}})
+                     "servers": infos, "failed_modes": failed,
+                     "tokens_per_s": {m.name: round(statistics.fmean(r[m.name]["tokens_per_s"] for r in rounds
+                                                                     if m.name in r), 1)
+                                      for m in modes if any(m.name in r for r in rounds)}})
         if run == args.runs - 1:
             traces = read_traces(servers["on"].spans_path)
 
-    for earlier in args.pool_with:
-        prior = json.loads(Path(earlier).read_text())
-        for key in ("model", "concurrency", "prompt_tokens", "new_tokens", "kernel_ratio"):
-            if prior[key] != getattr(args, key):
-                raise SystemExit(f"--pool-with {earlier}: {key} {prior[key]!r}, this run {getattr(args, key)!r}")
-        runs[:0] = [dict(run, pooled_from=earlier) for run in prior["runs"] if "pooled_from" not in run]
+    runs[:0] = prior_runs
     for index, run in enumerate(runs):
         run["run"] = index
 
     def pairs(mode: str) -> list[list[tuple[float, float]]]:
-        return [[(r["off"]["tokens_per_s"], r[mode]["tokens_per_s"]) for r in run["rounds"]]
-                for run in runs if run["rounds"] and mode in run["rounds"][0]]
+        return [[(r["off"]["tokens_per_s"], r[mode]["tokens_per_s"]) for r in run["rounds"] if mode in r]
+                for run in runs if any(mode in r for r in run["rounds"])]
 
     measured = list(modes)  # and the modes only earlier runs measured
     for run in runs:
-        for name in (run["rounds"][0] if run["rounds"] else {}):
+        for name in {name for r in run["rounds"] for name in r}:
             if name not in [m.name for m in measured]:
                 measured.append(parse_mode(name, args.kernel_ratio))
     losses = {m.name: pooled_loss(pairs(m.name)) for m in measured[1:]}
@@ -624,9 +646,9 @@ def main() -> int:
                                                               "engine_start_ns", "worker_ns", "prepare_ns",
                                                               "prepares", "releases", "budget_refused",
                                                               "dropped_captures", "failures")}
-        seconds = sum(w["seconds"] + args.ramp_s for run in mine for r in run["rounds"] for w in [r[mode]])
+        seconds = sum(r[mode]["seconds"] + args.ramp_s for run in mine for r in run["rounds"] if mode in r)
         captures = max(total["captures"], 1)
-        requests = sum(r[mode]["requests_finished"] for run in mine for r in run["rounds"])
+        requests = sum(r[mode]["requests_finished"] for run in mine for r in run["rounds"] if mode in r)
         return {**total, "runs": len(mine), "captures_per_s": round(total["captures"] / seconds, 2) if seconds else None,
                 "requests_finished_in_windows": requests,
                 "trace_ids_inside_ratio": sum(run["servers"][mode].get("trace_ids_inside_ratio", 0) for run in mine),
@@ -660,8 +682,8 @@ def main() -> int:
                                   **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry else {})}
                          for m in measured[1:]},
         "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"]]
-                              for m in measured[1:] if m.prepare_ahead and m.decode_every == 16
-                              and m.stall_budget_pct is None), key=lambda x: x[0]),
+                              for m in measured[1:] if m.name in ("spans", "on")
+                              or (m.name.startswith("ratio=") and m.stall_budget_pct is None)), key=lambda x: x[0]),
         "kernel_spans": sum(f["kernel_spans"] for f in per_forward),
         "kernel_recorder": sorted({str(f["recorder"]) for f in per_forward}),
         "kernel_spans_by_forward": per_forward,

@@ -131,3 +131,49 @@ def test_a_failed_attach_ahead_is_counted_and_the_next_request_attaches_again(sd
     tracer.close()
     assert tracer.stats.captures == 1
     assert [s.name for s in exporter.get_finished_spans()].count(FORWARD_SPAN) == 1
+
+
+def test_detach_behind_leaves_the_flush_and_detach_to_the_preparing_thread(sdk) -> None:
+    provider, exporter = sdk
+    cupti = FakeCupti()
+    cupti.delays["flush"] = 0.03
+    capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True, detach_behind=True)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0), provider.get_tracer("k"), capture)
+    first = provider.get_tracer("api").start_span("POST /v1/completions")
+    tracer.on_request(first, {})
+    wait_until(capture.ready)
+    run_pass(tracer, cupti, step_of(0, first))
+    assert not capture.ready(), "no capture starts before the last one is detached"
+    second = provider.get_tracer("api").start_span("POST /v1/completions")
+    tracer.on_request(second, {})
+    wait_until(capture.ready)  # completed, then attached again for the second request
+    run_pass(tracer, cupti, step_of(1, second))
+    tracer.close()
+    engine = threading.current_thread().name
+    assert list(zip(cupti.calls, cupti.threads)) == [
+        ("register", PREPARER), ("enable", engine), ("disable", engine), ("flush", PREPARER), ("finalize", PREPARER)] * 2
+    assert tracer.stats.captures == 2 and tracer.stats.failures == 0
+    assert tracer.stats.engine_thread_ns < 30_000_000 <= tracer.stats.complete_ns
+    forwards = [s for s in exporter.get_finished_spans() if s.name == FORWARD_SPAN]
+    assert sorted(f.attributes["kernelgate.kernels.count"] for f in forwards) == [5, 5]
+
+
+def test_detach_behind_that_fails_loses_that_pass_only(sdk) -> None:
+    provider, exporter = sdk
+    cupti = FakeCupti()
+    cupti.fail["flush"] = RuntimeError("CUPTI_ERROR_UNKNOWN")
+    capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True, detach_behind=True)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0), provider.get_tracer("k"), capture)
+    first = provider.get_tracer("api").start_span("POST /v1/completions")
+    tracer.on_request(first, {})
+    wait_until(capture.ready)
+    run_pass(tracer, cupti, step_of(0, first))
+    second = provider.get_tracer("api").start_span("POST /v1/completions")
+    tracer.on_request(second, {})
+    wait_until(capture.ready)
+    run_pass(tracer, cupti, step_of(1, second))
+    tracer.close()
+    assert cupti.calls.count("finalize") == 2, "detached after the failed flush too"
+    assert tracer.stats.failures == 2, "the flush, then the first pass's spans"
+    (forward,) = [s for s in exporter.get_finished_spans() if s.name == FORWARD_SPAN]
+    assert forward.attributes["kernelgate.step.index"] == 1

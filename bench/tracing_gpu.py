@@ -226,7 +226,7 @@ def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: P
 def stop_server(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(90)
+        proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
@@ -295,7 +295,7 @@ async def window(port: int, args: argparse.Namespace, prompts: list[list[int]], 
             i += args.concurrency
 
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
         clients = [asyncio.create_task(client(session, i)) for i in range(args.concurrency)]
         await asyncio.sleep(args.ramp_s)
         tokens0, t0 = await generated_tokens(session, port)

@@ -67,7 +67,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernelgate.processes import free_port, start, wait_http  # noqa: E402
+from common.processes import free_port, start, wait_http  # noqa: E402
 from otel import names  # noqa: E402
 
 FORCE_HEADER = "x-kernelgate-trace-kernels"
@@ -176,10 +176,10 @@ def parse_mode(name: str, kernel_ratio: float) -> Mode:
 
 # -- the server child: what `kernelgate serve` does, without the sidecar's config sections --------------
 def serve_child(config_path: str) -> int:
+    from common.settings import build, load_file
     from inference.config import InferenceConfig
     from inference.server import run
     from inference.tracing import Tracing
-    from kernelgate.settings import build, load_file
     from otel.config import TelemetryConfig
     from otel.setup import configure_tracing, kernel_tracing
 

@@ -14,7 +14,6 @@ Modes (``--modes``):
 * ``ratio=R:budget=PCT``: as ``ratio=R`` under a stall budget of PCT % (``kernels.stall_budget_pct``;
   every other mode runs with ``--stall-budget-pct``, 0 by default, so that the ratio decides);
 * ``inline``: as ``on``, CUPTI attached on the engine thread at the pass (``kernels.prepare_ahead: false``);
-* ``behind``: as ``on``, CUPTI's flush and detach on the preparing thread too (``kernels.detach_behind``);
 * ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``).
 
 **How the cost is measured.** All of a run's servers stay up side by side on the GPU and take
@@ -87,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="off, spans, on, ratio=R, inline, all-steps (see above); the first is the baseline")
     p.add_argument("--kernel-ratio", type=float, default=0.01, help="kernels.ratio of mode on")
     p.add_argument("--runs", type=int, default=1, help="independent runs, each with fresh servers")
+    p.add_argument("--warmup-rounds", type=int, default=1,
+                   help="rounds per run measured first and not counted (the GPU's first load ran ~20 %% slow)")
     p.add_argument("--min-rounds", type=int, default=6, help="rounds per run before stopping is considered")
     p.add_argument("--max-rounds", type=int, default=60, help="rounds per run at most")
     p.add_argument("--target-halfwidth", type=float, default=1.0,
@@ -97,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-with", nargs="*", default=[], metavar="RESULT",
                    help="earlier results of this script (same model and load) whose runs count as runs of this one: "
                         "each mode's loss is pooled over every run that measured it, and all runs are written")
+    p.add_argument("--pool-only", action="store_true",
+                   help="measure nothing: pool the --pool-with results (the traced example: the last one's)")
     p.add_argument("--window-s", type=float, default=3.0)
     p.add_argument("--ramp-s", type=float, default=0.6, help="load before each window's count starts")
     p.add_argument("--trace-ids", choices=("stratified", "random"), default="stratified")
@@ -125,7 +128,6 @@ class Mode:
     ratio: float = 0.0
     decode_every: int = 16
     prepare_ahead: bool = True
-    detach_behind: bool = False
     stall_budget_pct: float | None = None  # None: --stall-budget-pct
 
     @property
@@ -140,8 +142,6 @@ class Mode:
                  "1 decode engine.step span in 16" if self.decode_every == 16 else "every decode engine.step span"]
         if not self.prepare_ahead:
             parts.append("CUPTI attached on the engine thread")
-        if self.detach_behind:
-            parts.append("flush and detach on the preparing thread")
         if self.stall_budget_pct is not None:
             parts.append(f"stall budget {self.stall_budget_pct:g} %")
         return ", ".join(parts)
@@ -156,8 +156,6 @@ def parse_mode(name: str, kernel_ratio: float) -> Mode:
         return Mode(name, telemetry=True, ratio=kernel_ratio)
     if name == "inline":
         return Mode(name, telemetry=True, ratio=kernel_ratio, prepare_ahead=False)
-    if name == "behind":
-        return Mode(name, telemetry=True, ratio=kernel_ratio, detach_behind=True)
     if name == "all-steps":
         return Mode(name, telemetry=True, ratio=kernel_ratio, decode_every=1)
     if name.startswith("ratio="):
@@ -205,7 +203,7 @@ def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: P
     if mode.telemetry:
         kernels: dict[str, Any] = {"ratio": mode.ratio, "max_captures_per_minute": args.max_captures_per_minute,
                                    "activities": "cuda" if args.device == "cuda" else "cpu", "capture": args.capture,
-                                   "prepare_ahead": mode.prepare_ahead, "detach_behind": mode.detach_behind}
+                                   "prepare_ahead": mode.prepare_ahead}
         if args.steps_per_request:
             kernels["steps_per_request"] = args.steps_per_request
         kernels["stall_budget_pct"] = (mode.stall_budget_pct if mode.stall_budget_pct is not None
@@ -474,13 +472,10 @@ class ModeServer:
     config_path: Path
     spans_path: Path
     ids: TraceIds
-    windows: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
     def measure(self, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
-        got = asyncio.run(window(self.port, args, prompts, self.ids))
-        self.windows.append(got)
-        return got
+        return asyncio.run(window(self.port, args, prompts, self.ids))
 
     def force_example(self, args: argparse.Namespace, prompts: list[list[int]]) -> str:
         """One request forced to a kernel trace, to read back from the spans file."""
@@ -537,14 +532,19 @@ def main() -> int:
     args = parse_args()
     if args.serve:
         return serve_child(args.serve)
-    import torch
-
-    from inference.model_configs import random_config
-    from otel.config import KernelTraceConfig
-
     modes = [parse_mode(m, args.kernel_ratio) for m in args.modes.split(",")]
     if modes[0].name != "off" or "on" not in [m.name for m in modes]:
         raise SystemExit("--modes: the first mode is off (the baseline), and on is one of them")
+    prior_runs, prior = load_pooled(args)
+    if args.pool_only:
+        if prior is None or not prior_runs:
+            raise SystemExit("--pool-only: give --pool-with results to pool")
+        return write_result(args, modes, prior_runs, {k: prior[k] for k in EXAMPLE_KEYS}, prior["device"],
+                            prior["versions"], 0.0)
+    import torch
+
+    from inference.model_configs import random_config
+
     random.seed(1)
     rng = random.Random(2)
     vocab = random_config(args.model).vocab_size
@@ -553,14 +553,6 @@ def main() -> int:
 
     def on_pairs(rounds: list[dict[str, dict]]) -> list[tuple[float, float]]:
         return [(r["off"]["tokens_per_s"], r["on"]["tokens_per_s"]) for r in rounds if "on" in r]
-
-    prior_runs: list[dict[str, Any]] = []  # --pool-with
-    for earlier in args.pool_with:
-        prior = json.loads(Path(earlier).read_text())
-        for key in ("model", "concurrency", "prompt_tokens", "new_tokens", "kernel_ratio"):
-            if prior[key] != getattr(args, key):
-                raise SystemExit(f"--pool-with {earlier}: {key} {prior[key]!r}, this run {getattr(args, key)!r}")
-        prior_runs += [dict(run, pooled_from=run.get("pooled_from", earlier)) for run in prior["runs"]]
 
     began = time.monotonic()
     runs: list[dict[str, Any]] = []
@@ -573,6 +565,11 @@ def main() -> int:
         failed: dict[str, str] = {}
         try:
             last_run = run == args.runs - 1
+            warmup = []
+            for _ in range(args.warmup_rounds):
+                warmup.append({m.name: servers[m.name].measure(args, prompts) for m in modes})
+                print(f"[run {run} warm-up] " + "  ".join(f"{n} {w['tokens_per_s']}" for n, w in warmup[-1].items()),
+                      flush=True)
             while len(rounds) < (args.max_rounds if last_run else args.min_rounds):
                 order = modes if len(rounds) % 2 == 0 else modes[::-1]
                 measured_round: dict[str, dict] = {}
@@ -603,14 +600,71 @@ def main() -> int:
         finally:
             infos = {name: server.stop() for name, server in servers.items()}
         runs.append({"run": run, "measuring_s": round(time.monotonic() - measuring, 1), "rounds": rounds,
-                     "servers": infos, "failed_modes": failed,
+                     "warmup_rounds": warmup, "servers": infos, "failed_modes": failed,
                      "tokens_per_s": {m.name: round(statistics.fmean(r[m.name]["tokens_per_s"] for r in rounds
                                                                      if m.name in r), 1)
                                       for m in modes if any(m.name in r for r in rounds)}})
         if run == args.runs - 1:
             traces = read_traces(servers["on"].spans_path)
 
-    runs[:0] = prior_runs
+    found = inspect_trace(traces, example["trace_id"])
+    per_forward = found["per_forward"]
+    last = runs[-1]["servers"]["on"]
+    example_fields = {
+        "backend": last.get("backend"), "cuda_graphs": last.get("cuda_graphs"),
+        "kernel_spans": sum(f["kernel_spans"] for f in per_forward),
+        "kernel_recorder": sorted({str(f["recorder"]) for f in per_forward}),
+        "kernel_spans_by_forward": per_forward,
+        "kernel_spans_inside_parent": all(f["all_kernels_inside_parent"] for f in per_forward) and bool(per_forward),
+        "spans_outside_parent": found["outside"][:20],
+        "example_trace_id": example["trace_id"],
+        "example_trace": trimmed_example(found),
+        "capture_timing": capture_timing(traces)}
+    versions = {"torch": torch.__version__}
+    for name in ("transformers", "deepspeed", "opentelemetry.sdk.version", "cupti"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            versions[name.split(".")[0]] = getattr(module, "__version__", "installed")
+        except Exception:  # noqa: BLE001 - report what is importable
+            versions[name.split(".")[0]] = None
+    device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    return write_result(args, modes, prior_runs + runs, example_fields, device, versions,
+                        round(time.monotonic() - began, 1))
+
+
+# What the traced example request and the device are, taken as a whole from one run (--pool-only: the last).
+EXAMPLE_KEYS = ("backend", "cuda_graphs", "kernel_spans", "kernel_recorder", "kernel_spans_by_forward",
+                "kernel_spans_inside_parent", "spans_outside_parent", "example_trace_id", "example_trace",
+                "capture_timing")
+
+
+def load_pooled(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The runs of ``--pool-with`` results, and the last of those results. A run written before this
+    script set warm-up rounds apart gets its first ``--warmup-rounds`` rounds set apart the same way."""
+    runs: list[dict[str, Any]] = []
+    last = None
+    for earlier in args.pool_with:
+        prior = json.loads(Path(earlier).read_text())
+        for key in ("model", "concurrency", "prompt_tokens", "new_tokens", "kernel_ratio"):
+            if prior[key] != getattr(args, key):
+                raise SystemExit(f"--pool-with {earlier}: {key} {prior[key]!r}, this run {getattr(args, key)!r}")
+        for run in prior["runs"]:
+            run = dict(run, pooled_from=run.get("pooled_from", earlier))
+            if "warmup_rounds" not in run:
+                run["warmup_rounds"] = run["rounds"][:args.warmup_rounds]
+                run["rounds"] = run["rounds"][args.warmup_rounds:]
+                run["warmup_set_apart_when_pooled"] = True
+            runs.append(run)
+        if all(k in prior for k in EXAMPLE_KEYS):
+            last = prior
+    return runs, last
+
+
+def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[str, Any]], example: dict[str, Any],
+                 device: str, versions: dict[str, Any], seconds: float) -> int:
+    """Pool every run's rounds per mode, write the result file, print its summary."""
+    from otel.config import KernelTraceConfig
+
     for index, run in enumerate(runs):
         run["run"] = index
 
@@ -620,14 +674,12 @@ def main() -> int:
 
     measured = list(modes)  # and the modes only earlier runs measured
     for run in runs:
-        for name in {name for r in run["rounds"] for name in r}:
+        for name in sorted({name for r in run["rounds"] for name in r}):
             if name not in [m.name for m in measured]:
                 measured.append(parse_mode(name, args.kernel_ratio))
+    measured = [m for m in measured if m.name == "off" or pairs(m.name)]  # a mode that died before a round: none
     losses = {m.name: pooled_loss(pairs(m.name)) for m in measured[1:]}
     headline = losses["on"]
-    found = inspect_trace(traces, example["trace_id"])
-    per_forward = found["per_forward"]
-    last = runs[-1]["servers"]
 
     def recorder_ms(stats: list[dict[str, Any]]) -> dict[str, float]:
         """The recorder's breakdown (CuptiCapture.timings) per capture, over all runs."""
@@ -639,39 +691,32 @@ def main() -> int:
         return {key.removesuffix("_ns"): round(value / 1e6 / n, 2) for key, value in total.items()}
 
     def tracer_stats(mode: str) -> dict[str, Any]:
-        """A mode's kernel tracer over all runs, per profiled pass and per second of its windows."""
-        mine = [run for run in runs if mode in run["servers"]]
-        stats = [run["servers"][mode].get("kernel_tracer") or {} for run in mine]
+        """A mode's kernel tracer over the runs that kept its counters, per profiled pass and per second."""
+        mine = [run for run in runs if (run["servers"].get(mode) or {}).get("kernel_tracer")]
+        stats = [run["servers"][mode]["kernel_tracer"] for run in mine]
         total = {k: sum(s.get(k, 0) for s in stats) for k in ("selected", "captures", "engine_thread_ns",
                                                               "engine_start_ns", "worker_ns", "prepare_ns",
                                                               "prepares", "releases", "budget_refused",
                                                               "dropped_captures", "failures")}
-        seconds = sum(r[mode]["seconds"] + args.ramp_s for run in mine for r in run["rounds"] if mode in r)
+        windows = [w for run in mine for r in run["rounds"] + run.get("warmup_rounds", []) for w in [r.get(mode)] if w]
+        seconds = sum(w["seconds"] + args.ramp_s for w in windows)
         captures = max(total["captures"], 1)
-        requests = sum(r[mode]["requests_finished"] for run in mine for r in run["rounds"] if mode in r)
         return {**total, "runs": len(mine), "captures_per_s": round(total["captures"] / seconds, 2) if seconds else None,
-                "requests_finished_in_windows": requests,
+                "requests_finished_in_windows": sum(w["requests_finished"] for w in windows),
                 "trace_ids_inside_ratio": sum(run["servers"][mode].get("trace_ids_inside_ratio", 0) for run in mine),
                 "engine_thread_ms_per_profiled_pass": round(total["engine_thread_ns"] / 1e6 / captures, 2),
                 "engine_thread_start_ms_per_profiled_pass": round(total["engine_start_ns"] / 1e6 / captures, 2),
                 "prepare_ms_per_attach": round(total["prepare_ns"] / 1e6 / max(total["prepares"], 1), 2),
                 "worker_ms_per_profiled_pass": round(total["worker_ns"] / 1e6 / captures, 2),
-                "budget_cost_ms": round(stats[-1].get("budget_cost_ns", 0) / 1e6, 2) if stats[-1] else None,
+                "budget_cost_ms": round(stats[-1].get("budget_cost_ns", 0) / 1e6, 2) if stats else None,
                 "recorder_ms_per_capture": recorder_ms(stats)}
 
-    versions = {"torch": torch.__version__}
-    for name in ("transformers", "deepspeed", "opentelemetry.sdk.version", "cupti"):
-        try:
-            module = __import__(name, fromlist=["__version__"])
-            versions[name.split(".")[0]] = getattr(module, "__version__", "installed")
-        except Exception:  # noqa: BLE001 - report what is importable
-            versions[name.split(".")[0]] = None
     config = KernelTraceConfig()
     result = {
         "command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu",
+        "device": device,
         "versions": versions,
-        "model": args.model, "backend": last["on"].get("backend"), "cuda_graphs": last["on"].get("cuda_graphs"),
+        "model": args.model, "backend": example["backend"], "cuda_graphs": example["cuda_graphs"],
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "concurrency": args.concurrency,
         "overhead_pct": headline["overhead_pct"],
         "overhead_pct_interval90": headline["interval90"],
@@ -679,23 +724,17 @@ def main() -> int:
         "kernel_ratio": args.kernel_ratio,
         "head_sampling": 1.0,
         "cost_by_mode": {m.name: {"description": m.describe(), "kernel_ratio": m.ratio if m.telemetry else None,
-                                  **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry else {})}
+                                  **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry and any(
+                                      (run["servers"].get(m.name) or {}).get("kernel_tracer") for run in runs) else {})}
                          for m in measured[1:]},
         "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"]]
                               for m in measured[1:] if m.name in ("spans", "on")
                               or (m.name.startswith("ratio=") and m.stall_budget_pct is None)), key=lambda x: x[0]),
-        "kernel_spans": sum(f["kernel_spans"] for f in per_forward),
-        "kernel_recorder": sorted({str(f["recorder"]) for f in per_forward}),
-        "kernel_spans_by_forward": per_forward,
-        "kernel_spans_inside_parent": all(f["all_kernels_inside_parent"] for f in per_forward) and bool(per_forward),
-        "spans_outside_parent": found["outside"][:20],
-        "example_trace_id": example["trace_id"],
-        "example_trace": trimmed_example(found),
-        "capture_timing": capture_timing(traces),
-        "measurement": {"runs": len(runs), "rounds": [len(r["rounds"]) for r in runs], "window_s": args.window_s,
-                        "pooled_with": args.pool_with,
-                        "ramp_s": args.ramp_s, "trace_ids": args.trace_ids,
-                        "target_halfwidth": args.target_halfwidth, "seconds": round(time.monotonic() - began, 1),
+        **{k: v for k, v in example.items() if k not in ("backend", "cuda_graphs")},
+        "measurement": {"runs": len(runs), "rounds": [len(r["rounds"]) for r in runs],
+                        "warmup_rounds": [len(r.get("warmup_rounds", [])) for r in runs],
+                        "window_s": args.window_s, "ramp_s": args.ramp_s, "trace_ids": args.trace_ids,
+                        "pooled_with": args.pool_with, "target_halfwidth": args.target_halfwidth, "seconds": seconds,
                         "tokens": "the server's kernelgate_inference_generated_tokens counter over each window",
                         "interval": "bootstrap 90 %, rounds resampled within runs, 4000 draws"},
         "kernels_config": {"max_captures_per_minute": args.max_captures_per_minute,

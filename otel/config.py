@@ -43,10 +43,6 @@ class KernelTraceConfig:
     # first pass after that is captured (usually an early decode step rather than its prefill).
     # false: attach on the engine thread at the pass (its prefill is captured).
     prepare_ahead: bool = True
-    # Experimental (cupti, with prepare_ahead): the flush and detach after a capture run on the
-    # preparing thread too, while the engine serves on; the engine thread only enables and
-    # disables. Off by default: NVIDIA recommends detaching where no other thread is inside CUDA.
-    detach_behind: bool = False
     # Adaptive cap: captures are admitted while the engine-thread stall they measure stays under
     # this share of wall-clock time (per cent; 0: no cap but max_captures_per_minute). See budget.py.
     stall_budget_pct: float = 1.0

@@ -43,10 +43,9 @@ class RawCapture:
 class Capture(Protocol):
     """Records one forward pass at a time; ``name`` and ``activities`` go on the ``gpu.forward`` span.
 
-    ``start``, ``stop`` and ``release`` run on the engine thread; ``prepare`` and ``complete``
-    (only called when ``prepares_ahead``) on a thread of the tracer's: the first makes ``ready``
-    true without the engine thread paying for it, the second finishes what ``stop`` may have
-    left to do (a no-op otherwise); ``events`` on the worker thread.
+    ``start``, ``stop`` and ``release`` run on the engine thread; ``prepare`` (only called when
+    ``prepares_ahead``) on a thread of the tracer's, to make ``ready`` true without the engine
+    thread paying for it; ``events`` on the worker thread.
     """
 
     name: str
@@ -58,8 +57,6 @@ class Capture(Protocol):
     def prepare(self) -> None: ...
 
     def release(self) -> None: ...
-
-    def complete(self) -> None: ...
 
     def start(self) -> None: ...
 

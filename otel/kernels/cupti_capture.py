@@ -17,19 +17,6 @@ from otel.kernels.plan import ClockAnchor, KernelEvent
 
 log = logging.getLogger("kernelgate.otel.kernels.cupti")
 
-# How long the worker waits for a flush left to the preparing thread (detach_behind) before giving up the pass.
-COMPLETE_TIMEOUT_S = 10.0
-
-
-class _Behind:
-    """The records of a capture whose flush and detach were left to the preparing thread."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.records: list[tuple[str, int, int, int, int]] = []
-        self.error: BaseException | None = None
-
-
 class CuptiCapture:
     """CUDA kernels recorded through CUPTI's Activity API directly (NVIDIA's ``cupti-python``).
 
@@ -48,7 +35,9 @@ class CuptiCapture:
     come back through ``_buffer_completed`` on this thread, 1-3 ms) and detaches CUPTI with
     ``finalize`` (2-5 ms): left attached, CUPTI slowed every later CUDA graph replay 10-18 %, and
     ``finalize`` racing another thread's CUDA calls crashed Kineto (pytorch/kineto#686), so it
-    stays on the engine thread, between two passes. ``release`` detaches an attached CUPTI that
+    stays on the engine thread, between two passes (left to the preparing thread, it crashed the
+    engine on the H200 with "unspecified launch failure": bench/results/tracing_gpu_h200_run2.log).
+    ``release`` detaches an attached CUPTI that
     no capture followed (the request ended first), on the engine thread too. Demangling and
     everything after run on the worker (``events``).
 
@@ -62,17 +51,12 @@ class CuptiCapture:
     BUFFER_BYTES = 8 << 20
 
     def __init__(self, cupti: Any, demangle: Callable[[str], str] = lambda name: name,
-                 clock: Callable[[], int] = time.time_ns, prepare_ahead: bool = False,
-                 detach_behind: bool = False) -> None:
+                 clock: Callable[[], int] = time.time_ns, prepare_ahead: bool = False) -> None:
         self._cupti = cupti
         self._kind = cupti.ActivityKind.CONCURRENT_KERNEL
         self._demangle = demangle
         self._clock = clock
         self.prepares_ahead = prepare_ahead
-        # Experimental: the flush and detach after a capture run on the preparing thread too
-        # (``complete``), the engine thread only disables. See docs/tracing.md for what it cost.
-        self.detaches_behind = detach_behind and prepare_ahead
-        self._behind: _Behind | None = None
         self._lock = threading.Lock()  # CUPTI may hand a full buffer back on a thread of its own
         # Held while CUPTI attaches or detaches: the preparing thread and the engine thread.
         self._attach_lock = threading.Lock()
@@ -85,9 +69,8 @@ class CuptiCapture:
         self._markers: list[tuple[int, int]] = []
 
     def ready(self) -> bool:
-        """Whether ``start`` may run now: always when attaching inline, else once ``prepare`` is done
-        (and the last capture's detach, when that is left behind, too)."""
-        return (self._attached and self._behind is None) or not self.prepares_ahead
+        """Whether ``start`` may run now: always when attaching inline, else once ``prepare`` is done."""
+        return self._attached or not self.prepares_ahead
 
     def prepare(self) -> None:
         """Attach CUPTI ahead of a capture (not on the engine thread); a no-op when attached."""
@@ -137,8 +120,6 @@ class CuptiCapture:
             self._markers.append((stamp, stamp))
 
     def stop(self) -> RawCapture:
-        if self.detaches_behind:
-            return self._stop_behind()
         timings, clock = self.timings, time.perf_counter_ns
         with self._attach_lock:
             began = flushed = clock()
@@ -160,53 +141,8 @@ class CuptiCapture:
         markers, self._markers = self._markers, []
         return RawCapture((records, markers), readings)
 
-    def _stop_behind(self) -> RawCapture:
-        """Disable records on the engine thread; ``complete`` (preparing thread) flushes and detaches."""
-        began = time.perf_counter_ns()
-        behind = _Behind()
-        with self._attach_lock:
-            self._behind = behind
-            try:
-                self._cupti.activity_disable(self._kind)
-            finally:
-                self.timings["disable_ns"] += time.perf_counter_ns() - began
-        readings, self._readings = self._readings, []
-        markers, self._markers = self._markers, []
-        return RawCapture((behind, markers), readings)
-
-    def complete(self) -> None:
-        """Flush and detach what ``stop`` left behind (preparing thread); a no-op when nothing is."""
-        behind = self._behind
-        if behind is None:
-            return
-        timings, clock = self.timings, time.perf_counter_ns
-        try:
-            with self._attach_lock:
-                began = flushed = clock()
-                try:
-                    self._cupti.activity_flush_all(1)
-                    flushed = clock()
-                    timings["flush_ns"] += flushed - began
-                finally:
-                    self._attached = False
-                    self._detach()
-                    timings["finalize_ns"] += clock() - flushed
-                    timings["captures"] += 1
-            with self._lock:
-                behind.records, self._records = self._records, []
-        except BaseException as exc:
-            behind.error = exc
-            raise
-        finally:
-            self._behind = None
-            behind.done.set()
-
     def events(self, raw: RawCapture) -> tuple[list[KernelEvent], ClockAnchor]:
         records, markers = raw.result
-        if isinstance(records, _Behind):
-            if not records.done.wait(COMPLETE_TIMEOUT_S) or records.error is not None:
-                raise RuntimeError("the capture's flush, left to the preparing thread, failed or did not finish")
-            records = records.records
         names: dict[str, str] = {}
         out: list[KernelEvent] = []
         for i, (name, start, end, device, stream) in enumerate(records):

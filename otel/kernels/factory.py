@@ -39,5 +39,4 @@ def make_capture(config: KernelTraceConfig) -> Capture:
     from cupti import cupti
     from torch._C import _demangle
 
-    return CuptiCapture(cupti, demangle=_demangle, prepare_ahead=config.prepare_ahead,
-                        detach_behind=config.detach_behind)
+    return CuptiCapture(cupti, demangle=_demangle, prepare_ahead=config.prepare_ahead)

@@ -70,9 +70,6 @@ class TorchProfilerCapture:
     def release(self) -> None:
         """Nothing to undo: ``prepare`` does nothing."""
 
-    def complete(self) -> None:
-        """Nothing left behind: ``stop`` does it all."""
-
     def ready(self) -> bool:
         return time.monotonic() - self._stopped_at >= self._gap_s
 

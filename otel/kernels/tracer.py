@@ -66,7 +66,6 @@ class KernelStats:
     # Attaching ahead (a capture that prepares_ahead), on the preparing thread, and its undoing.
     prepares: int = 0
     prepare_ns: int = 0
-    complete_ns: int = 0  # flushes and detaches left to the preparing thread (detach_behind)
     releases: int = 0
     budget_refused: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -230,14 +229,6 @@ class KernelTracer:
         while True:
             self._wake.wait()
             self._wake.clear()
-            began = time.perf_counter_ns()
-            try:
-                self._capture.complete()  # what the last stop left behind, before anything else
-            except Exception:  # noqa: BLE001 - that capture's spans are lost, nothing else
-                self.stats.failures += 1
-                log.exception("could not complete the last kernel capture")
-            finally:
-                self.stats.complete_ns += time.perf_counter_ns() - began
             if self._closing:
                 return
             if not self._waiting or self._active is not None or self._capture.ready():

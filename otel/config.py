@@ -28,8 +28,8 @@ class KernelTraceConfig:
     # Kernels of one name beyond this count in one forward are folded into one span with a count.
     fold_after: int = 8
     # Forward passes profiled per captured request: its prefill, then (if > 1) decode steps after it.
-    # Each pass costs the engine thread ~21 ms on an H100 with CUPTI, ~34 ms with torch's profiler
-    # (bench/results/tracing_gpu.json, tracing_gpu_interleaved.json), so 1.
+    # Each pass costs the engine thread ~21 ms on an H100 with CUPTI attached at the pass, ~34 ms
+    # with torch's profiler, ~44 ms on an H200 with CUPTI attached ahead (docs/tracing.md, Cost), so 1.
     steps_per_request: int = 1
     # What the profiler records: "cuda" kernels, "cpu" operators (CPU-only serving, tests), or by device.
     activities: Literal["auto", "cuda", "cpu"] = "auto"

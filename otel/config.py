@@ -39,7 +39,7 @@ class KernelTraceConfig:
     # Captures waiting for the worker thread; beyond this a capture is dropped, never waited for.
     max_pending: int = 8
     # cupti: attach CUPTI on a thread of its own as soon as a request is selected, so the engine
-    # thread only enables, flushes and detaches (~4 ms a captured pass, not ~21); the request's
+    # thread only enables, flushes and detaches (the attach, 13-17 ms, is off it); the request's
     # first pass after that is captured (usually an early decode step rather than its prefill).
     # false: attach on the engine thread at the pass (its prefill is captured).
     prepare_ahead: bool = True

@@ -22,9 +22,8 @@ class CuptiCapture:
 
     Why not torch's profiler on a GPU: it costs the engine thread ~34 ms a captured pass on the
     H100 (Kineto re-attaching CUPTI, then processing its records with the GIL held); this
-    cost ~21 ms there attaching at the pass, ~4 ms attaching ahead (below), and on an H200 ~44 ms
-    even attaching ahead, in the stop (docs/tracing.md, Cost); the records
-    arrive as plain values.
+    cost ~21 ms there attaching at the pass; on an H200, ~44 ms even attaching ahead (below), all
+    of it in the stop (docs/tracing.md, Cost). The records arrive as plain values.
 
     CUPTI attaches when the buffer callbacks are registered (~13-17 ms; after a ``finalize`` it
     has forgotten them, and a capture without them records nothing). With ``prepare_ahead``

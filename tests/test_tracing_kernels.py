@@ -180,15 +180,6 @@ class Step:
     trace_contexts: tuple = ()
 
 
-@pytest.fixture
-def sdk():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
-
-
 def run_steps(tracer: KernelTracer, provider: TracerProvider, contexts: tuple, steps: int,
               step_parent: SpanContext | None = None) -> list[SpanContext]:
     import torch

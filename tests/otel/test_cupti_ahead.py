@@ -7,11 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from inference.tracing import StepInfo
 from otel.config import KernelTraceConfig
 from otel.kernels.cupti_capture import CuptiCapture
@@ -20,15 +15,6 @@ from otel.names import FORWARD_SPAN
 from tests.otel.fake_cupti import GEMM, FakeCupti, fake_demangle
 
 PREPARER = "kernelgate-kernel-prepare"
-
-
-@pytest.fixture
-def sdk():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
 
 
 def wait_until(condition, timeout: float = 5.0) -> None:

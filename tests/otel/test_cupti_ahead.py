@@ -60,6 +60,9 @@ def test_cupti_attaches_on_the_preparing_thread_and_the_engine_thread_only_recor
     assert forward.attributes["kernelgate.kernels.count"] == 5
     assert forward.attributes["kernelgate.step.index"] == 0
     assert not capture.ready(), "detached after the capture"
+    timings = capture.timings
+    assert timings["captures"] == 1 and timings["register_ns"] == 0, "no attach on the engine thread"
+    assert all(timings[k] > 0 for k in ("enable_ns", "disable_ns", "flush_ns", "callback_ns", "finalize_ns"))
 
 
 def test_a_pass_before_the_attach_is_done_runs_unrecorded_and_a_later_one_is_captured(sdk) -> None:

@@ -98,14 +98,14 @@ class CuptiCapture:
         cupti = self._cupti
         timings, clock = self.timings, time.perf_counter_ns
         try:
-            began = clock()
             if not self._attached:
+                began = clock()
                 cupti.activity_register_callbacks(self._buffer_requested, self._buffer_completed)
                 self._attached = True
-            registered = clock()
+                timings["register_ns"] += clock() - began
+            began = clock()
             cupti.activity_enable(self._kind)
-            timings["register_ns"] += registered - began
-            timings["enable_ns"] += clock() - registered
+            timings["enable_ns"] += clock() - began
         except Exception:
             self._attached = False
             self._detach()

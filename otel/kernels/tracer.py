@@ -82,13 +82,14 @@ class KernelTracer:
 
     def __init__(self, config: KernelTraceConfig, tracer: trace.Tracer, capture: Capture,
                  sampler: CaptureSampler | None = None, clock: Callable[[], int] = time.time_ns,
-                 budget: StallBudget | None = None) -> None:
+                 budget: StallBudget | None = None, timer: Callable[[], int] = time.perf_counter_ns) -> None:
         self._config = config
         self._tracer = tracer
         self._capture = capture
         self.budget = budget or StallBudget(config.stall_budget_pct / 100.0)
         self._sampler = sampler or CaptureSampler(config.ratio, config.max_captures_per_minute, budget=self.budget)
         self._clock = clock
+        self._timer = timer  # what the threads' time is measured with (ns)
         self._lock = threading.Lock()
         self._requests: dict[int, _Selected] = {}  # by request span id; event loop adds, engine reads
         self._waiting = 0  # selected requests with passes left to capture (under _lock)
@@ -166,16 +167,16 @@ class KernelTracer:
                     self._waiting -= 1
         if not targets:
             return
-        began = time.perf_counter_ns()
+        began = self._timer()
         try:
             self._capture.start()
         except Exception:  # noqa: BLE001 - e.g. another profiler is running: skip, never fail the step
             self.stats.failures += 1
             log.exception("could not start the kernel profiler")
-            self._settle(targets, time.perf_counter_ns() - began)
+            self._settle(targets, self._timer() - began)
             return
         finally:
-            took = time.perf_counter_ns() - began
+            took = self._timer() - began
             self.stats.engine_thread_ns += took
             self.stats.engine_start_ns += took
         self._active, self._active_ns = targets, took
@@ -186,7 +187,7 @@ class KernelTracer:
         if targets is None:
             return
         now = self._clock()  # the pass's kernels are done: its outputs are on the host
-        began = time.perf_counter_ns()
+        began = self._timer()
         try:
             raw = self._capture.stop()
         except Exception:  # noqa: BLE001
@@ -194,7 +195,7 @@ class KernelTracer:
             log.exception("could not stop the kernel profiler")
             return
         finally:
-            took = time.perf_counter_ns() - began
+            took = self._timer() - began
             self.stats.engine_thread_ns += took
             self._settle(targets, self._active_ns + took)
             if self._preparer is not None:
@@ -214,14 +215,14 @@ class KernelTracer:
         self.budget.spent(taken, stall_ns)
 
     def _release(self) -> None:
-        began = time.perf_counter_ns()
+        began = self._timer()
         try:
             self._capture.release()
         except Exception:  # noqa: BLE001
             self.stats.failures += 1
             log.exception("could not release the kernel recorder")
         self.stats.releases += 1
-        self.stats.engine_thread_ns += time.perf_counter_ns() - began
+        self.stats.engine_thread_ns += self._timer() - began
 
     # -- preparing thread ---------------------------------------------------------------------------------
     def _prepare_ahead(self) -> None:
@@ -233,7 +234,7 @@ class KernelTracer:
                 return
             if not self._waiting or self._active is not None or self._capture.ready():
                 continue
-            began = time.perf_counter_ns()
+            began = self._timer()
             try:
                 self._capture.prepare()
             except Exception:  # noqa: BLE001 - the next selected request tries again
@@ -241,7 +242,7 @@ class KernelTracer:
                 log.exception("could not prepare the kernel recorder")
             finally:
                 self.stats.prepares += 1
-                self.stats.prepare_ns += time.perf_counter_ns() - began
+                self.stats.prepare_ns += self._timer() - began
 
     # -- worker ---------------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
@@ -262,13 +263,13 @@ class KernelTracer:
             job = self._jobs.get()
             if job is None:
                 return
-            began = time.perf_counter_ns()
+            began = self._timer()
             try:
                 self._export(job)
             except Exception:  # noqa: BLE001 - a bad profile loses its spans, nothing else
                 self.stats.failures += 1
                 log.exception("kernel spans of step %s not exported", getattr(job.step, "index", "?"))
-            self.stats.worker_ns += time.perf_counter_ns() - began
+            self.stats.worker_ns += self._timer() - began
 
     def _export(self, job: _Job) -> None:
         events, anchor = self._capture.events(job.raw)

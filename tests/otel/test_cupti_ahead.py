@@ -68,14 +68,14 @@ def test_cupti_attaches_on_the_preparing_thread_and_the_engine_thread_only_recor
 def test_a_pass_before_the_attach_is_done_runs_unrecorded_and_a_later_one_is_captured(sdk) -> None:
     provider, exporter = sdk
     cupti = FakeCupti()
-    cupti.delays["register"] = 0.2
+    cupti.delays["register"] = 0.5
     capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True)
     tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0), provider.get_tracer("k"), capture)
     request = provider.get_tracer("api").start_span("POST /v1/completions")
     tracer.on_request(request, {})
     began = time.perf_counter()
     run_pass(tracer, cupti, step_of(0, request))  # the prefill: CUPTI still attaching
-    assert time.perf_counter() - began < 0.1, "the engine thread did not wait for the attach"
+    assert time.perf_counter() - began < 0.4, "the engine thread did not wait for the attach"
     assert "enable" not in cupti.calls
     wait_until(capture.ready)
     run_pass(tracer, cupti, step_of(1, request))

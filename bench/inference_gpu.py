@@ -105,15 +105,19 @@ def bench_hf(model_name: str, levels: list[int], args: argparse.Namespace) -> li
 # -- kernelgate server ----------------------------------------------------------------------
 
 
-def start_server(model_name: str, variant: str, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int, Path]:
+def start_server(model_name: str, variant: str, max_batch: int, args: argparse.Namespace,
+                 model_overrides: dict | None = None) -> tuple[subprocess.Popen, int, Path]:
+    """Start ``inference.server`` on ``model_name`` (``variant``: deepspeed or plain HF layers, unless
+    ``model_overrides`` says otherwise) and wait until it is ready."""
     import yaml
 
     port = free_port()
+    model = {"name": model_name, "random_config": model_name, "dtype": "auto", "device": args.device,
+             "use_deepspeed": variant == "deepspeed", "kernel_inject": True, "cuda_graphs": True}
+    model.update(model_overrides or {"max_model_len": 2 ** (args.prompt_tokens + args.new_tokens - 1).bit_length()})
     config = {"inference": {
         "listen": {"host": "127.0.0.1", "port": port},
-        "model": {"name": model_name, "random_config": model_name, "dtype": "auto", "device": args.device,
-                  "use_deepspeed": variant == "deepspeed", "kernel_inject": True, "cuda_graphs": True,
-                  "max_model_len": 2 ** (args.prompt_tokens + args.new_tokens - 1).bit_length()},
+        "model": model,
         "batching": {"max_batch_size": max_batch, "max_wait_ms": 2.0, "max_queue": 1024,
                      "max_tokens_in_flight": 1 << 20},
         "limits": {"request_timeout_s": 600, "drain_timeout_s": 30}}}

@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--ops", default="auto", help="model.ops of the server (auto: Triton kernels)")
+    parser.add_argument("--step-ops", default="", help="op sets to time the in-process decode step with "
+                        "(comma list; default: --ops)")
     parser.add_argument("--tp", type=int, default=1, help="model.tp_size of the server (one GPU per rank)")
     parser.add_argument("--check-model", default="llama-3.2-1b", help="'' skips the HF equality check")
     parser.add_argument("--skip", default="", help="comma list of parts to leave out: hf,server,step")
@@ -224,7 +226,12 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
 
 
 def step_times(name: str, model, args: argparse.Namespace) -> dict:
-    """kernelgate's decode step alone (graph replay), batch 1 and 64, 256 cached tokens."""
+    """kernelgate's decode step alone (graph replay), batch 1 and 64, 256 cached tokens, per op set.
+
+    Consumes the HF model (the last op set takes its weights; earlier ones a copy).
+    """
+    import copy
+
     import torch
 
     from inference.attention import SlotAttention
@@ -232,26 +239,32 @@ def step_times(name: str, model, args: argparse.Namespace) -> dict:
     from inference.ops import select_ops
     from inference.runner import ModelRunner
 
-    attention = SlotAttention()
-    fused = FusedLlama(model, attention, select_ops(args.ops, torch.device("cuda")), 2048)
-    result = {"weight_bytes_fused": fused.weight_bytes}
-    for batch in (1, 64):
-        runner = ModelRunner(fused, attention, num_slots=batch, max_len=512, dtype=torch.float16,
-                             device=torch.device("cuda"), use_cuda_graphs=True)
-        with torch.inference_mode():
-            runner.capture_decode_graphs()
-            times = []
-            for _ in range(30):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                runner.decode([1] * batch, [255] * batch)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        result[f"step_ms_bs{batch}"] = round(statistics.median(times[5:]), 4)
-        del runner
-    del fused
-    torch.cuda.empty_cache()
+    result: dict = {}
+    op_sets = [o for o in (args.step_ops or args.ops).split(",") if o]
+    for index, ops_name in enumerate(op_sets):
+        attention = SlotAttention()
+        source = model if index == len(op_sets) - 1 else copy.deepcopy(model)
+        fused = FusedLlama(source, attention, select_ops(ops_name, torch.device("cuda")), 2048)
+        del source
+        result["weight_bytes_fused"] = fused.weight_bytes
+        for batch in (1, 64):
+            runner = ModelRunner(fused, attention, num_slots=batch, max_len=512, dtype=torch.float16,
+                                 device=torch.device("cuda"), use_cuda_graphs=True)
+            with torch.inference_mode():
+                runner.capture_decode_graphs()
+                times = []
+                for _ in range(30):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    runner.decode([1] * batch, [255] * batch)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+            suffix = "" if ops_name == op_sets[-1] else f"_{ops_name}"
+            result[f"step_ms_bs{batch}{suffix}"] = round(statistics.median(times[5:]), 4)
+            del runner
+        del fused
+        torch.cuda.empty_cache()
     return result
 
 

@@ -35,7 +35,7 @@ case "$MODE" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c 'import torch, transformers, deepspeed, triton, opentelemetry.sdk, pydantic; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, "triton", triton.__version__)'
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/inference/test_llama_gpu.py "$@"
-    python3 bench/inference_llama_gpu.py --models llama-3.2-1b,llama-3.1-8b --skip hf,server \
+    python3 bench/inference_llama_gpu.py --models llama-3.2-1b,llama-3.1-8b --skip hf,server --step-ops deepspeed,triton \
       --out "$OUT/inference_llama_gpu_smoke.json" --log-dir "$OUT"
     ;;
   llama)

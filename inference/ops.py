@@ -110,7 +110,13 @@ class DeepSpeedOps(TritonOps):
 
     def __init__(self) -> None:
         super().__init__()
+        import os
+
         from deepspeed.ops.op_builder import InferenceBuilder
+
+        # The op builder parses TORCH_CUDA_ARCH_LIST as numbers: Hopper's "9.0a" kills the build.
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
 
         self._ds = InferenceBuilder().load()
         self._no_bias: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}

@@ -79,11 +79,13 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, token_stride, head_stride, HALF: tl.
     offs = tl.arange(0, HALF)
     x1 = tl.load(base + offs)
     x2 = tl.load(base + HALF + offs)
-    c = tl.load(cos_ptr + token * 2 * HALF + offs).to(tl.float32)
-    s = tl.load(sin_ptr + token * 2 * HALF + offs).to(tl.float32)
+    c1 = tl.load(cos_ptr + token * 2 * HALF + offs).to(tl.float32)
+    c2 = tl.load(cos_ptr + token * 2 * HALF + HALF + offs).to(tl.float32)
+    s1 = tl.load(sin_ptr + token * 2 * HALF + offs).to(tl.float32)
+    s2 = tl.load(sin_ptr + token * 2 * HALF + HALF + offs).to(tl.float32)
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(base + offs, (f1 * c - f2 * s).to(x1.dtype))
-    tl.store(base + HALF + offs, (f2 * c + f1 * s).to(x1.dtype))
+    tl.store(base + offs, (f1 * c1 - f2 * s1).to(x1.dtype))
+    tl.store(base + HALF + offs, (f2 * c2 + f1 * s2).to(x1.dtype))
 
 
 def _rotate_in_place(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

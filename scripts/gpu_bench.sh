@@ -28,15 +28,18 @@ if [ ! -f /tmp/site/.kernelgate-wheels ]; then
   touch /tmp/site/.kernelgate-wheels
 fi
 export PYTHONPATH="/tmp/site:$ROOT" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+# DeepSpeed's op builder parses this as numbers ("9.0a" fails): the plain compute capability.
+export TORCH_CUDA_ARCH_LIST="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
 
 case "$MODE" in
   smoke)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c 'import torch, transformers, deepspeed, triton, opentelemetry.sdk, pydantic; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, "triton", triton.__version__)'
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/inference/test_llama_gpu.py "$@"
+    tests=0
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/inference/test_llama_gpu.py "$@" || tests=$?
     python3 bench/inference_llama_gpu.py --models llama-3.2-1b,llama-3.1-8b --skip hf,server --step-ops deepspeed,triton \
       --out "$OUT/inference_llama_gpu_smoke.json" --log-dir "$OUT"
+    exit "$tests"
     ;;
   llama)
     python3 bench/inference_llama_gpu.py --out "$OUT/inference_llama_gpu.json" --log-dir "$OUT" "$@"

@@ -283,7 +283,7 @@ def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: 
     try:
         for length in prompt_lengths:
             for concurrency in levels:
-                per_client = {1: 3}.get(concurrency, 2)
+                per_client = {1: 3, 16: 2}.get(concurrency, 1)
                 prompts = prompts_for(vocab, concurrency * per_client, length, seed=1)
                 before = {m: (scrape(port, m + "_sum"), scrape(port, m + "_count")) for m in (TTFT, TPOT)}
                 tokens, seconds, latencies = asyncio.run(drive(port, name, prompts, concurrency, per_client,
@@ -335,15 +335,17 @@ def main() -> int:
             rows += bench_hf(name, model, lengths, levels, args)
         greedy_prompts = prompts_for(model.config.vocab_size, 3, 32, seed=3)
         if name == args.check_model:
-            info["greedy_equal_hf"] = greedy_tokens_hf(model, greedy_prompts, 32) == greedy_fused(
-                name, greedy_prompts, 32, 1, args)
+            want, got = greedy_tokens_hf(model, greedy_prompts, 32), greedy_fused(name, greedy_prompts, 32, 1, args)
+            info["greedy_equal_hf"] = want == got
+            info["greedy_common_prefix_hf"] = [_common_prefix(a, b) for a, b in zip(want, got)]
         if "step" not in skip and args.tp == 1:
             info.update(step_times(name, model, args))  # consumes the HF model
         del model
         torch.cuda.empty_cache()
         if args.tp > 1:
-            tp_section[name] = {"greedy_equal": greedy_fused(name, greedy_prompts, 32, args.tp, args)
-                                == greedy_fused(name, greedy_prompts, 32, 1, args)}
+            want, got = greedy_fused(name, greedy_prompts, 32, 1, args), greedy_fused(name, greedy_prompts, 32, args.tp, args)
+            tp_section[name] = {"greedy_equal": want == got,
+                                "greedy_common_prefix": [_common_prefix(a, b) for a, b in zip(want, got)]}
         if "server" not in skip:
             server_rows, extra = bench_server(name, lengths, levels, args, args.tp)
             rows += server_rows
@@ -390,6 +392,14 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     return 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _pick(rows: list[dict], length: int, concurrency: int, model: str | None = None,

@@ -183,8 +183,8 @@ class FusedLlama(torch.nn.Module):
     @property
     def weight_bytes(self) -> int:
         """Bytes of the weights this rank holds (the embedding and LM head counted once when tied)."""
-        tensors = {id(t): t for layer in self._layers for t in vars(layer).values() if t is not None}
-        tensors.update({id(t): t for t in (self.embed, self.final_norm, self.lm_head)})
+        tensors = {t.data_ptr(): t for layer in self._layers for t in vars(layer).values() if t is not None}
+        tensors.update({t.data_ptr(): t for t in (self.embed, self.final_norm, self.lm_head)})
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

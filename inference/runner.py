@@ -110,6 +110,7 @@ class ModelRunner:
         self._static_tokens = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
         self._static_positions = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
         self._staging = torch.zeros(2, num_slots, 1, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -193,6 +194,14 @@ class ModelRunner:
         return _DecodeGraph(graph=graph, logits=logits)
 
     def _stage(self, tokens: list[int], positions: list[int], size: int) -> None:
+        """Copy this step's tokens/positions into the graph's static inputs (pinned, asynchronous).
+
+        The pinned buffer is rewritten only once the previous step's copy out of it has run:
+        a caller that does not read the logits back (no sync) would otherwise change the
+        previous step's inputs under it.
+        """
+        if self._staged is not None:
+            self._staged.synchronize()
         rows = len(tokens)
         staging = self._staging
         staging[:, rows:size].zero_()
@@ -200,6 +209,9 @@ class ModelRunner:
         staging[1, :rows, 0] = torch.tensor(positions, dtype=torch.long)
         self._static_tokens[:size].copy_(staging[0, :size], non_blocking=True)
         self._static_positions[:size].copy_(staging[1, :size], non_blocking=True)
+        if self._staged is None:
+            self._staged = torch.cuda.Event()
+        self._staged.record()
 
     # -- forward ----------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from inference_gpu import drive, prompts_for, scrape, start_server  # noqa: E402
 
-MODELS = "llama-3.2-1b,llama-3.1-8b,qwen2.5-7b"
+MODELS = "llama-3.1-8b,llama-3.2-1b,qwen2.5-7b"
 TTFT = "kernelgate_inference_time_to_first_token_seconds"
 TPOT = "kernelgate_inference_time_per_output_token_seconds"
 
@@ -309,6 +309,35 @@ def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: 
     return rows, extra
 
 
+def write_result(args: argparse.Namespace, bandwidth: float, lengths: list[int], by_model: dict, checks: list,
+                 rows: list, tp_section: dict) -> dict:
+    """Write ``--out`` (also after each model, so a run cut short keeps what it measured)."""
+    import torch
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for module in ("transformers", "deepspeed", "triton"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - report what is importable
+            versions[module] = None
+    result = {
+        "command": " ".join([f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}"] * bool(os.environ.get("PYTHONPATH"))
+                            + ["python3"] + [shlex.quote(a) for a in sys.argv]),
+        "device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "versions": versions,
+        "dtype": "float16", "weights": "random (seeded), the same for both systems",
+        "prompt_tokens": lengths, "new_tokens": args.new_tokens, "ops": args.ops,
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "targets": {"llama-3.1-8b": {"floor_ratio_bs1": "<= 1.3", "ratio_c64_over_hf": ">= 5"}},
+        "by_model": by_model, "checks": checks, "rows": rows,
+    }
+    if args.tp > 1:
+        result[f"tp{args.tp}"] = tp_section
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main() -> int:
     args = parse_args()
     import torch
@@ -369,27 +398,8 @@ def main() -> int:
             info[f"ratio_c{max(levels)}_over_hf"] = round(ours64 / hf64, 2)
         by_model[name] = info
         print(f"[{name}] {json.dumps(info)}", flush=True)
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    for module in ("transformers", "deepspeed", "triton"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - report what is importable
-            versions[module] = None
-    result = {
-        "command": " ".join([f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}"] * bool(os.environ.get("PYTHONPATH"))
-                            + ["python3"] + [shlex.quote(a) for a in sys.argv]),
-        "device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "versions": versions,
-        "dtype": "float16", "weights": "random (seeded), the same for both systems",
-        "prompt_tokens": lengths, "new_tokens": args.new_tokens, "ops": args.ops,
-        "copy_bandwidth_gbs": round(bandwidth, 1),
-        "targets": {"llama-3.1-8b": {"floor_ratio_bs1": "<= 1.3", "ratio_c64_over_hf": ">= 5"}},
-        "by_model": by_model, "checks": checks, "rows": rows,
-    }
-    if args.tp > 1:
-        result[f"tp{args.tp}"] = tp_section
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+    result = write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     return 0
 

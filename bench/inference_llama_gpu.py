@@ -196,7 +196,7 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
     group = None
     if tp > 1:
         from inference.tensor_parallel import TensorParallelGroup
-        from kernelgate.processes import free_port
+        from common.processes import free_port
 
         group = TensorParallelGroup(config, BatchingConfig(max_batch_size=len(prompts)), free_port())
         loaded = group.load(config, len(prompts))

@@ -4,7 +4,7 @@ For each random-weight model (fp16, same seed for both systems), prompts of
 ``--prompt-tokens`` token ids and exactly ``--new-tokens`` generated tokens (EOS ignored):
 
 * ``hf_generate``: ``model.generate`` on a static batch of ``c`` prompts, greedy;
-* ``kernelgate``: ``python -m inference.server`` in a child process (DeepSpeed kernel injection,
+* ``kernelgate``: ``python -m kernelgate.cli serve`` in a child process (DeepSpeed kernel injection,
   continuous batching, CUDA-graph decode), driven by ``c`` concurrent HTTP clients that each
   send requests back to back.
 
@@ -126,7 +126,7 @@ def start_server(model_name: str, variant: str, max_batch: int, args: argparse.N
     config_path = log_dir / f"server-{model_name}-{variant}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = log_dir / f"server-{model_name}-{variant}.log"
-    server = start(log_path.stem, [sys.executable, "-m", "inference.server", "--config", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
+    server = start(log_path.stem, [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
     except TimeoutError:

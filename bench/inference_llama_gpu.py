@@ -10,7 +10,7 @@ exactly ``--new-tokens`` generated tokens (EOS ignored):
   the number the floor ratio is about.
 * ``hf_generate``: ``model.generate`` on a static batch of ``c`` prompts (greedy); its time to
   first token is ``generate`` with one new token at batch 1.
-* ``kernelgate``: ``python -m inference.server`` in a child process driven by ``c`` concurrent
+* ``kernelgate``: ``python -m kernelgate.cli serve`` in a child process driven by ``c`` concurrent
   HTTP clients sending requests back to back; time to first token and decode time per token
   come from the server's own histograms (``/metrics``) over the batch-1 run.
 * ``check``: at ``--check-model`` (1B), logits of the fused decoder against HF's forward on the

@@ -27,7 +27,7 @@ def _serve(tmp_path: Path, tp_size: int) -> tuple[procs.Proc, int]:
                             "limits": {"drain_timeout_s": 5}}}
     path = tmp_path / f"tp{tp_size}.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = procs.start(f"inference-tp{tp_size}", [sys.executable, "-m", "inference.server", "--config", str(path)],
+    proc = procs.start(f"inference-tp{tp_size}", [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(path)],
                        tmp_path, env={"PYTHONUNBUFFERED": "1"}, port=port)
     procs.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=proc)
     return proc, port

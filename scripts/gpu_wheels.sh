@@ -17,7 +17,9 @@
 #     exporter-otlp(-proto-grpc/-http/-proto-common), exporter-otlp-common,
 #     exporter-http-transport, proto), googleapis-common-protos and the protobuf they need;
 #   cupti-python 13.0.x (its CUDA major and libcupti match torch's cu130 nvidia-cuda-cupti) and
-#     pyelftools (needed by the 13.4 line; harmless on 13.0).
+#     pyelftools (needed by the 13.4 line; harmless on 13.0);
+#   envoy-data-plane (betterproto2, grpclib, h2, hpack, hyperframe): `kernelgate.cli serve` loads
+#     the whole config through kernelgate.config, which imports the Envoy config types.
 #
 # pip resolves the set once for cp312/manylinux x86-64 so the versions agree with each other;
 # wheels of packages the image already has at a usable version are dropped (DEVICE_HAS below,
@@ -47,6 +49,7 @@ ROOTS=(
   "hjson" "pydantic>=2.0.0"                      # deepspeed 0.19.8's requirements the image lacks
   "opentelemetry-api==1.45.*" "opentelemetry-sdk==1.45.*" "opentelemetry-exporter-otlp==1.45.*"
   "cupti-python==13.0.*" "pyelftools"
+  "envoy-data-plane==2.2.*"                      # kernelgate.config (the CLI's one loader) imports it
 )
 DEEPSPEED_SPEC="deepspeed==0.19.8"
 # Packages on the device image (KINDS.md "Python packages already there", 2026-11-17), whose
@@ -54,8 +57,8 @@ DEEPSPEED_SPEC="deepspeed==0.19.8"
 DEVICE_HAS="accelerate aiohttp aiosignal aiohappyeyeballs attrs certifi charset-normalizer cuda-bindings
 cuda-pathfinder cuda-toolkit einops filelock frozenlist fsspec grpcio hf-xet idna jinja2 markupsafe
 msgpack multidict networkx ninja numpy nvidia-cuda-cupti nvidia-ml-py packaging pillow
-prometheus-client propcache psutil py-cpuinfo pyyaml regex requests safetensors sympy torch tqdm
-triton urllib3 uvloop wrapt yarl zipp"
+prometheus-client propcache psutil py-cpuinfo python-dateutil pyyaml regex requests safetensors six sympy
+torch tqdm triton tzdata urllib3 uvloop wrapt yarl zipp"
 # On the image, but at a version outside the bounds of what we carry: always carried.
 ALWAYS_CARRY="huggingface-hub tokenizers typing-extensions protobuf"
 # The image is Ubuntu 24.04 (glibc 2.39): any manylinux tag up to 2_39 runs there.

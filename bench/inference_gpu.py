@@ -203,12 +203,17 @@ def bench_server(model_name: str, variant: str, levels: list[int], args: argpars
                   f"{rows[-1]['ms_per_token']} ms/token end-to-end, {rows[-1]['server_decode_ms_per_token']} decode",
                   flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return rows
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then kill after a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def summarize(rows: list[dict], models: list[str], primary_variant: str) -> dict:

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from inference_gpu import drive, prompts_for, scrape, start_server  # noqa: E402
+from inference_gpu import drive, prompts_for, scrape, start_server, stop_server  # noqa: E402
 
 MODELS = "llama-3.1-8b,llama-3.2-1b,qwen2.5-7b"
 TTFT = "kernelgate_inference_time_to_first_token_seconds"
@@ -270,9 +270,6 @@ def step_times(name: str, model, args: argparse.Namespace) -> dict:
 
 def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace,
                  tp: int) -> tuple[list[dict], dict]:
-    import signal
-    import subprocess
-
     from inference.model_configs import random_config
 
     vocab = random_config(name).vocab_size
@@ -301,11 +298,7 @@ def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: 
         extra["backend"] = next((line.split("(")[1].split(" backend")[0] for line in text.splitlines()
                                  if " ready (" in line), "unknown")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return rows, extra
 
 

@@ -62,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--merge", nargs="+", metavar="RESULT",
+                        help="no GPU: merge these result files (e.g. a later Qwen or tp2 run) into --out and exit")
     return parser.parse_args()
 
 
@@ -331,8 +333,32 @@ def write_result(args: argparse.Namespace, bandwidth: float, lengths: list[int],
     return result
 
 
+def merge(out: Path, parts: list[Path]) -> dict:
+    """Fold later runs into one result: by_model, rows, checks and tp sections; each run's command kept."""
+    result = json.loads(out.read_text()) if out.exists() else {}
+    runs = result.setdefault("runs", [{k: result.get(k) for k in ("command", "device", "gpus", "run_with")}])
+    for path in parts:
+        part = json.loads(path.read_text())
+        runs.append({k: part.get(k) for k in ("command", "device", "gpus", "run_with")})
+        for name, info in part.get("by_model", {}).items():
+            result.setdefault("by_model", {}).setdefault(name, {}).update(info)
+            result.get("not_run", {}).pop(name, None)
+        key = lambda r: (r["model"], r["system"], r.get("tp_size", 1), r["prompt_tokens"], r["concurrency"])  # noqa: E731
+        fresh = {key(r) for r in part.get("rows", [])}
+        result["rows"] = [r for r in result.get("rows", []) if key(r) not in fresh] + part.get("rows", [])
+        result["checks"] = result.get("checks", []) + part.get("checks", [])
+        for section in (k for k in part if k.startswith("tp") and k[2:].isdigit()):
+            result.setdefault(section, {}).update(part[section])
+            result.get("not_run", {}).pop(section, None)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main() -> int:
     args = parse_args()
+    if args.merge:
+        merge(Path(args.out), [Path(p) for p in args.merge])
+        return 0
     import torch
 
     models = [m for m in args.models.split(",") if m]
@@ -389,7 +415,10 @@ def main() -> int:
         hf64, ours64 = _pick(rows, lengths[0], max(levels), name, "hf_generate"), _pick(rows, lengths[0], max(levels), name)
         if hf64 and ours64:
             info[f"ratio_c{max(levels)}_over_hf"] = round(ours64 / hf64, 2)
-        by_model[name] = info
+        if args.tp == 1:
+            by_model[name] = info
+        else:  # a tensor-parallel run's own figures stay in its section (by_model is one GPU's)
+            tp_section.setdefault(name, {})["server"] = info
         print(f"[{name}] {json.dumps(info)}", flush=True)
         write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
     result = write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from transformers import GPT2Config, LlamaConfig, OPTConfig, PretrainedConfig, Qwen2Config
+from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, PretrainedConfig, Qwen2Config
 
 DEMO_VOCAB = 259
 DEMO_EOS = 256
@@ -47,6 +47,13 @@ def _tiny_llama3() -> PretrainedConfig:
                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
                        rms_norm_eps=1e-5, bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
+
+
+def _tiny_mistral() -> PretrainedConfig:
+    """Mistral's layout at test size (its sliding window caps the served context)."""
+    return MistralConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=256,
+                         vocab_size=DEMO_VOCAB, bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -91,6 +98,7 @@ RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-llama": _tiny_llama,
     "tiny-llama3": _tiny_llama3,
     "tiny-qwen2": _tiny_qwen2,
+    "tiny-mistral": _tiny_mistral,
     "llama-3.2-1b": _llama_3_2_1b,
     "llama-3.1-8b": _llama_3_1_8b,
     "qwen2.5-7b": _qwen2_5_7b,

@@ -2,8 +2,8 @@
 
 Greedy tokens through the engine (continuous batching over the slot cache) must equal
 ``generate`` of the Hugging Face model built from the same seed or the same directory, for
-Llama (GQA), Llama 3 (llama3 rope scaling, one key/value head) and Qwen2 (QKV biases, tied
-embeddings) layouts.
+Llama (GQA), Llama 3 (llama3 rope scaling, one key/value head), Qwen2 (QKV biases, tied
+embeddings) and Mistral layouts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from inference.model_loader import load_model
 from inference.runner import ModelRunner
 from tests.inference.helpers import generate, started_engine, tiny_config
 
-LLAMA_FAMILY = ["tiny-llama", "tiny-llama3", "tiny-qwen2"]
+LLAMA_FAMILY = ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral"]
 PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 
@@ -128,6 +128,7 @@ def test_context_is_capped_when_unset() -> None:
     assert _context_length(random_config("llama-3.1-8b"), None) == DEFAULT_MAX_MODEL_LEN
     assert _context_length(random_config("llama-3.1-8b"), 1024) == 1024
     assert _context_length(random_config("tiny-llama"), None) == 512
+    assert _context_length(random_config("tiny-mistral"), None) == 256  # its sliding window
 
 
 @pytest.mark.parametrize("q_len", [1, 5])

@@ -45,7 +45,7 @@ case "$MODE" in
     python3 bench/inference_llama_gpu.py --out "$OUT/inference_llama_gpu.json" --log-dir "$OUT" "$@"
     ;;
   llama-tp2)
-    python3 bench/inference_llama_gpu.py --tp 2 --skip hf,step --concurrency 1,64 --prompt-tokens 128 \
+    python3 bench/inference_llama_gpu.py --tp 2 --skip hf,step --concurrency 1,64 --prompt-tokens 128 --models llama-3.1-8b,qwen2.5-7b \
       --out "$OUT/inference_llama_gpu_tp2.json" --log-dir "$OUT" "$@"
     ;;
   history)

@@ -169,6 +169,7 @@ class TensorParallelGroup:
         self._followers: list[subprocess.Popen] = []
         self._control: Any = None
         self._closing = threading.Event()
+        self._lost_rank = False
 
     def follower_command(self, rank: int) -> list[str]:
         return [sys.executable, "-m", "inference.tensor_parallel", "--rank", str(rank),
@@ -193,6 +194,7 @@ class TensorParallelGroup:
             for rank, proc in enumerate(self._followers, start=1):
                 code = proc.poll()
                 if code is not None and not self._closing.is_set():
+                    self._lost_rank = True
                     error = RuntimeError(f"tensor-parallel rank {rank} exited with status {code}")
                     log.error("%s: the model is not ready any more", error)
                     if self.on_follower_exit is not None:
@@ -201,7 +203,9 @@ class TensorParallelGroup:
             time.sleep(0.2)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop watching, then wait for the followers (they exit on OP_STOP) or end them."""
+        """Stop watching, wait for the followers (they exit on OP_STOP) or end them, and leave the
+        group so this process can form another. With a rank lost the group is left as it is:
+        tearing down a communicator a collective still waits on can block."""
         self._closing.set()
         deadline = time.monotonic() + timeout
         for proc in self._followers:
@@ -210,6 +214,8 @@ class TensorParallelGroup:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if not self._lost_rank and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _die_with_parent() -> None:

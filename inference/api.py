@@ -26,6 +26,7 @@ from inference.config import InferenceConfig
 from inference.generation import EngineDeadError, EngineNotReadyError, QueueFullError
 from inference.metrics import InferenceMetrics
 from inference.protocol import RequestError
+from inference.models.errors import LifecycleError
 from inference.serving import GenerationService, RequestContext
 from inference.tracing import Tracing
 from otel import names
@@ -35,6 +36,34 @@ log = logging.getLogger("kernelgate.inference.api")
 TENANT_HEADER = "x-kernelgate-tenant"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_CLOSED = 499
+
+
+class ModelLease(Protocol):
+    """The active version of a model, held for one request (``inference.models.registry.Lease``)."""
+
+    version: str
+    service: GenerationService
+    headers: dict[str, str]
+
+    def record(self, prompts: Any) -> None: ...
+
+    def __enter__(self) -> ModelLease: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class ServedModels(Protocol):
+    """The generative models this server answers to (``inference.models.registry.ModelRegistry``)."""
+
+    def names(self) -> list[str]: ...
+
+    def lease(self, model: str) -> ModelLease: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def failure(self) -> BaseException | None: ...
 
 
 class EmbeddingBackend(Protocol):
@@ -52,7 +81,7 @@ class ServerState:
     """Everything the handlers use; one per application."""
 
     config: InferenceConfig
-    generation: GenerationService
+    models: ServedModels
     encoder: EmbeddingBackend | None
     metrics: InferenceMetrics
     tracing: Tracing
@@ -169,46 +198,54 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
                                     attributes) as span:
         data = protocol.parse_json(await _read_body(request, state))
         parsed = protocol.parse_chat_request(data) if kind == "chat" else protocol.parse_completion_request(data)
-        _check_generation_model(state, parsed.model)
-        sampling = parsed.sampling
-        span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
-        span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
-        span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
-        if sampling.max_tokens is not None:
-            span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, sampling.max_tokens)
-        if sampling.seed is not None:
-            span.set_attribute(names.GEN_AI_REQUEST_SEED, sampling.seed)
-        _check_ready(state)
-        prompts = await state.generation.prepare(parsed)
-        ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                             model=parsed.model, tenant=tenant_of(request.headers), span=span)
-        streams = _submit(state, ctx, prompts)
-        span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
-        timeout = state.config.limits.request_timeout_s
+        with _lease(state, parsed.model) as lease:
+            return await _generate_on(request, state, kind, parsed, span, lease)
+
+
+async def _generate_on(request: web.Request, state: ServerState, kind: str, parsed: Any, span: Any,
+                       lease: ModelLease) -> web.StreamResponse:
+    """The request on the version it leased (it finishes there even if another is activated meanwhile)."""
+    generation = lease.service
+    span.set_attribute(names.MODEL_VERSION, lease.version)
+    sampling = parsed.sampling
+    span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
+    span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
+    span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
+    if sampling.max_tokens is not None:
+        span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, sampling.max_tokens)
+    if sampling.seed is not None:
+        span.set_attribute(names.GEN_AI_REQUEST_SEED, sampling.seed)
+    prompts = await generation.prepare(parsed)
+    lease.record(prompts)
+    ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                         model=parsed.model, tenant=tenant_of(request.headers), span=span)
+    streams = _submit(state, generation, ctx, prompts)
+    span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
+    timeout = state.config.limits.request_timeout_s
+    try:
+        if sampling.stream:
+            return await _send_sse(request, generation.stream(kind, ctx, streams, sampling.include_usage),
+                                   timeout, lease.headers)
         try:
-            if sampling.stream:
-                return await _send_sse(request, state.generation.stream(kind, ctx, streams, sampling.include_usage),
-                                       timeout)
-            try:
-                async with asyncio.timeout(timeout):
-                    body = await state.generation.complete(kind, ctx, streams)
-            except TimeoutError:
-                raise RequestError(504, f"request did not finish within {timeout:g}s", type="timeout",
-                                   code="request_timeout") from None
-            return web.json_response(body)
-        except EngineDeadError as exc:
-            raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
-        finally:
-            span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, ctx.prompt_tokens)
-            span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, ctx.completion_tokens)
-            if ctx.finish_reasons:
-                span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, ctx.finish_reasons)
+            async with asyncio.timeout(timeout):
+                body = await generation.complete(kind, ctx, streams)
+        except TimeoutError:
+            raise RequestError(504, f"request did not finish within {timeout:g}s", type="timeout",
+                               code="request_timeout") from None
+        return web.json_response(body, headers=lease.headers)
+    except EngineDeadError as exc:
+        raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
+    finally:
+        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, ctx.prompt_tokens)
+        span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, ctx.completion_tokens)
+        if ctx.finish_reasons:
+            span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, ctx.finish_reasons)
 
 
-def _submit(state: ServerState, ctx: RequestContext, prompts: list[Any]) -> list[Any]:
+def _submit(state: ServerState, generation: GenerationService, ctx: RequestContext, prompts: list[Any]) -> list[Any]:
     retry_after = {"Retry-After": str(state.config.limits.retry_after_s)}
     try:
-        return state.generation.submit(ctx, prompts)
+        return generation.submit(ctx, prompts)
     except QueueFullError as exc:
         raise RequestError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",
                            headers=retry_after) from None
@@ -218,10 +255,11 @@ def _submit(state: ServerState, ctx: RequestContext, prompts: list[Any]) -> list
         raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
 
 
-async def _send_sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]], timeout: float) -> web.StreamResponse:
+async def _send_sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]], timeout: float,
+                    headers: dict[str, str]) -> web.StreamResponse:
     """Write ``data: {...}`` events, then ``data: [DONE]``; a vanished client ends it early."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no", **headers})
     await response.prepare(request)
     try:
         async with aclosing(chunks) as events:
@@ -259,7 +297,7 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
         parsed = protocol.parse_embedding_request(data, max_inputs)
         encoder = state.encoder
         if encoder is None or parsed.model != encoder.name:
-            if parsed.model == state.config.model.name:
+            if parsed.model in state.models.names():
                 raise RequestError(400, f"model '{parsed.model}' does not support embeddings", "model")
             raise RequestError(404, f"model '{parsed.model}' does not exist", "model", code="model_not_found")
         span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
@@ -286,24 +324,22 @@ async def _read_body(request: web.Request, state: ServerState) -> bytes:
                            code="request_too_large") from None
 
 
-def _check_generation_model(state: ServerState, model: str) -> None:
-    if model == state.config.model.name:
-        return
-    if state.encoder is not None and model == state.encoder.name:
-        raise RequestError(400, f"model '{model}' is an embeddings model; use /v1/embeddings", "model")
-    raise RequestError(404, f"model '{model}' does not exist", "model", code="model_not_found")
-
-
-def _check_ready(state: ServerState) -> None:
-    engine = state.generation.engine
-    if not engine.ready:
-        raise RequestError(503, "model is still loading", type="service_unavailable", code="not_ready",
-                           headers={"Retry-After": str(state.config.limits.retry_after_s)})
+def _lease(state: ServerState, model: str) -> ModelLease:
+    """The active version of ``model`` for this request, or the 400/404/503 that says why not."""
+    try:
+        return state.models.lease(model)
+    except LifecycleError as exc:
+        if exc.status == 404 and state.encoder is not None and model == state.encoder.name:
+            raise RequestError(400, f"model '{model}' is an embeddings model; use /v1/embeddings", "model") from None
+        if exc.status == 503:
+            raise RequestError(503, str(exc), type="service_unavailable", code="not_ready",
+                               headers={"Retry-After": str(state.config.limits.retry_after_s)}) from None
+        raise RequestError(exc.status, str(exc), "model", code=exc.code) from None
 
 
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    models = [(state.config.model.name, state.started)]
+    models = [(name, state.started) for name in state.models.names()]
     if state.encoder is not None:
         models.append((state.encoder.name, state.started))
     return web.json_response(protocol.model_list(models))
@@ -311,7 +347,7 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    failure = getattr(state.generation.engine, "failure", None)
+    failure = state.models.failure
     if failure is not None:
         return web.json_response({"status": "failed", "error": str(failure)}, status=503)
     return web.json_response({"status": "ok"})
@@ -319,7 +355,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    checks = {"model": state.generation.engine.ready, "draining": not state.draining}
+    checks = {"model": state.models.ready, "draining": not state.draining}
     if state.encoder is not None:
         checks["embeddings"] = state.encoder.ready
     ready = all(checks.values())

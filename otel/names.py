@@ -54,6 +54,7 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 
 # --- attributes: the sidecar's check ---------------------------------------------------------------------
 TENANT = "kernelgate.tenant"
+MODEL_VERSION = "kernelgate.model.version"  # the version of the served model that answered (#15)
 DECISION = "kernelgate.decision"
 DECISION_ID = "kernelgate.decision_id"
 REASON = "kernelgate.reason"

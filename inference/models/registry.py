@@ -1,0 +1,394 @@
+"""The registry of served models: one engine per loaded version, and which version is active.
+
+In: the ``InferenceConfig`` (``served_models``, ``validation``), a factory that builds an
+engine for a ``(ModelConfig, BatchingConfig)`` and one that builds the serving object of an
+engine. Out: :meth:`ModelRegistry.lease` — the serving layer asks for "the engine of model X"
+and holds the lease for the whole request, so a request finishes on the version it started
+on; and the lifecycle calls the admin API makes: :meth:`load` (memory check, then load +
+validation in the background), :meth:`activate` (an atomic switch of the active pointer; the
+old version drains and its engine is shut down, its memory freed, when its last lease ends),
+:meth:`unload` and :meth:`status`.
+
+States of a version::
+
+    loading -> validating -> ready -> active -> draining -> unloaded
+        \\            \\
+         `-> failed <-'        (ready -> unloaded by unload; failed keeps its reason)
+
+Everything here runs on the event loop thread (the engine threads only load and decode), so
+the switch of the active version is one assignment between two awaits: atomic for requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from inference.config import BatchingConfig, InferenceConfig, ModelConfig, ServedModelConfig, VersionConfig
+from inference.models import memory
+from inference.models.errors import (LifecycleError, ModelNotReady, UnknownModel, UnknownVersion,
+                                     VersionConflict)
+from inference.models.validation import ValidationResult, validate
+
+log = logging.getLogger("kernelgate.inference.models")
+
+VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "unloaded"]
+VERSION_HEADER = "x-kernelgate-model-version"
+
+
+class LifecycleEngine(Protocol):
+    """What the registry needs of an engine (``inference.engine.Engine``)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def failure(self) -> BaseException | None: ...
+
+    @property
+    def started(self) -> bool: ...
+
+    info: Any
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout: float = 30.0) -> None: ...
+
+    def submit(self, request: Any) -> Any: ...
+
+
+EngineFactory = Callable[[ModelConfig, BatchingConfig], LifecycleEngine]
+ServiceFactory = Callable[[LifecycleEngine], Any]
+
+
+@dataclass
+class ModelVersion:
+    """One loaded (or loading, or retired) version of a model."""
+
+    model: str
+    version: str
+    source: str
+    engine: LifecycleEngine | None
+    service: Any
+    owned: bool = True
+    state: VersionState = "loading"
+    error: str | None = None
+    leases: int = 0
+    estimate: memory.MemoryEstimate | None = None
+    validation: ValidationResult | None = None
+    activate_when_valid: bool = False
+    loaded_at: float = field(default_factory=time.time)
+    activated_at: float | None = None
+    served: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "state": self.state, "source": self.source,
+                               "in_flight": self.leases, "served": self.served, "loaded_at": self.loaded_at,
+                               "activated_at": self.activated_at}
+        if self.error is not None:
+            out["error"] = self.error
+        if self.estimate is not None:
+            out["memory"] = {"device": self.estimate.device, "weights_bytes": self.estimate.weights_bytes,
+                             "kv_cache_bytes": self.estimate.kv_cache_bytes}
+        if self.validation is not None:
+            out["validation"] = self.validation.describe()
+        return out
+
+
+class Lease:
+    """The active version of a model, held for one request (a context manager)."""
+
+    def __init__(self, registry: ModelRegistry, entry: ModelVersion) -> None:
+        self._registry = registry
+        self._entry = entry
+        self._released = False
+
+    @property
+    def version(self) -> str:
+        return self._entry.version
+
+    @property
+    def service(self) -> Any:
+        return self._entry.service
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {VERSION_HEADER: self._entry.version}
+
+    def record(self, prompts: Iterable[Any]) -> None:
+        """Remember the request's prompt token ids as recent live traffic (for shadow runs)."""
+        self._registry.record(self._entry.model, prompts)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._released:
+            self._released = True
+            self._registry._release(self._entry)
+
+
+@dataclass
+class _Model:
+    config: ServedModelConfig
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    active: ModelVersion | None = None
+    recent: deque[tuple[int, ...]] = field(default_factory=deque)
+
+
+class ModelRegistry:
+    """The served models and their versions; see the module docstring."""
+
+    def __init__(self, config: InferenceConfig, build_engine: EngineFactory, build_service: ServiceFactory,
+                 check_memory: bool = True) -> None:
+        self._config = config
+        self._build_engine = build_engine
+        self._build_service = build_service
+        self._check_memory = check_memory
+        self._models = {m.name: _Model(m, recent=deque(maxlen=config.validation.recent_prompts))
+                        for m in config.served_models}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.events: deque[dict[str, Any]] = deque(maxlen=256)
+
+    # -- serving side -----------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def lease(self, model: str) -> Lease:
+        """The active version of ``model`` for one request; raises UnknownModel or ModelNotReady."""
+        entry = self._model(model).active
+        if entry is None or entry.engine is None or not entry.engine.ready:
+            raise ModelNotReady(f"model '{model}' is still loading")
+        entry.leases += 1
+        entry.served += 1
+        return Lease(self, entry)
+
+    def record(self, model: str, prompts: Iterable[Any]) -> None:
+        recent = self._models[model].recent
+        for prompt in prompts:
+            ids = getattr(prompt, "token_ids", prompt)
+            recent.append(tuple(ids))
+
+    @property
+    def ready(self) -> bool:
+        """Every model has an active version that is ready."""
+        return all(m.active is not None and m.active.engine is not None and m.active.engine.ready
+                   for m in self._models.values())
+
+    @property
+    def failure(self) -> BaseException | None:
+        for m in self._models.values():
+            if m.active is not None and m.active.engine is not None and m.active.engine.failure is not None:
+                return m.active.engine.failure
+        return None
+
+    def active_engines(self) -> list[LifecycleEngine]:
+        return [m.active.engine for m in self._models.values() if m.active is not None and m.active.engine]
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def adopt(self, model: str, version: str, engine: LifecycleEngine) -> None:
+        """Serve an engine built elsewhere (not owned: never shut down here) as the active version."""
+        entry = ModelVersion(model, version, "external engine", engine, self._build_service(engine), owned=False,
+                             state="active", activated_at=time.time())
+        m = self._model(model)
+        m.versions[version] = entry
+        m.active = entry
+        if not engine.started:
+            engine.start()
+
+    def start(self) -> None:
+        """Load every model's configured active version (no validation: it is the baseline)."""
+        for m in self._models.values():
+            if m.active is not None:
+                continue
+            version = next(v for v in m.config.versions if v.version == m.config.active_version)
+            entry = self._create(m, version)
+            entry.state = "active"
+            entry.activated_at = time.time()
+            m.active = entry
+
+    # -- lifecycle (admin API) --------------------------------------------------------------
+
+    async def load(self, model: str, version: VersionConfig, activate: bool = False) -> ModelVersion:
+        """Check memory, start loading ``version``; validation (then activation, when asked) runs in the
+        background. Raises at once (nothing changes) when the model is unknown, the version exists,
+        or it does not fit in memory."""
+        m = self._model(model)
+        existing = m.versions.get(version.version)
+        if existing is not None and existing.state not in ("failed", "unloaded"):
+            raise VersionConflict(f"version '{version.version}' of model '{model}' is already {existing.state}")
+        loop = asyncio.get_running_loop()
+        entry = await loop.run_in_executor(None, self._create, m, version)
+        entry.activate_when_valid = activate
+        task = asyncio.create_task(self._validate(m, entry), name=f"validate-{model}-{version.version}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return entry
+
+    def activate(self, model: str, version: str) -> ModelVersion:
+        """Make a validated version the active one; the old one drains, then is shut down."""
+        m = self._model(model)
+        entry = self._version(m, version)
+        if entry is m.active:
+            return entry
+        if entry.state != "ready":
+            raise VersionConflict(f"version '{version}' of model '{model}' is {entry.state}"
+                                  + (f" ({entry.error})" if entry.error else "") + "; only a validated (ready) "
+                                  "version can be activated")
+        old = m.active
+        m.active = entry  # the switch: new leases go to ``entry`` from here on
+        entry.state = "active"
+        entry.activated_at = time.time()
+        self._event(model, version, "activated", previous=old.version if old else None)
+        log.info("model %s: version %s active (was %s)", model, version, old.version if old else None)
+        if old is not None:
+            old.state = "draining"
+            if old.leases == 0:
+                self._retire(old)
+        return entry
+
+    def unload(self, model: str, version: str) -> ModelVersion:
+        """Unload a version that is not active (ready, failed, or still loading)."""
+        m = self._model(model)
+        entry = self._version(m, version)
+        if entry is m.active:
+            raise VersionConflict(f"version '{version}' of model '{model}' is active; activate another first")
+        if entry.state in ("draining", "unloaded"):
+            return entry
+        entry.state = "draining"
+        if entry.leases == 0:
+            self._retire(entry)
+        return entry
+
+    def status(self) -> dict[str, Any]:
+        return {"models": [{"name": name, "active": m.active.version if m.active else None,
+                            "versions": [v.describe() for v in m.versions.values()]}
+                           for name, m in self._models.items()]}
+
+    def version_state(self, model: str, version: str) -> ModelVersion:
+        return self._version(self._model(model), version)
+
+    async def close(self, timeout: float) -> None:
+        """Stop every owned engine (server shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        engines = [v.engine for m in self._models.values() for v in m.versions.values() if v.owned and v.engine]
+        await asyncio.gather(*(loop.run_in_executor(None, e.shutdown, timeout) for e in engines))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _model(self, model: str) -> _Model:
+        m = self._models.get(model)
+        if m is None:
+            raise UnknownModel(model)
+        return m
+
+    def _version(self, m: _Model, version: str) -> ModelVersion:
+        entry = m.versions.get(version)
+        if entry is None:
+            raise UnknownVersion(f"model '{m.config.name}' has no version '{version}' "
+                                 f"(known: {', '.join(m.versions) or 'none'})")
+        return entry
+
+    def _create(self, m: _Model, version: VersionConfig) -> ModelVersion:
+        """Memory check, then build and start the engine (it loads on its own thread)."""
+        model_config = self._config.model_config_of(m.config.name, version)
+        source = version.path or f"random:{version.random_config}(seed {version.seed})"
+        est = None
+        if self._check_memory:
+            try:
+                est = memory.estimate(model_config, m.config.batching.max_batch_size)
+            except (OSError, ValueError, KeyError) as exc:
+                raise LifecycleError(f"cannot read version '{version.version}' of model '{m.config.name}' "
+                                     f"from {source}: {exc}") from None
+            memory.check_fits(f"version '{version.version}' of model '{m.config.name}'", est,
+                              self._config.validation.memory_headroom)
+        engine = self._build_engine(model_config, m.config.batching)
+        entry = ModelVersion(m.config.name, version.version, source, engine, self._build_service(engine),
+                             estimate=est)
+        m.versions[version.version] = entry
+        engine.start()
+        self._event(m.config.name, version.version, "loading", source=source)
+        return entry
+
+    async def _validate(self, m: _Model, entry: ModelVersion) -> None:
+        try:
+            engine = entry.engine
+            assert engine is not None
+            cfg = self._config.validation
+            deadline = time.monotonic() + cfg.timeout_s
+            while not engine.ready:
+                if engine.failure is not None:
+                    raise RuntimeError(f"load failed: {engine.failure}")
+                if time.monotonic() > deadline or entry.state != "loading":
+                    raise RuntimeError(f"not loaded within {cfg.timeout_s:g}s" if entry.state == "loading"
+                                       else f"{entry.state} while loading")
+                await asyncio.sleep(0.05)
+            entry.state = "validating"
+            active = m.active.engine if m.active is not None else None
+            result = await validate(engine, active, list(m.recent), cfg)
+            entry.validation = result
+            if entry.state != "validating":
+                return
+            if not result.ok:
+                raise RuntimeError(f"validation failed: {result.reason}")
+            entry.state = "ready"
+            self._event(m.config.name, entry.version, "validated", **result.describe())
+            if entry.activate_when_valid:
+                self.activate(m.config.name, entry.version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the version is marked failed with the reason
+            if entry.state in ("draining", "unloaded"):
+                return
+            entry.state = "failed"
+            entry.error = str(exc)
+            log.warning("model %s: version %s failed: %s", m.config.name, entry.version, exc)
+            self._event(m.config.name, entry.version, "failed", error=str(exc))
+            await self._shutdown(entry, "failed")
+
+    def _release(self, entry: ModelVersion) -> None:
+        entry.leases -= 1
+        if entry.leases == 0 and entry.state == "draining":
+            self._retire(entry)
+
+    def _retire(self, entry: ModelVersion) -> None:
+        task = asyncio.get_running_loop().create_task(self._shutdown(entry, "unloaded"))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self, entry: ModelVersion, final: VersionState) -> None:
+        engine, entry.engine, entry.service = entry.engine, None, None
+        if engine is not None and entry.owned:
+            await asyncio.get_running_loop().run_in_executor(None, _free, engine,
+                                                             self._config.limits.drain_timeout_s)
+        if final == "unloaded":
+            entry.state = "unloaded"
+            self._event(entry.model, entry.version, "unloaded")
+            log.info("model %s: version %s unloaded", entry.model, entry.version)
+
+    def _event(self, model: str, version: str, event: str, **details: Any) -> None:
+        self.events.append({"time": time.time(), "model": model, "version": version, "event": event, **details})
+
+
+def _free(engine: LifecycleEngine, timeout: float) -> None:
+    """Stop the engine thread and give its memory back (the engine object is dropped by the caller)."""
+    engine.shutdown(timeout)
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

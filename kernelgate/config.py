@@ -51,7 +51,16 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
     inference_raw = raw.pop("inference", None)
     telemetry_raw = raw.pop("telemetry", None)
     config = build(KernelgateConfig, raw)
+    config = _replica_targets_from_envoy(config)
     return replace(config, inference=_build_inference(inference_raw), telemetry=_build_telemetry(telemetry_raw))
+
+
+def _replica_targets_from_envoy(config: KernelgateConfig) -> KernelgateConfig:
+    """The sidecar polls the replicas Envoy routes to unless ``authz.replicas.targets`` says otherwise."""
+    if config.authz.replicas.targets is not None:
+        return config
+    replicas = replace(config.authz.replicas, targets=config.envoy.all_replicas())
+    return replace(config, authz=replace(config.authz, replicas=replicas))
 
 
 def _build_inference(raw: Any) -> Any:

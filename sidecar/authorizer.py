@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import propagate, trace
 
@@ -37,6 +37,12 @@ from sidecar.ratelimit import (
 log = logging.getLogger("kernelgate.authz")
 
 
+class SaturationView(Protocol):
+    """Which models no inference replica has room for (``sidecar.replicas.ReplicaWatcher``)."""
+
+    def saturated_models(self) -> list[str]: ...
+
+
 @dataclass
 class Verdict:
     """What was decided, for the log line, the metrics and the span."""
@@ -58,7 +64,8 @@ def _unavailable(verdict: Verdict, reason: str, message: str) -> Any:
 class Authorizer:
     def __init__(self, config: SidecarConfig, authenticator: Authenticator, decider: Decider,
                  rate_limiter: RateLimiter | None, decision_log: DecisionLogger,
-                 metrics: SidecarMetrics, tracer: trace.Tracer | None = None):
+                 metrics: SidecarMetrics, tracer: trace.Tracer | None = None,
+                 saturation: SaturationView | None = None):
         self._config = config
         self._authenticator = authenticator
         self._decider = decider
@@ -66,6 +73,7 @@ class Authorizer:
         self._decision_log = decision_log
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer("kernelgate.sidecar")
+        self._saturation = saturation
         self._limits = InputLimits(max_body_bytes=config.max_body_bytes)
         self._prefix = config.header_prefix.lower()
         self._credential_headers = ("authorization", config.identity.api_key_header.lower())
@@ -109,6 +117,8 @@ class Authorizer:
         estimated = estimate_tokens(check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None,
                                     self._config.ratelimit)
         document["kernelgate"]["estimated_tokens"] = estimated
+        if self._saturation is not None:
+            document["kernelgate"]["saturated_models"] = self._saturation.saturated_models()
 
         with self._child_span("opa.query") as opa_span:
             try:

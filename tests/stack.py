@@ -75,6 +75,8 @@ class AuthzStack:
             "opa": {"url": f"http://127.0.0.1:{self.opa_port}", "timeout_s": 0.5, "revision_poll_s": 0.2},
             "identity": {"api_keys_file": str(self.keys_file), "reload_interval_s": 0.2},
             "decision_log": {"output_file": str(self.decision_log)},
+            # The echo upstream serves no load report (tests/e2e/ poll real inference replicas).
+            "replicas": {"targets": []},
         }
         if self.redis_url:
             # 1 s, not the production 50 ms: the first call connects and loads the Lua script, which

@@ -32,6 +32,13 @@ def _tiny_llama() -> PretrainedConfig:
                        bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
 
 
+def _small_gpt2() -> PretrainedConfig:
+    """A deeper, wider GPT-2 on the demo vocabulary: several times slower a token than tiny-gpt2 on CPU
+    (a bigger model to degrade from, or a slow replica, in CPU tests)."""
+    return GPT2Config(n_layer=12, n_embd=512, n_head=8, n_positions=1024, vocab_size=DEMO_VOCAB,
+                      bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
+
+
 def _gpt2_medium() -> PretrainedConfig:
     return GPT2Config(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257,
                       bos_token_id=50256, eos_token_id=50256)
@@ -47,6 +54,7 @@ RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-gpt2": _tiny_gpt2,
     "tiny-opt": _tiny_opt,
     "tiny-llama": _tiny_llama,
+    "small-gpt2": _small_gpt2,
     "gpt2-medium": _gpt2_medium,
     "opt-1.3b": _opt_1_3b,
 }

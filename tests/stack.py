@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kernelgate.envoy_config import EnvoyConfig, render
+from kernelgate.settings import build
 from tests import procs
 from tests.procs import ROOT, Proc, free_port
 
@@ -117,7 +118,7 @@ class AuthzStack:
     def start_envoy(self) -> Proc:
         cfg = self.config()["envoy"]
         bootstrap = self.workdir / "envoy.yaml"
-        bootstrap.write_text(yaml.safe_dump(render(EnvoyConfig(**cfg))))
+        bootstrap.write_text(yaml.safe_dump(render(build(EnvoyConfig, cfg, "envoy"))))
         proc = procs.start("envoy", [procs.find_binary("envoy"), "-c", str(bootstrap), "--use-dynamic-base-id",
                                      "--log-level", "warn", "--concurrency", "1"], self.logs)
         procs.wait_http(f"http://127.0.0.1:{self.admin_port}/ready", proc=proc)

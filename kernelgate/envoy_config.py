@@ -312,6 +312,18 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
     )
 
 
+# JSON names betterproto spells unlike protoc (it capitalises a letter after a digit) -> Envoy's.
+_JSON_NAMES = {"consecutive5Xx": "consecutive5xx"}
+
+
+def _proto_json_names(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {_JSON_NAMES.get(k, k): _proto_json_names(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_proto_json_names(v) for v in data]
+    return data
+
+
 def render(cfg: EnvoyConfig) -> dict[str, Any]:
     """The bootstrap as a plain dict (Envoy reads it as YAML or JSON)."""
-    return build_bootstrap(cfg).to_dict()
+    return _proto_json_names(build_bootstrap(cfg).to_dict())

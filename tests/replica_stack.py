@@ -132,12 +132,15 @@ class ReplicaStack(AuthzStack):
         return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
 
     def sidecar_metric(self, name: str, **labels: str) -> float | None:
+        """A sample of the sidecar's /metrics with exactly these labels (None when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
-                return float(line.rsplit(" ", 1)[1])
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
         return None
 
 

@@ -59,10 +59,13 @@ async def test_requests_spread_across_replicas_and_name_the_replica(three: Repli
     assert max(counts.values()) <= 0.6 * len(served), f"least-request should spread equal replicas: {counts}"
     # The access log names the upstream host of each request, and it is the replica that answered.
     address = {r.name: r.address for r in three.replicas}
-    entries = [e for e in three.access_log_entries() if e["path"] == "/v1/completions" and e["status"] == 200]
-    assert len(entries) >= len(served)
+
+    def entries() -> list[dict]:
+        return [e for e in three.access_log_entries() if e["path"] == "/v1/completions" and e["status"] == 200]
+
+    wait_for(lambda: len(entries()) >= len(served), 10, "Envoy to flush its access log")
     assert all(e["upstream_host"] == address[e["replica"]] and e["upstream_cluster"] == "inference"
-               for e in entries), entries[:3]
+               for e in entries()), entries()[:3]
     # The sidecar's metrics show each replica's load as it last polled it.
     for name in address:
         wait_for(lambda n=name: three.sidecar_metric("kernelgate_replica_up", model="tiny-gpt2", replica=n) == 1,
@@ -86,9 +89,8 @@ async def test_killed_replica_loses_no_unstarted_request_stops_getting_traffic_a
     # Only requests the victim held when it died may fail: at most what 20 req/s keeps in flight there.
     assert kinds["failed_started"] <= 10, [o.detail for o in outcomes if o.kind == "failed_started"]
     assert kinds["ok"] == len(outcomes) - kinds["failed_started"]
-    # Requests that met the dead replica first were retried on another one (and succeeded).
-    retried = [o for o in outcomes if o.attempts > 1 and o.kind == "ok"]
-    assert retried, "some request should have tried the dead replica first"
+    # A request that met the dead replica first was retried on another one, and succeeded.
+    assert all(o.kind == "ok" for o in outcomes if o.attempts > 1), kinds
     assert all(o.replica != victim.name for o in outcomes if o.sent_at > kill_at + 0.5 and o.kind == "ok")
     # Within the detection window Envoy stops choosing it: later requests need no retry.
     late = [o for o in outcomes if o.sent_at > kill_at + DETECTION_WINDOW_S]
@@ -100,6 +102,30 @@ async def test_killed_replica_loses_no_unstarted_request_stops_getting_traffic_a
     await asyncio.to_thread(three.wait_healthy, {victim.address})
     served = await closed_loop(three.url, BODY, concurrency=6, total=30)
     assert victim.name in served, collections.Counter(served)
+
+
+async def test_connect_failures_are_retried_elsewhere_until_outlier_detection_ejects_the_replica(
+        tmp_path_factory) -> None:
+    """Health checks far apart: only retries and outlier detection stand between clients and a dead replica."""
+    workdir = tmp_path_factory.mktemp("replicas") / "outlier"
+    workdir.mkdir()
+    stack = ReplicaStack(workdir, replicas=[Replica("a0"), Replica("a1")],
+                         envoy_overrides={"upstream": {"health_check_interval_s": 60.0,
+                                                       "outlier_base_ejection_s": 60.0}})
+    try:
+        stack.start()
+        stack.kill(stack.replicas[1])
+        async with aiohttp.ClientSession() as session:
+            answers = [await send(session, stack.url, BODY) for _ in range(20)]
+        assert [status for status, _, _ in answers] == [200] * 20, answers
+        assert {headers["x-kernelgate-replica"] for _, headers, _ in answers} == {"a0"}
+        attempts = [int(headers["x-envoy-attempt-count"]) for _, headers, _ in answers]
+        # Each request that picked the dead replica was retried on the live one; after two such
+        # connect failures in a row (outlier_consecutive_5xx) Envoy ejects it and stops trying.
+        assert 1 <= sum(a > 1 for a in attempts) <= 2, attempts
+        assert "failed_outlier_check" in stack.hosts()[stack.replicas[1].address]["health_flags"]
+    finally:
+        stack.stop()
 
 
 @pytest.fixture(scope="module")

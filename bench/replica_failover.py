@@ -135,7 +135,7 @@ def run_failover(args: argparse.Namespace) -> dict[str, Any]:
 def start_gpu_replica(index: int, gpu: str, args: argparse.Namespace, log_dir: Path):
     import yaml
 
-    from kernelgate.processes import free_port, start
+    from common.processes import free_port, start
 
     port = free_port()
     config = {"inference": {
@@ -159,7 +159,7 @@ def start_envoy(ports: list[int], log_dir: Path, envoy_binary: str):
     import yaml
 
     from kernelgate.envoy_config import EnvoyConfig, render
-    from kernelgate.processes import free_port, start, wait_http
+    from common.processes import free_port, start, wait_http
 
     listen, admin = free_port(), free_port()
     cfg = EnvoyConfig(listen_port=listen, admin_port=admin, authz_enabled=False, access_log_path="",
@@ -214,7 +214,7 @@ async def drive(url: str, args: argparse.Namespace, vocab: int, seconds: float) 
 
 def measure_arm(gpus: list[str], args: argparse.Namespace, log_dir: Path, envoy_binary: str) -> dict[str, Any]:
     from inference.model_configs import random_config
-    from kernelgate.processes import wait_http
+    from common.processes import wait_http
 
     vocab = random_config(args.model).vocab_size
     procs = []
@@ -244,7 +244,7 @@ def measure_arm(gpus: list[str], args: argparse.Namespace, log_dir: Path, envoy_
 
 
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
-    from kernelgate.processes import find_binary
+    from common.processes import find_binary
 
     envoy_binary = args.envoy or find_binary("envoy")
     log_dir = Path(args.log_dir)

@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.replicas import LOAD_PATH, NOT_STARTED_HEADER, REPLICA_ATTRIBUTE, REPLICA_HEADER, LoadReport
+from common.routes import MODEL_PATHS
 from inference import protocol
 from inference.config import InferenceConfig
 from inference.generation import EngineDeadError, EngineNotReadyError, QueueFullError
@@ -36,7 +37,6 @@ TENANT_HEADER = "x-kernelgate-tenant"
 ROUTED_MODEL_HEADER = "x-kernelgate-model"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_CLOSED = 499
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 
 
 class EmbeddingBackend(Protocol):
@@ -109,7 +109,7 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     state.in_flight += 1
     state.idle.clear()
     try:
-        if state.draining and route in GENERATION_ROUTES:
+        if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
                                code="shutting_down", headers=_not_started(state))
         response = await handler(request)

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from common.settings import build
 from kernelgate.envoy_config import EnvoyConfig, render
-from kernelgate.settings import build
 from tests import procs
 from tests.procs import ROOT, Proc, free_port
 

@@ -12,8 +12,8 @@ import yaml
 from common.replicas import NOT_STARTED_HEADER
 from kernelgate.config import load
 from kernelgate.envoy_config import EnvoyConfig, render
-from kernelgate.processes import find_binary
-from kernelgate.settings import ConfigError, build
+from common.processes import find_binary
+from common.settings import ConfigError, build
 from kernelgate.stack import replica_envs
 
 

@@ -65,7 +65,7 @@ async def test_not_ready_and_draining_refusals_are_marked_not_started(serve) -> 
             async with s.post(f"{served.url}/v1/completions", json=body) as resp:
                 assert resp.status == 503 and resp.headers[NOT_STARTED_HEADER] == "1"
             gate.open()
-            assert engine.wait_ready(60)
+            await wait_until(lambda: engine.ready, timeout=60)
             assert (await load(s, served.url)).ready
             served.state.draining = True
             async with s.post(f"{served.url}/v1/completions", json=body) as resp:

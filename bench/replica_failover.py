@@ -120,6 +120,17 @@ def run_failover(args: argparse.Namespace) -> dict[str, Any]:
                      for name, outs in phases.items() for o in outs if o.kind != "ok"],
         "target": "failed_not_started == 0",
         "target_met": kinds["failed_not_started"] == 0,
+        "notes": [
+            "failed_started: requests the killed replica held (running or queued) when SIGKILL took them; "
+            "Envoy cannot tell them from ones that had generated tokens, so it never retries them.",
+            "retried counts answers with x-envoy-attempt-count > 1: connect failures and not-started refusals "
+            "retried on another replica. It can be 0 when Envoy sees the killed replica's connections close and "
+            "its health check fail before any new request picks it "
+            "(tests/e2e/test_replicas.py::test_connect_failures_are_retried_elsewhere_until_outlier_detection_"
+            "ejects_the_replica shows the retries when health checks are far apart).",
+            "p99 over the requests answered 200 in each phase; the CPU is shared with other work, so latencies "
+            "are noisy: compare phases within one run.",
+        ],
     }
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for key in ("ratio_two_gpus_over_one", "gpu"):
@@ -138,7 +149,7 @@ def start_gpu_replica(index: int, gpu: str, args: argparse.Namespace, log_dir: P
     from common.processes import free_port, start
 
     port = free_port()
-    config = {"inference": {
+    config = {"telemetry": {"enabled": False}, "inference": {
         "replica_id": f"gpu{gpu}", "listen": {"host": "127.0.0.1", "port": port},
         "model": {"name": args.model, "random_config": args.model, "dtype": "auto", "device": args.device,
                   "use_deepspeed": args.device == "cuda", "kernel_inject": True, "cuda_graphs": True,
@@ -151,7 +162,7 @@ def start_gpu_replica(index: int, gpu: str, args: argparse.Namespace, log_dir: P
     env = {"PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": gpu}
     if args.device == "cuda":
         env["DS_ACCELERATOR"] = "cuda"
-    proc = start(path.stem, [sys.executable, "-m", "inference.server", "--config", str(path)], log_dir, env=env)
+    proc = start(path.stem, [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(path)], log_dir, env=env)
     return proc, port
 
 

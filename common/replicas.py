@@ -1,7 +1,8 @@
 """What the inference replicas, Envoy and the sidecar agree on about replicas (names and one JSON shape).
 
 In: nothing (constants and a parser). Out: the header names Envoy's retry policy and the
-server share, the span attribute naming the replica, and :class:`LoadReport`, the small
+server share (the span attribute naming the replica is otel.names.REPLICA_ID), and
+:class:`LoadReport`, the small
 JSON document each replica serves at ``LOAD_PATH`` and the sidecar polls to learn
 saturation. Imports nothing of the project.
 """
@@ -16,8 +17,6 @@ from typing import Any
 NOT_STARTED_HEADER = "x-kernelgate-not-started"
 # The replica that answered, on every response of the inference server.
 REPLICA_HEADER = "x-kernelgate-replica"
-# Span attribute of the server's request span naming the replica.
-REPLICA_ATTRIBUTE = "kernelgate.replica.id"
 # The load document of one replica (GET).
 LOAD_PATH = "/load"
 

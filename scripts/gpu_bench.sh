@@ -59,7 +59,8 @@ case "$MODE" in
   replicas)
     python3 -c "import lzma, os, shutil; shutil.copyfileobj(lzma.open('.gpu/replicas-envoy/envoy.xz'), open('/tmp/envoy', 'wb')); os.chmod('/tmp/envoy', 0o755)"
     python3 bench/replica_failover.py gpu --envoy /tmp/envoy --log-dir /tmp/kg-replicas \
-      --out "$OUT/replica_failover_gpu.json" --merge "$OUT/replica_failover.json" "$@"
+      --out "$OUT/replica_failover_gpu.json" --merge "$OUT/replica_failover.json" "$@" \
+      || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
     ;;
   *)
     echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, replicas)" >&2

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.replicas import LOAD_PATH, NOT_STARTED_HEADER, REPLICA_HEADER, LoadReport
 from common.routes import MODEL_PATHS
 from inference import protocol
 from inference.config import InferenceConfig
@@ -34,6 +35,8 @@ from otel import names
 log = logging.getLogger("kernelgate.inference.api")
 
 TENANT_HEADER = "x-kernelgate-tenant"
+# The model the gateway routed this request to (the policy may degrade to a fallback model).
+ROUTED_MODEL_HEADER = "x-kernelgate-model"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_CLOSED = 499
 
@@ -58,6 +61,8 @@ class ServedModels(Protocol):
     def names(self) -> list[str]: ...
 
     def lease(self, model: str) -> ModelLease: ...
+
+    def active_engines(self) -> list[Any]: ...
 
     @property
     def ready(self) -> bool: ...
@@ -85,6 +90,7 @@ class ServerState:
     encoder: EmbeddingBackend | None
     metrics: InferenceMetrics
     tracing: Tracing
+    replica_id: str = ""
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     in_flight: int = 0
@@ -106,7 +112,18 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get(LOAD_PATH, _load)
+    app.on_response_prepare.append(_name_replica)
     return app
+
+
+async def _name_replica(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[REPLICA_HEADER] = request.app[STATE].replica_id
+
+
+def _not_started(state: ServerState) -> dict[str, str]:
+    """Headers of a refusal answered before any work started: Envoy may retry it on another replica."""
+    return {"Retry-After": str(state.config.limits.retry_after_s), NOT_STARTED_HEADER: "1"}
 
 
 # -- middleware -----------------------------------------------------------------------------
@@ -126,7 +143,7 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     try:
         if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
-                               code="shutting_down", headers={"Retry-After": str(state.config.limits.retry_after_s)})
+                               code="shutting_down", headers=_not_started(state))
         response = await handler(request)
         status = CLIENT_CLOSED if response.get("client_closed") else response.status
         return response
@@ -193,22 +210,25 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     attributes = {names.GEN_AI_OPERATION_NAME: "chat" if kind == "chat" else "text_completion",
-                  names.TENANT: tenant_of(request.headers)}
+                  names.TENANT: tenant_of(request.headers),
+                  names.REPLICA_ID: state.replica_id}
     with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
                                     attributes) as span:
         data = protocol.parse_json(await _read_body(request, state))
         parsed = protocol.parse_chat_request(data) if kind == "chat" else protocol.parse_completion_request(data)
-        with _lease(state, parsed.model) as lease:
-            return await _generate_on(request, state, kind, parsed, span, lease)
+        model = _served_model(state, request.headers, parsed.model)
+        with _lease(state, model) as lease:
+            return await _generate_on(request, state, kind, parsed, model, span, lease)
 
 
-async def _generate_on(request: web.Request, state: ServerState, kind: str, parsed: Any, span: Any,
+async def _generate_on(request: web.Request, state: ServerState, kind: str, parsed: Any, model: str, span: Any,
                        lease: ModelLease) -> web.StreamResponse:
     """The request on the version it leased (it finishes there even if another is activated meanwhile)."""
     generation = lease.service
     span.set_attribute(names.MODEL_VERSION, lease.version)
     sampling = parsed.sampling
     span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
+    span.set_attribute(names.GEN_AI_RESPONSE_MODEL, model)
     span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
     span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
     if sampling.max_tokens is not None:
@@ -218,7 +238,7 @@ async def _generate_on(request: web.Request, state: ServerState, kind: str, pars
     prompts = await generation.prepare(parsed)
     lease.record(prompts)
     ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                         model=parsed.model, tenant=tenant_of(request.headers), span=span)
+                         model=model, tenant=tenant_of(request.headers), span=span)
     streams = _submit(state, generation, ctx, prompts)
     span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
     timeout = state.config.limits.request_timeout_s
@@ -243,7 +263,7 @@ async def _generate_on(request: web.Request, state: ServerState, kind: str, pars
 
 
 def _submit(state: ServerState, generation: GenerationService, ctx: RequestContext, prompts: list[Any]) -> list[Any]:
-    retry_after = {"Retry-After": str(state.config.limits.retry_after_s)}
+    retry_after = _not_started(state)
     try:
         return generation.submit(ctx, prompts)
     except QueueFullError as exc:
@@ -252,7 +272,7 @@ def _submit(state: ServerState, generation: GenerationService, ctx: RequestConte
     except EngineNotReadyError as exc:
         raise RequestError(503, str(exc), type="service_unavailable", code="not_ready", headers=retry_after) from None
     except EngineDeadError as exc:
-        raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
+        raise RequestError(503, str(exc), type="server_error", code="engine_failed", headers=retry_after) from None
 
 
 async def _send_sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]], timeout: float,
@@ -324,6 +344,12 @@ async def _read_body(request: web.Request, state: ServerState) -> bytes:
                            code="request_too_large") from None
 
 
+def _served_model(state: ServerState, headers: Any, requested: str) -> str:
+    """The model that serves the request: the one the gateway's routing names when it is ours, else the body's."""
+    routed = headers.get(ROUTED_MODEL_HEADER)
+    return routed if routed is not None and routed in state.models.names() else requested
+
+
 def _lease(state: ServerState, model: str) -> ModelLease:
     """The active version of ``model`` for this request, or the 400/404/503 that says why not."""
     try:
@@ -333,7 +359,7 @@ def _lease(state: ServerState, model: str) -> ModelLease:
             raise RequestError(400, f"model '{model}' is an embeddings model; use /v1/embeddings", "model") from None
         if exc.status == 503:
             raise RequestError(503, str(exc), type="service_unavailable", code="not_ready",
-                               headers={"Retry-After": str(state.config.limits.retry_after_s)}) from None
+                               headers=_not_started(state)) from None
         raise RequestError(exc.status, str(exc), "model", code=exc.code) from None
 
 
@@ -361,6 +387,21 @@ async def _readyz(request: web.Request) -> web.Response:
     ready = all(checks.values())
     return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
                              status=200 if ready else 503)
+
+
+async def _load(request: web.Request) -> web.Response:
+    """This replica's load (common.replicas.LoadReport): the sidecar polls it to learn saturation."""
+    state = request.app[STATE]
+    # One report for the replica: the active versions of all its models, summed.
+    engines = state.models.active_engines()
+    stats = [engine.stats() for engine in engines]
+    served = state.config.served_models
+    report = LoadReport(replica=state.replica_id, model=served[0].name,
+                        ready=state.models.ready and not state.draining, running=sum(s.running for s in stats),
+                        waiting=sum(s.waiting for s in stats),
+                        max_batch_size=sum(m.batching.max_batch_size for m in served),
+                        max_queue=sum(m.batching.max_queue for m in served))
+    return web.json_response(report.to_json())
 
 
 async def _metrics(request: web.Request) -> web.Response:

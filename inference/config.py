@@ -228,6 +228,8 @@ class InferenceConfig:
     models: tuple[ServedModelConfig, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # Names this replica in responses, spans and load reports; "" means host:port.
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.served_models]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,7 +71,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         from inference.embeddings import Encoder
 
         encoder = Encoder(config.embeddings)
-    state = ServerState(config=config, models=registry, encoder=encoder, metrics=metrics, tracing=tracing)
+    state = ServerState(config=config, models=registry, encoder=encoder, metrics=metrics, tracing=tracing,
+                        replica_id=replica_id(config))
     app = create_app(state)
     app[REGISTRY] = registry
 
@@ -113,6 +115,11 @@ async def start_admin(app: web.Application, config: InferenceConfig) -> web.AppR
     await web.TCPSite(runner, config.admin.host, config.admin.port).start()
     log.info("model admin API on http://%s:%d", config.admin.host, config.admin.port)
     return runner
+
+
+def replica_id(config: InferenceConfig) -> str:
+    """``replica_id`` from the config, else host:port (in Kubernetes the host name is the pod's)."""
+    return config.replica_id or f"{socket.gethostname()}:{config.listen.port}"
 
 
 async def start_listening(app: web.Application, host: str, port: int, drain_timeout_s: float) -> web.AppRunner:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from common.models import MODEL_VERSION_HEADER
 from inference.config import BatchingConfig, InferenceConfig, ModelConfig, ServedModelConfig, VersionConfig
 from inference.models import memory
 from inference.models.errors import (LifecycleError, ModelNotReady, UnknownModel, UnknownVersion,
@@ -38,7 +39,6 @@ from inference.models.validation import ValidationResult, validate
 log = logging.getLogger("kernelgate.inference.models")
 
 VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "unloaded"]
-VERSION_HEADER = "x-kernelgate-model-version"
 
 
 class LifecycleEngine(Protocol):
@@ -118,7 +118,7 @@ class Lease:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {VERSION_HEADER: self._entry.version}
+        return {MODEL_VERSION_HEADER: self._entry.version}
 
     def record(self, prompts: Iterable[Any]) -> None:
         """Remember the request's prompt token ids as recent live traffic (for shadow runs)."""

@@ -55,6 +55,7 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         return GenerationService(built, preprocess_executor, tracing)  # type: ignore[arg-type]
 
     registry = ModelRegistry(config, build_engine, build_service)  # type: ignore[arg-type]
+    metrics.watch_models(registry.status)
     if engine is None and config.model.tp_size > 1:
         from inference.engine import Engine
         from inference.tensor_parallel import TensorParallelGroup

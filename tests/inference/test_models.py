@@ -193,3 +193,10 @@ async def test_hot_swap_under_load_drops_nothing(served) -> None:
     last_v1 = max(i for i, v in enumerate(versions) if v == "v1")
     assert last_v1 < swapped_at + 4, "after the switch (and the requests in flight then), only v2 answers"
     assert versions[-1] == "v2" and old["in_flight"] == 0
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{url}/metrics") as r:
+            text = await r.text()
+    v1_served = sum(1 for v in versions if v == "v1")
+    assert 'kernelgate_inference_model_version_state{model="gpt",state="unloaded",version="v1"} 1.0' in text
+    assert 'kernelgate_inference_model_version_state{model="gpt",state="active",version="v2"} 1.0' in text
+    assert f'kernelgate_inference_model_version_requests_total{{model="gpt",version="v1"}} {float(v1_served)}' in text

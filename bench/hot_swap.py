@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -32,19 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.replica_failover import cpu_name  # noqa: E402
 from tests.model_stack import VersionedReplica, load_and_activate  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 from tests.replica_stack import ReplicaStack, open_loop, p99  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ms(value: float | None) -> float | None:

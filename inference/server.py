@@ -81,7 +81,7 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         if engine is not None:
             registry.adopt(config.model.name, "v1", engine)  # type: ignore[arg-type]
         else:
-            await asyncio.get_running_loop().run_in_executor(None, registry.start)
+            registry.start_in_background()
         if encoder is not None and not encoder.ready:
             encoder.start()  # type: ignore[attr-defined]
 

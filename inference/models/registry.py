@@ -153,6 +153,8 @@ class ModelRegistry:
         self._models = {m.name: _Model(m, recent=deque(maxlen=config.validation.recent_prompts))
                         for m in config.served_models}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._start_error: BaseException | None = None
+        self._starting: asyncio.Task[None] | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=256)
 
     # -- serving side -----------------------------------------------------------------------
@@ -183,6 +185,8 @@ class ModelRegistry:
 
     @property
     def failure(self) -> BaseException | None:
+        if self._start_error is not None:
+            return self._start_error
         for m in self._models.values():
             if m.active is not None and m.active.engine is not None and m.active.engine.failure is not None:
                 return m.active.engine.failure
@@ -202,6 +206,18 @@ class ModelRegistry:
         m.active = entry
         if not engine.started:
             engine.start()
+
+    def start_in_background(self) -> None:
+        """``start`` off the event loop, so the server listens (``/readyz`` 503) while models load;
+        a start-up version that cannot load (too big, unreadable) is the server's ``failure``."""
+        async def run() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.start)
+            except Exception as exc:  # noqa: BLE001 - reported by /healthz and the log
+                log.error("loading the configured models failed: %s", exc)
+                self._start_error = exc
+
+        self._starting = asyncio.get_running_loop().create_task(run(), name="load-configured-models")
 
     def start(self) -> None:
         """Load every model's configured active version (no validation: it is the baseline)."""
@@ -277,6 +293,8 @@ class ModelRegistry:
 
     async def close(self, timeout: float) -> None:
         """Stop every owned engine (server shutdown)."""
+        if self._starting is not None:
+            await self._starting  # its engines exist once it returns, so they are stopped below
         for task in list(self._tasks):
             task.cancel()
         loop = asyncio.get_running_loop()

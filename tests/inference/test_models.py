@@ -200,3 +200,23 @@ async def test_hot_swap_under_load_drops_nothing(served) -> None:
     assert 'kernelgate_inference_model_version_state{model="gpt",state="unloaded",version="v1"} 1.0' in text
     assert 'kernelgate_inference_model_version_state{model="gpt",state="active",version="v2"} 1.0' in text
     assert f'kernelgate_inference_model_version_requests_total{{model="gpt",version="v1"}} {float(v1_served)}' in text
+
+
+async def test_configured_version_too_big_for_memory_fails_health_with_the_reason(serve) -> None:
+    config = tiny_config(models=(ServedModelConfig("huge", (VersionConfig("v1", random_config="llama-3.1-8b"),),
+                                                   batching=SLOTS),))
+    server = await serve(config)
+    async with aiohttp.ClientSession() as s:
+        async def health() -> tuple[int, dict]:
+            async with s.get(f"{server.url}/healthz") as r:
+                return r.status, await r.json()
+        for _ in range(600):
+            status, body = await health()
+            if status != 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 503 and "GiB" in body["error"] and "nothing was loaded" in body["error"]
+        async with s.get(f"{server.url}/readyz") as r:
+            assert r.status == 503
+        status, _, body = await complete(s, server.url, "huge")
+        assert status == 503 and body["error"]["code"] == "not_ready"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from kernelgate import __version__
 from kernelgate.settings import ConfigError
 
 
@@ -120,6 +121,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelgate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kernelgate {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("KERNELGATE_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -114,7 +114,7 @@ def test_overlay_holds_the_whole_deployment(rendered, overlay: str):
     docs = rendered[overlay]
     kinds = sorted(f"{d['kind']}/{re.sub(r'-[a-z0-9]{10}$', '', d['metadata']['name'])}" for d in docs)
     assert kinds == sorted([
-        "Namespace/kernelgate", "Deployment/kernelgate", "Service/kernelgate", "NetworkPolicy/kernelgate-ingress",
+        "Namespace/kernelgate", "ServiceAccount/kernelgate", "ServiceAccount/jaeger", "Deployment/kernelgate", "Service/kernelgate", "NetworkPolicy/kernelgate-ingress",
         "PodDisruptionBudget/kernelgate", "ConfigMap/kernelgate-config", "ConfigMap/kernelgate-envoy",
         "ConfigMap/kernelgate-policies", "Secret/kernelgate-secrets", "Deployment/jaeger", "Service/jaeger"])
     images = {c["image"] for _, c, _ in all_containers(docs)}

@@ -21,7 +21,10 @@ RUN python3 -c 'import sys, venv; assert sys.version_info >= (3, 11)' 2>/dev/nul
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         python3 python3-venv ca-certificates && rm -rf /var/lib/apt/lists/* && \
       python3 -c 'import sys, venv; assert sys.version_info >= (3, 11), sys.version'; }
-ENV DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/kernelgate/bin:$PATH
+# pip trusts the system's CA bundle (not only its own copy): behind a TLS-intercepting proxy,
+# mount a bundle with its CA there (scripts/pod-run.sh mounts the host's).
+ENV DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    PATH=/opt/kernelgate/bin:$PATH
 RUN python3 -m venv /opt/kernelgate && pip install -q -U pip wheel setuptools
 # torch first, in its own layer: a source change does not download it again.
 RUN pip install -q "$TORCH_SPEC"

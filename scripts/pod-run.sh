@@ -68,10 +68,14 @@ if ! podman image exists "$BASE_IMAGE"; then
 fi
 
 # --- the kernelgate image (the Dockerfile, its base a build argument) -----------------------
-# pip's cache from setup.sh is mounted into the build: torch is not downloaded twice.
+# pip's cache from setup.sh is mounted into the build, so torch is not downloaded twice, and so
+# is this machine's CA bundle (which trusts whatever proxy this machine's pip goes through).
 log "building $IMAGE from the Dockerfile on $BASE_IMAGE (cached layers are reused)"
 mkdir -p "$KG_HOME/pip"
+ca_bundle=$(python -c 'import ssl; print(ssl.get_default_verify_paths().openssl_cafile)')
+[ -f "${SSL_CERT_FILE:-}" ] && ca_bundle=$SSL_CERT_FILE
 podman build --network=host --volume "$KG_HOME/pip:/root/.cache/pip" \
+  --volume "$ca_bundle:/etc/ssl/certs/ca-certificates.crt:ro" \
   --build-arg BASE="$BASE_IMAGE" -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log" >&2; exit 1; }
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import yaml
 
-from kernelgate import __version__
-from kernelgate.settings import ConfigError
+from common.settings import ConfigError
+from common.version import __version__
 
 
 def _configure_logging(level: str) -> None:

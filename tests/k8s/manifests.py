@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from kernelgate.processes import ROOT, find_binary
+from common.processes import ROOT, find_binary
 
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kernelgate.processes import ROOT, find_binary
+from common.processes import ROOT, find_binary
 from tests.k8s.apiserver import Cluster
 
 NAMESPACE = "shop"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
-from kernelgate import __version__
-from kernelgate.processes import find_binary
+from common.version import __version__
+from common.processes import find_binary
 
 
 def test_version_flag_prints_the_package_version():

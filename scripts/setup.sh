@@ -99,7 +99,11 @@ for r in json.load(sys.stdin).get("Replace") or []:
     edits+=("-dropreplace=$mod" "-require=$mod@$staging")
   done
   (cd "$src" && GOWORK=off go mod edit "${edits[@]}")
-  (cd "$src" && GOWORK=off GOFLAGS=-mod=mod go build -o "$BIN/kube-apiserver" ./cmd/kube-apiserver) \
+  # Stamp the version as the release build does (/version, the server's log).
+  version_pkg="k8s.io/component-base/version"
+  ldflags="-X $version_pkg.gitVersion=$KUBERNETES_VERSION -X $version_pkg.gitMajor=$(echo "$KUBERNETES_VERSION" | cut -d. -f1 | tr -d v)"
+  ldflags+=" -X $version_pkg.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
+  (cd "$src" && GOWORK=off GOFLAGS=-mod=mod go build -ldflags "$ldflags" -o "$BIN/kube-apiserver" ./cmd/kube-apiserver) \
     >"$LOGS/kube-apiserver.log" 2>&1 || { cat "$LOGS/kube-apiserver.log" >&2; exit 1; }
   echo "$KUBERNETES_VERSION" >"$BIN/kube-apiserver.version"
   rm -rf "$src"

@@ -104,10 +104,10 @@ def write_service_account_keys(directory: Path) -> tuple[Path, Path]:
 
 
 def start_kine(directory: Path) -> procs.Proc:
-    port, metrics = procs.free_port(), procs.free_port()
+    port = procs.free_port()
     args = [procs.find_binary("kine"), "--listen-address", f"127.0.0.1:{port}",
             "--endpoint", f"sqlite://{directory / 'state.db'}?_journal=WAL&cache=shared",
-            "--metrics-bind-address", f"127.0.0.1:{metrics}"]
+            "--metrics-bind-address", "0"]
     proc = procs.start("kine", args, directory, port=port)
     procs.wait_tcp(port, timeout=60, proc=proc)
     return proc

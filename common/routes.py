@@ -9,7 +9,7 @@ route (probes) is allowed with no identity, the others need the route's credenti
 through Envoy: the policy answers 404 for them.
 
 Checked against this module by tests (a fourth list is a bug):
-- ``tests/test_routes.py``: the policy's ``_routes`` table (through ``opa eval``), the routes
+- ``tests/common/test_routes.py``: the policy's ``_routes`` table (through ``opa eval``), the routes
   the inference server's aiohttp app registers, and the HTTP probe paths of ``k8s/base``.
 - ``k8s/base/policies/authz.rego`` is a copy of the policy (``scripts/render-k8s.sh``,
   checked by the k8s tests).
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from common.replicas import LOAD_PATH
 
 ModelKind = Literal["generate", "embed"]
 
@@ -74,6 +76,8 @@ ROUTES: tuple[Route, ...] = (
 # Served by the inference server inside the pod only; through Envoy the policy answers 404.
 LOCAL_ROUTES: tuple[Route, ...] = (
     Route("metrics", "/metrics", ("GET",), public=True),
+    # A replica's load report, polled by the sidecars (common.replicas.LoadReport).
+    Route("load", LOAD_PATH, ("GET",), public=True),
 )
 
 # Routes that run a model: the policy checks their body, the inference server drains them.

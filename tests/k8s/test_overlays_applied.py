@@ -68,7 +68,7 @@ def contained(sent: Any, kept: Any, path: str = "") -> list[str]:
 def test_every_object_is_stored_as_sent_without_warnings(applied, overlay: str):
     kinds = sorted(doc["kind"] for doc, _ in applied[overlay])
     assert kinds == sorted(["Namespace", "ServiceAccount", "ServiceAccount", "Deployment", "Deployment",
-                            "Service", "Service", "NetworkPolicy", "PodDisruptionBudget",
+                            "Service", "Service", "Service", "NetworkPolicy", "PodDisruptionBudget",
                             "ConfigMap", "ConfigMap", "ConfigMap", "Secret"])
     for doc, answer in applied[overlay]:
         ref = f"{doc['kind']}/{doc['metadata']['name']}"
@@ -168,10 +168,17 @@ def test_stored_service_pdb_and_network_policy(applied, overlay: str):
     assert service["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP", "targetPort": "envoy-http"}]
     pdb = stored(applied, overlay, "PodDisruptionBudget", "kernelgate")
     assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
+    inference = stored(applied, overlay, "Service", "kernelgate-inference")["spec"]
+    assert inference["clusterIP"] == "None" and inference["publishNotReadyAddresses"] is False   # headless
+    assert inference["ports"] == [{"name": "inference", "port": 8000, "protocol": "TCP", "targetPort": "inference"}]
     policy = stored(applied, overlay, "NetworkPolicy", "kernelgate-ingress")["spec"]
     assert policy["policyTypes"] == ["Ingress"]
-    # One rule, no `from`: any source, but only TCP 8080 (Envoy). Egress is not restricted.
-    assert policy["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    # TCP 8080 (Envoy) from any source; TCP 8000 (the inference server) from kernelgate pods
+    # only, for the other pods' Envoys. Egress is not restricted.
+    assert policy["ingress"] == [
+        {"ports": [{"port": 8080, "protocol": "TCP"}]},
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kernelgate"}}}],
+         "ports": [{"port": 8000, "protocol": "TCP"}]}]
 
 
 # --- pods made from the stored templates -----------------------------------------------------------
@@ -227,16 +234,19 @@ def test_pod_security_enforcement_is_live(applied, cluster: Cluster, change: str
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_service_pdb_and_network_policy_select_the_kernelgate_pods_only(applied, pods, cluster: Cluster,
+def test_services_pdb_and_network_policy_select_the_kernelgate_pods_only(applied, pods, cluster: Cluster,
                                                                         overlay: str):
     namespace = namespace_of(overlay)
     kernelgate_pod = pods[(overlay, "kernelgate")]["metadata"]["name"]
+    policy = stored(applied, overlay, "NetworkPolicy", "kernelgate-ingress")["spec"]
     selectors = {
         "Service": stored(applied, overlay, "Service", "kernelgate")["spec"]["selector"],
+        "Service kernelgate-inference": stored(applied, overlay, "Service", "kernelgate-inference")
+        ["spec"]["selector"],
         "PodDisruptionBudget": stored(applied, overlay, "PodDisruptionBudget", "kernelgate")
         ["spec"]["selector"]["matchLabels"],
-        "NetworkPolicy": stored(applied, overlay, "NetworkPolicy", "kernelgate-ingress")
-        ["spec"]["podSelector"]["matchLabels"],
+        "NetworkPolicy": policy["podSelector"]["matchLabels"],
+        "NetworkPolicy's port-8000 peers": policy["ingress"][1]["from"][0]["podSelector"]["matchLabels"],
     }
     for kind, labels in selectors.items():
         selected = [p["metadata"]["name"] for p in cluster.list("v1", "Pod", namespace, selector(labels))]

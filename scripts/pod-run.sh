@@ -40,9 +40,8 @@ fi
 # A container may not raise a limit past this shell's; podman's defaults do, so set them here.
 nofile=$(ulimit -Hn); [ "$nofile" = unlimited ] && nofile=1048576; [ "$nofile" -gt 65536 ] && nofile=65536
 # With host networking podman 4.3 gives the pod's hostAliases to its infra container only;
-# the containers' /etc/hosts start from this file instead: the machine's, plus the name of
-# the jaeger Service (the pods' OTLP endpoint) on loopback, where the jaeger pod listens.
-{ cat /etc/hosts; echo "127.0.0.1 jaeger"; } >"$WORK/hosts"
+# the containers' /etc/hosts start from base_hosts_file instead, which scripts/pod_run.py
+# writes: the machine's, plus the overlay's Service names on loopback.
 cat >"$WORK/containers.conf" <<EOF
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=16384:16384"]

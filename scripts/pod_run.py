@@ -43,9 +43,10 @@ SERVICES = ("kernelgate-envoy", "kernelgate-authz", "kernelgate-inference")
 PLAYED_KINDS = {"Deployment", "ConfigMap", "Secret"}
 
 PODMAN_CHANGES = [
-    "hostNetwork: true, and hostAliases jaeger -> 127.0.0.1 (the jaeger Service name Envoy and the "
-    "OpenTelemetry SDK export to; no cluster DNS here). podman 4.3 gives hostAliases only to the pod's "
-    "infra container on the host network, so scripts/pod-run.sh also adds the name to podman's base hosts file",
+    "hostNetwork: true, and hostAliases mapping each Service name (jaeger, kernelgate, kernelgate-inference) "
+    "to 127.0.0.1, where its pod listens on this one machine (no cluster DNS here). podman 4.3 gives "
+    "hostAliases only to the pod's infra container on the host network, so the names also go into the "
+    "hosts file podman starts every container's /etc/hosts from (containers.conf base_hosts_file)",
     "the projected volume kernelgate-config (ConfigMap kernelgate-config + Secret kernelgate-secrets) "
     "becomes one ConfigMap volume holding the same files: podman 4.3 has no projected volumes",
     "env from fieldRef metadata.namespace and spec.nodeName set to their values: podman 4.3 resolves "
@@ -70,8 +71,14 @@ def _pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["template"]["spec"]
 
 
+def service_names(docs: list[dict[str, Any]]) -> list[str]:
+    """The overlay's Services: on one machine's host network each is the pods on loopback."""
+    return sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Service")
+
+
 def for_podman(docs: list[dict[str, Any]], images: dict[str, str]) -> list[dict[str, Any]]:
     """The rendered overlay with PODMAN_CHANGES applied; everything else as rendered."""
+    aliases = [{"ip": "127.0.0.1", "hostnames": service_names(docs)}]
     docs = copy.deepcopy([d for d in docs if d["kind"] in PLAYED_KINDS])
     by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     extra = []
@@ -81,7 +88,7 @@ def for_podman(docs: list[dict[str, Any]], images: dict[str, str]) -> list[dict[
         namespace = doc["metadata"].get("namespace", "default")
         spec = _pod_spec(doc)
         spec["hostNetwork"] = True
-        spec["hostAliases"] = [{"ip": "127.0.0.1", "hostnames": ["jaeger"]}]
+        spec["hostAliases"] = aliases
         for volume in spec.get("volumes", []):
             if "projected" not in volume:
                 continue
@@ -232,6 +239,9 @@ def main() -> int:
                   for c in _pod_spec(d)["containers"]}
     played = for_podman(rendered, images)
     args.work.mkdir(parents=True, exist_ok=True)
+    # scripts/pod-run.sh's containers.conf names this file as base_hosts_file.
+    (args.work / "hosts").write_text(Path("/etc/hosts").read_text().rstrip("\n") + "\n"
+                                     + "127.0.0.1 " + " ".join(service_names(rendered)) + "\n")
     pod_yaml = args.work / "cpu-dev-podman.yaml"
     pod_yaml.write_text(yaml.safe_dump_all(played, sort_keys=False))
 

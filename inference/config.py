@@ -110,6 +110,18 @@ class EmbeddingsConfig:
 
 
 @dataclass(frozen=True)
+class UsageReportConfig:
+    """Where to report what each decision used: the kernelgate sidecar's gRPC address
+    (``authz.listen``); "" = no reports (the sidecar's reservations then expire as reserved)."""
+
+    address: str = ""
+    timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, f"usage_report.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """The whole ``inference:`` section of the kernelgate config file."""
 
@@ -118,6 +130,7 @@ class InferenceConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    usage_report: UsageReportConfig = field(default_factory=UsageReportConfig)
 
     def __post_init__(self) -> None:
         _require(self.model.name != self.embeddings.name or not self.embeddings.enabled,

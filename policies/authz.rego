@@ -37,8 +37,8 @@ result := _public_allow if {
 	_method in _route.methods
 } else := _deny(_problem) if {
 	_problem
-} else := _models_allow if {
-	_route.id == "models"
+} else := _requests_only_allow if {
+	not _route.kind
 } else := _inference_allow if {
 	_route.kind
 }
@@ -58,6 +58,8 @@ _routes := [
 	{"id": "chat", "path": ["v1", "chat", "completions"], "methods": ["POST"], "scope": "completions", "kind": "generate"},
 	{"id": "embeddings", "path": ["v1", "embeddings"], "methods": ["POST"], "scope": "embeddings", "kind": "embed"},
 	{"id": "models", "path": ["v1", "models"], "methods": ["GET"], "scope": "models"},
+	{"id": "tokenize", "path": ["tokenize"], "methods": ["POST"], "scope": "completions"},
+	{"id": "metrics", "path": ["metrics"], "methods": ["GET"], "scope": "metrics"},
 ]
 
 # Paths are unique in the table, so at most one route matches.
@@ -377,10 +379,11 @@ _model_limits := object.union(_tenant_limits, object.get(_tenant, ["limits", _mo
 
 _unit(limits) := object.get(limits, "unit", "minute")
 
-# Listing models costs no tokens: only the request budget applies.
-_models_allow := _allow(
+# Routes that run no model (listing models, counting tokens, metrics) cost no tokens: only
+# the request budget applies, so the decision names no token budget at all.
+_requests_only_allow := _allow(
 	{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name},
-	{"requests": _tenant_limits.requests, "tokens": 0, "unit": _unit(_tenant_limits)},
+	{"requests": _tenant_limits.requests, "unit": _unit(_tenant_limits)},
 )
 
 _inference_allow := _allow(

@@ -495,7 +495,7 @@ test_allow_models_list_requests_only if {
 	r.allowed == true
 	r.reason == "ok"
 	r.headers == {"x-kernelgate-tenant": "globex", "x-kernelgate-tier": "free"}
-	r.rate_limit == {"requests": 60, "tokens": 0, "unit": "minute"}
+	r.rate_limit == {"requests": 60, "unit": "minute"}
 }
 
 # ---------------------------------------------------------------------------

@@ -6,9 +6,12 @@ from sidecar.ratelimit.base import (
     BackendUnavailable,
     Budget,
     BudgetState,
+    Claimed,
     RateLimiter,
     RateLimitResult,
     RateLimitUnavailable,
+    Reservation,
+    Slot,
 )
 from sidecar.ratelimit.descriptors import budgets_for, estimate_tokens
 from sidecar.ratelimit.fallback import FallbackRateLimiter, build_rate_limiter
@@ -20,12 +23,15 @@ __all__ = [
     "BackendUnavailable",
     "Budget",
     "BudgetState",
+    "Claimed",
     "FallbackRateLimiter",
     "MemoryRateLimiter",
     "RateLimitResult",
     "RateLimitUnavailable",
+    "Reservation",
     "RateLimiter",
     "RedisRateLimiter",
+    "Slot",
     "budgets_for",
     "build_rate_limiter",
     "estimate_tokens",

@@ -21,6 +21,9 @@ from sidecar.config import RateLimitConfig
 from sidecar.ratelimit.base import (
     BackendUnavailable,
     Budget,
+    BudgetState,
+    Claimed,
+    Reservation,
     RateLimiter,
     RateLimitResult,
     RateLimitUnavailable,
@@ -66,11 +69,58 @@ class FallbackRateLimiter:
             self._down_until = None
         return result
 
-    def _fail(self, budgets: Sequence[Budget]) -> RateLimitResult:
+    async def reserve(self, reservation: Reservation) -> RateLimitResult:
+        if self._down_until is not None and self._clock() < self._down_until:
+            return self._fail(reservation.budgets, reservation)
+        try:
+            result = await self._shared.reserve(reservation)
+        except BackendUnavailable as exc:
+            if self._down_until is None:
+                log.warning("rate limit backend unavailable (%s); failure mode %s", exc, self._failure_mode)
+            self._down_until = self._clock() + self._retry_interval_s
+            return self._fail(reservation.budgets, reservation)
+        if self._down_until is not None:
+            log.info("rate limit backend is back")
+            self._down_until = None
+        return result
+
+    async def claim(self, reservation_id: str) -> Claimed | None:
+        """A reservation lives where it was made: here if Redis was down then, else in Redis.
+        Redis unreachable now: None, and the Redis reservation expires at its reserved amount."""
+        local = self._local.claim_now(reservation_id)
+        if local is not None:
+            return local
+        try:
+            return await self._shared.claim(reservation_id)
+        except BackendUnavailable as exc:
+            log.warning("settlement of %s left to expiry: %s", reservation_id, exc)
+            return None
+
+    async def claim_expired(self) -> list[Claimed]:
+        expired = self._local.claim_expired_now()
+        try:
+            expired += await self._shared.claim_expired()
+        except BackendUnavailable:
+            pass  # the next sweep finds them
+        return expired
+
+    async def adjust(self, claimed: Claimed, delta: int) -> tuple[BudgetState, ...]:
+        """Where the reservation was charged: ``claimed.backend``."""
+        if claimed.backend == self._local.backend:
+            return self._local.adjust_now(claimed, delta)
+        try:
+            return await self._shared.adjust(claimed, delta)
+        except BackendUnavailable as exc:
+            log.warning("settlement adjustment lost (%s): charged at the reserved amount", exc)
+            return ()
+
+    def _fail(self, budgets: Sequence[Budget], reservation: Reservation | None = None) -> RateLimitResult:
         if self._failure_mode == "deny":
             raise RateLimitUnavailable("rate limit backend unavailable")
         if self._failure_mode == "allow":
             return RateLimitResult(True, (), getattr(self._shared, "backend", "shared"), degraded=True)
+        if reservation is not None:
+            return dataclasses.replace(self._local.reserve_now(reservation), degraded=True)
         return dataclasses.replace(self._local.charge_now(budgets), degraded=True)
 
     async def close(self) -> None:

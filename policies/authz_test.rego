@@ -531,3 +531,22 @@ test_default_deny_when_nothing_matches if {
 		with authz._routes as routes
 	_denied(r, 403, "denied")
 }
+
+test_tokenize_and_metrics_cost_requests_only if {
+	# Every route the server exposes is reachable with the right scope; none that runs no model names a token budget.
+	t := authz.result with input as _post(["tokenize"], {"model": "tiny-gpt2", "prompt": "x"}, _acme)
+	t.allowed == true
+	t.rate_limit == {"requests": 600, "unit": "minute"}
+	m := authz.result with input as _get(["metrics"], _identity("acme", ["metrics"]))
+	m.allowed == true
+	not m.rate_limit.tokens
+	g := authz.result with input as _get(["metrics"], _globex)
+	g.allowed == false
+}
+
+test_token_accounting_options_pass_through if {
+	limits := {"requests": 10, "tokens": 500, "unit": "hour", "concurrency": 2, "output_weight": 3, "enforce_midstream": true}
+	r := authz.result with input as _post(_chat, _chat_body("tiny-gpt2"), _globex)
+		with data.kernelgate.tiers.free.limits as limits
+	r.rate_limit == {"requests": 10, "tokens": 500, "unit": "hour", "concurrency": 2, "output_weight": 3, "enforce_midstream": true}
+}

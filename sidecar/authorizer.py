@@ -98,11 +98,14 @@ class Admission:
     tokens: RequestTokens
     reservation: Reservation | None = None
     max_tokens: int | None = None
+    cost: int = 0  # settlement off: the token cost charged at admission, for good
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt_tokens": self.tokens.prompt, "prompt_counted": self.tokens.counted}
         if self.reservation is not None and self.result.allowed:
             out["reserved"] = self.reservation.reserved_cost
+        elif self.reservation is None and self.result.allowed:
+            out["charged"] = self.cost
         if self.max_tokens is not None:
             out["max_tokens"] = self.max_tokens
         return out
@@ -283,7 +286,8 @@ class Authorizer:
         budget cannot hold in full is admitted with what is left, as a cap on its completion."""
         if not self._reserve:
             cost = weighted_cost(tokens.prompt, tokens.completion, limits.input_weight, limits.output_weight)
-            return Admission(await self._rate_limiter.charge(budgets_of(limits, tenant, model, route, cost)), tokens)
+            result = await self._rate_limiter.charge(budgets_of(limits, tenant, model, route, cost))
+            return Admission(result, tokens, cost=cost if limits.tokens is not None else 0)
         ttl = self._config.ratelimit.reservation_ttl_s
         reservation = reservation_for(decision_id, limits, tenant, model, route, tokens, ttl)
         result = await self._rate_limiter.reserve(reservation)

@@ -88,10 +88,11 @@ class AuthzStack:
         envoy = {"listen_port": self.envoy_port, "admin_port": self.admin_port,
                  "authz_address": f"127.0.0.1:{self.authz_port}",
                  "upstream_address": f"127.0.0.1:{self.upstream_port}"}
+        if self.inference:
+            authz = deep_merge(authz, {"ratelimit": {
+                "count_url": f"http://127.0.0.1:{self.upstream_port}/tokenize", "count_timeout_s": 2.0}})
         config = {"authz": deep_merge(authz, self.authz_overrides), "envoy": deep_merge(envoy, self.envoy_overrides)}
         if self.inference:
-            config["authz"] = deep_merge(config["authz"], {"ratelimit": {
-                "count_url": f"http://127.0.0.1:{self.upstream_port}/tokenize", "count_timeout_s": 2.0}})
             config["inference"] = deep_merge({
                 "listen": {"host": "127.0.0.1", "port": self.upstream_port},
                 "model": {"name": "tiny-gpt2", "random_config": "tiny-gpt2", "device": "cpu", "use_deepspeed": False},

@@ -196,3 +196,37 @@ def test_policy_limits_are_strict() -> None:
 def test_malformed_reports_name_the_field(report: dict, field: str) -> None:
     with pytest.raises(ReportError, match=field):
         UsageReport.parse(report)
+
+
+async def test_prompt_counter_falls_back_to_none_when_the_server_cannot_answer() -> None:
+    from aiohttp import web
+
+    from sidecar.ratelimit.count import ServerPromptCounter
+    from tests.procs import free_port
+
+    async def tokenize(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("prompt") == "slow":
+            await asyncio.sleep(1.0)
+        if body.get("prompt") == "bad":
+            return web.json_response({"error": {"message": "no"}}, status=400)
+        return web.json_response({"count": len(body["prompt"])})
+
+    app = web.Application()
+    app.router.add_post("/tokenize", tokenize)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    counter = ServerPromptCounter(f"http://127.0.0.1:{port}/tokenize", timeout_s=0.3)
+    dead = ServerPromptCounter(f"http://127.0.0.1:{free_port()}/tokenize", timeout_s=0.3)
+    try:
+        assert await counter.count('{"prompt": "abcd"}', {"prompt": "abcd"}) == 4
+        assert await counter.count('{"prompt": "bad"}', {"prompt": "bad"}) is None
+        assert await counter.count('{"prompt": "slow"}', {"prompt": "slow"}) is None
+        assert await counter.count('{"input": "x"}', {"input": "x"}) is None  # nothing to count: not asked
+        assert await dead.count('{"prompt": "abcd"}', {"prompt": "abcd"}) is None
+    finally:
+        await counter.close()
+        await dead.close()
+        await runner.cleanup()

@@ -14,6 +14,7 @@ open reservations is bounded by the slots and budgets themselves and by their ex
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ class MemoryRateLimiter:
         self._tats: OrderedDict[str, float] = OrderedDict()  # key -> TAT, least recently charged first
         self._open: dict[str, _Open] = {}  # reservation id -> open reservation
         self._in_flight: dict[str, set[str]] = {}  # slot key -> reservation ids holding a slot
+        self._expiries: list[tuple[float, str]] = []  # heap of (expiry, reservation id); stale entries skipped
+        self._expired: list[str] = []  # past expiry, slots freed, waiting for claim_expired
 
     def __len__(self) -> int:
         return len(self._tats)
@@ -65,8 +68,9 @@ class MemoryRateLimiter:
             keys = tuple(s.key for s in reservation.slots)
             for key in keys:
                 self._in_flight.setdefault(key, set()).add(reservation.reservation_id)
-            self._open[reservation.reservation_id] = _Open(_claimed(reservation, self.backend), keys,
-                                                           now + reservation.ttl_s)
+            expires = now + reservation.ttl_s
+            self._open[reservation.reservation_id] = _Open(_claimed(reservation, self.backend), keys, expires)
+            heapq.heappush(self._expiries, (expires, reservation.reservation_id))
         return result
 
     async def claim(self, reservation_id: str) -> Claimed | None:
@@ -83,8 +87,8 @@ class MemoryRateLimiter:
         return self.claim_expired_now()
 
     def claim_expired_now(self) -> list[Claimed]:
-        now = self._clock()
-        expired = [rid for rid, entry in self._open.items() if entry.expires <= now]
+        self._expire_slots(self._clock())
+        expired, self._expired = self._expired, []
         return [c for c in map(self.claim_now, expired) if c is not None]
 
     async def adjust(self, claimed: Claimed, delta: int) -> tuple[BudgetState, ...]:
@@ -108,6 +112,8 @@ class MemoryRateLimiter:
         self._tats.clear()
         self._open.clear()
         self._in_flight.clear()
+        self._expiries.clear()
+        self._expired.clear()
 
     def _charge(self, now: float, budgets: Sequence[Budget], slots: Sequence[Slot]) -> RateLimitResult:
         result = settle(now, budgets, self._tats.get)
@@ -132,13 +138,16 @@ class MemoryRateLimiter:
         return RateLimitResult(False, states + slot_states, self.backend)
 
     def _expire_slots(self, now: float) -> None:
-        """Reservations past their expiry give their slots back before new ones are counted."""
-        if any(entry.expires <= now for entry in self._open.values()):
-            for rid in [rid for rid, entry in self._open.items() if entry.expires <= now]:
-                entry = self._open[rid]
-                self._free(rid, entry.slot_keys)
-                # still open (claim_expired reports it), but no longer holding slots
-                self._open[rid] = _Open(entry.claimed, (), entry.expires)
+        """Reservations past their expiry give their slots back before new ones are counted; they
+        stay open (claim_expired reports them) without slots."""
+        while self._expiries and self._expiries[0][0] <= now:
+            _, rid = heapq.heappop(self._expiries)
+            entry = self._open.get(rid)
+            if entry is None:
+                continue  # settled before it expired
+            self._free(rid, entry.slot_keys)
+            self._open[rid] = _Open(entry.claimed, (), entry.expires)
+            self._expired.append(rid)
 
     def _free(self, reservation_id: str, slot_keys: Sequence[str]) -> None:
         for key in slot_keys:

@@ -64,6 +64,7 @@ class ServerState:
 
 
 STATE = web.AppKey("kernelgate_inference_state", ServerState)
+USAGE = web.RequestKey("kernelgate_usage", UsageTracker)  # what this request spent, reported when it ends
 # A non-streamed response waits this long for its usage report to land (it then goes out settled).
 REPORT_WAIT_S = 0.5
 
@@ -99,7 +100,7 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     state.in_flight += 1
     state.idle.clear()
     usage = state.usage.track(request.headers) if state.usage is not None else UsageTracker(None, None)
-    request["kernelgate.usage"] = usage
+    request[USAGE] = usage
     try:
         if state.draining and route in GENERATION_ROUTES:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
@@ -191,7 +192,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                              model=parsed.model, tenant=tenant_of(request.headers), span=span)
         streams = _submit(state, ctx, prompts)
-        request["kernelgate.usage"].watch(streams)
+        request[USAGE].watch(streams)
         span.set_attribute("gen_ai.response.id", ctx.request_id)
         timeout = state.config.limits.request_timeout_s
         try:
@@ -275,7 +276,7 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
             raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
                                headers={"Retry-After": str(state.config.limits.retry_after_s)})
         result = await encoder.embed(list(parsed.inputs), parsed.encoding_format)
-        request["kernelgate.usage"].add(result.prompt_tokens, 0)
+        request[USAGE].add(result.prompt_tokens, 0)
         span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
         return web.json_response(protocol.embedding_object(parsed.model, result.vectors, result.prompt_tokens))
 

@@ -12,6 +12,8 @@ Reported per run: tokens_charged (what the budget kept: settlements, or the admi
 the estimate path), tokens_used (the inference server's own prefill + generated token counters),
 overcharge_pct, admitted_over_budget_tokens (tokens the admitted 64-way requests used beyond the
 budget), p50/p99 of the check (decision log) and of client latency of non-streamed requests.
+Three modes: estimate-only (the path before), reserve+settle with the prompt estimated, and
+reserve+settle with the prompt counted by the inference server (what counting costs, apart).
 
   python bench/token_accounting.py --requests 120 --out bench/results/token_accounting.json
 """
@@ -156,14 +158,24 @@ async def settled(stack: AuthzStack, settle: bool, timeout: float = 60.0) -> Non
     raise TimeoutError("settlements did not all arrive")
 
 
-async def run_one(workdir: Path, backend: str, settle: bool, n: int, redis_url: str | None) -> dict[str, Any]:
-    # the estimate-only path as it was: prompt at chars_per_token, charged at admission, never settled
-    authz: dict[str, Any] = {"ratelimit": {"settle": settle, **({} if settle else {"count_url": ""})}}
-    results: dict[str, Any] = {"backend": backend, "mode": "reserve+settle" if settle else "estimate-only"}
+MODES = {
+    # the path as it was before: prompt at chars_per_token + max_tokens, charged at admission, never settled
+    "estimate-only": {"settle": False, "count_url": ""},
+    # reserve and settle, the prompt estimated (what settlement alone costs at admission)
+    "reserve+settle, estimated prompt": {"settle": True, "count_url": ""},
+    # reserve and settle, the prompt counted by the server's /tokenize (the default with a counter)
+    "reserve+settle": {"settle": True},
+}
+
+
+async def run_one(workdir: Path, backend: str, mode: str, n: int, redis_url: str | None) -> dict[str, Any]:
+    settle = MODES[mode]["settle"]
+    authz: dict[str, Any] = {"ratelimit": MODES[mode]}
+    results: dict[str, Any] = {"backend": backend, "mode": mode}
     for phase in ("mix", "concurrency"):
-        stack = AuthzStack(workdir / f"{backend}-{results['mode']}-{phase}", redis_url=redis_url, inference=True,
+        stack = AuthzStack(workdir / f"{backend}-{list(MODES).index(mode)}-{phase}", redis_url=redis_url, inference=True,
                            authz_overrides=authz)
-        stack.workdir.mkdir(parents=True)
+        stack.workdir.mkdir(parents=True, exist_ok=True)
         configure(stack)
         if redis_url:
             import redis
@@ -217,8 +229,8 @@ async def main() -> None:
         redis_url = f"redis://127.0.0.1:{redis_proc.ports['port']}/0" if redis_proc else None
         try:
             for backend in args.backends.split(","):
-                for settle in (False, True):  # side by side, same machine, same workload
-                    run = await run_one(workdir, backend, settle, args.requests,
+                for mode in MODES:  # side by side, same machine, same workload
+                    run = await run_one(workdir, backend, mode, args.requests,
                                         redis_url if backend == "redis" else None)
                     print(json.dumps(run), flush=True)
                     runs.append(run)

@@ -116,7 +116,7 @@ class UsageReportConfig:
     timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.timeout_s > 0, f"usage_report.timeout_s must be > 0, got {self.timeout_s}")
+        require(self.timeout_s > 0, f"usage_report.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)

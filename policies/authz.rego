@@ -60,7 +60,6 @@ _routes := [
 	{"id": "embeddings", "path": ["v1", "embeddings"], "methods": ["POST"], "scope": "embeddings", "kind": "embed"},
 	{"id": "models", "path": ["v1", "models"], "methods": ["GET"], "scope": "models", "budget": "requests"},
 	{"id": "tokenize", "path": ["tokenize"], "methods": ["POST"], "scope": "completions", "budget": "requests"},
-	{"id": "metrics", "path": ["metrics"], "methods": ["GET"], "scope": "metrics", "budget": "requests"},
 ]
 
 # Paths are unique in the table, so at most one route matches.
@@ -380,7 +379,7 @@ _model_limits := object.union(_tenant_limits, object.get(_tenant, ["limits", _mo
 
 _unit(limits) := object.get(limits, "unit", "minute")
 
-# Routes that run no model (listing models, counting tokens, metrics) cost no tokens: only
+# Routes that run no model (listing models, counting tokens) cost no tokens: only
 # the request budget applies, so the decision names no token budget at all.
 _requests_only_allow := _allow(
 	{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name},

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sidecar.config import RateLimitConfig
 from sidecar.ratelimit.base import (
@@ -55,30 +55,23 @@ class FallbackRateLimiter:
         return self._down_until is not None
 
     async def charge(self, budgets: Sequence[Budget]) -> RateLimitResult:
-        if self._down_until is not None and self._clock() < self._down_until:
-            return self._fail(budgets)
-        try:
-            result = await self._shared.charge(budgets)
-        except BackendUnavailable as exc:
-            if self._down_until is None:
-                log.warning("rate limit backend unavailable (%s); failure mode %s", exc, self._failure_mode)
-            self._down_until = self._clock() + self._retry_interval_s
-            return self._fail(budgets)
-        if self._down_until is not None:
-            log.info("rate limit backend is back")
-            self._down_until = None
-        return result
+        return await self._shared_or_fail(lambda: self._shared.charge(budgets), lambda: self._fail(budgets))
 
     async def reserve(self, reservation: Reservation) -> RateLimitResult:
+        return await self._shared_or_fail(lambda: self._shared.reserve(reservation),
+                                          lambda: self._fail(reservation.budgets, reservation))
+
+    async def _shared_or_fail(self, shared: Callable[[], Awaitable[RateLimitResult]],
+                              fail: Callable[[], RateLimitResult]) -> RateLimitResult:
         if self._down_until is not None and self._clock() < self._down_until:
-            return self._fail(reservation.budgets, reservation)
+            return fail()
         try:
-            result = await self._shared.reserve(reservation)
+            result = await shared()
         except BackendUnavailable as exc:
             if self._down_until is None:
                 log.warning("rate limit backend unavailable (%s); failure mode %s", exc, self._failure_mode)
             self._down_until = self._clock() + self._retry_interval_s
-            return self._fail(reservation.budgets, reservation)
+            return fail()
         if self._down_until is not None:
             log.info("rate limit backend is back")
             self._down_until = None

@@ -34,47 +34,11 @@ from sidecar.ratelimit.base import BackendUnavailable, Budget, BudgetState, Clai
 from sidecar.ratelimit.gcra import SLACK_UNITS
 from sidecar.ratelimit.settle import settle
 
-# KEYS: budget keys. ARGV[1]: slack in units of T; then limit, period (us), cost per key.
-# Returns {allowed (1/0), stored debt in us of each key as a string}.
+# KEYS: budget keys, then concurrency slot keys, then (when reserving) the record and the expiry
+# index. ARGV: slack in units of T, #budgets, #slots, ttl (us), reservation id ("" = a plain charge:
+# no record), record JSON, then limit, period (us), cost per budget, then the limit per slot.
+# Returns {allowed (1/0), stored debt in us of each budget as a string, in-flight count per slot}.
 # Same decision as gcra.decide + settle.settle, relative to Redis's TIME.
-CHARGE_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local slack = tonumber(ARGV[1])
-local pending = {}
-local debts = {}
-local allowed = 1
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local limit = tonumber(ARGV[3 * i - 1])
-  local period = tonumber(ARGV[3 * i])
-  local cost = tonumber(ARGV[3 * i + 1])
-  local stored = tonumber(redis.call('GET', key))
-  local stored_debt = 0
-  if stored and stored > now then stored_debt = stored - now end
-  debts[i] = string.format('%.17g', stored_debt)
-  local debt = pending[key] or stored_debt
-  local interval = period / limit
-  local new_debt = debt + cost * interval
-  if cost <= limit and new_debt <= period + slack * interval then
-    pending[key] = new_debt
-  else
-    allowed = 0
-  end
-end
-if allowed == 1 then
-  for key, debt in pairs(pending) do
-    if debt > 0 then
-      redis.call('SET', key, string.format('%.17g', now + debt), 'PX', math.max(1, math.ceil(debt / 1000)))
-    end
-  end
-end
-local out = {allowed}
-for i = 1, #debts do out[i + 1] = debts[i] end
-return out
-"""
-
-
 RESERVE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -119,13 +83,15 @@ if allowed == 1 then
       redis.call('SET', key, string.format('%.17g', now + debt), 'PX', math.max(1, math.ceil(debt / 1000)))
     end
   end
-  local ttl_ms = math.ceil(ttl / 1000)
-  for j = 1, ns do
-    redis.call('ZADD', KEYS[nb + j], now + ttl, rid)
-    redis.call('PEXPIRE', KEYS[nb + j], ttl_ms + 1000)
+  if rid ~= '' then
+    local ttl_ms = math.ceil(ttl / 1000)
+    for j = 1, ns do
+      redis.call('ZADD', KEYS[nb + j], now + ttl, rid)
+      redis.call('PEXPIRE', KEYS[nb + j], ttl_ms + 1000)
+    end
+    redis.call('SET', KEYS[nb + ns + 1], record, 'PX', ttl_ms + 60000)
+    redis.call('ZADD', KEYS[nb + ns + 2], now + ttl, rid)
   end
-  redis.call('SET', KEYS[nb + ns + 1], record, 'PX', ttl_ms + 60000)
-  redis.call('ZADD', KEYS[nb + ns + 2], now + ttl, rid)
 end
 local out = {allowed}
 for i = 1, nb do out[#out + 1] = debts[i] end
@@ -200,7 +166,6 @@ class RedisRateLimiter:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1), health_check_interval=0,
         )
-        self._script = self._client.register_script(CHARGE_SCRIPT)
         self._reserve = self._client.register_script(RESERVE_SCRIPT)
         self._claim = self._client.register_script(CLAIM_SCRIPT)
         self._claim_expired = self._client.register_script(CLAIM_EXPIRED_SCRIPT)
@@ -209,28 +174,16 @@ class RedisRateLimiter:
         self._index = key_prefix + "res:index"
 
     async def charge(self, budgets: Sequence[Budget]) -> RateLimitResult:
+        """A reservation that is never claimed: the same script, with no record and no slots."""
         if not budgets:
             return RateLimitResult(True, (), self.backend)
-        keys = [self._key_prefix + b.key for b in budgets]
-        args: list[str | int] = [repr(SLACK_UNITS)]
-        for b in budgets:
-            args += [b.limit, repr(b.period_s * 1e6), b.cost]
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                reply = await self._script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:  # TimeoutError (the deadline) is an OSError
-            raise BackendUnavailable(f"redis: {type(exc).__name__}") from exc
-        lua_allowed = reply[0] == 1
-        debts = {b.key: float(d) / 1e6 for b, d in zip(budgets, reply[1:])}
-        # The script decided and committed; settle() at "now = 0" turns the debts it saw
-        # into the same states the memory backend reports.
-        result = settle(0.0, budgets, debts.__getitem__)
-        return RateLimitResult(lua_allowed, result.states, self.backend)
+        return await self.reserve(Reservation("", "", tuple(budgets)))
 
     async def reserve(self, reservation: Reservation) -> RateLimitResult:
         budgets, slots = reservation.budgets, reservation.slots
-        keys = ([self._key_prefix + b.key for b in budgets] + [self._key_prefix + s.key for s in slots]
-                + [self._records + reservation.reservation_id, self._index])
+        keys = [self._key_prefix + b.key for b in budgets] + [self._key_prefix + s.key for s in slots]
+        if reservation.reservation_id:
+            keys += [self._records + reservation.reservation_id, self._index]
         record = json.dumps({**_record_fields(reservation), "slots": keys[len(budgets):len(budgets) + len(slots)]},
                             separators=(",", ":"))
         args: list[str | int] = [repr(SLACK_UNITS), len(budgets), len(slots), repr(reservation.ttl_s * 1e6),

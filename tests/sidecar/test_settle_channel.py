@@ -3,8 +3,6 @@ made, once; a repeat is a no-op; a malformed report is INVALID_ARGUMENT naming t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -12,16 +10,7 @@ from google.protobuf import json_format, struct_pb2
 
 from sidecar.settle_grpc import METHOD
 from tests.stack import AuthzStack
-from tests.test_sidecar_grpc import completion_check
-
-
-@pytest.fixture
-def sidecar(tmp_path: Path):
-    stack = AuthzStack(tmp_path, authz_overrides={"opa": {"timeout_s": 10}})
-    stack.start_opa()
-    stack.start_sidecar()
-    yield stack
-    stack.stop()
+from tests.test_sidecar_grpc import completion_check, sidecar  # noqa: F401 - the fixture: OPA + the sidecar
 
 
 def struct(**fields) -> struct_pb2.Struct:

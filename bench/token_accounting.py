@@ -26,7 +26,7 @@ import json
 import os
 import platform
 import random
-import statistics
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -170,7 +170,8 @@ MODES = {
 
 async def run_one(workdir: Path, backend: str, mode: str, n: int, redis_url: str | None) -> dict[str, Any]:
     settle = MODES[mode]["settle"]
-    authz: dict[str, Any] = {"ratelimit": MODES[mode]}
+    # a Redis reply slowed by the load must not send requests to the local fallback budget
+    authz: dict[str, Any] = {"ratelimit": {**MODES[mode], "redis_timeout_s": 10.0, "redis_failure_mode": "deny"}}
     results: dict[str, Any] = {"backend": backend, "mode": mode}
     for phase in ("mix", "concurrency"):
         stack = AuthzStack(workdir / f"{backend}-{list(MODES).index(mode)}-{phase}", redis_url=redis_url, inference=True,
@@ -202,6 +203,7 @@ async def run_one(workdir: Path, backend: str, mode: str, n: int, redis_url: str
                     "check_ms_p50": round(percentile(checks, 50), 3), "check_ms_p99": round(percentile(checks, 99), 3),
                     "request_ms_p50": round(1000 * percentile(latencies, 50), 2),
                     "request_ms_p99": round(1000 * percentile(latencies, 99), 2),
+                    "decisions": dict(Counter(f"{d['outcome']}:{d['reason']}" for d in stack.decisions())),
                     "settlements": len(stack.settlements()),
                     "expired": sum(1 for s in stack.settlements() if s["outcome"] == "expired"),
                 }

@@ -113,7 +113,8 @@ class UsageReportConfig:
     (``authz.listen``); "" = no reports (the sidecar's reservations then expire as reserved)."""
 
     address: str = ""
-    timeout_s: float = 1.0
+    # per attempt (4 attempts); reports are sent off the response's path, so a slow sidecar costs nothing
+    timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         require(self.timeout_s > 0, f"usage_report.timeout_s must be > 0, got {self.timeout_s}")

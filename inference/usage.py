@@ -73,7 +73,7 @@ class UsageTracker:
 class UsageReporter:
     """Sends reports to the sidecar at ``address`` (its gRPC listener), a few tries each."""
 
-    def __init__(self, address: str, timeout_s: float = 1.0, attempts: int = 3) -> None:
+    def __init__(self, address: str, timeout_s: float = 5.0, attempts: int = 4) -> None:
         self._address = address
         self._timeout_s = timeout_s
         self._attempts = attempts
@@ -106,7 +106,7 @@ class UsageReporter:
                     log.warning("usage report for %s lost (%s); its reservation will expire", decision_id,
                                 exc.code().name)
                     return
-                await asyncio.sleep(0.05 * 2 ** attempt)
+                await asyncio.sleep(0.1 * 2 ** attempt)
 
     def finish_soon(self, tracker: UsageTracker, ending: str) -> asyncio.Task[None]:
         """Report in the background (the response is not held up); ``close`` waits for these."""

@@ -65,8 +65,11 @@ class CheckResult:
     input: CheckInput | None = None
     identity: Identity | None = None
     decision: Decision | None = None
-    rate_limit: RateLimitResult | None = None
     admission: Admission | None = None
+
+    @property
+    def rate_limit(self) -> RateLimitResult | None:
+        return self.admission.result if self.admission is not None else None
 
     @property
     def cache_hit(self) -> bool:
@@ -183,7 +186,6 @@ class Authorizer:
         check_input = build_input(check_request, self._limits)
         identity: Identity | None = None
         decision: Decision | None = None
-        limited: RateLimitResult | None = None
         admission: Admission | None = None
         try:
             identity = self._authenticate(check_input)
@@ -201,7 +203,7 @@ class Authorizer:
                     "rate_limit_error", "rate_limited"), client_headers))
         except Refusal as refusal:
             return CheckResult(decision_id, refusal.response, "deny", refusal.http_status, refusal.reason,
-                               check_input, identity, decision, limited, admission)
+                               check_input, identity, decision, admission)
         upstream_headers = {**decision.headers, **self._rate_limit_upstream_headers(limited),
                             **self._identity_headers(identity, decision_id)}
         if admission is not None and admission.max_tokens is not None:
@@ -210,7 +212,7 @@ class Authorizer:
                                                                            decision),
                                  client_headers, decision.dynamic_metadata)
         return CheckResult(decision_id, allowed, "allow", 200, decision.reason, check_input, identity, decision,
-                           limited, admission)
+                           admission)
 
     def _authenticate(self, check_input: CheckInput) -> Identity:
         with self._child_span("identity"):

@@ -3,7 +3,7 @@ own listener, where the inference server reports what a decision really used.
 
 In: a ``google.protobuf.Struct`` ``{decision_id, prompt_tokens, completion_tokens, ending}``.
 Out: a Struct ``{settled, charged, refunded, reserved}``; a malformed report is INVALID_ARGUMENT
-naming the field. A well-known message type, so neither side needs generated code.
+naming the field; UNAVAILABLE when Redis does not answer (the reporter retries). A well-known message type, so neither side needs generated code.
 
 Why here: the same port Envoy already reaches (no new listener, SO_REUSEPORT workers included),
 and one settlement path for the memory and Redis backends, with budget keys and Redis
@@ -15,6 +15,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from sidecar.ratelimit import BackendUnavailable
 from sidecar.settlement import ReportError, Settlement, UsageReport
 
 SERVICE = "kernelgate.settlement.v1.Settlement"
@@ -27,8 +28,12 @@ def handler(settlement: Settlement) -> grpc.GenericRpcHandler:
             report = UsageReport.parse(json_format.MessageToDict(request))
         except ReportError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            settled = await settlement.settle(report)
+        except BackendUnavailable as exc:  # Redis did not answer: the reporter retries
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate-limit backend unavailable: {exc}")
         reply = struct_pb2.Struct()
-        reply.update((await settlement.settle(report)).to_json())
+        reply.update(settled.to_json())
         return reply
 
     return grpc.method_handlers_generic_handler(SERVICE, {"Settle": grpc.unary_unary_rpc_method_handler(

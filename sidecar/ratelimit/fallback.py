@@ -79,15 +79,12 @@ class FallbackRateLimiter:
 
     async def claim(self, reservation_id: str) -> Claimed | None:
         """A reservation lives where it was made: here if Redis was down then, else in Redis.
-        Redis unreachable now: None, and the Redis reservation expires at its reserved amount."""
+        Redis not answering now raises BackendUnavailable, so the reporter tries again later (a
+        claim that did run before the timeout makes the retry find nothing: charged as reserved)."""
         local = self._local.claim_now(reservation_id)
         if local is not None:
             return local
-        try:
-            return await self._shared.claim(reservation_id)
-        except BackendUnavailable as exc:
-            log.warning("settlement of %s left to expiry: %s", reservation_id, exc)
-            return None
+        return await self._shared.claim(reservation_id)
 
     async def claim_expired(self) -> list[Claimed]:
         expired = self._local.claim_expired_now()

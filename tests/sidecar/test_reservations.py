@@ -13,7 +13,7 @@ import pytest
 from sidecar.config import DecisionLogConfig, LimitRule, RateLimitConfig
 from sidecar.decision_log import DecisionLogger
 from sidecar.metrics import SidecarMetrics
-from sidecar.ratelimit import Budget, FallbackRateLimiter, MemoryRateLimiter, RedisRateLimiter, Reservation, Slot
+from sidecar.ratelimit import BackendUnavailable, Budget, FallbackRateLimiter, MemoryRateLimiter, RedisRateLimiter, Reservation, Slot
 from sidecar.ratelimit.base import weighted_cost
 from sidecar.ratelimit.descriptors import RequestTokens, limits_for, request_tokens, reservation_for
 from sidecar.settlement import ReportError, Settlement, UsageReport
@@ -157,7 +157,8 @@ async def test_fallback_settles_where_the_reservation_was_made(redis_server, red
     assert local.allowed and local.degraded and local.backend == "memory"
     settled = await settlement.settle(UsageReport("b" * 32, 5, 5))
     assert settled.settled and settled.refunded == 490
-    assert not (await settlement.settle(UsageReport("a" * 32, 5, 5))).settled  # Redis down: left to expiry
+    with pytest.raises(BackendUnavailable):  # Redis down: the reporter is told to try again
+        await settlement.settle(UsageReport("a" * 32, 5, 5))
     await limiter.close()
 
 

@@ -1,6 +1,9 @@
-"""Rate limits, kept apart as in envoyproxy/ratelimit: what to limit (``descriptors``), how to
-count (``gcra``, ``settle``), where counts live (``memory``, ``redis``), what to do when the
-shared store fails (``fallback``) and how to tell the client (``headers``)."""
+"""Rate limits, kept apart as in envoyproxy/ratelimit: what to limit and what a request costs
+(``descriptors``, with the prompt counted by the inference server in ``count``), how to count
+(``gcra``, ``settle``), where counts and open reservations live (``memory``, ``redis``, behind
+``base.RateLimiter``), what to do when the shared store fails and which backend to build
+(``fallback``: the factory) and how to tell the client (``headers``). Settling a reservation to
+the reported usage is ``sidecar/settlement.py``, one path for every backend."""
 
 from sidecar.ratelimit.base import (
     BackendUnavailable,

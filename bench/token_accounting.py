@@ -175,7 +175,9 @@ async def run_one(workdir: Path, backend: str, mode: str, n: int, redis_url: str
     results: dict[str, Any] = {"backend": backend, "mode": mode}
     for phase in ("mix", "concurrency"):
         stack = AuthzStack(workdir / f"{backend}-{list(MODES).index(mode)}-{phase}", redis_url=redis_url, inference=True,
-                           authz_overrides=authz)
+                           authz_overrides=authz,
+                           # the estimate-only path had no reports either
+                           inference_overrides={} if settle else {"usage_report": {"address": ""}})
         stack.workdir.mkdir(parents=True, exist_ok=True)
         configure(stack)
         if redis_url:

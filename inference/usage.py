@@ -99,8 +99,10 @@ class UsageReporter:
                 await self._settle(message, timeout=self._timeout_s)
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    log.error("usage report for %s refused: %s", decision_id, exc.details())
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+                    # a bad report, or a sidecar with settlement off (authz.ratelimit.settle: false):
+                    # trying again cannot help
+                    log.error("usage report for %s refused: %s", decision_id, exc.code().name)
                     return
                 if attempt + 1 == self._attempts:
                     log.warning("usage report for %s lost (%s); its reservation will expire", decision_id,

@@ -174,7 +174,8 @@ async def run_one(workdir: Path, backend: str, mode: str, n: int, redis_url: str
     authz: dict[str, Any] = {"ratelimit": {**MODES[mode], "redis_timeout_s": 10.0, "redis_failure_mode": "deny"}}
     results: dict[str, Any] = {"backend": backend, "mode": mode}
     for phase in ("mix", "concurrency"):
-        stack = AuthzStack(workdir / f"{backend}-{list(MODES).index(mode)}-{phase}", redis_url=redis_url, inference=True,
+        stack = AuthzStack(workdir / f"{backend}-{list(MODES).index(mode)}-{phase}", redis_url=redis_url,
+                           inference=True,
                            authz_overrides=authz,
                            # the estimate-only path had no reports either
                            inference_overrides={} if settle else {"usage_report": {"address": ""}})

@@ -3,7 +3,8 @@ own listener, where the inference server reports what a decision really used.
 
 In: a ``google.protobuf.Struct`` ``{decision_id, prompt_tokens, completion_tokens, ending}``.
 Out: a Struct ``{settled, charged, refunded, reserved}``; a malformed report is INVALID_ARGUMENT
-naming the field; UNAVAILABLE when Redis does not answer (the reporter retries). A well-known message type, so neither side needs generated code.
+naming the field; UNAVAILABLE when Redis does not answer (the reporter retries). A well-known
+message type, so neither side needs generated code.
 
 Why here: the same port Envoy already reaches (no new listener, SO_REUSEPORT workers included),
 and one settlement path for the memory and Redis backends, with budget keys and Redis

@@ -9,15 +9,23 @@ import io
 import json
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from sidecar.config import DecisionLogConfig, LimitRule, RateLimitConfig
 from sidecar.decision_log import DecisionLogger
 from sidecar.metrics import SidecarMetrics
-from sidecar.ratelimit import BackendUnavailable, Budget, FallbackRateLimiter, MemoryRateLimiter, RedisRateLimiter, Reservation, Slot
+from sidecar.ratelimit import (
+    BackendUnavailable,
+    Budget,
+    FallbackRateLimiter,
+    MemoryRateLimiter,
+    RedisRateLimiter,
+    Reservation,
+    Slot,
+)
 from sidecar.ratelimit.base import weighted_cost
 from sidecar.ratelimit.descriptors import RequestTokens, limits_for, request_tokens, reservation_for
 from sidecar.settlement import ReportError, Settlement, UsageReport
-from prometheus_client import CollectorRegistry
 
 
 class FakeClock:

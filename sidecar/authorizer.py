@@ -23,6 +23,8 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 
+from otel import names
+
 from sidecar import response
 from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, Decision, DecisionUnavailable
@@ -154,7 +156,7 @@ class Authorizer:
         self._rate_limiter = rate_limiter
         self._decision_log = decision_log
         self._metrics = metrics
-        self._tracer = tracer or trace.get_tracer("kernelgate.sidecar")
+        self._tracer = tracer or trace.get_tracer(names.SIDECAR_TRACER)
         self._limits = InputLimits(max_body_bytes=config.max_body_bytes)
         self._prefix = config.header_prefix.lower()
         self._credential_headers = ("authorization", config.identity.api_key_header.lower())
@@ -168,7 +170,7 @@ class Authorizer:
         decision_id = f"{self._ids.getrandbits(128):032x}"
         headers = check_request.attributes.request.http.headers
         carrier = call_metadata if call_metadata and "traceparent" in call_metadata else dict(headers)
-        with self._tracer.start_as_current_span("ext_authz.check", context=propagate.extract(carrier),
+        with self._tracer.start_as_current_span(names.AUTHZ_CHECK_SPAN, context=propagate.extract(carrier),
                                                 kind=trace.SpanKind.SERVER) as span:
             try:
                 result = await self._evaluate(check_request, decision_id)
@@ -215,7 +217,7 @@ class Authorizer:
                            admission)
 
     def _authenticate(self, check_input: CheckInput) -> Identity:
-        with self._child_span("identity"):
+        with self._child_span(names.IDENTITY_SPAN):
             try:
                 return self._authenticator.authenticate(check_input.headers)
             except AuthError as exc:
@@ -225,13 +227,13 @@ class Authorizer:
 
     async def _decide(self, document: Mapping[str, Any]) -> Decision:
         """The policy's decision; a deny becomes a Refusal carrying the policy's answer."""
-        with self._child_span("opa.query") as opa_span:
+        with self._child_span(names.OPA_QUERY_SPAN) as opa_span:
             try:
                 decision = await self._decider.decide(document)
             except DecisionUnavailable as exc:
                 opa_span.set_status(trace.StatusCode.ERROR, str(exc))
                 decision = self._on_opa_failure(exc)
-            opa_span.set_attribute("kernelgate.cache_hit", decision.source == "cache")
+            opa_span.set_attribute(names.CACHE_HIT, decision.source == "cache")
         self._metrics.cache.labels("hit" if decision.source == "cache" else "miss").inc()
         if not decision.allowed:
             body = decision.body or response.error_body("request denied by policy", "permission_denied",
@@ -246,7 +248,7 @@ class Authorizer:
         if self._prompt_counter is None or body is None or self._rate_limiter is None:
             return None
         raw = check_input.document["attributes"]["request"]["http"].get("body", "")
-        with self._child_span("prompt.count"):
+        with self._child_span(names.PROMPT_COUNT_SPAN):
             counted = await self._prompt_counter.count(raw, body)
         self._metrics.prompt_counts.labels("server" if counted is not None else "estimate").inc()
         return counted
@@ -267,15 +269,15 @@ class Authorizer:
         if limits is None or (limits.requests is None and limits.tokens is None and limits.concurrency is None):
             return None
         tokens = request_tokens(body, self._config.ratelimit, counted_prompt, limits.default_max_tokens)
-        with self._child_span("ratelimit") as span:
+        with self._child_span(names.RATELIMIT_SPAN) as span:
             try:
                 admission = await self._admit(limits, tenant, model or "", check_input.route, tokens, decision_id)
             except RateLimitUnavailable:
                 span.set_status(trace.StatusCode.ERROR, "rate-limit backend unavailable")
                 self._metrics.ratelimit.labels("unavailable", self._config.ratelimit.backend).inc()
                 raise _unavailable("ratelimit_unavailable", "rate limiting is temporarily unavailable") from None
-            span.set_attribute("kernelgate.ratelimit.backend", admission.result.backend)
-            span.set_attribute("kernelgate.ratelimit.degraded", admission.result.degraded)
+            span.set_attribute(names.RATELIMIT_BACKEND, admission.result.backend)
+            span.set_attribute(names.RATELIMIT_DEGRADED, admission.result.degraded)
         result = admission.result
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
         if result.allowed and admission.reservation is not None and limits.tokens is not None:
@@ -357,18 +359,18 @@ class Authorizer:
         identity, check_input = result.identity, result.input
         tenant = identity.tenant if identity else None
         if span.is_recording():
-            span.set_attribute("kernelgate.decision", result.outcome)
-            span.set_attribute("kernelgate.decision_id", result.decision_id)
-            span.set_attribute("http.response.status_code", result.http_status)
-            span.set_attribute("kernelgate.reason", result.reason)
-            span.set_attribute("kernelgate.cache_hit", result.cache_hit)
-            span.set_attribute("kernelgate.policy_revision", self._decider.revision[:16])
+            span.set_attribute(names.DECISION, result.outcome)
+            span.set_attribute(names.DECISION_ID, result.decision_id)
+            span.set_attribute(names.HTTP_RESPONSE_STATUS_CODE, result.http_status)
+            span.set_attribute(names.REASON, result.reason)
+            span.set_attribute(names.CACHE_HIT, result.cache_hit)
+            span.set_attribute(names.POLICY_REVISION, self._decider.revision[:16])
             if tenant:
-                span.set_attribute("kernelgate.tenant", tenant)
+                span.set_attribute(names.TENANT, tenant)
             for state in result.rate_limit.states if result.rate_limit else ():
-                span.set_attribute(f"kernelgate.ratelimit.{state.kind}.remaining", state.remaining)
+                span.set_attribute(names.ratelimit_remaining(state.kind), state.remaining)
             if result.outcome != "allow":
-                span.set_attribute("kernelgate.deny_reason", result.reason)
+                span.set_attribute(names.DENY_REASON, result.reason)
         self._decision_log.write(DecisionRecord(
             decision_id=result.decision_id,
             request_id=request_id,

@@ -10,7 +10,7 @@ from google.protobuf import json_format, struct_pb2
 
 from sidecar.settle_grpc import METHOD
 from tests.stack import AuthzStack
-from tests.sidecar.test_sidecar_grpc import completion_check, sidecar  # noqa: F401 - the fixture: OPA + the sidecar
+from tests.sidecar.test_sidecar_grpc import completion_check, sidecar  # noqa: F401 - fixture
 
 
 def struct(**fields) -> struct_pb2.Struct:

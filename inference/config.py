@@ -142,6 +142,8 @@ class InferenceConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     usage_report: UsageReportConfig = field(default_factory=UsageReportConfig)
+    # Names this replica in responses, spans and load reports; "" means host:port.
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         require(self.model.name != self.embeddings.name or not self.embeddings.enabled,

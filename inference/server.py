@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,7 +63,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     reporter = (UsageReporter(config.usage_report.address, config.usage_report.timeout_s)
                 if config.usage_report.address else None)
     state = ServerState(config=config, generation=GenerationService(engine, preprocess_executor, tracing),
-                        encoder=encoder, metrics=metrics, tracing=tracing, usage=reporter)
+                        encoder=encoder, metrics=metrics, tracing=tracing, usage=reporter,
+                        replica_id=replica_id(config))
     app = create_app(state)
 
     async def start_models(_: web.Application) -> None:
@@ -86,6 +88,11 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     app.on_startup.append(start_models)
     app.on_cleanup.append(stop_models)
     return app
+
+
+def replica_id(config: InferenceConfig) -> str:
+    """``replica_id`` from the config, else host:port (in Kubernetes the host name is the pod's)."""
+    return config.replica_id or f"{socket.gethostname()}:{config.listen.port}"
 
 
 async def start_listening(app: web.Application, host: str, port: int, drain_timeout_s: float) -> web.AppRunner:

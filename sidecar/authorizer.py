@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import propagate, trace
 
@@ -52,6 +52,12 @@ from sidecar.ratelimit.descriptors import (
 )
 
 log = logging.getLogger("kernelgate.authz")
+
+
+class SaturationView(Protocol):
+    """Which models no inference replica has room for (``sidecar.replicas.ReplicaWatcher``)."""
+
+    def saturated_models(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -145,9 +151,10 @@ class Authorizer:
     def __init__(self, config: SidecarConfig, authenticator: Authenticator, decider: Decider,
                  rate_limiter: RateLimiter | None, decision_log: DecisionLogger,
                  metrics: SidecarMetrics, tracer: trace.Tracer | None = None,
-                 prompt_counter: PromptCounter | None = None):
-        """``rate_limiter`` None: rate limits are off (``build_rate_limiter`` decides).
-        ``prompt_counter`` None: prompts are estimated (no ``ratelimit.count_url``)."""
+                 saturation: SaturationView | None = None, prompt_counter: PromptCounter | None = None):
+        """``rate_limiter`` None: rate limits are off (``build_rate_limiter`` decides); ``saturation``
+        None: the policy is told of no saturated model; ``prompt_counter`` None: prompts are
+        estimated (no ``ratelimit.count_url``)."""
         self._prompt_counter = prompt_counter
         self._reserve = config.ratelimit.settle
         self._config = config
@@ -157,6 +164,7 @@ class Authorizer:
         self._decision_log = decision_log
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer(names.SIDECAR_TRACER)
+        self._saturation = saturation
         self._limits = InputLimits(max_body_bytes=config.max_body_bytes)
         self._prefix = config.header_prefix.lower()
         self._credential_headers = ("authorization", config.identity.api_key_header.lower())
@@ -194,7 +202,8 @@ class Authorizer:
             body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None
             counted = await self._count_prompt(check_input, body)
             estimated = request_tokens(body, self._config.ratelimit, counted).total
-            decision = await self._decide(policy_document(check_input, identity.to_input(), estimated))
+            saturated = self._saturation.saturated_models() if self._saturation is not None else []
+            decision = await self._decide(policy_document(check_input, identity.to_input(), estimated, saturated))
             admission = await self._rate_limit(check_input, identity, decision, counted, decision_id)
             limited = admission.result if admission is not None else None
             client_headers = {**decision.response_headers_to_add, **self._rate_limit_client_headers(limited)}

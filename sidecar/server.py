@@ -32,6 +32,7 @@ from sidecar import settle_grpc
 from sidecar.ratelimit import build_rate_limiter
 from sidecar.ratelimit.count import ServerPromptCounter
 from sidecar.settlement import Settlement
+from sidecar.replicas import ReplicaWatcher
 
 log = logging.getLogger("kernelgate.authz")
 
@@ -88,10 +89,11 @@ async def start(config: SidecarConfig) -> Sidecar:
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
     rate_limiter = build_rate_limiter(config.ratelimit)
     decision_log = DecisionLogger(config.decision_log)
+    replicas = ReplicaWatcher(config.replicas, metrics)
     counter = (ServerPromptCounter(config.ratelimit.count_url, config.ratelimit.count_timeout_s)
                if rate_limiter is not None and config.ratelimit.count_url else None)
     authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics,
-                            prompt_counter=counter)
+                            saturation=replicas, prompt_counter=counter)
     settlement = (Settlement(rate_limiter, metrics, decision_log)
                   if rate_limiter is not None and config.ratelimit.settle else None)
 
@@ -118,7 +120,8 @@ async def start(config: SidecarConfig) -> Sidecar:
         async with asyncio.timeout(config.opa.timeout_s):
             await decider.refresh_revision()
     background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
-                  asyncio.create_task(authenticator.watch(stop_event), name="credential-reload")]
+                  asyncio.create_task(authenticator.watch(stop_event), name="credential-reload"),
+                  asyncio.create_task(replicas.run(stop_event), name="replica-load")]
     if settlement is not None:
         background.append(asyncio.create_task(settlement.run(stop_event), name="reservation-expiry"))
     for name in ("", SERVICE_NAME):

@@ -29,6 +29,7 @@ from inference.metrics import InferenceMetrics
 from inference.protocol import RequestError
 from inference.serving import GenerationService, RequestContext
 from inference.tracing import Tracing
+from inference.usage import UsageReporter, UsageTracker, apply_grant, ending_of, finish_usage
 from otel import names
 
 log = logging.getLogger("kernelgate.inference.api")
@@ -64,9 +65,13 @@ class ServerState:
     draining: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    usage: UsageReporter | None = None  # reports to the sidecar what each decision used
 
 
 STATE = web.AppKey("kernelgate_inference_state", ServerState)
+USAGE = web.RequestKey("kernelgate_usage", UsageTracker)  # what this request spent, reported when it ends
+# A non-streamed response waits this long for its usage report to land (it then goes out settled).
+REPORT_WAIT_S = 0.5
 
 
 def create_app(state: ServerState) -> web.Application:
@@ -78,6 +83,7 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/tokenize", _tokenize)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -109,6 +115,8 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     status = 500
     state.in_flight += 1
     state.idle.clear()
+    usage = state.usage.track(request.headers) if state.usage is not None else UsageTracker(None, None)
+    request[USAGE] = usage
     try:
         if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
@@ -130,6 +138,8 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
         status = 500
         return _error_response(RequestError(500, "internal server error", type="server_error"))
     finally:
+        # where every response ends: tell the sidecar what this decision used
+        await finish_usage(usage, state.usage, ending_of(status, status == CLIENT_CLOSED), REPORT_WAIT_S)
         state.in_flight -= 1
         if state.in_flight == 0:
             state.idle.set()
@@ -185,6 +195,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
                                     attributes) as span:
         data = protocol.parse_json(await _read_body(request, state))
         parsed = protocol.parse_chat_request(data) if kind == "chat" else protocol.parse_completion_request(data)
+        parsed = apply_grant(parsed, request.headers)
         model = _served_model(state, request.headers, parsed.model)
         sampling = parsed.sampling
         span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
@@ -200,6 +211,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                              model=model, tenant=tenant_of(request.headers), span=span)
         streams = _submit(state, ctx, prompts)
+        request[USAGE].watch(streams)
         span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
         timeout = state.config.limits.request_timeout_s
         try:
@@ -284,6 +296,7 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
             raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
                                headers={"Retry-After": str(state.config.limits.retry_after_s)})
         result = await encoder.embed(list(parsed.inputs), parsed.encoding_format)
+        request[USAGE].add(result.prompt_tokens, 0)
         span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
         return web.json_response(protocol.embedding_object(parsed.model, result.vectors, result.prompt_tokens))
 
@@ -332,6 +345,20 @@ async def _models(request: web.Request) -> web.Response:
     if state.encoder is not None:
         models.append((state.encoder.name, state.started))
     return web.json_response(protocol.model_list(models))
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    """``{"count": n, "max_model_len": m}``: the prompt of a completion or chat body, tokenized as
+    generation would (same tokenizer, chat template and checks); the sidecar prices admission by it."""
+    state = request.app[STATE]
+    data = protocol.parse_json(await _read_body(request, state))
+    parsed = protocol.parse_chat_request(data) if "messages" in data else protocol.parse_completion_request(data)
+    _check_generation_model(state, parsed.model)
+    _check_ready(state)
+    prompts = await state.generation.prepare(parsed)
+    info = state.generation.engine.info
+    return web.json_response({"count": sum(len(p.token_ids) for p in prompts),
+                              "max_model_len": info.max_model_len if info is not None else None})
 
 
 async def _healthz(request: web.Request) -> web.Response:

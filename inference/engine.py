@@ -24,7 +24,7 @@ from common.gc_freeze import freeze_startup_objects
 from inference.config import BatchingConfig, ModelConfig
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
 from inference.generation import (EngineDeadError, EngineNotReadyError, GenerationOutput, GenerationRequest,
-                                  RequestStream)
+                                  RequestStream, Spent)
 from inference.metrics import InferenceMetrics
 from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
@@ -315,6 +315,7 @@ class Engine:
             self._runner.move(move.src, move.dst, move.length)
         self._by_id.pop(seq.request_id, None)
         self._aborts.discard(seq.request_id)
+        _report_spent(seq, prefilled=True)
 
     def _apply_aborts(self) -> None:
         """Drop aborted requests from the queue or the batch (caller holds the lock)."""
@@ -328,6 +329,7 @@ class Engine:
             else:
                 self._scheduler.remove_waiting(seq)
                 self._by_id.pop(request_id, None)
+                _report_spent(seq, prefilled=False)
             self.metrics.finished.labels("abort").inc()
             log.info("request %s cancelled after %d tokens; slot freed", request_id, seq.generated)
 
@@ -346,6 +348,8 @@ class Engine:
             seqs = list(self._by_id.values())
             self._by_id.clear()
         error = EngineDeadError(f"engine failed: {exc}")
+        for seq in seqs:
+            _report_spent(seq, prefilled=seq.slot >= 0)
         self._deliver_error([s.sink for s in seqs], error)
 
     def _deliver_error(self, streams: list[RequestStream], error: BaseException) -> None:
@@ -372,6 +376,15 @@ class Engine:
             return 0.0
         free, total = torch.cuda.mem_get_info(model.device)
         return float(total - free)
+
+
+def _report_spent(seq: Sequence, prefilled: bool) -> None:
+    """Hand the request's final count to its stream's loop (before any output still to deliver)."""
+    spent = Spent(seq.prompt_len if prefilled else 0, seq.generated)
+    try:
+        seq.sink.loop.call_soon_threadsafe(seq.sink.set_spent, spent)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
 
 
 def _put_all(items: list[tuple[RequestStream, GenerationOutput]]) -> None:

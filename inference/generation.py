@@ -51,8 +51,21 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
 
 
+@dataclass(frozen=True)
+class Spent:
+    """What the engine did for one request, counted when it let the request go (finished,
+    aborted, failed): prompt tokens prefilled (0 if it never got a slot) and tokens generated,
+    including any the client never received."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class RequestStream:
-    """Async iterator over one request's outputs; ``cancel()`` frees its batch slot."""
+    """Async iterator over one request's outputs; ``cancel()`` frees its batch slot.
+
+    ``spent()`` waits for the engine's final count, which arrives however the request ends.
+    """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]) -> None:
         self.request_id = request_id
@@ -60,6 +73,23 @@ class RequestStream:
         self.finished = False
         self._queue: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
         self._abort = abort
+        self._spent: Spent | None = None
+        self._spent_event = asyncio.Event()
+
+    def set_spent(self, spent: Spent) -> None:
+        """Called on the loop (the engine uses call_soon_threadsafe); the first count wins."""
+        if self._spent is None:
+            self._spent = spent
+            self._spent_event.set()
+
+    async def spent(self, timeout_s: float) -> Spent | None:
+        """The engine's final count, or None if it did not come within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._spent_event.wait()
+        except TimeoutError:
+            return None
+        return self._spent
 
     def put(self, item: GenerationOutput | BaseException) -> None:
         self._queue.put_nowait(item)

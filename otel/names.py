@@ -20,11 +20,13 @@ INFERENCE_TRACER = "kernelgate.inference"
 KERNELS_TRACER = "kernelgate.kernels"
 
 # --- spans ------------------------------------------------------------------------------------------
-# sidecar: one server span per ext_authz Check, three children when recorded
+# sidecar: one server span per ext_authz Check, its children when recorded
 AUTHZ_CHECK_SPAN = "ext_authz.check"
 IDENTITY_SPAN = "identity"
 OPA_QUERY_SPAN = "opa.query"
 RATELIMIT_SPAN = "ratelimit"
+# the prompt counted by the inference server's /tokenize, when token budgets are priced exactly
+PROMPT_COUNT_SPAN = "prompt.count"
 # inference: the request's server span is named "<method> <route>" (http_server_span_name)
 PREPROCESS_SPAN = "preprocess"
 QUEUE_SPAN = "queue"

@@ -79,6 +79,22 @@ class LimitRule:
     requests: int | None = None
     tokens: int | None = None
     unit: Unit = "minute"
+    # Requests in flight at once for this (tenant, model, route); released when the response ends.
+    concurrency: int | None = None
+    # A token costs this much of the ``tokens`` budget: prompt (prefilled) and completion (generated)
+    # tokens apart, since generated tokens cost more GPU time.
+    input_weight: float = 1.0
+    output_weight: float = 1.0
+    # Completion tokens to reserve when the client sends no max_tokens (None: ratelimit.default_max_tokens).
+    default_max_tokens: int | None = None
+    # Admit with what is left of the budget and end the stream there ("length") rather than 429.
+    enforce_midstream: bool = False
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.input_weight < 0 or self.output_weight <= 0:
+            raise ValueError("input_weight must be >= 0 and output_weight > 0")
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,21 @@ class RateLimitConfig:
     # Token estimate when the body gives no max_tokens (OpenAI's default for completions).
     default_max_tokens: int = 16
     chars_per_token: float = 4.0
+    # Reserve at admission and settle to the usage the inference server reports (gRPC
+    # kernelgate.settlement.v1.Settlement on ``listen``) when a response ends; false: charge the
+    # estimate at admission and never settle.
+    settle: bool = True
+    # An unsettled reservation (report lost, server killed) expires after this long and stays
+    # charged at its reserved amount; longer than the inference server's request timeout.
+    reservation_ttl_s: float = 330.0
+    # The inference server's /tokenize, which counts a prompt with the served model's tokenizer and
+    # chat template ("" = estimate at chars_per_token); on failure the estimate is used.
+    count_url: str = ""
+    count_timeout_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.reservation_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s must be positive")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,16 @@ class SidecarMetrics:
                              ["result"], registry=registry)
         self.ratelimit = Counter("kernelgate_authz_ratelimit_total", "Rate-limit outcomes",
                                  ["outcome", "backend"], registry=registry)
+        self.tokens = Counter("kernelgate_authz_tokens_total",
+                              "Token budget units by tenant: reserved at admission, charged when settled to the "
+                              "reported usage or expired (at the reserved amount), refunded",
+                              ["tenant", "kind"], registry=registry)
+        self.settlements = Counter("kernelgate_authz_settlements_total",
+                                   "Reservations closed: settled, expired unreported, or reports for unknown ids",
+                                   ["outcome"], registry=registry)
+        self.prompt_counts = Counter("kernelgate_authz_prompt_tokens_source_total",
+                                     "Prompts priced by the server's count or by the estimate", ["source"],
+                                     registry=registry)
         self.latency = Histogram("kernelgate_authz_check_seconds", "Time to answer a check",
                                  buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
                                  registry=registry)

@@ -1,4 +1,5 @@
-"""gRPC wiring: Authorization/Check, grpc.health.v1, reflection; SIGTERM drains.
+"""gRPC wiring: Authorization/Check, the settlement channel, grpc.health.v1, reflection;
+SIGTERM drains.
 
 ``run(config)`` is what ``kernelgate authz`` calls. Everything the Check handler
 needs is built here, once, and passed in.
@@ -27,7 +28,10 @@ from sidecar.identity import Authenticator
 from sidecar.metrics import SidecarMetrics
 from sidecar.opa import OpaPolicyClient
 from sidecar.opa_wasm import WasmPolicyClient
+from sidecar import settle_grpc
 from sidecar.ratelimit import build_rate_limiter
+from sidecar.ratelimit.count import ServerPromptCounter
+from sidecar.settlement import Settlement
 from sidecar.replicas import ReplicaWatcher
 
 log = logging.getLogger("kernelgate.authz")
@@ -86,18 +90,25 @@ async def start(config: SidecarConfig) -> Sidecar:
     rate_limiter = build_rate_limiter(config.ratelimit)
     decision_log = DecisionLogger(config.decision_log)
     replicas = ReplicaWatcher(config.replicas, metrics)
+    counter = (ServerPromptCounter(config.ratelimit.count_url, config.ratelimit.count_timeout_s)
+               if rate_limiter is not None and config.ratelimit.count_url else None)
     authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics,
-                            saturation=replicas)
+                            saturation=replicas, prompt_counter=counter)
+    settlement = (Settlement(rate_limiter, metrics, decision_log)
+                  if rate_limiter is not None and config.ratelimit.settle else None)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0),
                                       ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
+    services = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    if settlement is not None:
+        # not listed for reflection: its messages are google.protobuf.Struct, no descriptor of its own
+        server.add_generic_rpc_handlers((settle_grpc.handler(settlement),))
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):  # known from the first moment: NOT_SERVING, never NOT_FOUND
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)), server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(tuple(services)), server)
     port = server.add_insecure_port(config.listen)
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"cannot listen on {config.listen}")
@@ -111,10 +122,14 @@ async def start(config: SidecarConfig) -> Sidecar:
     background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
                   asyncio.create_task(authenticator.watch(stop_event), name="credential-reload"),
                   asyncio.create_task(replicas.run(stop_event), name="replica-load")]
+    if settlement is not None:
+        background.append(asyncio.create_task(settlement.run(stop_event), name="reservation-expiry"))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
     closers = [opa_client.close, decision_log.close]
+    if counter is not None:
+        closers.append(counter.close)
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
     policy_source = config.opa.url if config.opa.mode == "server" else f"in process from {config.opa.wasm_bundle_file}"

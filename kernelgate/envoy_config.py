@@ -13,7 +13,8 @@ from typing import Any
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterLbPolicy
 from envoy_data_plane.envoy.config.core.v3 import (
-    Address, GrpcService, GrpcServiceEnvoyGrpc, Http1ProtocolOptions, Http2ProtocolOptions, Pipe, SocketAddress,
+    Address, DataSource, GrpcService, GrpcServiceEnvoyGrpc, Http1ProtocolOptions, Http2ProtocolOptions, Pipe,
+    SocketAddress, TransportSocket,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
@@ -25,6 +26,9 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager, HttpConnectionManagerCodecType, HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpConnectionManagerTracing, HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, TlsCertificate,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions, HttpProtocolOptionsExplicitHttpConfig,
@@ -60,6 +64,18 @@ class EnvoyConfig:
     otlp_address: str = ""
     service_name: str = "kernelgate-envoy"
     trace_sampling_percent: float = 100.0
+    # TLS on the listener: PEM files of its certificate and key ("" = plain HTTP). With
+    # tls_client_ca_file, clients must present a certificate signed by that CA (mutual TLS),
+    # and ext_authz receives it (include_peer_certificate) for identity.mtls.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file and tls_key_file (mutual TLS is TLS)")
 
 
 def _address(target: str) -> Address:
@@ -90,6 +106,18 @@ def _cluster(name: str, target: str, http2: bool, timeout_s: float = 1.0) -> Clu
     )
 
 
+def _downstream_tls(cfg: EnvoyConfig) -> TransportSocket | None:
+    if not cfg.tls_cert_file:
+        return None
+    common = CommonTlsContext(tls_certificates=[TlsCertificate(
+        certificate_chain=DataSource(filename=cfg.tls_cert_file), private_key=DataSource(filename=cfg.tls_key_file))])
+    if cfg.tls_client_ca_file:
+        common.validation_context = CertificateValidationContext(
+            trusted_ca=DataSource(filename=cfg.tls_client_ca_file))
+    context = DownstreamTlsContext(common_tls_context=common, require_client_certificate=bool(cfg.tls_client_ca_file))
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyMessage.pack(context))
+
+
 def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
     ext_authz = ExtAuthz(
         grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
@@ -98,6 +126,7 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         with_request_body=BufferSettings(max_request_bytes=cfg.max_request_bytes, allow_partial_message=True),
         failure_mode_allow=cfg.failure_mode_allow,
         status_on_error=HttpStatus(code=StatusCode(cfg.status_on_error)),
+        include_peer_certificate=bool(cfg.tls_client_ca_file),
     )
     route_config = RouteConfiguration(name="kernelgate", virtual_hosts=[VirtualHost(
         name="inference", domains=["*"],
@@ -136,7 +165,8 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         name="ingress",
         address=_address(f"{cfg.listen_host}:{cfg.listen_port}"),
         filter_chains=[FilterChain(filters=[Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(hcm))])],
+            name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(hcm))],
+            transport_socket=_downstream_tls(cfg))],
     )
     return Bootstrap(
         admin=Admin(address=_address(f"{cfg.admin_host}:{cfg.admin_port}")),

@@ -62,6 +62,24 @@ if [ ! -x "$BIN/jaeger" ] || [ "$(cat "$BIN/jaeger.version" 2>/dev/null)" != "$J
   echo "$JAEGER_MODULE_VERSION" >"$BIN/jaeger.version"
 fi
 
+# Ory Hydra: the real OAuth2/OIDC provider of the identity tests (tests/hydra.py).
+# Like Jaeger its go.mod has replace directives, so it is built as the main module
+# from a writable copy; DSN=memory needs its SQLite driver (cgo, build tag sqlite).
+HYDRA_VERSION="v2.3.0"
+if [ ! -x "$BIN/hydra" ] || [ "$(cat "$BIN/hydra.version" 2>/dev/null)" != "$HYDRA_VERSION" ]; then
+  log "building Ory Hydra $HYDRA_VERSION (a few minutes)"
+  dir=$(cd /tmp && go mod download -json "github.com/ory/hydra/v2@$HYDRA_VERSION" \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$KG_HOME/src/hydra"; mkdir -p "$KG_HOME/src"
+  cp -r "$dir" "$KG_HOME/src/hydra"; chmod -R u+w "$KG_HOME/src/hydra"
+  # Its Go client (a nested module, so not in the module zip) comes from the proxy instead.
+  (cd "$KG_HOME/src/hydra" && go mod edit -dropreplace=github.com/ory/hydra-client-go/v2 \
+     && CGO_ENABLED=1 go build -mod=mod -tags sqlite,sqlite_omit_load_extension \
+     -o "$BIN/hydra" .) >"$LOGS/hydra.log" 2>&1 \
+    || { cat "$LOGS/hydra.log" >&2; exit 1; }
+  echo "$HYDRA_VERSION" >"$BIN/hydra.version"
+fi
+
 # vegeta: the HTTP load generator of bench/ (fixed-rate open loop and closed loop).
 VEGETA_VERSION="v12.12.0"
 if [ ! -x "$BIN/vegeta" ]; then
@@ -114,6 +132,7 @@ ln -sf "$BIN/jaeger" "$VENV/bin/jaeger"
 ln -sf "$BIN/kustomize" "$VENV/bin/kustomize"
 ln -sf "$BIN/vegeta" "$VENV/bin/vegeta"
 ln -sf "$BIN/ghz" "$VENV/bin/ghz"
+ln -sf "$BIN/hydra" "$VENV/bin/hydra"
 [ -x "$BIN/opa-envoy-plugin" ] && ln -sf "$BIN/opa-envoy-plugin" "$VENV/bin/opa-envoy-plugin"
 "$VENV/bin/envoy" --version >/dev/null
 log "ready: $VENV (envoy, opa, jaeger, redis-server on PATH once activated)"

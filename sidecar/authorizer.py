@@ -100,11 +100,13 @@ class Authorizer:
         document = check_input.document
         with self._child_span("identity"):
             try:
-                identity = self._authenticator.authenticate(check_input.headers)
+                identity = await self._authenticator.authenticate(
+                    check_input.headers, check_input.peer_principal, check_input.peer_certificate)
             except AuthError as exc:
-                verdict.reason, verdict.http_status = exc.reason, 401
-                return response.deny(401, response.error_body(exc.message, "authentication_error", exc.reason),
-                                     {"www-authenticate": exc.www_authenticate}), None
+                verdict.reason, verdict.http_status = exc.reason, exc.http_status
+                return response.deny(exc.http_status, response.error_body(exc.message, "authentication_error",
+                                                                          exc.reason),
+                                     exc.response_headers), None
         document["identity"] = identity.to_input()
         estimated = estimate_tokens(check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None,
                                     self._config.ratelimit)
@@ -244,6 +246,7 @@ class Authorizer:
             request_id=headers.get("x-request-id", ""),
             tenant=tenant,
             identity_method=identity.method if identity else "invalid",
+            identity_issuer=identity.issuer if identity else None,
             method=check_input.method if check_input else "",
             path=check_input.path if check_input else "",
             outcome=verdict.outcome,

@@ -32,6 +32,8 @@ from sidecar.ratelimit import build_rate_limiter
 log = logging.getLogger("kernelgate.authz")
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+# Health service name that reports whether every identity provider is reachable.
+IDENTITY_HEALTH_SERVICE = "kernelgate.identity"
 
 
 class MethodAwareReflection(reflection.aio.ReflectionServicer):
@@ -80,6 +82,7 @@ async def start(config: SidecarConfig) -> Sidecar:
         start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
 
     authenticator = Authenticator(config.identity)
+    metrics.watch_identity_providers(authenticator.provider_status)
     opa_client = WasmPolicyClient(config.opa) if config.opa.mode == "wasm" else OpaPolicyClient(config.opa)
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
     rate_limiter = build_rate_limiter(config.ratelimit) if config.ratelimit.enabled else None
@@ -106,11 +109,13 @@ async def start(config: SidecarConfig) -> Sidecar:
         async with asyncio.timeout(config.opa.timeout_s):
             await decider.refresh_revision()
     background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
-                  asyncio.create_task(authenticator.watch(stop_event), name="credential-reload")]
+                  asyncio.create_task(authenticator.watch(stop_event), name="credential-reload"),
+                  asyncio.create_task(_report_identity_health(health_servicer, authenticator, stop_event),
+                                      name="identity-health")]
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
-    closers = [opa_client.close, decision_log.close]
+    closers = [opa_client.close, decision_log.close, authenticator.close]
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
     policy_source = config.opa.url if config.opa.mode == "server" else f"in process from {config.opa.wasm_bundle_file}"
@@ -118,6 +123,26 @@ async def start(config: SidecarConfig) -> Sidecar:
              config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
                    stop_event, port)
+
+
+async def _report_identity_health(health_servicer: health.aio.HealthServicer, authenticator: Authenticator,
+                                  stop_event: asyncio.Event, interval_s: float = 1.0) -> None:
+    """``kernelgate.identity``: NOT_SERVING while an identity provider is unreachable.
+
+    The sidecar itself stays SERVING (cached keys and answers keep working); this service
+    says that it is degraded, and the metrics say which provider and since when.
+    """
+    serving: bool | None = None
+    while not stop_event.is_set():
+        now_serving = not any(s.degraded for s in authenticator.provider_status())
+        if now_serving != serving:
+            serving = now_serving
+            await health_servicer.set(IDENTITY_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING if serving
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            await asyncio.wait_for(stop_event.wait(), timeout=interval_s)
+        except TimeoutError:
+            pass
 
 
 async def stop(sidecar: Sidecar, grace_s: float) -> None:

@@ -1,0 +1,125 @@
+"""Ory Hydra (built by scripts/setup.sh) on free loopback ports, in-memory storage.
+
+``Hydra`` starts it and drives its admin API the way an operator would: clients (each with its
+own token strategy, JWT or opaque), client-credentials tokens, key rotation, revocation.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests import procs
+from tests.procs import Proc, free_port
+
+# The key set Hydra signs JWT access tokens with.
+ACCESS_TOKEN_KEY_SET = "hydra.jwt.access-token"
+
+
+def _call(method: str, url: str, body: Any = None, form: dict[str, str] | None = None,
+          auth: tuple[str, str] | None = None) -> Any:
+    headers = {"accept": "application/json"}
+    data = None
+    if form is not None:
+        data = urllib.parse.urlencode(form).encode()
+        headers["content-type"] = "application/x-www-form-urlencoded"
+    elif body is not None:
+        data = json.dumps(body).encode()
+        headers["content-type"] = "application/json"
+    if auth is not None:
+        headers["authorization"] = "Basic " + base64.b64encode(
+            f"{urllib.parse.quote(auth[0])}:{urllib.parse.quote(auth[1])}".encode()).decode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            text = resp.read()
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{method} {url}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
+    return json.loads(text) if text.strip() else None
+
+
+@dataclass
+class Hydra:
+    log_dir: Path
+    public_port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    proc: Proc | None = None
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.public_port}"
+
+    @property
+    def public(self) -> str:
+        return f"http://127.0.0.1:{self.public_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.admin}/admin/oauth2/introspect"
+
+    def start(self) -> Hydra:
+        env = {
+            "DSN": "memory",
+            "URLS_SELF_ISSUER": self.issuer,
+            "SERVE_PUBLIC_HOST": "127.0.0.1", "SERVE_PUBLIC_PORT": str(self.public_port),
+            "SERVE_ADMIN_HOST": "127.0.0.1", "SERVE_ADMIN_PORT": str(self.admin_port),
+            "SECRETS_SYSTEM": secrets.token_hex(32),
+            "STRATEGIES_ACCESS_TOKEN": "jwt",  # a client may ask for opaque tokens instead
+            "LOG_LEVEL": "warn",
+            "SQA_OPT_OUT": "true",
+        }
+        # --dev: an http:// issuer on loopback (production Hydra insists on https).
+        self.proc = procs.start("hydra", [procs.find_binary("hydra"), "serve", "all", "--dev", "--sqa-opt-out"],
+                                self.log_dir, env=env, public=self.public_port, admin=self.admin_port)
+        procs.wait_http(f"{self.public}/health/ready", proc=self.proc, timeout=60)
+        procs.wait_http(f"{self.admin}/health/ready", proc=self.proc, timeout=60)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    # --- admin API ---------------------------------------------------------------------------
+    def create_client(self, client_id: str, *, audience: list[str], scope: str = "completions models",
+                      token_strategy: str = "jwt") -> str:
+        """A client-credentials client with the chosen id; returns its secret."""
+        secret = secrets.token_urlsafe(24)
+        _call("POST", f"{self.admin}/admin/clients", {
+            "client_id": client_id, "client_secret": secret, "grant_types": ["client_credentials"],
+            "token_endpoint_auth_method": "client_secret_basic", "scope": scope, "audience": audience,
+            "access_token_strategy": token_strategy,
+        })
+        return secret
+
+    def token(self, client_id: str, secret: str, *, scope: str = "completions models",
+              audience: str | None = None) -> str:
+        form = {"grant_type": "client_credentials", "scope": scope}
+        if audience is not None:
+            form["audience"] = audience
+        answer = _call("POST", f"{self.public}/oauth2/token", form=form, auth=(client_id, secret))
+        return answer["access_token"]
+
+    def revoke(self, client_id: str, secret: str, token: str) -> None:
+        _call("POST", f"{self.public}/oauth2/revoke", form={"token": token}, auth=(client_id, secret))
+
+    def rotate_access_token_key(self, kid: str) -> None:
+        """A new signing key in the access-token set; Hydra signs new tokens with it."""
+        _call("POST", f"{self.admin}/admin/keys/{ACCESS_TOKEN_KEY_SET}", {"alg": "RS256", "kid": kid, "use": "sig"})
+
+    def jwks(self) -> dict[str, Any]:
+        return _call("GET", f"{self.public}/.well-known/jwks.json")
+
+
+def start_hydra(log_dir: Path) -> Hydra:
+    return Hydra(log_dir).start()

@@ -84,6 +84,7 @@ class Hydra:
                                 self.log_dir, env=env, public=self.public_port, admin=self.admin_port)
         procs.wait_http(f"{self.public}/health/ready", proc=self.proc, timeout=60)
         procs.wait_http(f"{self.admin}/health/ready", proc=self.proc, timeout=60)
+        self.jwks()  # Hydra makes its signing keys on first use (RSA 4096: seconds on a busy machine)
         return self
 
     def stop(self) -> None:

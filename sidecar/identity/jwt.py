@@ -37,6 +37,8 @@ def _claims_error(exc: pyjwt.PyJWTError) -> AuthError:
             return AuthError("wrong_audience", "token has no audience")
         if exc.claim == "iss":
             return AuthError("wrong_issuer", "token has no issuer")
+        if exc.claim == "exp":
+            return AuthError("malformed_token", "token has no expiry (exp)")
     if isinstance(exc, pyjwt.InvalidAlgorithmError):
         return AuthError("alg_not_allowed", "token algorithm is not allowed")
     return AuthError("malformed_token", "token is malformed")
@@ -52,10 +54,12 @@ class TokenRules:
     leeway_s: float
     claims: ClaimMapping
     method: str
+    require_exp: bool = False  # identity providers' tokens must expire
 
     @property
-    def decode_options(self) -> dict[str, bool]:
+    def decode_options(self) -> dict[str, Any]:
         return {
+            "require": ["exp"] if self.require_exp else [],
             "verify_signature": True,
             "verify_exp": False,  # checked by check_times with the injected clock
             "verify_nbf": False,

@@ -52,7 +52,7 @@ class OidcIssuer:
         self._monotonic = monotonic
         self.rules = TokenRules(
             algorithms=frozenset(config.algorithms), issuer=config.issuer, audience=list(config.audiences),
-            leeway_s=config.leeway_s, claims=config.claim_mapping, method=config.method,
+            leeway_s=config.leeway_s, claims=config.claim_mapping, method=config.method, require_exp=True,
         )
         self._keys: KeySet | None = None
         self._fingerprints: frozenset[str] = frozenset()

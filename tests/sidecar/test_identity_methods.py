@@ -3,12 +3,19 @@ configuration of issuers, introspection and mTLS (bad keys named by their dotted
 
 from __future__ import annotations
 
+import json
+import time
+
+import jwt as pyjwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kernelgate.settings import ConfigError, build
 from sidecar.config import KUBERNETES_CLAIMS, ClaimMapping, IdentityConfig, OidcIssuerConfig
 from sidecar.identity import ANONYMOUS, AuthError, Authenticator
 from sidecar.identity.claims import claim, identity_from_claims
+from sidecar.identity.jwks import parse_jwks_document
+from sidecar.identity.jwt import TokenRules, read_header, verify_signed
 from tests.certs import issue, make_ca
 
 SPIFFE_ACME = "spiffe://cluster.local/ns/acme/sa/batch"
@@ -131,3 +138,20 @@ def test_claim_path_accepts_a_name_or_a_list() -> None:
                                                  "claims": {"tenant": ["kubernetes.io", "namespace"],
                                                             "scopes": None, "tier": None}}]}, "authz.identity")
     assert config.issuers[0].claim_mapping.tenant == ["kubernetes.io", "namespace"]
+
+
+def test_provider_tokens_must_expire() -> None:
+    """Tokens from an identity provider (require_exp) without ``exp`` are refused; the JWKS file's rules allow them."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())) | {"kid": "k"}
+    keys = parse_jwks_document({"keys": [jwk]})
+    token = pyjwt.encode({"iss": "https://idp.test", "aud": "kg", "tenant": "acme"}, key, algorithm="RS256",
+                         headers={"kid": "k"})
+    rules = TokenRules(algorithms=frozenset({"RS256"}), issuer="https://idp.test", audience=["kg"], leeway_s=0,
+                       claims=ClaimMapping(), method="oidc", require_exp=True)
+    with pytest.raises(AuthError) as info:
+        verify_signed(token, read_header(token), keys, rules, time.time())
+    assert info.value.reason == "malformed_token" and "exp" in info.value.message
+    lax = TokenRules(**{**rules.__dict__, "require_exp": False})
+    identity, exp = verify_signed(token, read_header(token), keys, lax, time.time())
+    assert identity.tenant == "acme" and exp is None

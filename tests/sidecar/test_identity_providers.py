@@ -107,6 +107,8 @@ async def test_audience_and_issuer_enforced(hydra: Hydra) -> None:
                         rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256",
                         headers={"kid": "not-hydras"})
     assert await reason_of(auth, forged) == "unknown_kid"
+    no_exp = jwt.encode({"iss": hydra.issuer, "aud": AUDIENCE, "client_id": "acme"}, "x" * 32, algorithm="HS256")
+    assert await reason_of(auth, no_exp) == "alg_not_allowed"  # never HMAC from a provider's key set
     stranger = jwt.encode({"iss": "https://stranger.test", "aud": AUDIENCE, "client_id": "acme"},
                           rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256")
     assert await reason_of(auth, stranger) == "unknown_issuer"

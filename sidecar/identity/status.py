@@ -25,5 +25,6 @@ class ProviderStatus:
 
     @property
     def degraded(self) -> bool:
-        """Unreachable: checks run on cached keys or answers, or fail with issuer_unreachable."""
-        return not self.up
+        """Unreachable: checks run on cached keys or answers, or fail with issuer_unreachable.
+        (Before the first fetch has ended the provider is not yet known to be down.)"""
+        return not self.up and self.fetches_failed > 0

@@ -100,6 +100,16 @@ async def identity_health(port: int) -> int:
         return reply.status
 
 
+async def wait_identity_health(port: int, want: int, timeout_s: float = 10.0) -> bool:
+    """True once ``kernelgate.identity`` reports ``want`` (the sidecar re-checks every second)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await identity_health(port) == want:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 async def metrics_text(port: int) -> str:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
@@ -135,14 +145,10 @@ async def test_hydra_tokens_through_envoy_and_provider_outage(tmp_path: Path, st
         records = stack.decisions()
         assert [(r["identity_method"], r["identity_issuer"]) for r in records[-2:]] == [
             ("oidc", hydra.issuer), ("introspection", hydra.issuer)]
-        assert await identity_health(stack.authz_port) == health_pb2.HealthCheckResponse.SERVING
+        assert await wait_identity_health(stack.authz_port, health_pb2.HealthCheckResponse.SERVING)
 
         hydra.stop()
-        for _ in range(100):
-            if await identity_health(stack.authz_port) == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            await asyncio.sleep(0.1)
-        assert await identity_health(stack.authz_port) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await wait_identity_health(stack.authz_port, health_pb2.HealthCheckResponse.NOT_SERVING)
         up = [s.value for family in text_string_to_metric_families(await metrics_text(stack.metrics_port))
               for s in family.samples if s.name == "kernelgate_authz_identity_provider_up"
               and s.labels == {"provider": hydra.issuer, "method": "oidc"}]

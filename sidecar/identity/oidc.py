@@ -127,7 +127,10 @@ class OidcIssuer:
             keys = parse_jwks_document(doc)
             if not keys.keys:
                 raise ProviderError("JWKS holds no signing key")
-        except (ProviderError, CredentialFileError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the last good keys stay
+            if not isinstance(exc, (ProviderError, CredentialFileError)):
+                log.exception("identity provider %s: unexpected error fetching keys", self.name)
+                exc = ProviderError(f"unexpected {type(exc).__name__}")
             self._failed += 1
             self._last_error = str(exc)
             if self._up or self._ok == 0 and self._failed == 1:

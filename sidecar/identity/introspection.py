@@ -27,7 +27,7 @@ import aiohttp
 from sidecar.config import IntrospectionConfig
 from sidecar.identity.claims import check_times, identity_from_claims
 from sidecar.identity.model import AuthError, Identity, IdentityUnavailable
-from sidecar.identity.provider_http import ProviderClient, ProviderError
+from sidecar.identity.provider_http import ProviderClient, ProviderError, ProviderHttp
 from sidecar.identity.status import ProviderStatus
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ _Answer = tuple[Identity | tuple[str, str], float]
 
 class Introspector:
     def __init__(self, config: IntrospectionConfig, clock: Callable[[], float] = time.time,
-                 client: ProviderClient | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 client: ProviderHttp | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
         if config.url is None:
             raise ValueError("Introspector needs introspection.url")
         self.config = config

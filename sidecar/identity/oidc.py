@@ -30,7 +30,7 @@ from sidecar.config import OidcIssuerConfig
 from sidecar.identity.jwks import KeySet, parse_jwks_document
 from sidecar.identity.jwt import TokenHeader, TokenRules, verify_signed
 from sidecar.identity.model import AuthError, Identity, IdentityUnavailable
-from sidecar.identity.provider_http import ProviderClient, ProviderError
+from sidecar.identity.provider_http import ProviderClient, ProviderError, ProviderHttp
 from sidecar.identity.status import ProviderStatus
 from sidecar.identity.watched_file import CredentialFileError
 
@@ -44,7 +44,7 @@ def _fingerprints(doc: dict[str, Any]) -> frozenset[str]:
 class OidcIssuer:
     """One issuer: its keys (last good kept), their refresh, and token verification."""
 
-    def __init__(self, config: OidcIssuerConfig, client: ProviderClient | None = None,
+    def __init__(self, config: OidcIssuerConfig, client: ProviderHttp | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.name = config.issuer

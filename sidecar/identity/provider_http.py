@@ -11,7 +11,7 @@ import asyncio
 import json
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -20,6 +20,17 @@ MAX_RESPONSE_BYTES = 1 << 20
 
 class ProviderError(Exception):
     """The provider could not be reached or gave an unusable answer."""
+
+
+class ProviderHttp(Protocol):
+    """What the OIDC and introspection methods need from HTTP (ProviderClient here)."""
+
+    async def get_json(self, url: str) -> dict[str, Any]: ...
+
+    async def post_form(self, url: str, form: Mapping[str, str],
+                        auth: aiohttp.BasicAuth | None = None) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
 
 
 class ProviderClient:

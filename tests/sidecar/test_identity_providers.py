@@ -115,6 +115,32 @@ async def test_audience_and_issuer_enforced(hydra: Hydra) -> None:
     await auth.close()
 
 
+async def test_several_issuers_each_with_its_audience_and_claims(hydra: Hydra, tmp_path: Path) -> None:
+    second = start_hydra(tmp_path / "hydra-2")
+    try:
+        secret = second.create_client("svc-billing", audience=["kernelgate-eu"], scope="embeddings")
+        raw = {"issuers": [
+            {"issuer": hydra.issuer, "audiences": [AUDIENCE], "claims": CLAIMS, "check_wait_s": 5},
+            # Another provider: its own audience; the tenant is the client's ``sub``, scopes as given.
+            {"issuer": second.issuer, "audiences": ["kernelgate-eu"], "check_wait_s": 5,
+             "claims": {"tenant": "sub", "scopes": "scp", "subject": "client_id", "tier": None}},
+        ]}
+        auth = Authenticator(build(IdentityConfig, raw, "authz.identity"))
+        first = await auth.authenticate(bearer(token_for(hydra, "acme")))
+        other = await auth.authenticate(bearer(second.token("svc-billing", secret, scope="embeddings",
+                                                             audience="kernelgate-eu")))
+        assert (first.tenant, first.issuer) == ("acme", hydra.issuer)
+        assert (other.tenant, other.issuer, other.scopes, other.method) == (
+            "svc-billing", second.issuer, ("embeddings",), "oidc")
+        # Each issuer's audience is its own: the first provider's token for the second's audience is refused.
+        eu_secret = hydra.create_client("acme-eu", audience=["kernelgate-eu"])
+        assert await reason_of(auth, hydra.token("acme-eu", eu_secret, audience="kernelgate-eu")) == "wrong_audience"
+        assert {s.name for s in auth.provider_status()} == {hydra.issuer, second.issuer}
+        await auth.close()
+    finally:
+        second.stop()
+
+
 async def test_rotated_key_accepted_without_restart(hydra: Hydra) -> None:
     auth = Authenticator(identity_config(hydra, min_refresh_interval_s=0.2))
     before = token_for(hydra, "acme")

@@ -68,7 +68,19 @@ class Hydra:
     def introspection_url(self) -> str:
         return f"{self.admin}/admin/oauth2/introspect"
 
-    def start(self) -> Hydra:
+    def start(self, attempts: int = 3) -> Hydra:
+        """Start and wait until ready; new ports and another try if it exits while starting
+        (another process may bind a port between ``free_port`` and Hydra's own bind)."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError:  # exited during start-up: its log is in the message
+                if attempt == attempts - 1:
+                    raise
+                self.public_port, self.admin_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> Hydra:
         env = {
             "DSN": "memory",
             "URLS_SELF_ISSUER": self.issuer,
@@ -82,8 +94,8 @@ class Hydra:
         # --dev: an http:// issuer on loopback (production Hydra insists on https).
         self.proc = procs.start("hydra", [procs.find_binary("hydra"), "serve", "all", "--dev", "--sqa-opt-out"],
                                 self.log_dir, env=env, public=self.public_port, admin=self.admin_port)
-        procs.wait_http(f"{self.public}/health/ready", proc=self.proc, timeout=60)
-        procs.wait_http(f"{self.admin}/health/ready", proc=self.proc, timeout=60)
+        procs.wait_http(f"{self.public}/health/ready", proc=self.proc, timeout=120)
+        procs.wait_http(f"{self.admin}/health/ready", proc=self.proc, timeout=120)
         self.jwks()  # Hydra makes its signing keys on first use (RSA 4096: seconds on a busy machine)
         return self
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.routes import MODEL_PATHS
 from inference import protocol
 from inference.config import InferenceConfig
 from inference.generation import EngineDeadError, EngineNotReadyError, QueueFullError
@@ -33,7 +34,6 @@ log = logging.getLogger("kernelgate.inference.api")
 TENANT_HEADER = "x-kernelgate-tenant"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_CLOSED = 499
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 
 
 class EmbeddingBackend(Protocol):
@@ -94,7 +94,7 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     state.in_flight += 1
     state.idle.clear()
     try:
-        if state.draining and route in GENERATION_ROUTES:
+        if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
                                code="shutting_down", headers={"Retry-After": str(state.config.limits.retry_after_s)})
         response = await handler(request)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kernelgate import strict_json
+from common import strict_json
 
 
 class RequestError(Exception):

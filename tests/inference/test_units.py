@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.settings import ConfigError, build
 from inference import protocol
 from inference.config import BatchingConfig, InferenceConfig
 from inference.demo_tokenizer import build_demo_tokenizer
@@ -11,7 +12,6 @@ from inference.detokenize import IncrementalDetokenizer, StopStringFilter
 from inference.generation import GenerationRequest, QueueFullError, SamplingParams
 from inference.runner import batch_buckets, kv_bucket
 from inference.scheduler import Scheduler, Sequence
-from kernelgate.settings import ConfigError, build
 
 
 def test_config_builds_from_yaml_data_and_names_bad_keys() -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernelgate.settings import build  # noqa: E402
+from common.settings import build  # noqa: E402
 from sidecar.config import IdentityConfig  # noqa: E402
 from sidecar.identity import AuthError, Authenticator, make_api_key_entry  # noqa: E402
 from tests.certs import issue, make_ca  # noqa: E402

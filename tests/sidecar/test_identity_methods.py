@@ -10,7 +10,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kernelgate.settings import ConfigError, build
+from common.settings import ConfigError, build
 from sidecar.config import KUBERNETES_CLAIMS, ClaimMapping, IdentityConfig, OidcIssuerConfig
 from sidecar.identity import ANONYMOUS, AuthError, Authenticator
 from sidecar.identity.claims import claim, identity_from_claims

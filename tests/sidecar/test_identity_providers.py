@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kernelgate.settings import build
+from common.settings import build
 from sidecar.config import IdentityConfig
 from sidecar.identity import AuthError, Authenticator, IdentityUnavailable
 from sidecar.metrics import SidecarMetrics

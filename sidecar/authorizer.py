@@ -106,7 +106,7 @@ class Authorizer:
                 verdict.reason, verdict.http_status = exc.reason, exc.http_status
                 return response.deny(exc.http_status, response.error_body(exc.message, "authentication_error",
                                                                           exc.reason),
-                                     exc.response_headers), None
+                                     exc.response_headers), exc.identity
         document["identity"] = identity.to_input()
         estimated = estimate_tokens(check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None,
                                     self._config.ratelimit)

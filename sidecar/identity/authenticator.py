@@ -69,7 +69,10 @@ class Authenticator:
             return self._check_api_key(api_key.strip())
         if authorization is None:
             if self._peers is not None:
-                peer = self._peers.identify(peer_principal, peer_certificate)
+                try:
+                    peer = self._peers.identify(peer_principal, peer_certificate)
+                except AuthError as exc:
+                    raise exc.tag("mtls") from None
                 if peer is not None:
                     return peer
             return ANONYMOUS
@@ -86,7 +89,10 @@ class Authenticator:
             if identity is not None:
                 return identity
             check_token_text(credential, self._max_token_bytes)
-            return await self._introspection.introspect(credential)
+            try:
+                return await self._introspection.introspect(credential)
+            except AuthError as exc:
+                raise exc.tag("introspection", self._introspection.name) from None
         return self._check_api_key(credential)
 
     async def _check_jwt(self, token: str) -> Identity:
@@ -100,12 +106,18 @@ class Authenticator:
         header = read_header(token)
         issuer = self._issuers.get(unverified_issuer(token) or "") if self._issuers else None
         if issuer is not None:
-            identity, exp = await issuer.verify(token, header, now)
+            try:
+                identity, exp = await issuer.verify(token, header, now)
+            except AuthError as exc:
+                raise exc.tag(issuer.config.method, issuer.name) from None
             self._tokens.put(token, identity, exp, issuer.rules.leeway_s, issuer)
             return identity
         if self._jwt is None:
             raise AuthError("unknown_issuer", "token issuer is not accepted")
-        identity, exp = self._jwt.verify(token, header, now)
+        try:
+            identity, exp = self._jwt.verify(token, header, now)
+        except AuthError as exc:
+            raise exc.tag("jwt", self._jwt.config.issuer) from None
         self._tokens.put(token, identity, exp, self._jwt.rules.leeway_s, self._jwt)
         return identity
 
@@ -117,7 +129,7 @@ class Authenticator:
     def _check_api_key(self, key: str) -> Identity:
         identity = self._lookup_api_key(key)
         if identity is None:
-            raise AuthError("invalid_api_key", "API key is not valid")
+            raise AuthError("invalid_api_key", "API key is not valid").tag("api_key")
         return identity
 
     # --- providers: status, background refresh, shutdown ---------------------------------------

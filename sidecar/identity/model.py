@@ -60,6 +60,21 @@ class AuthError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        # Which method refused, and on whose behalf (for the decision log); set by ``tag``.
+        self.method: str | None = None
+        self.issuer: str | None = None
+
+    def tag(self, method: str, issuer: str | None = None) -> AuthError:
+        """Name the method (and issuer) that refused, unless a deeper step already did."""
+        if self.method is None:
+            self.method, self.issuer = method, issuer
+        return self
+
+    @property
+    def identity(self) -> Identity:
+        """The refused caller as the decision log records it: not authenticated, which method."""
+        return Identity(authenticated=False, method=self.method or "invalid", tenant=None, tier=None,
+                        scopes=(), subject=None, key_name=None, issuer=self.issuer)
 
     @property
     def response_headers(self) -> dict[str, str]:

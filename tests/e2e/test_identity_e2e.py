@@ -11,7 +11,9 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -146,6 +148,14 @@ async def test_hydra_tokens_through_envoy_and_provider_outage(tmp_path: Path, st
         assert [(r["identity_method"], r["identity_issuer"]) for r in records[-2:]] == [
             ("oidc", hydra.issuer), ("introspection", hydra.issuer)]
         assert await wait_identity_health(stack.authz_port, health_pb2.HealthCheckResponse.SERVING)
+        # A refusal says which method and issuer refused it.
+        forged = jwt.encode({"iss": hydra.issuer, "aud": AUDIENCE, "client_id": "acme"},
+                            rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256",
+                            headers={"kid": "not-hydras"})
+        status, body = await post(stack.url, {"authorization": f"Bearer {forged}"})
+        assert status == 401 and body["error"]["code"] == "unknown_kid"
+        record = stack.decisions()[-1]
+        assert (record["identity_method"], record["identity_issuer"], record["tenant"]) == ("oidc", hydra.issuer, None)
 
         hydra.stop()
         assert await wait_identity_health(stack.authz_port, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -53,6 +53,7 @@ async def test_mtls_unmapped_or_broken_certificate_refused() -> None:
         with pytest.raises(AuthError) as info:
             await auth.authenticate({}, peer_certificate=stranger.envoy_form)
         assert info.value.reason == "unknown_peer" and info.value.http_status == 401
+        assert info.value.identity.method == "mtls"
     with pytest.raises(AuthError) as info:
         await auth.authenticate({}, peer_certificate="-----BEGIN%20CERTIFICATE-----%0Agarbage")
     assert info.value.reason == "malformed_certificate"

@@ -100,7 +100,12 @@ async def test_client_credentials_jwt_accepted(hydra: Hydra) -> None:
 
 async def test_audience_and_issuer_enforced(hydra: Hydra) -> None:
     auth = Authenticator(identity_config(hydra))
-    assert await reason_of(auth, token_for(hydra, "elsewhere", audience="another-api")) == "wrong_audience"
+    with pytest.raises(AuthError) as info:
+        await auth.authenticate(bearer(token_for(hydra, "elsewhere", audience="another-api")))
+    assert info.value.reason == "wrong_audience"
+    # The refusal names the method and issuer that refused (the decision log records them).
+    assert (info.value.identity.method, info.value.identity.issuer, info.value.identity.authenticated) == (
+        "oidc", hydra.issuer, False)
     assert await reason_of(auth, token_for(hydra, "acme", audience=None)) == "wrong_audience"
     # Signed by someone else in Hydra's name: the kid is not Hydra's.
     forged = jwt.encode({"iss": hydra.issuer, "aud": AUDIENCE, "client_id": "acme", "exp": time.time() + 60},

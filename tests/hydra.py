@@ -130,6 +130,10 @@ class Hydra:
         """A new signing key in the access-token set; Hydra signs new tokens with it."""
         _call("POST", f"{self.admin}/admin/keys/{ACCESS_TOKEN_KEY_SET}", {"alg": "RS256", "kid": kid, "use": "sig"})
 
+    def delete_access_token_key(self, kid: str) -> None:
+        """Withdraw a signing key: Hydra stops publishing it."""
+        _call("DELETE", f"{self.admin}/admin/keys/{ACCESS_TOKEN_KEY_SET}/{kid}")
+
     def jwks(self) -> dict[str, Any]:
         return _call("GET", f"{self.public}/.well-known/jwks.json")
 

@@ -163,6 +163,32 @@ async def test_rotated_key_accepted_without_restart(hydra: Hydra) -> None:
     await auth.close()
 
 
+async def test_withdrawn_key_revokes_its_cached_tokens(tmp_path: Path) -> None:
+    hydra = start_hydra(tmp_path / "hydra")
+    try:
+        secret = hydra.create_client("acme", audience=[AUDIENCE])
+        auth = Authenticator(identity_config(hydra, refresh_interval_s=0.3))
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(auth.watch(stop))
+        before = hydra.token("acme", secret, audience=AUDIENCE)
+        assert (await auth.authenticate(bearer(before))).tenant == "acme"  # verified and cached
+        hydra.rotate_access_token_key("rotated-1")
+        hydra.delete_access_token_key(jwt.get_unverified_header(before)["kid"])
+        fetched = auth.provider_status()[0].fetches_ok
+        for _ in range(100):  # the scheduled refresh sees the key gone
+            await asyncio.sleep(0.1)
+            if auth.provider_status()[0].fetches_ok > fetched:
+                break
+        assert await reason_of(auth, before) == "unknown_kid"  # the cache no longer vouches for it
+        after = hydra.token("acme", secret, audience=AUDIENCE)
+        assert (await auth.authenticate(bearer(after))).tenant == "acme"
+        stop.set()
+        await asyncio.wait_for(watcher, 5)
+        await auth.close()
+    finally:
+        hydra.stop()
+
+
 async def test_forged_kids_cannot_hammer_the_provider(hydra: Hydra) -> None:
     auth = Authenticator(identity_config(hydra, min_refresh_interval_s=60))
     assert (await auth.authenticate(bearer(token_for(hydra, "acme")))).tenant == "acme"

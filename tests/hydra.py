@@ -50,6 +50,8 @@ class Hydra:
     log_dir: Path
     public_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
+    # Hydra's token hook (``oauth2.token_hook``): a URL it asks for extra claims at each token.
+    token_hook_url: str | None = None
     proc: Proc | None = None
 
     @property
@@ -91,6 +93,8 @@ class Hydra:
             "LOG_LEVEL": "warn",
             "SQA_OPT_OUT": "true",
         }
+        if self.token_hook_url:
+            env["OAUTH2_TOKEN_HOOK_URL"] = self.token_hook_url
         # --dev: an http:// issuer on loopback (production Hydra insists on https).
         self.proc = procs.start("hydra", [procs.find_binary("hydra"), "serve", "all", "--dev", "--sqa-opt-out"],
                                 self.log_dir, env=env, public=self.public_port, admin=self.admin_port)
@@ -138,5 +142,42 @@ class Hydra:
         return _call("GET", f"{self.public}/.well-known/jwks.json")
 
 
-def start_hydra(log_dir: Path) -> Hydra:
-    return Hydra(log_dir).start()
+def start_hydra(log_dir: Path, token_hook_url: str | None = None) -> Hydra:
+    return Hydra(log_dir, token_hook_url=token_hook_url).start()
+
+
+class ClaimsHook:
+    """The operator's side of Hydra's token hook: extra claims per client, served on loopback.
+
+    Runs in a thread: the tests ask Hydra for tokens with blocking calls, and Hydra calls this
+    while it answers them. Hydra puts the claims under ``ext`` in JWT access tokens.
+    """
+
+    def __init__(self, claims_by_client: dict[str, dict[str, Any]]) -> None:
+        import http.server
+        import threading
+
+        claims = claims_by_client
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                extra = claims.get(body["request"]["client_id"], {})
+                answer = json.dumps({"session": {"access_token": extra, "id_token": {}}}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/token-hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

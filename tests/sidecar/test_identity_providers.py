@@ -18,7 +18,7 @@ from common.settings import build
 from sidecar.config import IdentityConfig
 from sidecar.identity import AuthError, Authenticator, IdentityUnavailable
 from sidecar.metrics import SidecarMetrics
-from tests.hydra import Hydra, start_hydra
+from tests.hydra import ClaimsHook, Hydra, start_hydra
 from tests.procs import free_port
 
 AUDIENCE = "kernelgate"
@@ -144,6 +144,25 @@ async def test_several_issuers_each_with_its_audience_and_claims(hydra: Hydra, t
         await auth.close()
     finally:
         second.stop()
+
+
+async def test_custom_claims_map_tenant_tier_and_scopes(tmp_path: Path) -> None:
+    """The provider adds claims of its own (Hydra's token hook, nested under ``ext``); the
+    issuer's claim mapping reads tenant and tier from there."""
+    hook = ClaimsHook({"ci-runner": {"org": {"tenant": "globex", "plan": "free"}}})
+    hydra = start_hydra(tmp_path / "hydra", token_hook_url=hook.url)
+    try:
+        secret = hydra.create_client("ci-runner", audience=[AUDIENCE], scope="completions")
+        auth = Authenticator(identity_config(hydra, claims={
+            "tenant": ["ext", "org", "tenant"], "tier": ["ext", "org", "plan"], "scopes": "scp"}))
+        token = hydra.token("ci-runner", secret, scope="completions", audience=AUDIENCE)
+        identity = await auth.authenticate(bearer(token))
+        assert (identity.tenant, identity.tier, identity.scopes, identity.subject) == (
+            "globex", "free", ("completions",), "ci-runner")
+        await auth.close()
+    finally:
+        hydra.stop()
+        hook.close()
 
 
 async def test_rotated_key_accepted_without_restart(hydra: Hydra) -> None:

@@ -24,7 +24,9 @@ ACCESS_TOKEN_KEY_SET = "hydra.jwt.access-token"
 
 
 def _call(method: str, url: str, body: Any = None, form: dict[str, str] | None = None,
-          auth: tuple[str, str] | None = None) -> Any:
+          auth: tuple[str, str] | None = None, timeout_s: float = 60.0) -> Any:
+    """One admin or public API call. Generous timeout: Hydra makes its RSA-4096 signing keys on
+    first use, which takes tens of seconds on a busy 2-core machine."""
     headers = {"accept": "application/json"}
     data = None
     if form is not None:
@@ -38,7 +40,7 @@ def _call(method: str, url: str, body: Any = None, form: dict[str, str] | None =
             f"{urllib.parse.quote(auth[0])}:{urllib.parse.quote(auth[1])}".encode()).decode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             text = resp.read()
     except urllib.error.HTTPError as exc:
         raise AssertionError(f"{method} {url}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
@@ -100,7 +102,7 @@ class Hydra:
                                 self.log_dir, env=env, public=self.public_port, admin=self.admin_port)
         procs.wait_http(f"{self.public}/health/ready", proc=self.proc, timeout=120)
         procs.wait_http(f"{self.admin}/health/ready", proc=self.proc, timeout=120)
-        self.jwks()  # Hydra makes its signing keys on first use (RSA 4096: seconds on a busy machine)
+        self.jwks()  # Hydra makes its signing keys on first use: before any test's clock runs
         return self
 
     def stop(self) -> None:

@@ -278,7 +278,7 @@ async def test_provider_down_cached_keys_keep_working_and_outage_is_visible(tmp_
     try:
         secret = hydra.create_client("acme", audience=[AUDIENCE])
         opaque_secret = hydra.create_client("globex", audience=[AUDIENCE], token_strategy="opaque")
-        config = identity_config(hydra, refresh_interval_s=0.3, retry_interval_s=0.1, fetch_timeout_s=0.5)
+        config = identity_config(hydra, refresh_interval_s=0.3, retry_interval_s=0.1, fetch_timeout_s=5)
         auth = Authenticator(config)
         registry = CollectorRegistry()
         SidecarMetrics(registry).watch_identity_providers(auth.provider_status)

@@ -51,7 +51,8 @@ class ProviderClient:
         return self._session
 
     def _headers(self) -> dict[str, str]:
-        headers = {"accept": "application/json"}
+        # JWKS endpoints may answer only their own type (kube-apiserver: 406 to plain JSON).
+        headers = {"accept": "application/json, application/jwk-set+json"}
         if self._bearer_token_file:
             try:
                 with open(self._bearer_token_file, encoding="utf-8") as f:

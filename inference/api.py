@@ -28,6 +28,7 @@ from inference.metrics import InferenceMetrics
 from inference.protocol import RequestError
 from inference.serving import GenerationService, RequestContext
 from inference.tracing import Tracing
+from otel import names
 
 log = logging.getLogger("kernelgate.inference.api")
 
@@ -162,26 +163,27 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
-    attributes = {"gen_ai.operation.name": "chat" if kind == "chat" else "text_completion",
-                  "kernelgate.tenant": tenant_of(request.headers)}
-    with state.tracing.request_span(f"POST {request.path}", request.headers, attributes) as span:
+    attributes = {names.GEN_AI_OPERATION_NAME: "chat" if kind == "chat" else "text_completion",
+                  names.TENANT: tenant_of(request.headers)}
+    with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
+                                    attributes) as span:
         data = protocol.parse_json(await _read_body(request, state))
         parsed = protocol.parse_chat_request(data) if kind == "chat" else protocol.parse_completion_request(data)
         _check_generation_model(state, parsed.model)
         sampling = parsed.sampling
-        span.set_attribute("gen_ai.request.model", parsed.model)
-        span.set_attribute("gen_ai.request.temperature", sampling.temperature)
-        span.set_attribute("gen_ai.request.top_p", sampling.top_p)
+        span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
+        span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
+        span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
         if sampling.max_tokens is not None:
-            span.set_attribute("gen_ai.request.max_tokens", sampling.max_tokens)
+            span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, sampling.max_tokens)
         if sampling.seed is not None:
-            span.set_attribute("gen_ai.request.seed", sampling.seed)
+            span.set_attribute(names.GEN_AI_REQUEST_SEED, sampling.seed)
         _check_ready(state)
         prompts = await state.generation.prepare(parsed)
         ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                              model=parsed.model, tenant=tenant_of(request.headers), span=span)
         streams = _submit(state, ctx, prompts)
-        span.set_attribute("gen_ai.response.id", ctx.request_id)
+        span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
         timeout = state.config.limits.request_timeout_s
         try:
             if sampling.stream:
@@ -197,10 +199,10 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         except EngineDeadError as exc:
             raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
         finally:
-            span.set_attribute("gen_ai.usage.input_tokens", ctx.prompt_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", ctx.completion_tokens)
+            span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, ctx.prompt_tokens)
+            span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, ctx.completion_tokens)
             if ctx.finish_reasons:
-                span.set_attribute("gen_ai.response.finish_reasons", ctx.finish_reasons)
+                span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, ctx.finish_reasons)
 
 
 def _submit(state: ServerState, ctx: RequestContext, prompts: list[Any]) -> list[Any]:
@@ -249,8 +251,9 @@ def _sse_event(payload: dict[str, Any]) -> bytes:
 
 async def _embeddings(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    attributes = {"gen_ai.operation.name": "embeddings", "kernelgate.tenant": tenant_of(request.headers)}
-    with state.tracing.request_span(f"POST {request.path}", request.headers, attributes) as span:
+    attributes = {names.GEN_AI_OPERATION_NAME: "embeddings", names.TENANT: tenant_of(request.headers)}
+    with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
+                                    attributes) as span:
         data = protocol.parse_json(await _read_body(request, state))
         max_inputs = state.config.embeddings.max_inputs
         parsed = protocol.parse_embedding_request(data, max_inputs)
@@ -259,12 +262,12 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
             if parsed.model == state.config.model.name:
                 raise RequestError(400, f"model '{parsed.model}' does not support embeddings", "model")
             raise RequestError(404, f"model '{parsed.model}' does not exist", "model", code="model_not_found")
-        span.set_attribute("gen_ai.request.model", parsed.model)
+        span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
         if not encoder.ready:
             raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
                                headers={"Retry-After": str(state.config.limits.retry_after_s)})
         result = await encoder.embed(list(parsed.inputs), parsed.encoding_format)
-        span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
+        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
         return web.json_response(protocol.embedding_object(parsed.model, result.vectors, result.prompt_tokens))
 
 

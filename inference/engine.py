@@ -31,6 +31,7 @@ from inference.runner import ModelRunner
 from inference.sampling import RequestSampler, next_tokens
 from inference.scheduler import Scheduler, Sequence
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
+from otel import names
 
 log = logging.getLogger("kernelgate.inference.engine")
 
@@ -247,9 +248,7 @@ class Engine:
         self._deliver(deliveries)
         span_context = self._tracing.record_step(
             step, end_ns, [s.request.trace_context for s in seqs],
-            {"kernelgate.step.phase": phase, "kernelgate.step.index": step.index,
-             "kernelgate.step.batch_size": len(seqs), "kernelgate.step.num_tokens": step.num_tokens,
-             "gen_ai.request.model": self._model_config.name})
+            {names.GEN_AI_REQUEST_MODEL: self._model_config.name})
         self._notify_observer("finish", step, span_context)
 
     def _begin(self, seq: Sequence) -> None:
@@ -264,8 +263,8 @@ class Engine:
                                  detokenizer=IncrementalDetokenizer(backend, len(model.tokenizer)),
                                  stop_filter=StopStringFilter(params.stop), stop_token_ids=stop_ids)
         admitted_wall = seq.enqueued_wall_ns + (seq.admitted_ns - seq.enqueued_ns)
-        self._tracing.record_child("queue", seq.request.trace_context, seq.enqueued_wall_ns, admitted_wall,
-                                   {"kernelgate.queue.slot": seq.slot})
+        self._tracing.record_child(names.QUEUE_SPAN, seq.request.trace_context, seq.enqueued_wall_ns, admitted_wall,
+                                   {names.QUEUE_SLOT: seq.slot})
 
     def _append(self, seq: Sequence, token: int, now: int) -> GenerationOutput:
         """Add one generated token; return the output that carries it."""

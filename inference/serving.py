@@ -21,6 +21,7 @@ from inference import protocol
 from inference.generation import GenerationOutput, GenerationRequest, RequestStream
 from inference.preprocess import PreparedPrompt, Preprocessor
 from inference.tracing import Tracing
+from otel import names
 
 Kind = Literal["completion", "chat"]
 
@@ -82,7 +83,7 @@ class GenerationService:
         """Tokenize and validate on the worker thread, inside a ``preprocess`` span."""
         preprocessor = self.preprocessor()
         loop = asyncio.get_running_loop()
-        with self._tracing.child_span("preprocess"):
+        with self._tracing.child_span(names.PREPROCESS_SPAN):
             if isinstance(request, protocol.ChatCompletionRequest):
                 return [await loop.run_in_executor(self._executor, preprocessor.chat, request)]
             return await loop.run_in_executor(self._executor, preprocessor.completion, request)

@@ -4,8 +4,9 @@ introspection of opaque tokens, and what happens when the provider goes away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import jwt
@@ -43,6 +44,19 @@ def identity_config(hydra: Hydra, **issuer: object) -> IdentityConfig:
                           "claims": {"tenant": "client_id", "scopes": "scope", "tier": None}},
     }
     return build(IdentityConfig, raw, "authz.identity")
+
+
+@contextlib.asynccontextmanager
+async def watching(auth: Authenticator) -> AsyncIterator[Authenticator]:
+    """``auth`` with its background refresh running (as in the sidecar), stopped and closed after."""
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(auth.watch(stop))
+    try:
+        yield auth
+    finally:
+        stop.set()
+        await asyncio.wait_for(watcher, 5)
+        await auth.close()
 
 
 def sample(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float | None:
@@ -186,24 +200,19 @@ async def test_withdrawn_key_revokes_its_cached_tokens(tmp_path: Path) -> None:
     hydra = start_hydra(tmp_path / "hydra")
     try:
         secret = hydra.create_client("acme", audience=[AUDIENCE])
-        auth = Authenticator(identity_config(hydra, refresh_interval_s=0.3))
-        stop = asyncio.Event()
-        watcher = asyncio.create_task(auth.watch(stop))
-        before = hydra.token("acme", secret, audience=AUDIENCE)
-        assert (await auth.authenticate(bearer(before))).tenant == "acme"  # verified and cached
-        hydra.rotate_access_token_key("rotated-1")
-        hydra.delete_access_token_key(jwt.get_unverified_header(before)["kid"])
-        fetched = auth.provider_status()[0].fetches_ok
-        for _ in range(100):  # the scheduled refresh sees the key gone
-            await asyncio.sleep(0.1)
-            if auth.provider_status()[0].fetches_ok > fetched:
-                break
-        assert await reason_of(auth, before) == "unknown_kid"  # the cache no longer vouches for it
-        after = hydra.token("acme", secret, audience=AUDIENCE)
-        assert (await auth.authenticate(bearer(after))).tenant == "acme"
-        stop.set()
-        await asyncio.wait_for(watcher, 5)
-        await auth.close()
+        async with watching(Authenticator(identity_config(hydra, refresh_interval_s=0.3))) as auth:
+            before = hydra.token("acme", secret, audience=AUDIENCE)
+            assert (await auth.authenticate(bearer(before))).tenant == "acme"  # verified and cached
+            hydra.rotate_access_token_key("rotated-1")
+            hydra.delete_access_token_key(jwt.get_unverified_header(before)["kid"])
+            fetched = auth.provider_status()[0].fetches_ok
+            for _ in range(100):  # the scheduled refresh sees the key gone
+                await asyncio.sleep(0.1)
+                if auth.provider_status()[0].fetches_ok > fetched:
+                    break
+            assert await reason_of(auth, before) == "unknown_kid"  # the cache no longer vouches for it
+            after = hydra.token("acme", secret, audience=AUDIENCE)
+            assert (await auth.authenticate(bearer(after))).tenant == "acme"
     finally:
         hydra.stop()
 
@@ -279,47 +288,42 @@ async def test_provider_down_cached_keys_keep_working_and_outage_is_visible(tmp_
         secret = hydra.create_client("acme", audience=[AUDIENCE])
         opaque_secret = hydra.create_client("globex", audience=[AUDIENCE], token_strategy="opaque")
         config = identity_config(hydra, refresh_interval_s=0.3, retry_interval_s=0.1, fetch_timeout_s=5)
-        auth = Authenticator(config)
-        registry = CollectorRegistry()
-        SidecarMetrics(registry).watch_identity_providers(auth.provider_status)
-        stop = asyncio.Event()
-        watcher = asyncio.create_task(auth.watch(stop))
+        async with watching(Authenticator(config)) as auth:
+            registry = CollectorRegistry()
+            SidecarMetrics(registry).watch_identity_providers(auth.provider_status)
 
-        first = hydra.token("acme", secret, audience=AUDIENCE)
-        later = hydra.token("acme", secret, audience=AUDIENCE)  # minted now, first shown after the outage
-        opaque = hydra.token("globex", opaque_secret, audience=AUDIENCE)
-        opaque_later = hydra.token("globex", opaque_secret, audience=AUDIENCE)
-        assert (await auth.authenticate(bearer(first))).tenant == "acme"
-        assert (await auth.authenticate(bearer(opaque))).tenant == "globex"
-        oidc_labels = {"provider": hydra.issuer, "method": "oidc"}
-        assert sample(registry, "kernelgate_authz_identity_provider_up", oidc_labels) == 1.0
+            first = hydra.token("acme", secret, audience=AUDIENCE)
+            later = hydra.token("acme", secret, audience=AUDIENCE)  # minted now, first shown after the outage
+            opaque = hydra.token("globex", opaque_secret, audience=AUDIENCE)
+            opaque_later = hydra.token("globex", opaque_secret, audience=AUDIENCE)
+            assert (await auth.authenticate(bearer(first))).tenant == "acme"
+            assert (await auth.authenticate(bearer(opaque))).tenant == "globex"
+            oidc_labels = {"provider": hydra.issuer, "method": "oidc"}
+            assert sample(registry, "kernelgate_authz_identity_provider_up", oidc_labels) == 1.0
 
-        hydra.stop()
-        for _ in range(50):  # the scheduled refresh notices within ~0.3 s
-            await asyncio.sleep(0.1)
-            if not auth.provider_status()[0].up:
-                break
-        oidc = auth.provider_status()[0]
-        assert not oidc.up and oidc.degraded and oidc.keys >= 1 and oidc.last_error
-        assert sample(registry, "kernelgate_authz_identity_provider_up", oidc_labels) == 0.0
-        assert sample(registry, "kernelgate_authz_identity_provider_fetches_total",
-                      {**oidc_labels, "outcome": "error"}) >= 1
+            hydra.stop()
+            for _ in range(50):  # the scheduled refresh notices within ~0.3 s
+                await asyncio.sleep(0.1)
+                if not auth.provider_status()[0].up:
+                    break
+            oidc = auth.provider_status()[0]
+            assert not oidc.up and oidc.degraded and oidc.keys >= 1 and oidc.last_error
+            assert sample(registry, "kernelgate_authz_identity_provider_up", oidc_labels) == 0.0
+            assert sample(registry, "kernelgate_authz_identity_provider_fetches_total",
+                          {**oidc_labels, "outcome": "error"}) >= 1
 
-        # Cached keys verify a token never seen before; a cached introspection answer still holds.
-        identity = await auth.authenticate(bearer(later))
-        assert (identity.tenant, identity.method) == ("acme", "oidc")
-        assert (await auth.authenticate(bearer(opaque))).tenant == "globex"
-        # What needs the provider now fails fast and says why: 503 for an uncached opaque token.
-        started = time.monotonic()
-        with pytest.raises(IdentityUnavailable) as info:
-            await auth.authenticate(bearer(opaque_later))
-        assert info.value.reason == "introspection_unavailable" and info.value.http_status == 503
-        assert time.monotonic() - started < 2
-        assert next(s for s in auth.provider_status() if s.method == "introspection").degraded
+            # Cached keys verify a token never seen before; a cached introspection answer still holds.
+            identity = await auth.authenticate(bearer(later))
+            assert (identity.tenant, identity.method) == ("acme", "oidc")
+            assert (await auth.authenticate(bearer(opaque))).tenant == "globex"
+            # What needs the provider now fails fast and says why: 503 for an uncached opaque token.
+            started = time.monotonic()
+            with pytest.raises(IdentityUnavailable) as info:
+                await auth.authenticate(bearer(opaque_later))
+            assert info.value.reason == "introspection_unavailable" and info.value.http_status == 503
+            assert time.monotonic() - started < 2
+            assert next(s for s in auth.provider_status() if s.method == "introspection").degraded
 
-        stop.set()
-        await asyncio.wait_for(watcher, 5)
-        await auth.close()
     finally:
         hydra.stop()
 

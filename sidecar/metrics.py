@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,6 +26,18 @@ class SidecarMetrics:
         self.latency = Histogram("kernelgate_authz_check_seconds", "Time to answer a check",
                                  buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
                                  registry=registry)
+        self.replica_requests = Gauge("kernelgate_replica_requests",
+                                      "Requests on an inference replica at its last load report, by state",
+                                      ["replica", "model", "state"], registry=registry)
+        self.replica_up = Gauge("kernelgate_replica_up",
+                                "1 when the replica answered its last load poll and is ready",
+                                ["replica", "model"], registry=registry)
+        self.replica_saturated = Gauge("kernelgate_replica_saturated",
+                                       "1 when the replica's batch and queue are full", ["replica", "model"],
+                                       registry=registry)
+        self.saturated_models = Gauge("kernelgate_model_saturated",
+                                      "1 when no replica of the model has room (the policy may degrade)",
+                                      ["model"], registry=registry)
 
     def watch_identity_providers(self, status: Callable[[], Iterable[ProviderStatus]]) -> None:
         """Export the identity providers' state, read from ``status`` at each scrape."""

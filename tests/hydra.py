@@ -7,8 +7,10 @@ own token strategy, JWT or opaque), client-credentials tokens, key rotation, rev
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import secrets
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,11 +41,19 @@ def _call(method: str, url: str, body: Any = None, form: dict[str, str] | None =
         headers["authorization"] = "Basic " + base64.b64encode(
             f"{urllib.parse.quote(auth[0])}:{urllib.parse.quote(auth[1])}".encode()).decode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            text = resp.read()
-    except urllib.error.HTTPError as exc:
-        raise AssertionError(f"{method} {url}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
+    for attempt in range(3):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+                text = resp.read()
+            break
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{method} {url}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            # Seen once on a machine at load 16: the connection closed before any answer, so
+            # nothing was done; ask again.
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
     return json.loads(text) if text.strip() else None
 
 

@@ -136,9 +136,10 @@ def _completion_that_fits(denied: RateLimitResult, tokens: RequestTokens, limits
 class Refusal(Exception):
     """A step ends the check with this answer (401, the policy's deny, 429, 503)."""
 
-    def __init__(self, http_status: int, reason: str, response: Any) -> None:
+    def __init__(self, http_status: int, reason: str, response: Any, identity: Identity | None = None) -> None:
         super().__init__(reason)
         self.http_status, self.reason, self.response = http_status, reason, response
+        self.identity = identity  # a refused credential: which method (and issuer) refused it
 
 
 def _unavailable(reason: str, message: str) -> Refusal:
@@ -198,7 +199,7 @@ class Authorizer:
         decision: Decision | None = None
         admission: Admission | None = None
         try:
-            identity = self._authenticate(check_input)
+            identity = await self._authenticate(check_input)
             body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None
             counted = await self._count_prompt(check_input, body)
             estimated = request_tokens(body, self._config.ratelimit, counted).total
@@ -214,7 +215,7 @@ class Authorizer:
                     "rate_limit_error", "rate_limited"), client_headers))
         except Refusal as refusal:
             return CheckResult(decision_id, refusal.response, "deny", refusal.http_status, refusal.reason,
-                               check_input, identity, decision, admission)
+                               check_input, identity or refusal.identity, decision, admission)
         upstream_headers = {**decision.headers, **self._rate_limit_upstream_headers(limited),
                             **self._identity_headers(identity, decision_id)}
         if admission is not None and admission.max_tokens is not None:
@@ -225,14 +226,15 @@ class Authorizer:
         return CheckResult(decision_id, allowed, "allow", 200, decision.reason, check_input, identity, decision,
                            admission)
 
-    def _authenticate(self, check_input: CheckInput) -> Identity:
+    async def _authenticate(self, check_input: CheckInput) -> Identity:
         with self._child_span(names.IDENTITY_SPAN):
             try:
-                return self._authenticator.authenticate(check_input.headers)
+                return await self._authenticator.authenticate(
+                    check_input.headers, check_input.peer_principal, check_input.peer_certificate)
             except AuthError as exc:
-                raise Refusal(401, exc.reason, response.deny(
-                    401, response.error_body(exc.message, "authentication_error", exc.reason),
-                    {"www-authenticate": exc.www_authenticate})) from None
+                raise Refusal(exc.http_status, exc.reason, response.deny(
+                    exc.http_status, response.error_body(exc.message, "authentication_error", exc.reason),
+                    exc.response_headers), exc.identity) from None
 
     async def _decide(self, document: Mapping[str, Any]) -> Decision:
         """The policy's decision; a deny becomes a Refusal carrying the policy's answer."""
@@ -385,6 +387,7 @@ class Authorizer:
             request_id=request_id,
             tenant=tenant,
             identity_method=identity.method if identity else "invalid",
+            identity_issuer=identity.issuer if identity else None,
             method=check_input.method if check_input else "",
             path=check_input.path if check_input else "",
             outcome=result.outcome,

@@ -33,6 +33,8 @@ class DecisionRecord:
     policy_revision: str
     shadow_denied: bool = False
     rate_limit: dict[str, Any] = field(default_factory=dict)
+    # Who vouched for the caller (token issuer, introspection endpoint, client CA); None for API keys.
+    identity_issuer: str | None = None
 
 
 @dataclass(frozen=True)

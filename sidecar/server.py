@@ -37,6 +37,8 @@ from sidecar.replicas import ReplicaWatcher
 log = logging.getLogger("kernelgate.authz")
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+# Health service name that reports whether every identity provider is reachable.
+IDENTITY_HEALTH_SERVICE = "kernelgate.identity"
 
 
 class MethodAwareReflection(reflection.aio.ReflectionServicer):
@@ -85,6 +87,7 @@ async def start(config: SidecarConfig) -> Sidecar:
         start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
 
     authenticator = Authenticator(config.identity)
+    metrics.watch_identity_providers(authenticator.provider_status)
     opa_client = WasmPolicyClient(config.opa) if config.opa.mode == "wasm" else OpaPolicyClient(config.opa)
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
     rate_limiter = build_rate_limiter(config.ratelimit)
@@ -121,13 +124,15 @@ async def start(config: SidecarConfig) -> Sidecar:
             await decider.refresh_revision()
     background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
                   asyncio.create_task(authenticator.watch(stop_event), name="credential-reload"),
+                  asyncio.create_task(_report_identity_health(health_servicer, authenticator, stop_event),
+                                      name="identity-health"),
                   asyncio.create_task(replicas.run(stop_event), name="replica-load")]
     if settlement is not None:
         background.append(asyncio.create_task(settlement.run(stop_event), name="reservation-expiry"))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
-    closers = [opa_client.close, decision_log.close]
+    closers = [opa_client.close, decision_log.close, authenticator.close]
     if counter is not None:
         closers.append(counter.close)
     if rate_limiter is not None:
@@ -137,6 +142,26 @@ async def start(config: SidecarConfig) -> Sidecar:
              config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
                    stop_event, port)
+
+
+async def _report_identity_health(health_servicer: health.aio.HealthServicer, authenticator: Authenticator,
+                                  stop_event: asyncio.Event, interval_s: float = 1.0) -> None:
+    """``kernelgate.identity``: NOT_SERVING while an identity provider is unreachable.
+
+    The sidecar itself stays SERVING (cached keys and answers keep working); this service
+    says that it is degraded, and the metrics say which provider and since when.
+    """
+    serving: bool | None = None
+    while not stop_event.is_set():
+        now_serving = not any(s.degraded for s in authenticator.provider_status())
+        if now_serving != serving:
+            serving = now_serving
+            await health_servicer.set(IDENTITY_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING if serving
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            await asyncio.wait_for(stop_event.wait(), timeout=interval_s)
+        except TimeoutError:
+            pass
 
 
 async def stop(sidecar: Sidecar, grace_s: float) -> None:

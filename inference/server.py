@@ -23,7 +23,6 @@ from prometheus_client import CollectorRegistry
 from inference.api import STATE, ServerState, create_app
 from inference.config import InferenceConfig
 from inference.metrics import InferenceMetrics
-from inference.serving import GenerationService
 from inference.tracing import ForwardObserver, Tracing
 
 log = logging.getLogger("kernelgate.inference.server")
@@ -50,8 +49,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
 
         encoder = Encoder(config.embeddings)
     preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
-    state = ServerState(config=config, generation=GenerationService(engine, preprocess_executor, tracing),
-                        encoder=encoder, metrics=metrics, tracing=tracing)
+    state = ServerState(config=config, engine=engine, encoder=encoder, metrics=metrics,  # type: ignore[arg-type]
+                        tracing=tracing, preprocess_executor=preprocess_executor)
     app = create_app(state)
 
     async def start_models(_: web.Application) -> None:

@@ -38,6 +38,10 @@ class StepInfo:
     start_time_ns: int
     # Span contexts of the requests' server spans, aligned with request_ids (kernel capture finds its requests).
     trace_contexts: tuple[SpanContext | None, ...] = ()
+    # Tokens each sequence put through this pass, aligned with request_ids (prompt length in a
+    # prefill, 0 for a sequence that copies another's prefill, 1 in a decode): how a pass's GPU
+    # time is divided among its requests.
+    tokens_per_sequence: tuple[int, ...] = ()
 
 
 class ForwardObserver(Protocol):

@@ -1,4 +1,4 @@
-"""OTLP on disk: traces where no collector can be reached (benchmarks, air-gapped nodes).
+"""OTLP on disk: traces (and metrics) where no collector can be reached (benchmarks, air-gapped nodes).
 
 A path ending in ``.json``/``.jsonl`` gets OTLP/JSON lines, one ``{"resourceSpans": [...]}``
 object per export (hex ids, integer enums: what the OpenTelemetry collector's file exporter
@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -75,6 +76,40 @@ class OTLPFileExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+class OTLPFileMetricExporter(MetricExporter):
+    """Metrics as :class:`OTLPFileExporter` writes spans: OTLP/JSON lines or length-prefixed protobuf."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._json = is_json_path(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a" if self._json else "ab")  # noqa: SIM115 - closed in shutdown()
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+        request = encode_metrics(metrics_data)
+        if self._json:
+            data: str | bytes = json.dumps(_to_json(request), separators=(",", ":")) + "\n"
+        else:
+            body = request.SerializeToString()
+            data = _LENGTH.pack(len(body)) + body
+        with self._lock:
+            if self._file.closed:
+                return MetricExportResult.FAILURE
+            self._file.write(data)
+            self._file.flush()
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        with self._lock:
+            self._file.close()
 
 
 def read_otlp_file(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,16 @@
+"""``POST /v1/chat/completions``: the route, one call to the serving object, and the framing of its result."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from inference.config import LimitsConfig
+from inference.openai.chat.serving import ChatServing
+from inference.openai.http import traced_handler
+from inference.tracing import Tracing
+
+PATH = "/v1/chat/completions"
+
+
+def routes(serving: ChatServing, tracing: Tracing, limits: LimitsConfig) -> list[web.RouteDef]:
+    return [web.post(PATH, traced_handler("chat", serving.create, tracing, limits))]

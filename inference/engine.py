@@ -300,7 +300,7 @@ class Engine:
                                        {"kernelgate.queue.slot": seq.slot})
 
     def _append(self, seq: Sequence, pick: Pick, now: int,
-                echo: tuple[TokenLogprobs | None, ...] | None) -> GenerationOutput:
+                echo: tuple[TokenLogprobs, ...] | None) -> GenerationOutput:
         """Add one generated token; return the output that carries it."""
         state: _DecodeState = seq.state
         token = pick.token

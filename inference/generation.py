@@ -55,8 +55,9 @@ class SamplingParams:
                 and not self.logit_bias and self.guide is None)
 
 
-TokenLogprobs = tuple[int, float, tuple[tuple[int, float], ...]]
-"""A token id, its log-probability, and the most likely (id, log-probability) pairs at that position."""
+TokenLogprobs = tuple[int, float | None, tuple[tuple[int, float], ...]]
+"""A token id, its log-probability (None: a prompt's first token), and the most likely (id,
+log-probability) pairs at that position."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class GenerationOutput:
 
     ``index`` is the sequence (0..n-1); ``logprobs`` has one entry per token in ``token_ids``
     when asked for; the first output of a sequence carries ``prompt_logprobs`` when asked for
-    (None for the prompt's first token, which has no context).
+    (the prompt's first token has no log-probability: None).
     """
 
     request_id: str
@@ -88,7 +89,7 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     index: int = 0
     logprobs: tuple[TokenLogprobs, ...] | None = None
-    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 class RequestStream:

@@ -117,15 +117,15 @@ def next_tokens(logits: torch.Tensor, samplers: list[RequestSampler],
     return picks
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[TokenLogprobs | None, ...]:
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[TokenLogprobs, ...]:
     """Log-probabilities of a prompt's tokens from the prefill's logits ``[len, vocab]`` (position i
-    predicts token i+1); the first token has none."""
+    predicts token i+1); the first token has none (None, no alternatives)."""
     raw = logits[:-1].float().log_softmax(dim=-1)
     ids = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device).view(-1, 1)
     chosen = raw.gather(1, ids).view(-1).tolist()
     top_v, top_i = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
     top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
-    out: list[TokenLogprobs | None] = [None]
+    out: list[TokenLogprobs] = [(prompt[0], None, ())]
     for i, token in enumerate(prompt[1:]):
         out.append((token, chosen[i], tuple(zip(top_i_l[i], top_v_l[i]))))
     return tuple(out)

@@ -129,10 +129,10 @@ class TokenTexts:
             text = self._cache[token] = self._tokenizer.decode([token])
         return text
 
-    def entry(self, item: TokenLogprobs | None) -> LogprobEntry:
-        if item is None:
-            return LogprobEntry("", None, None)
+    def entry(self, item: TokenLogprobs) -> LogprobEntry:
         token, logprob, top = item
+        if logprob is None:  # a prompt's first token
+            return LogprobEntry(self(token), None, None)
         return LogprobEntry(self(token), _finite(logprob), tuple((self(t), _finite(lp)) for t, lp in top))
 
 

@@ -1,0 +1,104 @@
+"""GenAI semantic-convention metrics, read where a collector reads them: over OTLP/gRPC.
+
+A real ``kernelgate serve`` process exports to the OTLP endpoint its traces use; a test
+OTLP receiver (tests/otlp_receiver.py; Jaeger v2 keeps no metrics) takes the export.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from inference.genai_metrics import OTHER_TENANT, GenAIMetrics
+from tests.otlp_receiver import OTLPReceiver
+from tests.procs import free_port, start, wait_http
+
+MODEL = "tiny-gpt2"
+NAMES = {"gen_ai.server.request.duration": "s", "gen_ai.server.time_to_first_token": "s",
+         "gen_ai.server.time_per_output_token": "s", "gen_ai.client.token.usage": "{token}"}
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OTLPReceiver]:
+    receiver = OTLPReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, receiver: OTLPReceiver) -> Iterator[str]:
+    workdir: Path = tmp_path_factory.mktemp("genai-metrics")
+    port = free_port()
+    config = workdir / "kernelgate.yaml"
+    config.write_text(yaml.safe_dump({
+        "inference": {"listen": {"host": "127.0.0.1", "port": port},
+                      "model": {"name": MODEL, "random_config": "tiny-gpt2", "device": "cpu", "use_deepspeed": False}},
+        "telemetry": {"enabled": True, "otlp_endpoint": receiver.endpoint, "protocol": "grpc",
+                      "metrics_interval_s": 0.5, "export_delay_s": 0.5}}))
+    proc = start("inference", [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config)], workdir,
+                 env={"DS_ACCELERATOR": "cpu"})
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc=proc, timeout=300)
+    yield f"http://127.0.0.1:{port}"
+    proc.stop()
+
+
+def test_genai_metrics_reach_the_collector_with_their_names_units_and_attributes(server: str,
+                                                                                 receiver: OTLPReceiver) -> None:
+    headers = {"x-kernelgate-tenant": "acme"}
+    body = requests.post(f"{server}/v1/completions", headers=headers, timeout=60,
+                         json={"model": MODEL, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True}).json()
+    assert body["usage"]["completion_tokens"] == 5
+    chat = requests.post(f"{server}/v1/chat/completions", headers={"x-kernelgate-tenant": "globex"}, timeout=60,
+                         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                               "n": 2, "stream": True, "ignore_eos": True})
+    assert chat.status_code == 200 and chat.text.endswith("data: [DONE]\n\n")
+    missing = requests.post(f"{server}/v1/completions", timeout=60,
+                            json={"model": MODEL, "prompt": "x" * 5000, "max_tokens": 5})
+    assert missing.status_code == 400  # refused before generation: no GenAI measurement
+
+    got = receiver.wait_for(set(NAMES))
+    latest: dict[str, dict] = {}
+    for metric in got:  # cumulative temporality: the last export holds every point
+        latest[metric["name"]] = metric
+    for name, unit in NAMES.items():
+        metric = latest[name]
+        assert metric["unit"] == unit and metric["kind"] == "histogram"
+        assert metric["scope"] == "kernelgate.inference"
+        assert metric["resource"]["service.name"] == "kernelgate-inference"
+    by_op = {p["attributes"]["gen_ai.operation.name"]: p for p in latest["gen_ai.server.request.duration"]["points"]}
+    assert set(by_op) == {"text_completion", "chat"}
+    assert by_op["text_completion"]["attributes"]["kernelgate.tenant"] == "acme"
+    assert by_op["chat"]["attributes"]["kernelgate.tenant"] == "globex"
+    for point in by_op.values():
+        assert point["attributes"]["gen_ai.request.model"] == MODEL
+        assert point["attributes"]["gen_ai.provider.name"] == "kernelgate"
+        assert int(point["count"]) == 1 and point["sum"] > 0
+    tokens = {(p["attributes"]["gen_ai.operation.name"], p["attributes"]["gen_ai.token.type"]): p
+              for p in latest["gen_ai.client.token.usage"]["points"]}
+    assert tokens[("text_completion", "input")]["sum"] == 5
+    assert tokens[("text_completion", "output")]["sum"] == 5
+    assert tokens[("chat", "output")]["sum"] == 6  # n=2 choices of 3 tokens: what they generated
+    ttft = {p["attributes"]["gen_ai.operation.name"]: p for p in latest["gen_ai.server.time_to_first_token"]["points"]}
+    assert int(ttft["chat"]["count"]) == 1 and int(ttft["text_completion"]["count"]) == 1
+    tpot = latest["gen_ai.server.time_per_output_token"]["points"]
+    assert sum(int(p["count"]) for p in tpot) == 2 and all(p["sum"] > 0 for p in tpot)
+
+
+def test_tenant_attribute_is_bounded() -> None:
+    reader = InMemoryMetricReader()
+    genai = GenAIMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"), max_tenants=3)
+    for i in range(10):
+        genai.response(genai.attributes("chat", MODEL, f"tenant-{i}"), 0.1, 3, 4, 0.05, 4, None)
+    genai.response(genai.attributes("chat", MODEL, "tenant-1"), 0.1, 3, 4, 0.05, 4, None)
+    data = reader.get_metrics_data()
+    [duration] = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                  if m.name == "gen_ai.server.request.duration"]
+    counts = {p.attributes["kernelgate.tenant"]: p.count for p in duration.data.data_points}
+    assert counts == {"tenant-0": 1, "tenant-1": 2, "tenant-2": 1, OTHER_TENANT: 7}

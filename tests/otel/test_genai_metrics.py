@@ -10,8 +10,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-import requests
 import yaml
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -52,14 +52,14 @@ def server(tmp_path_factory, receiver: OTLPReceiver) -> Iterator[str]:
 def test_genai_metrics_reach_the_collector_with_their_names_units_and_attributes(server: str,
                                                                                  receiver: OTLPReceiver) -> None:
     headers = {"x-kernelgate-tenant": "acme"}
-    body = requests.post(f"{server}/v1/completions", headers=headers, timeout=60,
+    body = httpx.post(f"{server}/v1/completions", headers=headers, timeout=60,
                          json={"model": MODEL, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True}).json()
     assert body["usage"]["completion_tokens"] == 5
-    chat = requests.post(f"{server}/v1/chat/completions", headers={"x-kernelgate-tenant": "globex"}, timeout=60,
+    chat = httpx.post(f"{server}/v1/chat/completions", headers={"x-kernelgate-tenant": "globex"}, timeout=60,
                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
                                "n": 2, "stream": True, "ignore_eos": True})
     assert chat.status_code == 200 and chat.text.endswith("data: [DONE]\n\n")
-    missing = requests.post(f"{server}/v1/completions", timeout=60,
+    missing = httpx.post(f"{server}/v1/completions", timeout=60,
                             json={"model": MODEL, "prompt": "x" * 5000, "max_tokens": 5})
     assert missing.status_code == 400  # refused before generation: no GenAI measurement
 

@@ -5,6 +5,7 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 DS_BUILD_OPS=0
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY common common
 COPY kernelgate kernelgate
 COPY sidecar sidecar
 COPY inference inference

@@ -33,10 +33,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.processes import Proc, find_binary, free_port, start, wait_http, wait_tcp  # noqa: E402
 from kernelgate.envoy_config import EnvoyConfig, render  # noqa: E402
 from kernelgate.policy_bundle import build_wasm_bundle  # noqa: E402
 from sidecar.config import OpaConfig  # noqa: E402
-from kernelgate.processes import Proc, find_binary, free_port, start, wait_http, wait_tcp  # noqa: E402
 from tests.stack import ACME_KEY, GLOBEX_KEY, write_api_keys  # noqa: E402
 
 TENANT_KEYS = [ACME_KEY, GLOBEX_KEY]

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernelgate.processes import free_port, start, wait_http  # noqa: E402
+from common.processes import free_port, start, wait_http  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

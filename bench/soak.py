@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway import bench_policies, start_envoy, write_targets  # noqa: E402
+from common.processes import Proc, find_binary, free_port, start, wait_http, wait_tcp  # noqa: E402
 from kernelgate.envoy_config import EnvoyConfig  # noqa: E402
-from kernelgate.processes import Proc, find_binary, free_port, start, wait_http, wait_tcp  # noqa: E402
 from tests.stack import write_api_keys  # noqa: E402
 
 

@@ -51,7 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernelgate.processes import free_port, start, wait_http  # noqa: E402
+from common.processes import free_port, start, wait_http  # noqa: E402
 
 FORCE_HEADER = "x-kernelgate-trace-kernels"
 REQUEST_SPAN = "POST /v1/completions"
@@ -87,10 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- the server child: what `kernelgate serve` does, without the sidecar's config sections --------------
 def serve_child(config_path: str) -> int:
+    from common.settings import build, load_file
     from inference.config import InferenceConfig
     from inference.server import run
     from inference.tracing import Tracing
-    from kernelgate.settings import build, load_file
     from otel.config import TelemetryConfig
     from otel.setup import configure_tracing, kernel_tracing
 

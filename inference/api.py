@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.routes import MODEL_PATHS
 from inference.config import InferenceConfig
 from inference.generation import GenerationEngine
 from inference.metrics import InferenceMetrics
@@ -38,7 +39,6 @@ from inference.tracing import Tracing
 log = logging.getLogger("kernelgate.inference.api")
 
 CLIENT_CLOSED = 499
-GENERATION_ROUTES = frozenset({completion_router.PATH, chat_router.PATH, embeddings_router.PATH})
 
 
 @dataclass
@@ -99,7 +99,7 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     state.in_flight += 1
     state.idle.clear()
     try:
-        if state.draining and route in GENERATION_ROUTES:
+        if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
                                code="shutting_down", headers={"Retry-After": str(state.config.limits.retry_after_s)})
         response = await handler(request)

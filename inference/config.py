@@ -1,7 +1,7 @@
 """Typed configuration of the inference server.
 
-Filled by ``kernelgate.settings.build(InferenceConfig, data["inference"])``; every value is
-checked here, at start-up, so a bad config file fails before a model is loaded.
+Filled by the one loader, ``kernelgate.config.load`` (the ``inference:`` section); every
+value is checked here, at start-up, so a bad config file fails before a model is loaded.
 """
 
 from __future__ import annotations
@@ -9,24 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.ports import INFERENCE_PORT, LOOPBACK
+from common.settings import require
+
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
 class ListenConfig:
     """Where the HTTP front end listens."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = LOOPBACK
+    port: int = INFERENCE_PORT
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port <= 65535, f"listen.port must be 0..65535, got {self.port}")
+        require(0 <= self.port <= 65535, f"listen.port must be 0..65535, got {self.port}")
 
 
 @dataclass(frozen=True)
@@ -54,11 +52,11 @@ class ModelConfig:
     cpu_threads: int = 1
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "model.name must not be empty")
-        _require(self.cpu_threads >= 0, f"model.cpu_threads must be >= 0 (0: torch's default), got {self.cpu_threads}")
-        _require(self.tp_size >= 1, f"model.tp_size must be >= 1, got {self.tp_size}")
-        _require(self.max_model_len is None or self.max_model_len >= 2,
-                 f"model.max_model_len must be >= 2, got {self.max_model_len}")
+        require(bool(self.name), "model.name must not be empty")
+        require(self.cpu_threads >= 0, f"model.cpu_threads must be >= 0 (0: torch's default), got {self.cpu_threads}")
+        require(self.tp_size >= 1, f"model.tp_size must be >= 1, got {self.tp_size}")
+        require(self.max_model_len is None or self.max_model_len >= 2,
+                f"model.max_model_len must be >= 2, got {self.max_model_len}")
 
 
 @dataclass(frozen=True)
@@ -71,11 +69,11 @@ class BatchingConfig:
     max_queue: int = 256
 
     def __post_init__(self) -> None:
-        _require(self.max_batch_size >= 1, f"batching.max_batch_size must be >= 1, got {self.max_batch_size}")
-        _require(self.max_tokens_in_flight >= 1,
-                 f"batching.max_tokens_in_flight must be >= 1, got {self.max_tokens_in_flight}")
-        _require(self.max_wait_ms >= 0, f"batching.max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        _require(self.max_queue >= 0, f"batching.max_queue must be >= 0, got {self.max_queue}")
+        require(self.max_batch_size >= 1, f"batching.max_batch_size must be >= 1, got {self.max_batch_size}")
+        require(self.max_tokens_in_flight >= 1,
+                f"batching.max_tokens_in_flight must be >= 1, got {self.max_tokens_in_flight}")
+        require(self.max_wait_ms >= 0, f"batching.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        require(self.max_queue >= 0, f"batching.max_queue must be >= 0, got {self.max_queue}")
 
 
 @dataclass(frozen=True)
@@ -88,10 +86,10 @@ class LimitsConfig:
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.max_body_bytes >= 1, f"limits.max_body_bytes must be >= 1, got {self.max_body_bytes}")
-        _require(self.request_timeout_s > 0, f"limits.request_timeout_s must be > 0, got {self.request_timeout_s}")
-        _require(self.drain_timeout_s >= 0, f"limits.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-        _require(self.retry_after_s >= 0, f"limits.retry_after_s must be >= 0, got {self.retry_after_s}")
+        require(self.max_body_bytes >= 1, f"limits.max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        require(self.request_timeout_s > 0, f"limits.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        require(self.drain_timeout_s >= 0, f"limits.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        require(self.retry_after_s >= 0, f"limits.retry_after_s must be >= 0, got {self.retry_after_s}")
 
 
 @dataclass(frozen=True)
@@ -105,8 +103,8 @@ class EmbeddingsConfig:
     max_inputs: int = 256
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "embeddings.name must not be empty")
-        _require(self.max_inputs >= 1, f"embeddings.max_inputs must be >= 1, got {self.max_inputs}")
+        require(bool(self.name), "embeddings.name must not be empty")
+        require(self.max_inputs >= 1, f"embeddings.max_inputs must be >= 1, got {self.max_inputs}")
 
 
 @dataclass(frozen=True)
@@ -120,5 +118,5 @@ class InferenceConfig:
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
 
     def __post_init__(self) -> None:
-        _require(self.model.name != self.embeddings.name or not self.embeddings.enabled,
-                 "model.name and embeddings.name must differ")
+        require(self.model.name != self.embeddings.name or not self.embeddings.enabled,
+                "model.name and embeddings.name must differ")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from common.gc_freeze import freeze_startup_objects
 from inference.config import BatchingConfig, ModelConfig
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
 from inference.generation import (EngineDeadError, EngineNotReadyError, GenerationOutput, GenerationRequest,
@@ -31,7 +32,6 @@ from inference.sampling import PenaltyCounts, Pick, RequestSampler, next_tokens,
 from inference.scheduler import Scheduler, Sequence
 from inference.structured import Grammars
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
-from kernelgate.gc_freeze import freeze_startup_objects
 
 log = logging.getLogger("kernelgate.inference.engine")
 
@@ -102,15 +102,6 @@ class Engine:
     @property
     def failure(self) -> BaseException | None:
         return self._failure
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready.wait(0.05):
-            if self._failure is not None:
-                raise EngineDeadError(f"engine failed: {self._failure}") from self._failure
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-        return self._failure is None
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Finish what is running or queued, then stop the thread."""

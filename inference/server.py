@@ -3,17 +3,15 @@
 ``run(config)`` blocks until SIGTERM/SIGINT, then stops accepting connections, lets
 in-flight requests finish (up to ``limits.drain_timeout_s``), stops the engine and
 returns, so the process exits 0. ``build_app`` is the same wiring without the listener,
-for tests.
+for tests. The process is ``kernelgate serve`` (kernelgate/cli.py): it loads the config
+through the one loader (``kernelgate.config.load``) and passes the ``inference`` section in.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -126,19 +124,3 @@ def run(config: InferenceConfig, tracing: Tracing | None = None,
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve(config, tracing, forward_observer))
     log.info("inference server stopped")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m inference.server --config file.yaml`` (the ``inference:`` section)."""
-    from kernelgate.settings import apply_env_overrides, build, load_file
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help="kernelgate YAML config file")
-    args = parser.parse_args(argv)
-    data = apply_env_overrides(load_file(args.config), os.environ)
-    run(build(InferenceConfig, data.get("inference"), "inference"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import yaml
 
-from kernelgate.settings import ConfigError
+from common.settings import ConfigError
 
 
 def _configure_logging(level: str) -> None:

@@ -1,19 +1,28 @@
 """The one place configuration is loaded: YAML file + KERNELGATE__* environment overrides.
 
-Each section is a component's own typed dataclass; a bad key fails here, at start,
-with its dotted path in the message.
+In: a YAML path (or None) and the environment. Out: a frozen ``KernelgateConfig`` whose
+sections are the components' own typed dataclasses (``authz``: ``sidecar.config``,
+``inference``: ``inference.config``, ``telemetry``: ``otel.config``, ``envoy``:
+``kernelgate.envoy_config``, ``stack``: below). Each process (``kernelgate authz``,
+``kernelgate serve``, ``kernelgate up``) takes its section from here; a bad key fails here,
+at start, with its dotted path in the message.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Section modules are plain dataclasses: importing inference.config loads no torch, so the
+# authz sidecar starts without it (tests/test_architecture.py checks).
+from common.ports import JAEGER_UI_PORT, OTLP_GRPC_PORT
+from common.settings import ConfigError, apply_env_overrides, build, load_file
+from inference.config import InferenceConfig
 from kernelgate.envoy_config import EnvoyConfig
-from kernelgate.settings import ConfigError, apply_env_overrides, build, load_file
+from otel.config import TelemetryConfig
 from sidecar.config import SidecarConfig
 
 PATH_SUFFIXES = ("_file", "_dir")
@@ -27,8 +36,8 @@ class StackConfig:
     opa_binary: str = "opa"
     start_inference: bool = True
     start_jaeger: bool = True
-    jaeger_otlp_port: int = 4317
-    jaeger_ui_port: int = 16686
+    jaeger_otlp_port: int = OTLP_GRPC_PORT
+    jaeger_ui_port: int = JAEGER_UI_PORT
 
 
 @dataclass(frozen=True)
@@ -36,9 +45,8 @@ class KernelgateConfig:
     authz: SidecarConfig = field(default_factory=SidecarConfig)
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     stack: StackConfig = field(default_factory=StackConfig)
-    # Built into inference.config.InferenceConfig (and validated) by load(), kept as the typed object.
-    inference: Any = None
-    telemetry: Any = None
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> KernelgateConfig:
@@ -48,23 +56,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
     # kubelet replaces on update; files beside the config must be found by the stable name.
     base = Path(path).absolute().parent if path else Path.cwd()
     raw = _resolve_paths(raw, base)
-    inference_raw = raw.pop("inference", None)
-    telemetry_raw = raw.pop("telemetry", None)
-    config = build(KernelgateConfig, raw)
-    return replace(config, inference=_build_inference(inference_raw), telemetry=_build_telemetry(telemetry_raw))
-
-
-def _build_inference(raw: Any) -> Any:
-    # Imported here: the authz sidecar must start without torch installed.
-    from inference.config import InferenceConfig
-
-    return build(InferenceConfig, raw, "inference")
-
-
-def _build_telemetry(raw: Any) -> Any:
-    from otel.config import TelemetryConfig
-
-    return build(TelemetryConfig, raw, "telemetry")
+    return build(KernelgateConfig, raw)
 
 
 def _resolve_paths(data: Any, base: Path) -> Any:

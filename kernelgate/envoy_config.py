@@ -32,6 +32,8 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
+from common.ports import AUTHZ_ADDRESS, ENVOY_ADMIN_PORT, ENVOY_PORT, INFERENCE_ADDRESS, LOOPBACK
+
 AUTHZ_CLUSTER = "kernelgate_authz"
 UPSTREAM_CLUSTER = "inference"
 OTLP_CLUSTER = "otel_collector"
@@ -39,19 +41,19 @@ OTLP_CLUSTER = "otel_collector"
 
 @dataclass(frozen=True)
 class EnvoyConfig:
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8080
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 9901
+    listen_host: str = LOOPBACK
+    listen_port: int = ENVOY_PORT
+    admin_host: str = LOOPBACK
+    admin_port: int = ENVOY_ADMIN_PORT
     # host:port or unix:/path of the kernelgate authz sidecar.
-    authz_address: str = "127.0.0.1:9191"
+    authz_address: str = AUTHZ_ADDRESS
     # False leaves ext_authz out (bench/ measures Envoy alone with it).
     authz_enabled: bool = True
     authz_timeout_s: float = 1.0
     # Envoy's answer when the sidecar itself cannot be reached: no request passes without an allow.
     failure_mode_allow: bool = False
     status_on_error: int = 503
-    upstream_address: str = "127.0.0.1:8000"
+    upstream_address: str = INFERENCE_ADDRESS
     # Completions can stream for minutes; 0 disables the route timeout.
     upstream_timeout_s: float = 600.0
     # Bytes of the body sent to ext_authz; larger bodies arrive cut (x-envoy-auth-partial-body).

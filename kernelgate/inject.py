@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from kernelgate import __version__
+from common.ports import (AUTHZ_METRICS_PORT, AUTHZ_PORT, ENVOY_ADMIN_PORT, ENVOY_PORT, OPA_DIAGNOSTIC_PORT, OPA_PORT,
+                          OTLP_GRPC_PORT, loopback)
+from common.version import __version__
 from kernelgate.envoy_config import EnvoyConfig, render
 
 INJECT_ANNOTATION = "kernelgate.io/inject"
@@ -37,13 +39,7 @@ CONFIG_MAP = "kernelgate-config"
 POLICIES_CONFIG_MAP = "kernelgate-policies"
 SECRET = "kernelgate-secrets"
 
-ENVOY_PORT = 8080
-ENVOY_ADMIN_PORT = 9901
-AUTHZ_PORT = 9191
-AUTHZ_METRICS_PORT = 9192
-OPA_PORT = 8181
-OPA_DIAGNOSTIC_PORT = 8282
-OTLP_ADDRESS = "jaeger:4317"
+OTLP_ADDRESS = f"jaeger:{OTLP_GRPC_PORT}"
 
 # Ports the injected containers bind inside the pod's shared network namespace.
 RESERVED_PORTS = {
@@ -254,8 +250,8 @@ def add_sidecars(workload: Workload, port: int) -> None:
 def envoy_settings(port: int) -> EnvoyConfig:
     """k8s/base's Envoy settings, with the app's port as the upstream."""
     return EnvoyConfig(listen_host="0.0.0.0", listen_port=ENVOY_PORT, admin_host="0.0.0.0",
-                       admin_port=ENVOY_ADMIN_PORT, authz_address=f"127.0.0.1:{AUTHZ_PORT}",
-                       upstream_address=f"127.0.0.1:{port}", otlp_address=OTLP_ADDRESS)
+                       admin_port=ENVOY_ADMIN_PORT, authz_address=loopback(AUTHZ_PORT),
+                       upstream_address=loopback(port), otlp_address=OTLP_ADDRESS)
 
 
 def envoy_config_map_name(workload_name: str) -> str:
@@ -342,7 +338,7 @@ def opa_container() -> dict[str, Any]:
     return {
         "name": "opa",
         "image": OPA_IMAGE,
-        "args": ["run", "--server", "--addr", f"127.0.0.1:{OPA_PORT}",
+        "args": ["run", "--server", "--addr", loopback(OPA_PORT),
                  "--diagnostic-addr", f"0.0.0.0:{OPA_DIAGNOSTIC_PORT}",
                  "--ignore", ".*", "--log-level", "error", "/policies"],
         "ports": [{"name": "opa-diagnostic", "containerPort": OPA_DIAGNOSTIC_PORT}],

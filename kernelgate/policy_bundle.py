@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from kernelgate.binaries import find_binary
+from common.binaries import find_binary
 
 
 def build_wasm_bundle(policies_dir: str | Path, output: str | Path, policy_path: str,

@@ -20,7 +20,7 @@ import yaml
 from kernelgate.config import KernelgateConfig
 from kernelgate.envoy_admin import drain as drain_envoy
 from kernelgate.envoy_config import render
-from kernelgate.processes import Proc, find_binary, start, wait_http, wait_tcp
+from common.processes import Proc, find_binary, start, wait_http, wait_tcp
 
 DEMO_KEY_HINT = "kg-demo-acme-key"
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+from common.ports import OTLP_GRPC_ADDRESS
+from common.settings import require
 
 
 @dataclass(frozen=True)
@@ -42,14 +40,14 @@ class KernelTraceConfig:
     max_pending: int = 8
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.ratio <= 1.0, f"kernels.ratio must be within 0..1, got {self.ratio}")
-        _require(self.max_spans_per_trace >= 1, "kernels.max_spans_per_trace must be >= 1")
-        _require(self.max_captures_per_minute >= 0, "kernels.max_captures_per_minute must be >= 0")
-        _require(self.fold_after >= 1, "kernels.fold_after must be >= 1")
-        _require(self.steps_per_request >= 1, "kernels.steps_per_request must be >= 1")
-        _require(self.max_pending >= 1, "kernels.max_pending must be >= 1")
-        _require(not (self.capture == "cupti" and self.activities == "cpu"),
-                 "kernels.capture: cupti records CUDA kernels only; use torch (or auto) with activities: cpu")
+        require(0.0 <= self.ratio <= 1.0, f"kernels.ratio must be within 0..1, got {self.ratio}")
+        require(self.max_spans_per_trace >= 1, "kernels.max_spans_per_trace must be >= 1")
+        require(self.max_captures_per_minute >= 0, "kernels.max_captures_per_minute must be >= 0")
+        require(self.fold_after >= 1, "kernels.fold_after must be >= 1")
+        require(self.steps_per_request >= 1, "kernels.steps_per_request must be >= 1")
+        require(self.max_pending >= 1, "kernels.max_pending must be >= 1")
+        require(not (self.capture == "cupti" and self.activities == "cpu"),
+                "kernels.capture: cupti records CUDA kernels only; use torch (or auto) with activities: cpu")
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ class TelemetryConfig:
     enabled: bool = False
     # OTLP collector (Jaeger v2 takes OTLP directly): grpc -> host:port, http -> http://host:4318,
     # file -> a path: OTLP/JSON lines if it ends in .json/.jsonl, else length-prefixed protobuf (otel/otlp_file.py)
-    otlp_endpoint: str = "127.0.0.1:4317"
+    otlp_endpoint: str = OTLP_GRPC_ADDRESS
     protocol: Literal["grpc", "http", "file"] = "grpc"
     # Head sampling (parent-based): share of new traces recorded.
     sampling_ratio: float = 1.0
@@ -73,8 +71,8 @@ class TelemetryConfig:
     kernels: KernelTraceConfig = field(default_factory=KernelTraceConfig)
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.sampling_ratio <= 1.0,
-                 f"telemetry.sampling_ratio must be within 0..1, got {self.sampling_ratio}")
-        _require(self.export_delay_s > 0, "telemetry.export_delay_s must be > 0")
-        _require(self.decode_step_spans_every >= 1, "telemetry.decode_step_spans_every must be >= 1")
-        _require(self.metrics_interval_s >= 0, "telemetry.metrics_interval_s must be >= 0 (0: no metrics)")
+        require(0.0 <= self.sampling_ratio <= 1.0,
+                f"telemetry.sampling_ratio must be within 0..1, got {self.sampling_ratio}")
+        require(self.export_delay_s > 0, "telemetry.export_delay_s must be > 0")
+        require(self.decode_step_spans_every >= 1, "telemetry.decode_step_spans_every must be >= 1")
+        require(self.metrics_interval_s >= 0, "telemetry.metrics_interval_s must be >= 0 (0: no metrics)")

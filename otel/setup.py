@@ -16,7 +16,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from kernelgate import __version__
+from common.version import __version__
 from otel.config import TelemetryConfig
 
 # Downward-API environment variables (k8s/) -> resource attributes.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.ports import AUTHZ_ADDRESS, AUTHZ_METRICS_ADDRESS, OPA_URL, REDIS_URL
+
 Unit = Literal["second", "minute", "hour", "day"]
 
 UNIT_SECONDS: dict[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
@@ -18,7 +20,7 @@ class OpaConfig:
     # the same policy compiled by OPA (``kernelgate build-policy`` / ``opa build -t wasm``)
     # from ``wasm_bundle_file``, reloaded when the file changes.
     mode: Literal["server", "wasm"] = "server"
-    url: str = "http://127.0.0.1:8181"
+    url: str = OPA_URL
     wasm_bundle_file: str | None = None
     # Data path of the decision: package envoy.authz, rule ``result`` (OPA-Envoy's convention).
     policy_path: str = "envoy/authz/result"
@@ -83,7 +85,7 @@ class LimitRule:
 class RateLimitConfig:
     enabled: bool = True
     backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = REDIS_URL
     redis_timeout_s: float = 0.05
     redis_key_prefix: str = "kernelgate:rl:"
     # Redis unreachable: "local" falls back to in-memory budgets, "deny" answers 503, "allow" skips limits.
@@ -107,7 +109,7 @@ class DecisionLogConfig:
 @dataclass(frozen=True)
 class SidecarConfig:
     # host:port, or unix:/path/to.sock
-    listen: str = "127.0.0.1:9191"
+    listen: str = AUTHZ_ADDRESS
     # Seconds SIGTERM waits for in-flight checks before exit.
     drain_s: float = 10.0
     # Worker processes sharing the port (SO_REUSEPORT); 1 = this process only. More than one
@@ -120,7 +122,7 @@ class SidecarConfig:
     # Bodies larger than this are not parsed (the policy sees body_error "too_large").
     max_body_bytes: int = 1 << 20
     # Prometheus /metrics of the sidecar ("" disables).
-    metrics_listen: str = "127.0.0.1:9192"
+    metrics_listen: str = AUTHZ_METRICS_ADDRESS
     opa: OpaConfig = field(default_factory=OpaConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)

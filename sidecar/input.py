@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote
 
 from google.protobuf.json_format import MessageToDict
 
-from kernelgate import strict_json
+from common import strict_json
 
 VERSION = {"encoding": "protojson", "ext_authz": "v3"}
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from kernelgate.gc_freeze import freeze_startup_objects
+from common.gc_freeze import freeze_startup_objects
 from sidecar.authorizer import Authorizer
 from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, DecisionCache

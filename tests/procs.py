@@ -1,10 +1,10 @@
-"""Real programs for the tests: Redis and OPA on free loopback ports (generic helpers in kernelgate.processes)."""
+"""Real programs for the tests: Redis and OPA on free loopback ports (generic helpers in common.processes)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kernelgate.processes import ROOT, Proc, find_binary, free_port, start, wait_http, wait_tcp
+from common.processes import ROOT, Proc, find_binary, free_port, start, wait_http, wait_tcp
 
 __all__ = ["ROOT", "Proc", "find_binary", "free_port", "start", "start_opa", "start_redis", "wait_http", "wait_tcp"]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.processes import ROOT, find_binary
+from common.settings import ConfigError, apply_env_overrides, build
 from kernelgate.envoy_config import EnvoyConfig, render
-from kernelgate.processes import ROOT, find_binary
-from kernelgate.settings import ConfigError, apply_env_overrides, build
 from sidecar.config import SidecarConfig
 
 

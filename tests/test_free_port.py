@@ -1,4 +1,4 @@
-"""free_port (kernelgate/processes.py): ports for servers the fixtures start, never one an outbound
+"""free_port (common/processes.py): ports for servers the fixtures start, never one an outbound
 connection could take in the meantime."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from kernelgate.processes import free_port
+from common.processes import free_port
 
 
 def test_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:

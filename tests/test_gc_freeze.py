@@ -1,7 +1,7 @@
 import gc
 import weakref
 
-from kernelgate.gc_freeze import freeze_startup_objects
+from common.gc_freeze import freeze_startup_objects
 
 
 class Node:

@@ -13,10 +13,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.processes import ROOT, find_binary
 from kernelgate.config import load
 from kernelgate.envoy_config import render
 from kernelgate.inject import InjectError, envoy_settings, inject_stream
-from kernelgate.processes import ROOT, find_binary
 
 BASE = ROOT / "k8s" / "base"
 SIDECARS = ("kernelgate-authz", "envoy", "opa")

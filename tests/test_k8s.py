@@ -22,9 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.processes import ROOT, Proc, find_binary, free_port, start, wait_http
 from kernelgate.config import load
 from kernelgate.envoy_config import EnvoyConfig, render
-from kernelgate.processes import ROOT, Proc, find_binary, free_port, start, wait_http
 
 K8S = ROOT / "k8s"
 BASE = K8S / "base"

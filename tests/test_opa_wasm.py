@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from common.processes import ROOT
 from kernelgate.policy_bundle import build_wasm_bundle
-from kernelgate.processes import ROOT
 from sidecar.config import OpaConfig
 from sidecar.input import build_input
 from sidecar.opa_wasm import BundleError, WasmPolicyClient

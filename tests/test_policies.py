@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from kernelgate.processes import ROOT, find_binary
+from common.processes import ROOT, find_binary
 
 
 def test_opa_unit_tests_pass():

@@ -90,7 +90,7 @@ async def test_sigterm_drains_in_flight_checks(sidecar: AuthzStack):
 
 
 def test_workers_need_shared_budgets():
-    from kernelgate.settings import ConfigError, build
+    from common.settings import ConfigError, build
     from sidecar.config import SidecarConfig
 
     with pytest.raises(ConfigError, match="own budget"):

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kernelgate import strict_json
+from common import strict_json
 
 
 class RequestError(Exception):

@@ -53,7 +53,7 @@ def hostile_server(tmp_path_factory) -> Iterator[str]:
 
     import yaml
 
-    from kernelgate.processes import free_port, start, wait_http
+    from common.processes import free_port, start, wait_http
 
     workdir = tmp_path_factory.mktemp("hostile-http")
     port = free_port()

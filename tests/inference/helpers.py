@@ -57,7 +57,11 @@ def make_engine(config: InferenceConfig, observer: Any = None, tracing: Tracing 
 def started_engine(config: InferenceConfig, **kwargs: Any) -> Engine:
     engine = make_engine(config, **kwargs)
     engine.start()
-    assert engine.wait_ready(60), "engine did not become ready"
+    deadline = time.monotonic() + 60
+    while not engine.ready:
+        assert engine.failure is None, f"engine failed: {engine.failure!r}"
+        assert time.monotonic() < deadline, "engine did not become ready"
+        time.sleep(0.05)
     return engine
 
 

@@ -1,4 +1,4 @@
-"""``inference.server.run`` in a real process: SIGTERM while a request streams, the request completes."""
+"""``kernelgate serve`` (``inference.server.run``) in a real process: SIGTERM while a request streams, it completes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
                             "limits": {"drain_timeout_s": 30}}}
     config_path = tmp_path / "kernelgate.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    proc = procs.start("inference", [sys.executable, "-m", "inference.server", "--config", str(config_path)],
+    proc = procs.start("inference", [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config_path)],
                        tmp_path, env={"PYTHONUNBUFFERED": "1"}, port=port)
     try:
         procs.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, proc=proc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.settings import ConfigError, build
 from inference.config import BatchingConfig, InferenceConfig
 from inference.demo_tokenizer import build_demo_tokenizer
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
@@ -13,7 +14,6 @@ from inference.openai import protocol
 from inference.openai.chat.protocol import parse_chat_request
 from inference.openai.completion.protocol import DEFAULT_MAX_TOKENS, parse_completion_request
 from inference.scheduler import Scheduler, Sequence
-from kernelgate.settings import ConfigError, build
 
 
 def test_config_builds_from_yaml_data_and_names_bad_keys() -> None:

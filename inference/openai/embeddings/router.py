@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from common.routes import ROUTES
 from inference.config import LimitsConfig
 from inference.openai.embeddings.serving import EmbeddingServing
 from inference.openai.http import traced_handler
 from inference.tracing import Tracing
 
-PATH = "/v1/embeddings"
+PATH = next(r.path for r in ROUTES if r.id == "embeddings")  # common/routes.py: the one list
 
 
 def routes(serving: EmbeddingServing, tracing: Tracing, limits: LimitsConfig) -> list[web.RouteDef]:

@@ -50,7 +50,8 @@ result := _public_allow if {
 # The route table lives in the policy, not in data: it mirrors what the upstream
 # serves and changes with code, not with tenants. `path` is compared as a segment
 # list, so "/v1/chat%2Fcompletions" (one decoded segment "chat/completions") does
-# not match "/v1/chat/completions".
+# not match "/v1/chat/completions". The one list of routes is common/routes.py:
+# this table must equal its ROUTES row for row (tests/test_routes.py checks).
 _routes := [
 	{"id": "healthz", "path": ["healthz"], "methods": ["GET"], "public": true},
 	{"id": "readyz", "path": ["readyz"], "methods": ["GET"], "public": true},

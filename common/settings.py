@@ -1,9 +1,10 @@
-"""Typed configuration: dataclasses filled from YAML plus environment overrides.
+"""Config primitives: fill typed dataclasses from YAML plus environment overrides.
 
 Every component declares its own dataclass (``sidecar.config``, ``inference.config``,
-``otel.config``); this module only knows how to fill any dataclass from plain data
-and how to report a bad key by its full dotted path, so a mistake in a config file
-fails at start-up with a message a person can act on.
+``otel.config``) and checks its values with ``require`` in ``__post_init__``; this module
+only knows how to fill any dataclass from plain data and how to report a bad key by its
+full dotted path, so a mistake in a config file fails at start-up with a message a person
+can act on. The one loader that assembles the sections is ``kernelgate.config.load``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(f"config key '{key}': {message}")
+
+
+def require(condition: bool, message: str) -> None:
+    """A section's own check (``__post_init__``); ``build`` reports the message under the section's key."""
+    if not condition:
+        raise ValueError(message)
 
 
 def load_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:

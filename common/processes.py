@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernelgate.binaries import find_binary
+from common.binaries import find_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 

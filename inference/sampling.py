@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from inference.generation import SamplingParams, TokenLogprobs
+from inference.structured import allowed
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,20 @@ class Pick:
 class PenaltyCounts:
     """How often each sequence generated each token: one row of ``[rows, vocab]`` per penalized sequence.
 
-    Rows are leased to sequences (not tied to batch slots, which move), so one gather reads the
-    counts of a step's penalized rows and one scatter-add updates them.
+    Rows are leased to sequences (not tied to batch slots, which move), with the sequence's
+    two coefficients beside them, so one gather reads a step's counts and coefficients and
+    one scatter-add updates the counts: a handful of kernels per step, however many rows.
     """
 
     def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
         self.table = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
+        self.coefficients = torch.zeros(rows, 2, dtype=torch.float32, device=device)  # frequency, presence
         self._free = list(range(rows - 1, -1, -1))
 
-    def lease(self) -> int:
+    def lease(self, frequency: float, presence: float) -> int:
         row = self._free.pop()
         self.table[row].zero_()
+        self.coefficients[row] = torch.tensor([frequency, presence])
         return row
 
     def release(self, row: int) -> None:
@@ -69,7 +73,7 @@ class RequestSampler:
         self.presence = params.presence_penalty
         self.frequency = params.frequency_penalty
         self._counts = counts if (self.presence or self.frequency) else None
-        self.counts_row = self._counts.lease() if self._counts is not None else -1
+        self.counts_row = self._counts.lease(self.frequency, self.presence) if self._counts is not None else -1
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids, values = zip(*params.logit_bias)
@@ -93,26 +97,38 @@ def next_tokens(logits: torch.Tensor, samplers: list[RequestSampler],
     """Pick one token per row of ``logits`` ``[rows, vocab]``; one device sync in all."""
     if all(s.plain for s in samplers):
         return [Pick(t) for t in _choose(logits, samplers).tolist()]
+    device = logits.device
+    rows = len(samplers)
     raw_rows = [row for row, s in enumerate(samplers) if s.logprobs is not None]
-    raw = logits[raw_rows].float().log_softmax(dim=-1) if raw_rows else None
+    raw = None
+    if raw_rows:
+        selected = logits if len(raw_rows) == rows else logits[torch.tensor(raw_rows, device=device)]
+        raw = selected.float().log_softmax(dim=-1)
     adjusted = _adjust(logits, samplers, counts)
     choices = _choose(adjusted, samplers)
     penalized = [row for row, s in enumerate(samplers) if s.penalized]
     if penalized and counts is not None:
-        table_rows = torch.tensor([samplers[r].counts_row for r in penalized], device=logits.device)
-        counts.table.index_put_((table_rows, choices[penalized]), torch.ones(len(penalized), device=logits.device),
+        index = torch.tensor([[r for r in penalized], [samplers[r].counts_row for r in penalized]], device=device)
+        counts.table.index_put_((index[1], choices[index[0]]), torch.ones(len(penalized), device=device),
                                 accumulate=True)
     if raw is None:
-        tokens = choices.tolist()
-        return [Pick(t) for t in tokens]
+        return [Pick(t) for t in choices.tolist()]
     k = max(samplers[r].logprobs or 0 for r in raw_rows)
-    chosen = raw.gather(1, choices[raw_rows].view(-1, 1)).view(-1)
+    raw_choices = choices if len(raw_rows) == rows else choices[torch.tensor(raw_rows, device=device)]
+    chosen = raw.gather(1, raw_choices.view(-1, 1)).view(-1)
     top_values, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
-    tokens, chosen_l, top_v, top_i = (choices.tolist(), chosen.tolist(), top_values.tolist(), top_ids.tolist())
+    # One copy to the host: tokens, chosen log-probabilities, top values and ids (ids < 2^53 in fp64).
+    packed = torch.cat([choices.double(), chosen.double(), top_values.double().flatten(),
+                        top_ids.double().flatten()]).tolist()
+    n = len(raw_rows)
+    tokens = [int(t) for t in packed[:rows]]
+    chosen_l = packed[rows:rows + n]
+    top_v = packed[rows + n:rows + n + n * k]
+    top_i = packed[rows + n + n * k:]
     picks = [Pick(t) for t in tokens]
     for j, row in enumerate(raw_rows):
         want = samplers[row].logprobs or 0
-        top = tuple(zip(top_i[j][:want], top_v[j][:want]))
+        top = tuple((int(top_i[j * k + c]), top_v[j * k + c]) for c in range(want))
         picks[row] = Pick(tokens[row], (tokens[row], chosen_l[j], top))
     return picks
 
@@ -138,21 +154,19 @@ def _adjust(logits: torch.Tensor, samplers: list[RequestSampler], counts: Penalt
     guided = [row for row, s in enumerate(samplers) if s.guide is not None]
     if not (penalized or biased or guided):
         return logits
+    device = logits.device
     out = logits.float().clone()
     if penalized and counts is not None:
-        device = logits.device
-        table = counts.table[torch.tensor([samplers[r].counts_row for r in penalized], device=device)]
-        frequency = torch.tensor([samplers[r].frequency for r in penalized], device=device).view(-1, 1)
-        presence = torch.tensor([samplers[r].presence for r in penalized], device=device).view(-1, 1)
-        index = torch.tensor(penalized, device=device)
-        out[index] -= frequency * table + presence * (table > 0).float()
+        index = torch.tensor([[r for r in penalized], [samplers[r].counts_row for r in penalized]], device=device)
+        table = counts.table[index[1]]
+        coefficients = counts.coefficients[index[1]]
+        out[index[0]] -= coefficients[:, :1] * table + coefficients[:, 1:] * (table > 0).float()
     for row in biased:
         ids, values = samplers[row].bias  # type: ignore[misc]
         out[row].index_add_(0, ids, values)
     if guided:
-        width = out.shape[1]
-        masks = torch.stack([samplers[r].guide.allowed_mask(width) for r in guided]).to(logits.device)
-        index = torch.tensor(guided, device=logits.device)
+        masks = allowed([samplers[r].guide for r in guided], out.shape[1], device)
+        index = torch.tensor(guided, device=device)
         out[index] = out[index].masked_fill(~masks, float("-inf"))
     return out
 

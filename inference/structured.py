@@ -24,6 +24,8 @@ import torch
 
 from inference.generation import Guide
 
+_BITS = 32
+
 JSON_OPTIONS = {"whitespace_flexible": False}
 
 
@@ -66,17 +68,11 @@ class GrammarMatcher:
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._matcher = matcher
-        self._bitmask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-        self._bits = torch.arange(32, dtype=torch.int32)
+        self.words = (vocab_size + 31) // 32
 
-    def allowed_mask(self, width: int) -> torch.Tensor:
-        """``[width]`` booleans: the tokens that keep the output valid (on the host)."""
-        mask = self._bitmask
-        self._matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * mask.element_size())
-        allowed = ((mask.view(-1, 1) >> self._bits) & 1).view(-1).bool()
-        if allowed.numel() >= width:
-            return allowed[:width]
-        return torch.cat([allowed, torch.zeros(width - allowed.numel(), dtype=torch.bool)])
+    def fill(self, row: torch.Tensor) -> None:
+        """Write the allowed next tokens into ``row`` (host int32 ``[words]``, bit ``t % 32`` of word ``t // 32``)."""
+        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def accept(self, token: int) -> None:
         self._matcher.consume_token(token)
@@ -85,3 +81,21 @@ class GrammarMatcher:
     def done(self) -> bool:
         """The grammar is complete (or broken): nothing more may be generated."""
         return self._matcher.is_stopped() or self._matcher.is_error()
+
+
+def allowed(matchers: list[GrammarMatcher], width: int, device: torch.device) -> torch.Tensor:
+    """``[len(matchers), width]`` booleans on ``device``: each row's allowed next tokens.
+
+    The masks are computed on the host into one int32 bitmask (1/32 of the bytes), copied
+    once, and unpacked on the device.
+    """
+    words = max(m.words for m in matchers)
+    bitmask = torch.zeros(len(matchers), words, dtype=torch.int32, pin_memory=device.type == "cuda")
+    for row, matcher in enumerate(matchers):
+        matcher.fill(bitmask[row])
+    bits = torch.arange(_BITS, dtype=torch.int32, device=device)
+    unpacked = (bitmask.to(device, non_blocking=True).unsqueeze(-1) >> bits) & 1
+    mask = unpacked.view(len(matchers), -1).bool()
+    if mask.shape[1] >= width:
+        return mask[:, :width]
+    return torch.cat([mask, mask.new_zeros(len(matchers), width - mask.shape[1])], dim=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -63,14 +64,17 @@ class OTLPReceiver(metrics_service_pb2_grpc.MetricsServiceServicer, trace_servic
                                     "points": points})
         return out
 
-    def wait_for(self, names: set[str], timeout: float = 60.0) -> list[dict[str, Any]]:
+    def wait_for(self, ready: Callable[[dict[str, dict[str, Any]]], bool],
+                 timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+        """The latest export of each metric by name, once ``ready`` says it holds what the test waits for."""
         deadline = time.monotonic() + timeout
+        latest: dict[str, dict[str, Any]] = {}
         while time.monotonic() < deadline:
-            got = self.metrics()
-            if names <= {m["name"] for m in got}:
-                return got
+            latest = {m["name"]: m for m in self.metrics()}
+            if ready(latest):
+                return latest
             time.sleep(0.2)
-        raise AssertionError(f"metrics {sorted(names - {m['name'] for m in self.metrics()})} never arrived")
+        raise AssertionError(f"the expected metrics never arrived; last seen: {sorted(latest)}")
 
 
 def _attributes(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -225,6 +226,18 @@ class GenerationServing:
                 yield item
         except EngineDeadError as exc:
             raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
+
+    async def generate(self, model: str, sampling: SamplingFields,
+                       tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, tenant: str, span: Span, started: float, operation: str, id_prefix: str,
+                       shapes: ResponseShapes) -> dict[str, Any] | Stream:
+        """A parsed generation request, from model check to its response object or stream."""
+        self.check_model(model)
+        self.describe(span, model, sampling)
+        self.check_ready()
+        prompts = await self.prepare(tokenize)
+        submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", model, tenant, span, prompts, sampling.n,
+                                operation=operation, started=started)
+        return await self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage)
 
     async def respond(self, span: Span, submitted: Submitted, shapes: ResponseShapes, stream: bool,
                       include_usage: bool) -> dict[str, Any] | Stream:

@@ -63,10 +63,12 @@ def test_genai_metrics_reach_the_collector_with_their_names_units_and_attributes
                             json={"model": MODEL, "prompt": "x" * 5000, "max_tokens": 5})
     assert missing.status_code == 400  # refused before generation: no GenAI measurement
 
-    got = receiver.wait_for(set(NAMES))
-    latest: dict[str, dict] = {}
-    for metric in got:  # cumulative temporality: the last export holds every point
-        latest[metric["name"]] = metric
+    def both_requests(latest: dict[str, dict]) -> bool:  # cumulative temporality: the last export has it all
+        return set(NAMES) <= set(latest) and all(
+            {p["attributes"]["gen_ai.operation.name"] for p in latest[name]["points"]} == {"text_completion", "chat"}
+            for name in NAMES)
+
+    latest = receiver.wait_for(both_requests)
     for name, unit in NAMES.items():
         metric = latest[name]
         assert metric["unit"] == unit and metric["kind"] == "histogram"
@@ -102,3 +104,25 @@ def test_tenant_attribute_is_bounded() -> None:
                   if m.name == "gen_ai.server.request.duration"]
     counts = {p.attributes["kernelgate.tenant"]: p.count for p in duration.data.data_points}
     assert counts == {"tenant-0": 1, "tenant-1": 2, "tenant-2": 1, OTHER_TENANT: 7}
+
+
+def test_file_protocol_writes_metrics_beside_the_traces(tmp_path: Path) -> None:
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from otel.config import TelemetryConfig
+    from otel.otlp_file import OTLPFileMetricExporter, read_otlp_file
+    from otel.setup import metrics_path
+
+    traces = tmp_path / "spans.jsonl"
+    assert metrics_path(str(traces)) == str(tmp_path / "spans.metrics.jsonl")
+    assert metrics_path("/x/y/spans") == "/x/y/spans.metrics"
+    assert TelemetryConfig(protocol="file", otlp_endpoint=str(traces)).metrics_interval_s > 0
+    reader = PeriodicExportingMetricReader(OTLPFileMetricExporter(metrics_path(str(traces))),
+                                           export_interval_millis=60_000)
+    provider = MeterProvider(metric_readers=[reader])
+    genai = GenAIMetrics(provider.get_meter("kernelgate.inference"))
+    genai.first_token(genai.attributes("chat", MODEL, "acme"), 0.02)
+    provider.shutdown()  # flushes: one export request, one JSON line
+    [batch] = list(read_otlp_file(metrics_path(str(traces))))
+    names = {m["name"] for rm in batch["resourceMetrics"] for sm in rm["scopeMetrics"] for m in sm["metrics"]}
+    assert names == {"gen_ai.server.time_to_first_token"}

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from common.routes import ROUTES
 from inference.config import LimitsConfig
-from inference.openai.chat.serving import ChatServing
+from inference.openai.chat.serving import OPERATION, ChatServing
 from inference.openai.http import traced_handler
 from inference.tracing import Tracing
 
@@ -14,4 +14,4 @@ PATH = next(r.path for r in ROUTES if r.id == "chat")  # common/routes.py: the o
 
 
 def routes(serving: ChatServing, tracing: Tracing, limits: LimitsConfig) -> list[web.RouteDef]:
-    return [web.post(PATH, traced_handler("chat", serving.create, tracing, limits))]
+    return [web.post(PATH, traced_handler(OPERATION, serving.create, tracing, limits))]

@@ -8,7 +8,6 @@ In: the raw body, the tenant and the request span. Out: a ``chat.completion`` ob
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from opentelemetry.trace import Span
@@ -18,6 +17,8 @@ from inference.openai.chat.protocol import (chat_choice, chat_delta_choice, chat
                                             parse_chat_request)
 from inference.openai.serving import Choice, GenerationServing, LogprobEntry, Stream, Submitted
 
+OPERATION = "chat"  # gen_ai.operation.name
+
 
 class ChatServing:
     def __init__(self, generation: GenerationServing) -> None:
@@ -25,16 +26,10 @@ class ChatServing:
 
     async def create(self, body: bytes, tenant: str, span: Span) -> dict[str, Any] | Stream:
         started = time.monotonic()
-        generation = self._generation
         request = parse_chat_request(protocol.parse_json(body))
-        generation.check_model(request.model)
-        generation.describe(span, request.model, request.sampling)
-        generation.check_ready()
-        prompt = await generation.prepare(lambda preprocessor: preprocessor.chat(request))
-        submitted = generation.submit(f"chatcmpl-{uuid.uuid4().hex}", request.model, tenant, span, [prompt],
-                                      request.sampling.n, operation="chat", started=started)
-        return await generation.respond(span, submitted, _Shapes(), request.sampling.stream,
-                                        request.sampling.include_usage)
+        return await self._generation.generate(
+            request.model, request.sampling, lambda preprocessor: [preprocessor.chat(request)], tenant=tenant,
+            span=span, started=started, operation=OPERATION, id_prefix="chatcmpl", shapes=_Shapes())
 
 
 class _Shapes:

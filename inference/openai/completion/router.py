@@ -6,7 +6,7 @@ from aiohttp import web
 
 from common.routes import ROUTES
 from inference.config import LimitsConfig
-from inference.openai.completion.serving import CompletionServing
+from inference.openai.completion.serving import OPERATION, CompletionServing
 from inference.openai.http import traced_handler
 from inference.tracing import Tracing
 
@@ -14,4 +14,4 @@ PATH = next(r.path for r in ROUTES if r.id == "completions")  # common/routes.py
 
 
 def routes(serving: CompletionServing, tracing: Tracing, limits: LimitsConfig) -> list[web.RouteDef]:
-    return [web.post(PATH, traced_handler("text_completion", serving.create, tracing, limits))]
+    return [web.post(PATH, traced_handler(OPERATION, serving.create, tracing, limits))]

@@ -8,7 +8,6 @@ client must hear about (bad input, not ready, queue full, engine failure).
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from opentelemetry.trace import Span
@@ -18,6 +17,8 @@ from inference.openai.completion.protocol import (completion_choice, completion_
                                                   parse_completion_request)
 from inference.openai.serving import Choice, GenerationServing, LogprobEntry, Stream, Submitted
 
+OPERATION = "text_completion"  # gen_ai.operation.name
+
 
 class CompletionServing:
     def __init__(self, generation: GenerationServing) -> None:
@@ -25,16 +26,10 @@ class CompletionServing:
 
     async def create(self, body: bytes, tenant: str, span: Span) -> dict[str, Any] | Stream:
         started = time.monotonic()
-        generation = self._generation
         request = parse_completion_request(protocol.parse_json(body))
-        generation.check_model(request.model)
-        generation.describe(span, request.model, request.sampling)
-        generation.check_ready()
-        prompts = await generation.prepare(lambda preprocessor: preprocessor.completion(request))
-        submitted = generation.submit(f"cmpl-{uuid.uuid4().hex}", request.model, tenant, span, prompts,
-                                      request.sampling.n, operation="text_completion", started=started)
-        return await generation.respond(span, submitted, _Shapes(), request.sampling.stream,
-                                        request.sampling.include_usage)
+        return await self._generation.generate(
+            request.model, request.sampling, lambda preprocessor: preprocessor.completion(request), tenant=tenant, span=span,
+            started=started, operation=OPERATION, id_prefix="cmpl", shapes=_Shapes())
 
 
 class _Shapes:

@@ -1,6 +1,6 @@
 """What the #20 sampling options cost: tokens/s with each option on vs off, one server, interleaved windows.
 
-One ``kernelgate serve`` (random-weight ``--model``, fp16 on ``--device``, CUDA-graph
+One inference server (random-weight ``--model``, fp16 on ``--device``, CUDA-graph
 decode, batch ``--concurrency``) is driven by ``--concurrency`` closed-loop HTTP clients sending
 ``--prompt-tokens``-token prompts for ``--new-tokens`` tokens (EOS ignored), in windows of
 ``--window-s`` seconds that cycle through the modes ``--rounds`` times (off, logprobs, penalties,
@@ -126,8 +126,12 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     config_path = log_dir / "sampling-overhead-server.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    server = start("sampling-overhead-server", [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config_path)],
-                   log_dir, env={"PYTHONUNBUFFERED": "1"})
+    # The inference server alone (kernelgate.cli would load every section and need Envoy's config libraries).
+    serve = ("import sys, yaml; from common.settings import build; from inference.config import InferenceConfig; "
+             "from inference.server import run; "
+             "run(build(InferenceConfig, yaml.safe_load(open(sys.argv[1]))['inference'], 'inference'))")
+    server = start("sampling-overhead-server", [sys.executable, "-c", serve, str(config_path)], log_dir,
+                   env={"PYTHONUNBUFFERED": "1"})
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, 256, (256, args.prompt_tokens), generator=gen).tolist()  # the demo tokenizer's bytes
     url = f"http://127.0.0.1:{port}/v1/completions"

@@ -42,8 +42,9 @@ class Grammars:
 
         self._llguidance = llguidance
         self._vocab_size = vocab_size
-        self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size,
-                                                       eos_token=list(eos_token_ids) or None)
+        # End-of-sequence ids the tokenizer knows (a random-weight model's config may name one beyond it).
+        eos = [t for t in eos_token_ids if t < len(hf_tokenizer)]
+        self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos or None)
 
     def compile(self, kind: Literal["json_object", "json_schema"], schema: dict[str, Any] | None) -> Guide:
         """The grammar of a response format; GrammarError when it is not usable."""

@@ -226,3 +226,14 @@ async def test_mixed_settings_in_one_batch_equal_each_alone() -> None:
         for index in a.logprobs:
             for (ta, la, topa), (tt, lt, topt) in zip(a.logprobs[index], t.logprobs[index]):
                 assert ta == tt and abs(la - lt) < TOL and [x for x, _ in topa] == [x for x, _ in topt]
+
+
+def test_grammars_for_a_model_whose_vocabulary_and_eos_outrun_the_tokenizer() -> None:
+    """gpt2-medium's random config (vocab 50257, EOS 50256) with the 259-token demo tokenizer (the GPU benchmark)."""
+    from inference.demo_tokenizer import build_demo_tokenizer
+    from inference.structured import Grammars, allowed
+
+    grammars = Grammars(build_demo_tokenizer(), 50257, (50256,))
+    matcher = grammars.matcher(grammars.compile("json_schema", SCHEMA))
+    mask = allowed([matcher], 50257, torch.device("cpu"))
+    assert mask.shape == (1, 50257) and mask[0, ord("{")] and not mask[0, 300:].any()

@@ -10,7 +10,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import json
+import urllib.error
+import urllib.request
+
 import pytest
 import yaml
 from opentelemetry.sdk.metrics import MeterProvider
@@ -49,18 +52,36 @@ def server(tmp_path_factory, receiver: OTLPReceiver) -> Iterator[str]:
     proc.stop()
 
 
+class Reply:
+    def __init__(self, status_code: int, text: str) -> None:
+        self.status_code, self.text = status_code, text
+
+    def json(self) -> dict:
+        return json.loads(self.text)
+
+
+def post(url: str, json_body: dict, headers: dict[str, str] | None = None) -> Reply:
+    request = urllib.request.Request(url, data=json.dumps(json_body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return Reply(resp.status, resp.read().decode())
+    except urllib.error.HTTPError as err:
+        return Reply(err.code, err.read().decode())
+
+
 def test_genai_metrics_reach_the_collector_with_their_names_units_and_attributes(server: str,
                                                                                  receiver: OTLPReceiver) -> None:
     headers = {"x-kernelgate-tenant": "acme"}
-    body = httpx.post(f"{server}/v1/completions", headers=headers, timeout=60,
-                         json={"model": MODEL, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True}).json()
+    body = post(f"{server}/v1/completions", headers=headers,
+                json_body={"model": MODEL, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True}).json()
     assert body["usage"]["completion_tokens"] == 5
-    chat = httpx.post(f"{server}/v1/chat/completions", headers={"x-kernelgate-tenant": "globex"}, timeout=60,
-                         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                               "n": 2, "stream": True, "ignore_eos": True})
+    chat = post(f"{server}/v1/chat/completions", headers={"x-kernelgate-tenant": "globex"},
+                json_body={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                           "n": 2, "stream": True, "ignore_eos": True})
     assert chat.status_code == 200 and chat.text.endswith("data: [DONE]\n\n")
-    missing = httpx.post(f"{server}/v1/completions", timeout=60,
-                            json={"model": MODEL, "prompt": "x" * 5000, "max_tokens": 5})
+    missing = post(f"{server}/v1/completions",
+                   json_body={"model": MODEL, "prompt": "x" * 5000, "max_tokens": 5})
     assert missing.status_code == 400  # refused before generation: no GenAI measurement
 
     def both_requests(latest: dict[str, dict]) -> bool:  # cumulative temporality: the last export has it all

@@ -28,7 +28,7 @@ from inference.generation import (EngineDeadError, EngineNotReadyError, Generati
 from inference.metrics import InferenceMetrics
 from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
-from inference.sampling import PenaltyCounts, Pick, RequestSampler, next_tokens, prompt_logprobs
+from inference.sampling import Pick, RequestSampler, SamplingBuffers, next_tokens, prompt_logprobs
 from inference.scheduler import Scheduler, Sequence
 from inference.structured import Grammars
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
@@ -77,7 +77,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._model: LoadedModel | None = None
         self._runner: ModelRunner | None = None
-        self._counts: PenaltyCounts | None = None
+        self._buffers: SamplingBuffers | None = None
         self._guides: Grammars | None = None
         self._steps = 0
         self.info: ModelInfo | None = None
@@ -158,8 +158,8 @@ class Engine:
                                            device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
                 self._warm_up()
                 freeze_startup_objects()
-                self._counts = PenaltyCounts(self._batching.max_batch_size, self._model.vocab_size,
-                                             self._model.device)
+                self._buffers = SamplingBuffers(self._batching.max_batch_size, self._model.vocab_size,
+                                                self._model.device)
                 self._guides = _grammars(self._model)
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
                                       vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
@@ -244,7 +244,7 @@ class Engine:
                 logits = logits[torch.tensor([row_of[id(s.leader or s)] for s in seqs], device=logits.device)]
         else:
             logits = runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
-        picks = next_tokens(logits, [s.state.sampler for s in seqs], self._counts)
+        picks = next_tokens(logits, [s.state.sampler for s in seqs], self._buffers)
         echoes = {id(leaders[row]): prompt_logprobs(full_logits, leaders[row].token_ids,
                                                     leaders[row].request.params.prompt_logprobs or 0)
                   for row, full_logits in prompt_logits.items()}
@@ -282,7 +282,8 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                        else frozenset(model.eos_token_ids))
         guide = self._guides.matcher(params.guide) if params.guide is not None and self._guides else None
-        sampler = RequestSampler(params, model.device, seed_offset=seq.index, counts=self._counts, guide=guide)
+        counts = self._buffers.counts if self._buffers is not None else None
+        sampler = RequestSampler(params, model.device, seed_offset=seq.index, counts=counts, guide=guide)
         seq.state = _DecodeState(sampler=sampler, detokenizer=IncrementalDetokenizer(backend, len(model.tokenizer)),
                                  stop_filter=StopStringFilter(params.stop), stop_token_ids=stop_ids)
         if seq.index == 0:

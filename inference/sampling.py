@@ -92,29 +92,72 @@ class RequestSampler:
             self.counts_row = -1
 
 
+class SamplingBuffers:
+    """What the sampler keeps on the device across steps: the penalty counts, and a pinned buffer
+    that carries a step's row indices to the device in one asynchronous copy (a tensor built
+    from a Python list would be a blocking copy that waits for the step's forward pass)."""
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
+        self.counts = PenaltyCounts(rows, vocab_size, device)
+        self.device = device
+        self._staging = torch.zeros(5 * rows, dtype=torch.long, pin_memory=device.type == "cuda")
+
+    def stage(self, *lists: list[int]) -> list[torch.Tensor]:
+        """The lists as device tensors. The buffer is reused at the next step, after the step's
+        results were copied back (which waits for this copy too)."""
+        flat = [i for values in lists for i in values]
+        if len(flat) > self._staging.numel():
+            self._staging = torch.zeros(2 * len(flat), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._staging[:len(flat)] = torch.tensor(flat, dtype=torch.long)
+        staged = self._staging[:len(flat)].to(self.device, non_blocking=True)
+        out, start = [], 0
+        for values in lists:
+            out.append(staged[start:start + len(values)])
+            start += len(values)
+        return out
+
+
 def next_tokens(logits: torch.Tensor, samplers: list[RequestSampler],
-                counts: PenaltyCounts | None = None) -> list[Pick]:
+                buffers: SamplingBuffers | None = None) -> list[Pick]:
     """Pick one token per row of ``logits`` ``[rows, vocab]``; one device sync in all."""
     if all(s.plain for s in samplers):
         return [Pick(t) for t in _choose(logits, samplers).tolist()]
-    device = logits.device
+    if buffers is None:
+        buffers = SamplingBuffers(len(samplers), logits.shape[1], logits.device)
     rows = len(samplers)
     raw_rows = [row for row, s in enumerate(samplers) if s.logprobs is not None]
+    penalized = [row for row, s in enumerate(samplers) if s.penalized]
+    guided = [row for row, s in enumerate(samplers) if s.guide is not None]
+    sampled = [row for row, s in enumerate(samplers) if not s.greedy]
+    partial_raw = raw_rows if 0 < len(raw_rows) < rows else []
+    raw_index, pen_index, pen_table, guided_index, sampled_index = buffers.stage(
+        partial_raw, penalized, [samplers[r].counts_row for r in penalized], guided, sampled)
     raw = None
     if raw_rows:
-        selected = logits if len(raw_rows) == rows else logits[torch.tensor(raw_rows, device=device)]
-        raw = selected.float().log_softmax(dim=-1)
-    adjusted = _adjust(logits, samplers, counts)
-    choices = _choose(adjusted, samplers)
-    penalized = [row for row, s in enumerate(samplers) if s.penalized]
-    if penalized and counts is not None:
-        index = torch.tensor([[r for r in penalized], [samplers[r].counts_row for r in penalized]], device=device)
-        counts.table.index_put_((index[1], choices[index[0]]), torch.ones(len(penalized), device=device),
-                                accumulate=True)
+        raw = (logits[raw_index] if partial_raw else logits).float().log_softmax(dim=-1)
+    adjusted = logits
+    if penalized or guided or any(s.bias is not None for s in samplers):
+        adjusted = logits.float().clone()
+        if penalized:
+            table = buffers.counts.table[pen_table]
+            coefficients = buffers.counts.coefficients[pen_table]
+            adjusted[pen_index] -= coefficients[:, :1] * table + coefficients[:, 1:] * (table > 0).float()
+        for row, sampler in enumerate(samplers):
+            if sampler.bias is not None:
+                ids, values = sampler.bias
+                adjusted[row].index_add_(0, ids, values)
+        if guided:
+            masks = allowed([samplers[r].guide for r in guided], adjusted.shape[1], logits.device)
+            adjusted[guided_index] = adjusted[guided_index].masked_fill(~masks, float("-inf"))
+    choices = _choose(adjusted, samplers, sampled_index)
+    if penalized:  # each row once: a scatter-add into the flat table, no sort
+        vocab = buffers.counts.table.shape[1]
+        buffers.counts.table.view(-1).scatter_add_(
+            0, pen_table * vocab + choices[pen_index], torch.ones(len(penalized), device=logits.device))
     if raw is None:
         return [Pick(t) for t in choices.tolist()]
     k = max(samplers[r].logprobs or 0 for r in raw_rows)
-    raw_choices = choices if len(raw_rows) == rows else choices[torch.tensor(raw_rows, device=device)]
+    raw_choices = choices[raw_index] if partial_raw else choices
     chosen = raw.gather(1, raw_choices.view(-1, 1)).view(-1)
     top_values, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
     # One copy to the host: tokens, chosen log-probabilities, top values and ids (ids < 2^53 in fp64).
@@ -147,37 +190,16 @@ def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[To
     return tuple(out)
 
 
-def _adjust(logits: torch.Tensor, samplers: list[RequestSampler], counts: PenaltyCounts | None) -> torch.Tensor:
-    """Penalties, bias and grammar masks applied to a copy of the rows that have them."""
-    penalized = [row for row, s in enumerate(samplers) if s.penalized]
-    biased = [row for row, s in enumerate(samplers) if s.bias is not None]
-    guided = [row for row, s in enumerate(samplers) if s.guide is not None]
-    if not (penalized or biased or guided):
-        return logits
-    device = logits.device
-    out = logits.float().clone()
-    if penalized and counts is not None:
-        index = torch.tensor([[r for r in penalized], [samplers[r].counts_row for r in penalized]], device=device)
-        table = counts.table[index[1]]
-        coefficients = counts.coefficients[index[1]]
-        out[index[0]] -= coefficients[:, :1] * table + coefficients[:, 1:] * (table > 0).float()
-    for row in biased:
-        ids, values = samplers[row].bias  # type: ignore[misc]
-        out[row].index_add_(0, ids, values)
-    if guided:
-        masks = allowed([samplers[r].guide for r in guided], out.shape[1], device)
-        index = torch.tensor(guided, device=device)
-        out[index] = out[index].masked_fill(~masks, float("-inf"))
-    return out
-
-
-def _choose(logits: torch.Tensor, samplers: list[RequestSampler]) -> torch.Tensor:
+def _choose(logits: torch.Tensor, samplers: list[RequestSampler],
+            sampled_index: torch.Tensor | None = None) -> torch.Tensor:
     choices = logits.argmax(dim=-1)
     sampled_rows = [row for row, sampler in enumerate(samplers) if not sampler.greedy]
     if sampled_rows:
         picks = [_sample_row(logits[row], samplers[row]) for row in sampled_rows]
         choices = choices.clone()
-        choices[torch.tensor(sampled_rows, device=logits.device)] = torch.stack(picks)
+        if sampled_index is None:
+            sampled_index = torch.tensor(sampled_rows, device=logits.device)
+        choices[sampled_index] = torch.stack(picks)
     return choices
 
 

@@ -3,7 +3,7 @@
 The config dataclasses (``sidecar.config``, ``inference.config``, ``otel.config``,
 ``kernelgate.envoy_config``, ``kernelgate.config``) take their defaults from here, and
 ``kernelgate inject`` binds the same ports; ``config/kernelgate.yaml`` and ``k8s/base`` spell
-them out for readers and ``tests/test_ports.py`` checks they agree with this module.
+them out for readers and ``tests/common/test_ports.py`` checks they agree with this module.
 """
 
 from __future__ import annotations

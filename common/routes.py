@@ -9,7 +9,7 @@ route (probes) is allowed with no identity, the others need the route's credenti
 through Envoy: the policy answers 404 for them.
 
 Checked against this module by tests (a fourth list is a bug):
-- ``tests/test_routes.py``: the policy's ``_routes`` table (through ``opa eval``), the routes
+- ``tests/common/test_routes.py``: the policy's ``_routes`` table (through ``opa eval``), the routes
   the inference server's aiohttp app registers, and the HTTP probe paths of ``k8s/base``.
 - ``k8s/base/policies/authz.rego`` is a copy of the policy (``scripts/render-k8s.sh``,
   checked by the k8s tests).

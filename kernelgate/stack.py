@@ -47,8 +47,7 @@ def run_stack(config: KernelgateConfig, config_path: str | None) -> int:
                              config.stack.policies_dir])
         wait_http(f"{config.authz.opa.url}/health", proc=opa)
 
-        telemetry = config.telemetry
-        if config.stack.start_jaeger and telemetry is not None and telemetry.enabled:
+        if config.stack.start_jaeger and config.telemetry.enabled:
             jaeger = launch("jaeger", [find_binary("jaeger")])
             wait_tcp(config.stack.jaeger_otlp_port, proc=jaeger, timeout=60)
 

@@ -51,7 +51,7 @@ result := _public_allow if {
 # serves and changes with code, not with tenants. `path` is compared as a segment
 # list, so "/v1/chat%2Fcompletions" (one decoded segment "chat/completions") does
 # not match "/v1/chat/completions". The one list of routes is common/routes.py:
-# this table must equal its ROUTES row for row (tests/test_routes.py checks).
+# this table must equal its ROUTES row for row (tests/common/test_routes.py checks).
 _routes := [
 	{"id": "healthz", "path": ["healthz"], "methods": ["GET"], "public": true},
 	{"id": "readyz", "path": ["readyz"], "methods": ["GET"], "public": true},

@@ -2,8 +2,8 @@
 # Regenerate the files k8s/base derives from the rest of the repo. kustomize reads only
 # files inside its own directory, so the policies and the demo secrets are copied there;
 # the Envoy ConfigMap is `kernelgate envoy-config` of the pod's config file, never edited
-# by hand. tests/test_k8s.py fails when any of them is stale. (The route table in the policy
-# is checked against common/routes.py, the one list of routes, by tests/test_routes.py.)
+# by hand. tests/kernelgate/test_k8s.py fails when any of them is stale. (The route table in the policy
+# is checked against common/routes.py, the one list of routes, by tests/common/test_routes.py.)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${KERNELGATE_HOME:-$HOME/.cache/kernelgate}/venv"

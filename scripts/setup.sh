@@ -100,7 +100,7 @@ fi
 # an unchanged pyproject costs nothing on the next run.
 stamp="$VENV/.kernelgate-deps"
 want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c 'import sidecar' >/dev/null 2>&1 \
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c 'import sidecar, common' >/dev/null 2>&1 \
    || [ "$("$PY" -c 'import sidecar,os;print(os.path.dirname(os.path.dirname(sidecar.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
   log "installing kernelgate and its dependencies"
   DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --no-build-isolation -e "$ROOT[inference,gpu,dev,bench]"

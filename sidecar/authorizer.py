@@ -22,7 +22,7 @@ from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, Decision, DecisionUnavailable
 from sidecar.decision_log import DecisionLogger, DecisionRecord
 from sidecar.identity import AuthError, Authenticator, Identity
-from sidecar.input import CheckInput, InputLimits, build_input
+from sidecar.input import CheckInput, InputLimits, build_input, policy_document
 from sidecar.metrics import SidecarMetrics
 from sidecar.ratelimit import (
     RateLimiter,
@@ -37,28 +37,57 @@ from sidecar.ratelimit import (
 log = logging.getLogger("kernelgate.authz")
 
 
-@dataclass
-class Verdict:
-    """What was decided, for the log line, the metrics and the span."""
+@dataclass(frozen=True)
+class CheckResult:
+    """What one check found, step by step (as opa-envoy-plugin's EvalResult): the response sent
+    back and everything the decision log, the metrics and the span need. Built once, at the end."""
 
-    outcome: str = "deny"
+    decision_id: str
+    response: Any
+    outcome: str = "deny"  # "allow" | "deny"
     http_status: int = 403
     reason: str = ""
-    cache_hit: bool = False
-    shadow_denied: bool = False
-    rate_limit: dict[str, Any] | None = None
+    input: CheckInput | None = None
+    identity: Identity | None = None
+    decision: Decision | None = None
+    rate_limit: RateLimitResult | None = None
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.decision is not None and self.decision.source == "cache"
+
+    @property
+    def shadow_denied(self) -> bool:
+        """Rate limits would have denied, but ``ratelimit.shadow`` let it through."""
+        return self.outcome == "allow" and self.rate_limit is not None and not self.rate_limit.allowed
+
+    def rate_limit_record(self) -> dict[str, Any]:
+        r = self.rate_limit
+        if r is None:
+            return {}
+        return {"backend": r.backend, "degraded": r.degraded,
+                "budgets": {s.kind: {"limit": s.limit, "remaining": s.remaining} for s in r.states}}
 
 
-def _unavailable(verdict: Verdict, reason: str, message: str) -> Any:
+class Refusal(Exception):
+    """A step ends the check with this answer (401, the policy's deny, 429, 503)."""
+
+    def __init__(self, http_status: int, reason: str, response: Any) -> None:
+        super().__init__(reason)
+        self.http_status, self.reason, self.response = http_status, reason, response
+
+
+def _unavailable(reason: str, message: str) -> Refusal:
     """503 + Retry-After: the sidecar cannot decide right now (fail closed)."""
-    verdict.reason, verdict.http_status = reason, 503
-    return response.deny(503, response.error_body(message, "service_unavailable", reason), {"retry-after": "1"})
+    return Refusal(503, reason, response.deny(
+        503, response.error_body(message, "service_unavailable", reason), {"retry-after": "1"}))
 
 
 class Authorizer:
     def __init__(self, config: SidecarConfig, authenticator: Authenticator, decider: Decider,
                  rate_limiter: RateLimiter | None, decision_log: DecisionLogger,
                  metrics: SidecarMetrics, tracer: trace.Tracer | None = None):
+        """``rate_limiter`` None: rate limits are off (``build_rate_limiter`` decides)."""
         self._config = config
         self._authenticator = authenticator
         self._decider = decider
@@ -77,85 +106,82 @@ class Authorizer:
         """``call_metadata``: the gRPC call's metadata, where Envoy puts its ext_authz span's context."""
         started = time.perf_counter()
         decision_id = f"{self._ids.getrandbits(128):032x}"
-        headers = dict(check_request.attributes.request.http.headers)
-        carrier = call_metadata if call_metadata and "traceparent" in call_metadata else headers
-        parent = propagate.extract(carrier)
-        verdict = Verdict()
-        identity: Identity | None = None
-        check_input: CheckInput | None = None
-        with self._tracer.start_as_current_span("ext_authz.check", context=parent,
+        headers = check_request.attributes.request.http.headers
+        carrier = call_metadata if call_metadata and "traceparent" in call_metadata else dict(headers)
+        with self._tracer.start_as_current_span("ext_authz.check", context=propagate.extract(carrier),
                                                 kind=trace.SpanKind.SERVER) as span:
             try:
-                check_input = build_input(check_request, self._limits)
-                result, identity = await self._decide(check_input, decision_id, verdict)
+                result = await self._evaluate(check_request, decision_id)
             except Exception:  # noqa: BLE001 - a bug must answer 500, never kill the stream
                 log.exception("check failed unexpectedly (decision %s)", decision_id)
-                verdict.reason, verdict.http_status, verdict.outcome = "internal_error", 500, "deny"
-                result = response.deny(500, response.error_body(
-                    "the authorization service failed to process this request", "internal_error"), {})
-            self._record(span, verdict, identity, check_input, decision_id, headers, started)
-        return result
+                result = CheckResult(decision_id, response.deny(500, response.error_body(
+                    "the authorization service failed to process this request", "internal_error"), {}),
+                    http_status=500, reason="internal_error")
+            self._record(span, result, headers.get("x-request-id", ""), started)
+        return result.response
 
-    async def _decide(self, check_input: CheckInput, decision_id: str, verdict: Verdict) -> tuple[Any, Identity | None]:
-        document = check_input.document
+    async def _evaluate(self, check_request: Any, decision_id: str) -> CheckResult:
+        """input -> identity -> policy -> rate limits -> response; each step returns its value
+        or raises Refusal, and what the steps returned so far goes into the result."""
+        check_input = build_input(check_request, self._limits)
+        identity: Identity | None = None
+        decision: Decision | None = None
+        limited: RateLimitResult | None = None
+        try:
+            identity = self._authenticate(check_input)
+            body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None
+            estimated = estimate_tokens(body, self._config.ratelimit)
+            decision = await self._decide(policy_document(check_input, identity.to_input(), estimated))
+            limited = await self._rate_limit(check_input, identity, decision, estimated)
+            client_headers = {**decision.response_headers_to_add, **self._rate_limit_client_headers(limited)}
+            if limited is not None and not limited.allowed and not self._config.ratelimit.shadow:
+                raise Refusal(429, "rate_limited", response.deny(429, response.error_body(
+                    "rate limit exceeded: " + ", ".join(
+                        s.kind for s in limited.states if s.retry_after_s > 0) + " budget spent",
+                    "rate_limit_error", "rate_limited"), client_headers))
+        except Refusal as refusal:
+            return CheckResult(decision_id, refusal.response, "deny", refusal.http_status, refusal.reason,
+                               check_input, identity, decision, limited)
+        upstream_headers = {**decision.headers, **self._rate_limit_upstream_headers(limited),
+                            **self._identity_headers(identity, decision_id)}
+        allowed = response.allow(upstream_headers, self._headers_to_remove(check_input.headers, upstream_headers,
+                                                                           decision),
+                                 client_headers, decision.dynamic_metadata)
+        return CheckResult(decision_id, allowed, "allow", 200, decision.reason, check_input, identity, decision,
+                           limited)
+
+    def _authenticate(self, check_input: CheckInput) -> Identity:
         with self._child_span("identity"):
             try:
-                identity = self._authenticator.authenticate(check_input.headers)
+                return self._authenticator.authenticate(check_input.headers)
             except AuthError as exc:
-                verdict.reason, verdict.http_status = exc.reason, 401
-                return response.deny(401, response.error_body(exc.message, "authentication_error", exc.reason),
-                                     {"www-authenticate": exc.www_authenticate}), None
-        document["identity"] = identity.to_input()
-        estimated = estimate_tokens(check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None,
-                                    self._config.ratelimit)
-        document["kernelgate"]["estimated_tokens"] = estimated
+                raise Refusal(401, exc.reason, response.deny(
+                    401, response.error_body(exc.message, "authentication_error", exc.reason),
+                    {"www-authenticate": exc.www_authenticate})) from None
 
+    async def _decide(self, document: Mapping[str, Any]) -> Decision:
+        """The policy's decision; a deny becomes a Refusal carrying the policy's answer."""
         with self._child_span("opa.query") as opa_span:
             try:
                 decision = await self._decider.decide(document)
             except DecisionUnavailable as exc:
                 opa_span.set_status(trace.StatusCode.ERROR, str(exc))
                 decision = self._on_opa_failure(exc)
-                if decision is None:
-                    return _unavailable(verdict, "policy_unavailable",
-                                        "authorization is temporarily unavailable"), identity
             opa_span.set_attribute("kernelgate.cache_hit", decision.source == "cache")
-        verdict.cache_hit = decision.source == "cache"
-        self._metrics.cache.labels("hit" if verdict.cache_hit else "miss").inc()
-        verdict.reason = decision.reason
-
+        self._metrics.cache.labels("hit" if decision.source == "cache" else "miss").inc()
         if not decision.allowed:
-            verdict.http_status = decision.http_status
             body = decision.body or response.error_body("request denied by policy", "permission_denied",
                                                         decision.reason)
-            return response.deny(decision.http_status, body, {**decision.headers, **decision.response_headers_to_add},
-                                 decision.dynamic_metadata), identity
-
-        client_headers: dict[str, str] = dict(decision.response_headers_to_add)
-        upstream_headers: dict[str, str] = dict(decision.headers)
-        if self._rate_limiter is not None and self._config.ratelimit.enabled:
-            limited = await self._rate_limit(check_input, identity, decision, estimated, verdict)
-            if isinstance(limited, RateLimitResult):
-                client_headers.update(rate_limit_headers(limited))
-                upstream_headers.update(upstream_rate_limit_headers(limited, self._prefix))
-                if not limited.allowed and not self._config.ratelimit.shadow:
-                    verdict.http_status, verdict.reason = 429, "rate_limited"
-                    return response.deny(429, response.error_body(
-                        "rate limit exceeded: " + ", ".join(
-                            s.kind for s in limited.states if s.retry_after_s > 0) + " budget spent",
-                        "rate_limit_error", "rate_limited"), client_headers), identity
-                verdict.shadow_denied = not limited.allowed
-            elif limited is not None:
-                return limited, identity
-
-        verdict.outcome, verdict.http_status = "allow", 200
-        upstream_headers.update(self._identity_headers(identity, decision_id))
-        return response.allow(upstream_headers, self._headers_to_remove(check_input.headers, upstream_headers,
-                                                                       decision),
-                              client_headers, decision.dynamic_metadata), identity
+            raise Refusal(decision.http_status, decision.reason, response.deny(
+                decision.http_status, body, {**decision.headers, **decision.response_headers_to_add},
+                decision.dynamic_metadata))
+        return decision
 
     async def _rate_limit(self, check_input: CheckInput, identity: Identity, decision: Decision,
-                          estimated: int, verdict: Verdict) -> RateLimitResult | Any | None:
+                          estimated: int) -> RateLimitResult | None:
+        """The charge's result; None when rate limits are off or no budget applies."""
+        if self._rate_limiter is None:
+            return None
         body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else {}
         model = body.get("model") if isinstance(body.get("model"), str) else None
         try:
@@ -163,7 +189,7 @@ class Authorizer:
                                   self._config.ratelimit.rules, estimated)
         except ValueError as exc:  # a policy bug must not mean "no limit"
             log.error("policy returned an invalid rate_limit: %s", exc)
-            return _unavailable(verdict, "invalid_rate_limit", "rate limits for this request are misconfigured")
+            raise _unavailable("invalid_rate_limit", "rate limits for this request are misconfigured") from None
         if not budgets:
             return None
         with self._child_span("ratelimit") as span:
@@ -172,14 +198,18 @@ class Authorizer:
             except RateLimitUnavailable:
                 span.set_status(trace.StatusCode.ERROR, "rate-limit backend unavailable")
                 self._metrics.ratelimit.labels("unavailable", self._config.ratelimit.backend).inc()
-                return _unavailable(verdict, "ratelimit_unavailable", "rate limiting is temporarily unavailable")
+                raise _unavailable("ratelimit_unavailable", "rate limiting is temporarily unavailable") from None
             span.set_attribute("kernelgate.ratelimit.backend", result.backend)
             span.set_attribute("kernelgate.ratelimit.degraded", result.degraded)
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
-        verdict.rate_limit = {"backend": result.backend, "degraded": result.degraded,
-                              "budgets": {s.kind: {"limit": s.limit, "remaining": s.remaining}
-                                          for s in result.states}}
         return result
+
+    @staticmethod
+    def _rate_limit_client_headers(result: RateLimitResult | None) -> dict[str, str]:
+        return rate_limit_headers(result) if result is not None else {}
+
+    def _rate_limit_upstream_headers(self, result: RateLimitResult | None) -> dict[str, str]:
+        return upstream_rate_limit_headers(result, self._prefix) if result is not None else {}
 
     def _child_span(self, name: str) -> Any:
         """A child of the current span, or nothing when the check is not being recorded.
@@ -191,13 +221,14 @@ class Authorizer:
             return self._tracer.start_as_current_span(name)
         return contextlib.nullcontext(trace.INVALID_SPAN)
 
-    def _on_opa_failure(self, exc: DecisionUnavailable) -> Decision | None:
+    def _on_opa_failure(self, exc: DecisionUnavailable) -> Decision:
+        """``opa.failure_mode`` allow: a fail-open decision; deny: Refusal 503."""
         mode = self._config.opa.failure_mode
         self._metrics.opa_failures.labels(mode).inc()
         log.warning("policy decision unavailable (%s): failing %s", exc, "open" if mode == "allow" else "closed")
         if mode == "allow":
             return Decision(allowed=True, reason="fail_open", source="fail_open")
-        return None
+        raise _unavailable("policy_unavailable", "authorization is temporarily unavailable")
 
     def _identity_headers(self, identity: Identity, decision_id: str) -> dict[str, str]:
         p = self._prefix
@@ -219,39 +250,38 @@ class Authorizer:
         remove.update(h.lower() for h in decision.request_headers_to_remove)
         return sorted(remove)
 
-    def _record(self, span: trace.Span, verdict: Verdict, identity: Identity | None,
-                check_input: CheckInput | None, decision_id: str, headers: Mapping[str, str],
-                started: float) -> None:
+    def _record(self, span: trace.Span, result: CheckResult, request_id: str, started: float) -> None:
         latency = time.perf_counter() - started
-        self._metrics.checks.labels(verdict.outcome, verdict.reason).inc()
+        self._metrics.checks.labels(result.outcome, result.reason).inc()
         self._metrics.latency.observe(latency)
+        identity, check_input = result.identity, result.input
         tenant = identity.tenant if identity else None
         if span.is_recording():
-            span.set_attribute("kernelgate.decision", verdict.outcome)
-            span.set_attribute("kernelgate.decision_id", decision_id)
-            span.set_attribute("http.response.status_code", verdict.http_status)
-            span.set_attribute("kernelgate.reason", verdict.reason)
-            span.set_attribute("kernelgate.cache_hit", verdict.cache_hit)
+            span.set_attribute("kernelgate.decision", result.outcome)
+            span.set_attribute("kernelgate.decision_id", result.decision_id)
+            span.set_attribute("http.response.status_code", result.http_status)
+            span.set_attribute("kernelgate.reason", result.reason)
+            span.set_attribute("kernelgate.cache_hit", result.cache_hit)
             span.set_attribute("kernelgate.policy_revision", self._decider.revision[:16])
             if tenant:
                 span.set_attribute("kernelgate.tenant", tenant)
-            for kind, state in (verdict.rate_limit or {}).get("budgets", {}).items():
-                span.set_attribute(f"kernelgate.ratelimit.{kind}.remaining", state["remaining"])
-            if verdict.outcome != "allow":
-                span.set_attribute("kernelgate.deny_reason", verdict.reason)
+            for state in result.rate_limit.states if result.rate_limit else ():
+                span.set_attribute(f"kernelgate.ratelimit.{state.kind}.remaining", state.remaining)
+            if result.outcome != "allow":
+                span.set_attribute("kernelgate.deny_reason", result.reason)
         self._decision_log.write(DecisionRecord(
-            decision_id=decision_id,
-            request_id=headers.get("x-request-id", ""),
+            decision_id=result.decision_id,
+            request_id=request_id,
             tenant=tenant,
             identity_method=identity.method if identity else "invalid",
             method=check_input.method if check_input else "",
             path=check_input.path if check_input else "",
-            outcome=verdict.outcome,
-            http_status=verdict.http_status,
-            reason=verdict.reason,
+            outcome=result.outcome,
+            http_status=result.http_status,
+            reason=result.reason,
             latency_ms=round(latency * 1000, 3),
-            cache_hit=verdict.cache_hit,
+            cache_hit=result.cache_hit,
             policy_revision=self._decider.revision[:16],
-            shadow_denied=verdict.shadow_denied,
-            rate_limit=verdict.rate_limit or {},
+            shadow_denied=result.shadow_denied,
+            rate_limit=result.rate_limit_record(),
         ))

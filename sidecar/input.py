@@ -6,13 +6,15 @@ Shape (protojson names, as opa-envoy-plugin's ``envoyauth/request.go``)::
     attributes.source / destination (socketAddress), contextExtensions, metadataContext
     parsed_path, parsed_query, parsed_body, truncated_body, version
 
-kernelgate adds ``identity`` (filled in later by the server) and ``kernelgate``
-(``body_error`` and ``estimated_tokens``) so a policy can answer bad bodies with a
-clear 4xx instead of guessing why ``parsed_body`` is missing.
+``build_input`` gives the request's part; ``policy_document`` returns a new document that adds
+``identity`` and ``kernelgate`` (``body_error`` and ``estimated_tokens``) once those are known,
+so a policy can answer bad bodies with a clear 4xx instead of guessing why ``parsed_body`` is
+missing. Neither changes a document it was given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -101,6 +103,12 @@ def build_input(check_request: Any, limits: InputLimits = InputLimits()) -> Chec
         headers=headers,
         parsed_body=parsed_body,
     )
+
+
+def policy_document(check_input: CheckInput, identity: Mapping[str, Any], estimated_tokens: int) -> dict[str, Any]:
+    """The document OPA evaluates: the request's document plus who asks and what it may cost."""
+    base = check_input.document
+    return {**base, "identity": identity, "kernelgate": {**base["kernelgate"], "estimated_tokens": estimated_tokens}}
 
 
 def parse_path(path: str) -> list[str]:

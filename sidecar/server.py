@@ -82,7 +82,7 @@ async def start(config: SidecarConfig) -> Sidecar:
     authenticator = Authenticator(config.identity)
     opa_client = WasmPolicyClient(config.opa) if config.opa.mode == "wasm" else OpaPolicyClient(config.opa)
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
-    rate_limiter = build_rate_limiter(config.ratelimit) if config.ratelimit.enabled else None
+    rate_limiter = build_rate_limiter(config.ratelimit)
     decision_log = DecisionLogger(config.decision_log)
     authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics)
 

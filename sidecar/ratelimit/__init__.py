@@ -11,7 +11,7 @@ from sidecar.ratelimit.base import (
     RateLimitUnavailable,
 )
 from sidecar.ratelimit.descriptors import budgets_for, estimate_tokens
-from sidecar.ratelimit.fallback import DisabledRateLimiter, FallbackRateLimiter, build_rate_limiter
+from sidecar.ratelimit.fallback import FallbackRateLimiter, build_rate_limiter
 from sidecar.ratelimit.headers import rate_limit_headers, upstream_rate_limit_headers
 from sidecar.ratelimit.memory import MemoryRateLimiter
 from sidecar.ratelimit.redis import RedisRateLimiter
@@ -20,7 +20,6 @@ __all__ = [
     "BackendUnavailable",
     "Budget",
     "BudgetState",
-    "DisabledRateLimiter",
     "FallbackRateLimiter",
     "MemoryRateLimiter",
     "RateLimitResult",

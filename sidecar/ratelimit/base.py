@@ -43,7 +43,7 @@ class BudgetState:
 class RateLimitResult:
     allowed: bool
     states: tuple[BudgetState, ...]
-    backend: str  # "memory", "redis", "disabled"
+    backend: str  # "memory", "redis"
     degraded: bool = False  # the configured backend failed and redis_failure_mode answered
 
     def most_constraining(self) -> BudgetState | None:

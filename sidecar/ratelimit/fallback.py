@@ -78,22 +78,11 @@ class FallbackRateLimiter:
         await self._local.close()
 
 
-class DisabledRateLimiter:
-    """``ratelimit.enabled: false``: every request allowed, nothing counted."""
-
-    backend = "disabled"
-
-    async def charge(self, budgets: Sequence[Budget]) -> RateLimitResult:
-        return RateLimitResult(True, (), self.backend)
-
-    async def close(self) -> None:
-        return None
-
-
-def build_rate_limiter(config: RateLimitConfig) -> RateLimiter:
-    """The limiter ``config`` asks for (``shadow`` is the server's business: it ignores denials)."""
+def build_rate_limiter(config: RateLimitConfig) -> RateLimiter | None:
+    """The limiter ``config`` asks for, or None when rate limits are off: the one place that
+    decides whether they are on (``shadow`` is the authorizer's business: it ignores denials)."""
     if not config.enabled:
-        return DisabledRateLimiter()
+        return None
     if config.backend == "memory":
         return MemoryRateLimiter()
     redis_limiter = RedisRateLimiter(config.redis_url, config.redis_timeout_s, config.redis_key_prefix)

@@ -1,0 +1,1 @@
+"""Tests of otel/: tracing set-up, kernel capture (CPU here; CUPTI on a GPU)."""

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from kernelgate.config import load
 from sidecar import server
+from tests.e2e.test_authz_e2e import post
 from tests.stack import ACME_KEY, AuthzStack
-from tests.test_authz_e2e import post
 
 SECRET = ACME_KEY
 

@@ -9,8 +9,8 @@ import signal
 
 import aiohttp
 
+from tests.e2e.test_authz_e2e import COMPLETION, set_limits, upstream_count
 from tests.stack import ACME_KEY, AuthzStack
-from tests.test_authz_e2e import COMPLETION, set_limits, upstream_count
 
 
 async def drive(stack: AuthzStack, stop: asyncio.Event, statuses: list[int], workers: int = 4) -> None:

@@ -20,9 +20,9 @@ from sidecar.config import OpaConfig
 from sidecar.input import build_input
 from sidecar.opa_wasm import BundleError, WasmPolicyClient
 from tests import procs
+from tests.e2e.test_authz_e2e import post
+from tests.e2e.test_hostile_input import check_request
 from tests.stack import AuthzStack, ACME_KEY
-from tests.test_authz_e2e import post
-from tests.test_hostile_input import check_request
 
 IDENTITIES = [
     {"authenticated": True, "method": "api_key", "tenant": "acme", "tier": "pro", "scopes": ["*"], "subject": None},

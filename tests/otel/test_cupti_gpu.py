@@ -1,5 +1,5 @@
 """CuptiCapture against the real CUPTI, on a GPU with ``cupti-python`` installed (the ``gpu``
-extra); skipped elsewhere. Run on the device: ``python3 -m pytest -q tests/test_cupti_gpu.py``."""
+extra); skipped elsewhere. Run on the device: ``python3 -m pytest -q tests/otel/test_cupti_gpu.py``."""
 
 from __future__ import annotations
 

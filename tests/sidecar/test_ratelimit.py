@@ -15,7 +15,6 @@ from sidecar.ratelimit import (
     BackendUnavailable,
     Budget,
     BudgetState,
-    DisabledRateLimiter,
     FallbackRateLimiter,
     MemoryRateLimiter,
     RateLimitResult,
@@ -271,7 +270,7 @@ async def test_redis_recovers_without_recreating_limiter(redis_server: procs.Pro
 
 def test_build_rate_limiter() -> None:
     assert isinstance(build_rate_limiter(RateLimitConfig()), MemoryRateLimiter)
-    assert isinstance(build_rate_limiter(RateLimitConfig(enabled=False)), DisabledRateLimiter)
+    assert build_rate_limiter(RateLimitConfig(enabled=False)) is None  # off: decided here, nowhere else
     assert isinstance(build_rate_limiter(RateLimitConfig(backend="redis")), FallbackRateLimiter)
 
 

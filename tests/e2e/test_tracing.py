@@ -18,9 +18,9 @@ import yaml
 
 from kernelgate.envoy_config import EnvoyConfig, render
 from tests import procs
+from tests.e2e.test_authz_e2e import COMPLETION, post
 from tests.jaeger import Jaeger, Span, Trace, pytest_jaeger
 from tests.stack import ACME_KEY, GLOBEX_KEY, AuthzStack
-from tests.test_authz_e2e import COMPLETION, post
 
 jaeger = pytest.fixture(scope="module")(pytest_jaeger)
 

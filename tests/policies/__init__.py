@@ -1,0 +1,1 @@
+"""Tests of policies/: opa test and opa check --strict."""

@@ -1,0 +1,1 @@
+"""Tests of sidecar/: input, identity, decision, OPA (server and Wasm), rate limits, the gRPC server."""

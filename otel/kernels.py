@@ -485,6 +485,10 @@ class _Selected:
     reason: str
     steps_left: int
     spans_left: int
+    span: Any = None  # the live request span: its GPU share goes on it before it ends
+    share_ns: int = 0  # its share of the GPU time of its captured passes, exported so far
+    pending: int = 0  # captured passes not yet exported
+    end_ns: int | None = None  # set when the request is done and its span waits for pending passes
 
 
 @dataclass
@@ -526,6 +530,7 @@ class KernelTracer:
         self._requests: dict[int, _Selected] = {}  # by request span id; event loop adds, engine reads
         self._active: list[_Selected] | None = None  # engine thread only
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_pending)
+        self._closing: list[_Selected] = []  # done requests whose spans wait for their passes
         self.stats = KernelStats()
         self._worker = threading.Thread(target=self._work, name="kernelgate-kernel-spans", daemon=True)
         self._worker.start()
@@ -542,16 +547,27 @@ class KernelTracer:
             if reason is None:
                 return None
             self._requests[ctx.span_id] = _Selected(ctx, reason, self._config.steps_per_request,
-                                                    self._config.max_spans_per_trace)
+                                                    self._config.max_spans_per_trace, span)
             self.stats.selected += 1
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
         span.set_attribute("kernelgate.kernels.capture", reason)
         return reason
 
-    def on_request_end(self, span_context: SpanContext) -> None:
-        if self._requests:
-            with self._lock:
-                self._requests.pop(span_context.span_id, None)
+    def on_request_end(self, span: trace.Span, end_ns: int) -> bool:
+        """Done: a captured request's span gets its GPU share; ended here, or by the worker once its
+        pending passes are exported (True)."""
+        if not self._requests:
+            return False
+        with self._lock:
+            selected = self._requests.pop(span.get_span_context().span_id, None)
+            if selected is None:
+                return False
+            if selected.pending:
+                selected.end_ns = end_ns
+                self._closing.append(selected)
+                return True
+        _end_with_share(selected, end_ns)
+        return True
 
     # -- engine side (ForwardObserver) -------------------------------------------------------------------
     def start(self, step: Any) -> None:
@@ -599,10 +615,14 @@ class KernelTracer:
         finally:
             self.stats.engine_thread_ns += time.perf_counter_ns() - began
         self.stats.captures += 1
+        with self._lock:
+            for target in targets:
+                target.pending += 1
         try:
             self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, raw))
         except queue.Full:
             self.stats.dropped_captures += 1
+            self._settle(targets)
 
     # -- worker ---------------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
@@ -611,8 +631,12 @@ class KernelTracer:
             self._jobs.put(None, timeout=timeout)
         except queue.Full:
             log.warning("kernel span worker still busy; pending captures dropped")
-            return
-        self._worker.join(timeout)
+        else:
+            self._worker.join(timeout)
+        with self._lock:
+            closing, self._closing = self._closing, []
+        for selected in closing:  # spans still waiting end now, with what was exported
+            _end_with_share(selected, selected.end_ns or self._clock())
 
     def _work(self) -> None:
         while True:
@@ -625,14 +649,30 @@ class KernelTracer:
             except Exception:  # noqa: BLE001 - a bad profile loses its spans, nothing else
                 self.stats.failures += 1
                 log.exception("kernel spans of step %s not exported", getattr(job.step, "index", "?"))
+            finally:
+                self._settle(job.targets)
             self.stats.worker_ns += time.perf_counter_ns() - began
+
+    def _settle(self, targets: list[_Selected]) -> None:
+        """One pass of each target is exported (or lost); a done request with none left gets its span ended."""
+        done = []
+        with self._lock:
+            for target in targets:
+                target.pending -= 1
+                if target.pending == 0 and target in self._closing:
+                    self._closing.remove(target)
+                    done.append(target)
+        for target in done:
+            _end_with_share(target, target.end_ns or self._clock())
 
     def _export(self, job: _Job) -> None:
         events, anchor = self._capture.events(job.raw)
         for target in job.targets:
+            plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after,
+                                     max(target.spans_left - 1, 0))
+            target.share_ns += request_share(job.step, target.span_context.span_id, plan.gpu_time_ns)
             if target.spans_left <= 1:
                 continue
-            plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after, target.spans_left - 1)
             target.spans_left -= 1 + len(plan.spans)
             self.stats.exported_spans += 1 + len(plan.spans)
             self._emit(job, target, plan, anchor)
@@ -679,6 +719,15 @@ class KernelTracer:
                                     attributes=attributes).end(end_time=k.end_ns)
         # Ends with its last kernel, so it stays inside the step span (which ends before finish() runs).
         forward.end(end_time=plan.last_ns if plan.spans else job.window[1])
+
+
+def _end_with_share(selected: _Selected, end_ns: int) -> None:
+    """End a captured request's span with its share of the GPU time of its captured passes."""
+    span = selected.span
+    if span is None:
+        return
+    span.set_attribute("kernelgate.gpu.request_share_ns", selected.share_ns)
+    span.end(end_time=end_ns)
 
 
 def resolve_activities(config: KernelTraceConfig) -> Activities:

@@ -61,7 +61,8 @@ async def test_request_shares_of_each_captured_pass_sum_to_its_kernel_time(serve
         engine.shutdown(10)
         kernels.close()
         provider.shutdown()
-    forwards = [s for s in exporter.get_finished_spans() if s.name == FORWARD_SPAN]
+    finished = exporter.get_finished_spans()
+    forwards = [s for s in finished if s.name == FORWARD_SPAN]
     assert forwards, "every request was selected for capture"
     by_step: dict[int, list] = defaultdict(list)
     for span in forwards:
@@ -81,3 +82,10 @@ async def test_request_shares_of_each_captured_pass_sum_to_its_kernel_time(serve
         share = sorted(s.attributes["kernelgate.gpu.request_share_ns"] for s in spans)
         assert share == sorted(gpu_shares(total, [5, 40, 17]))
     assert len(prefill) == 1 and checked >= 3
+    # Each request's server span carries the sum of its passes' shares (it waited for their export).
+    requests = [s for s in finished if s.name == "POST /v1/completions"]
+    assert len(requests) == 3
+    for request in requests:
+        mine = [f for f in forwards if f.context.trace_id == request.context.trace_id]
+        assert mine and request.attributes["kernelgate.gpu.request_share_ns"] == sum(
+            f.attributes["kernelgate.gpu.request_share_ns"] for f in mine)

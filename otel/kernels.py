@@ -488,6 +488,7 @@ class _Selected:
     span: Any = None  # the live request span: its GPU share goes on it before it ends
     share_ns: int = 0  # its share of the GPU time of its captured passes, exported so far
     pending: int = 0  # captured passes not yet exported
+    passes: int = 0  # captured passes exported
     end_ns: int | None = None  # set when the request is done and its span waits for pending passes
 
 
@@ -671,6 +672,7 @@ class KernelTracer:
             plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after,
                                      max(target.spans_left - 1, 0))
             target.share_ns += request_share(job.step, target.span_context.span_id, plan.gpu_time_ns)
+            target.passes += 1
             if target.spans_left <= 1:
                 continue
             target.spans_left -= 1 + len(plan.spans)
@@ -726,7 +728,8 @@ def _end_with_share(selected: _Selected, end_ns: int) -> None:
     span = selected.span
     if span is None:
         return
-    span.set_attribute("kernelgate.gpu.request_share_ns", selected.share_ns)
+    if selected.passes:  # none: selected, but no pass was captured (the profiler was busy)
+        span.set_attribute("kernelgate.gpu.request_share_ns", selected.share_ns)
     span.end(end_time=end_ns)
 
 

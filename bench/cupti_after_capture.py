@@ -3,7 +3,7 @@
 Builds the server's model path (``load_model`` + ``ModelRunner``: random-weight model, HF
 backend, CUDA graphs for decode) in a child process per variant, then times batch-16 decode
 steps (CUDA graph replay) and batch-1 eager prefills before and after captures made with
-``otel.kernels.TorchProfilerCapture`` as the engine makes them (start, one forward pass, stop),
+``otel.kernels.torch_capture.TorchProfilerCapture`` as the engine makes them (start, one forward pass, stop),
 and what each capture cost: start, stop, and the worker's parse; each capture's kernels are
 checked to map (through the clock anchor) inside the wall-clock window around it.
 
@@ -68,7 +68,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from bench.pass_timing import PassTimer
-    from otel.kernels import TorchProfilerCapture
+    from otel.kernels.torch_capture import TorchProfilerCapture
 
     cuda = args.device == "cuda"
     out: dict[str, Any] = {}

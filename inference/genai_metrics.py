@@ -20,7 +20,9 @@ import threading
 
 from opentelemetry import metrics
 
-METER_NAME = "kernelgate.inference"
+from otel import names
+
+METER_NAME = names.INFERENCE_TRACER  # the instrumentation scope of the server's spans and metrics
 PROVIDER = "kernelgate"
 OTHER_TENANT = "other"
 DEFAULT_MAX_TENANTS = 64
@@ -57,22 +59,23 @@ class GenAIMetrics:
         meter = meter or metrics.get_meter(METER_NAME)
         self._tenant = TenantBound(max_tenants)
         self._duration = meter.create_histogram(
-            "gen_ai.server.request.duration", unit="s", description="Generative AI server request duration",
+            names.METRIC_SERVER_REQUEST_DURATION, unit="s", description="Generative AI server request duration",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS)
         self._ttft = meter.create_histogram(
-            "gen_ai.server.time_to_first_token", unit="s", description="Time to generate first token",
+            names.METRIC_SERVER_TIME_TO_FIRST_TOKEN, unit="s", description="Time to generate first token",
             explicit_bucket_boundaries_advisory=_TTFT_BUCKETS)
         self._tpot = meter.create_histogram(
-            "gen_ai.server.time_per_output_token", unit="s",
+            names.METRIC_SERVER_TIME_PER_OUTPUT_TOKEN, unit="s",
             description="Time per output token generated after the first token",
             explicit_bucket_boundaries_advisory=_TPOT_BUCKETS)
         self._tokens = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Number of input and output tokens used",
+            names.METRIC_CLIENT_TOKEN_USAGE, unit="{token}", description="Number of input and output tokens used",
             explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
 
     def attributes(self, operation: str, model: str, tenant: str) -> dict[str, str]:
-        return {"gen_ai.operation.name": operation, "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": model,
-                "gen_ai.response.model": model, "kernelgate.tenant": self._tenant(tenant)}
+        return {names.GEN_AI_OPERATION_NAME: operation, names.GEN_AI_PROVIDER_NAME: PROVIDER,
+                names.GEN_AI_REQUEST_MODEL: model, names.GEN_AI_RESPONSE_MODEL: model,
+                names.TENANT: self._tenant(tenant)}
 
     def first_token(self, attributes: dict[str, str], seconds: float) -> None:
         self._ttft.record(seconds, attributes)
@@ -82,10 +85,10 @@ class GenAIMetrics:
         """A response ended: its duration, its tokens, and (when a choice made several) the time per
         output token after the first (``decode_seconds`` over the longest choice's ``longest`` tokens)."""
         if error is not None:
-            self._duration.record(seconds, {**attributes, "error.type": error})
+            self._duration.record(seconds, {**attributes, names.ERROR_TYPE: error})
             return
         self._duration.record(seconds, attributes)
-        self._tokens.record(input_tokens, {**attributes, "gen_ai.token.type": "input"})
-        self._tokens.record(output_tokens, {**attributes, "gen_ai.token.type": "output"})
+        self._tokens.record(input_tokens, {**attributes, names.GEN_AI_TOKEN_TYPE: "input"})
+        self._tokens.record(output_tokens, {**attributes, names.GEN_AI_TOKEN_TYPE: "output"})
         if decode_seconds is not None and longest > 1:
             self._tpot.record(decode_seconds / (longest - 1), attributes)

@@ -35,11 +35,21 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     """
     tracing = tracing or Tracing()
     owns_engine = engine is None
+    group = None
     if engine is None:
         from inference.engine import Engine
 
         metrics = InferenceMetrics(CollectorRegistry())
-        engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer)
+        if config.model.tp_size > 1:
+            from inference.tensor_parallel import TensorParallelGroup
+            from common.processes import free_port
+
+            group = TensorParallelGroup(config.model, config.batching, free_port())
+            engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer,
+                            load=group.load, wrap_runner=group.mirror)
+            group.on_follower_exit = engine.fail
+        else:
+            engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer)
     else:
         metrics = engine.metrics  # type: ignore[attr-defined]
     if encoder is None and config.embeddings.enabled:
@@ -61,6 +71,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         loop = asyncio.get_running_loop()
         if owns_engine:
             await loop.run_in_executor(None, engine.shutdown, config.limits.drain_timeout_s)  # type: ignore[attr-defined]
+        if group is not None:
+            await loop.run_in_executor(None, group.close)
         if encoder is not None and hasattr(encoder, "close"):
             encoder.close()
         preprocess_executor.shutdown(wait=False, cancel_futures=True)

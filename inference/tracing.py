@@ -7,7 +7,7 @@ child spans; and one ``engine.step`` span per forward pass, linked to the span o
 request in that batch. Engine-side spans are created after the fact from recorded
 timestamps, so nothing is added to the forward pass itself.
 
-:class:`ForwardObserver` is the hook for kernel-level tracing (``otel/kernels.py``).
+:class:`ForwardObserver` is the hook for kernel-level tracing (``otel/kernels/``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
-TRACER_NAME = "kernelgate.inference"
+from otel import names
+
+TRACER_NAME = names.INFERENCE_TRACER
 
 StepPhase = Literal["prefill", "decode"]
 
@@ -43,6 +45,12 @@ class StepInfo:
     # prefill, 0 for a sequence that copies another's prefill, 1 in a decode): how a pass's GPU
     # time is divided among its requests.
     tokens_per_sequence: tuple[int, ...] = ()
+
+
+def step_attributes(step: StepInfo) -> dict[str, Any]:
+    """The attributes of a step's ``engine.step`` span (``otel.sampling.StepThinningSampler`` reads two)."""
+    return {names.STEP_PHASE: step.phase, names.STEP_INDEX: step.index, names.STEP_BATCH_SIZE: step.batch_size,
+            names.STEP_NUM_TOKENS: step.num_tokens}
 
 
 class ForwardObserver(Protocol):
@@ -93,7 +101,7 @@ class Tracing:
             except Exception as exc:
                 # Client errors (4xx) leave a server span's status unset; only 5xx are errors.
                 status = getattr(exc, "status", 500)
-                span.set_attribute("http.response.status_code", status)
+                span.set_attribute(names.HTTP_RESPONSE_STATUS_CODE, status)
                 if status >= 500:
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -121,18 +129,23 @@ class Tracing:
 
     def record_step(self, step: StepInfo, end_ns: int, request_contexts: Sequence[SpanContext | None],
                     attributes: Mapping[str, Any]) -> SpanContext | None:
-        """The ``engine.step`` span of a finished forward pass, linked to its requests' spans.
+        """The ``engine.step`` span of a finished forward pass, linked to its requests' spans; its
+        step attributes (the ones the step-thinning sampler reads) come from ``step``.
 
         It belongs to the trace of the batch's first head-sampled request (so that request's
         trace shows its steps, and a step is recorded exactly when one of its requests is);
         the other requests reach it through their link.
         """
         valid = [c for c in request_contexts if c is not None and c.is_valid]
-        links = [Link(c) for c in valid]
         owner = next((c for c in valid if c.trace_flags.sampled), valid[0] if valid else None)
         parent = trace.set_span_in_context(trace.NonRecordingSpan(owner)) if owner else otel_context.Context()
-        span = self.tracer.start_span("engine.step", context=parent, links=links,
-                                      start_time=step.start_time_ns, attributes=attributes)
+        span = self.tracer.start_span(names.STEP_SPAN, context=parent, start_time=step.start_time_ns,
+                                      attributes={**step_attributes(step), **attributes})
+        # Linked once recorded: most steps are thinned out (otel/sampling.py, which decides by
+        # phase and index, not links), and building a batch's links cost them ~2/3 of their time.
+        if span.is_recording():
+            for context in valid:
+                span.add_link(context)
         span.end(end_time=end_ns)
         span_context = span.get_span_context()
         return span_context if span_context.is_valid else None

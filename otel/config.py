@@ -28,8 +28,8 @@ class KernelTraceConfig:
     # Kernels of one name beyond this count in one forward are folded into one span with a count.
     fold_after: int = 8
     # Forward passes profiled per captured request: its prefill, then (if > 1) decode steps after it.
-    # Each pass costs the engine thread ~21 ms on an H100 with CUPTI, ~34 ms with torch's profiler
-    # (bench/results/tracing_gpu.json, tracing_gpu_interleaved.json), so 1.
+    # Each pass costs the engine thread ~21 ms on an H100 with CUPTI attached at the pass, ~34 ms
+    # with torch's profiler, ~44 ms on an H200 with CUPTI attached ahead (docs/tracing.md, Cost), so 1.
     steps_per_request: int = 1
     # What the profiler records: "cuda" kernels, "cpu" operators (CPU-only serving, tests), or by device.
     activities: Literal["auto", "cuda", "cpu"] = "auto"
@@ -38,6 +38,14 @@ class KernelTraceConfig:
     capture: Literal["auto", "cupti", "torch"] = "auto"
     # Captures waiting for the worker thread; beyond this a capture is dropped, never waited for.
     max_pending: int = 8
+    # cupti: attach CUPTI on a thread of its own as soon as a request is selected, so the engine
+    # thread only enables, flushes and detaches (the attach, 13-17 ms, is off it); the request's
+    # first pass after that is captured (usually an early decode step rather than its prefill).
+    # false: attach on the engine thread at the pass (its prefill is captured).
+    prepare_ahead: bool = True
+    # Adaptive cap: captures are admitted while the engine-thread stall they measure stays under
+    # this share of wall-clock time (per cent; 0: no cap but max_captures_per_minute). See budget.py.
+    stall_budget_pct: float = 1.0
 
     def __post_init__(self) -> None:
         require(0.0 <= self.ratio <= 1.0, f"kernels.ratio must be within 0..1, got {self.ratio}")
@@ -46,6 +54,8 @@ class KernelTraceConfig:
         require(self.fold_after >= 1, "kernels.fold_after must be >= 1")
         require(self.steps_per_request >= 1, "kernels.steps_per_request must be >= 1")
         require(self.max_pending >= 1, "kernels.max_pending must be >= 1")
+        require(0.0 <= self.stall_budget_pct <= 100.0,
+                f"kernels.stall_budget_pct must be within 0..100, got {self.stall_budget_pct}")
         require(not (self.capture == "cupti" and self.activities == "cpu"),
                 "kernels.capture: cupti records CUDA kernels only; use torch (or auto) with activities: cpu")
 

@@ -16,10 +16,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
-# Names the inference server uses (inference/tracing.py, inference/engine.py).
-STEP_SPAN = "engine.step"
-STEP_PHASE = "kernelgate.step.phase"
-STEP_INDEX = "kernelgate.step.index"
+from otel.names import STEP_INDEX, STEP_PHASE, STEP_SPAN
 
 
 class StepThinningSampler(Sampler):

@@ -17,6 +17,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from common.version import __version__
+from otel import names
 from otel.config import TelemetryConfig
 
 # Downward-API environment variables (k8s/) -> resource attributes.
@@ -115,7 +116,7 @@ def metrics_path(traces_path: str) -> str:
 
 @contextlib.contextmanager
 def kernel_tracing(config: TelemetryConfig | None) -> Iterator[object | None]:
-    """The kernel tracer (otel/kernels.py) of this process, or None when tracing or capture is off.
+    """The kernel tracer (otel/kernels/) of this process, or None when tracing or capture is off.
 
     Enter it inside ``configure_tracing``: its worker exports what is pending before the
     provider shuts down.
@@ -123,9 +124,10 @@ def kernel_tracing(config: TelemetryConfig | None) -> Iterator[object | None]:
     if config is None or not config.enabled or not config.kernels.enabled:
         yield None
         return
-    from otel.kernels import TRACER_NAME, KernelTracer, make_capture
+    from otel.kernels.factory import make_capture
+    from otel.kernels.tracer import KernelTracer
 
-    tracer = KernelTracer(config.kernels, trace.get_tracer(TRACER_NAME), make_capture(config.kernels))
+    tracer = KernelTracer(config.kernels, trace.get_tracer(names.KERNELS_TRACER), make_capture(config.kernels))
     try:
         yield tracer
     finally:

@@ -17,6 +17,8 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 
+from otel import names
+
 from sidecar import response
 from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, Decision, DecisionUnavailable
@@ -94,7 +96,7 @@ class Authorizer:
         self._rate_limiter = rate_limiter
         self._decision_log = decision_log
         self._metrics = metrics
-        self._tracer = tracer or trace.get_tracer("kernelgate.sidecar")
+        self._tracer = tracer or trace.get_tracer(names.SIDECAR_TRACER)
         self._limits = InputLimits(max_body_bytes=config.max_body_bytes)
         self._prefix = config.header_prefix.lower()
         self._credential_headers = ("authorization", config.identity.api_key_header.lower())
@@ -108,7 +110,7 @@ class Authorizer:
         decision_id = f"{self._ids.getrandbits(128):032x}"
         headers = check_request.attributes.request.http.headers
         carrier = call_metadata if call_metadata and "traceparent" in call_metadata else dict(headers)
-        with self._tracer.start_as_current_span("ext_authz.check", context=propagate.extract(carrier),
+        with self._tracer.start_as_current_span(names.AUTHZ_CHECK_SPAN, context=propagate.extract(carrier),
                                                 kind=trace.SpanKind.SERVER) as span:
             try:
                 result = await self._evaluate(check_request, decision_id)
@@ -151,7 +153,7 @@ class Authorizer:
                            limited)
 
     def _authenticate(self, check_input: CheckInput) -> Identity:
-        with self._child_span("identity"):
+        with self._child_span(names.IDENTITY_SPAN):
             try:
                 return self._authenticator.authenticate(check_input.headers)
             except AuthError as exc:
@@ -161,13 +163,13 @@ class Authorizer:
 
     async def _decide(self, document: Mapping[str, Any]) -> Decision:
         """The policy's decision; a deny becomes a Refusal carrying the policy's answer."""
-        with self._child_span("opa.query") as opa_span:
+        with self._child_span(names.OPA_QUERY_SPAN) as opa_span:
             try:
                 decision = await self._decider.decide(document)
             except DecisionUnavailable as exc:
                 opa_span.set_status(trace.StatusCode.ERROR, str(exc))
                 decision = self._on_opa_failure(exc)
-            opa_span.set_attribute("kernelgate.cache_hit", decision.source == "cache")
+            opa_span.set_attribute(names.CACHE_HIT, decision.source == "cache")
         self._metrics.cache.labels("hit" if decision.source == "cache" else "miss").inc()
         if not decision.allowed:
             body = decision.body or response.error_body("request denied by policy", "permission_denied",
@@ -192,15 +194,15 @@ class Authorizer:
             raise _unavailable("invalid_rate_limit", "rate limits for this request are misconfigured") from None
         if not budgets:
             return None
-        with self._child_span("ratelimit") as span:
+        with self._child_span(names.RATELIMIT_SPAN) as span:
             try:
                 result = await self._rate_limiter.charge(budgets)
             except RateLimitUnavailable:
                 span.set_status(trace.StatusCode.ERROR, "rate-limit backend unavailable")
                 self._metrics.ratelimit.labels("unavailable", self._config.ratelimit.backend).inc()
                 raise _unavailable("ratelimit_unavailable", "rate limiting is temporarily unavailable") from None
-            span.set_attribute("kernelgate.ratelimit.backend", result.backend)
-            span.set_attribute("kernelgate.ratelimit.degraded", result.degraded)
+            span.set_attribute(names.RATELIMIT_BACKEND, result.backend)
+            span.set_attribute(names.RATELIMIT_DEGRADED, result.degraded)
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
         return result
 
@@ -257,18 +259,18 @@ class Authorizer:
         identity, check_input = result.identity, result.input
         tenant = identity.tenant if identity else None
         if span.is_recording():
-            span.set_attribute("kernelgate.decision", result.outcome)
-            span.set_attribute("kernelgate.decision_id", result.decision_id)
-            span.set_attribute("http.response.status_code", result.http_status)
-            span.set_attribute("kernelgate.reason", result.reason)
-            span.set_attribute("kernelgate.cache_hit", result.cache_hit)
-            span.set_attribute("kernelgate.policy_revision", self._decider.revision[:16])
+            span.set_attribute(names.DECISION, result.outcome)
+            span.set_attribute(names.DECISION_ID, result.decision_id)
+            span.set_attribute(names.HTTP_RESPONSE_STATUS_CODE, result.http_status)
+            span.set_attribute(names.REASON, result.reason)
+            span.set_attribute(names.CACHE_HIT, result.cache_hit)
+            span.set_attribute(names.POLICY_REVISION, self._decider.revision[:16])
             if tenant:
-                span.set_attribute("kernelgate.tenant", tenant)
+                span.set_attribute(names.TENANT, tenant)
             for state in result.rate_limit.states if result.rate_limit else ():
-                span.set_attribute(f"kernelgate.ratelimit.{state.kind}.remaining", state.remaining)
+                span.set_attribute(names.ratelimit_remaining(state.kind), state.remaining)
             if result.outcome != "allow":
-                span.set_attribute("kernelgate.deny_reason", result.reason)
+                span.set_attribute(names.DENY_REASON, result.reason)
         self._decision_log.write(DecisionRecord(
             decision_id=result.decision_id,
             request_id=request_id,

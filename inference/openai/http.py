@@ -21,6 +21,7 @@ from opentelemetry.trace import Span
 from inference.config import LimitsConfig
 from inference.openai.protocol import RequestError
 from inference.tracing import Tracing
+from otel import names
 
 TENANT_HEADER = "x-kernelgate-tenant"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -113,8 +114,9 @@ def traced_handler(operation: str, create: Create, tracing: Tracing,
 
     async def handle(request: web.Request) -> web.StreamResponse:
         tenant = tenant_of(request.headers)
-        attributes = {"gen_ai.operation.name": operation, "kernelgate.tenant": tenant}
-        with tracing.request_span(f"POST {request.path}", request.headers, attributes) as span:
+        attributes = {names.GEN_AI_OPERATION_NAME: operation, names.TENANT: tenant}
+        with tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
+                                  attributes) as span:
             deadline = asyncio.get_running_loop().time() + timeout_s
             body = await read_body(request, limits.max_body_bytes)
             result = await before(deadline, timeout_s, create(body, tenant, span))

@@ -25,6 +25,7 @@ from inference.generation import (EngineDeadError, EngineError, EngineNotReadyEr
 from inference.openai.preprocess import PreparedPrompt, Preprocessor
 from inference.openai.protocol import RequestError, SamplingFields, usage
 from inference.tracing import Tracing
+from otel import names
 
 T = TypeVar("T")
 
@@ -177,13 +178,13 @@ class GenerationServing:
 
     def describe(self, span: Span, model: str, sampling: SamplingFields) -> None:
         """The request's GenAI attributes on its span."""
-        span.set_attribute("gen_ai.request.model", model)
-        span.set_attribute("gen_ai.request.temperature", sampling.temperature)
-        span.set_attribute("gen_ai.request.top_p", sampling.top_p)
+        span.set_attribute(names.GEN_AI_REQUEST_MODEL, model)
+        span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
+        span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
         if sampling.max_tokens is not None:
-            span.set_attribute("gen_ai.request.max_tokens", sampling.max_tokens)
+            span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, sampling.max_tokens)
         if sampling.seed is not None:
-            span.set_attribute("gen_ai.request.seed", sampling.seed)
+            span.set_attribute(names.GEN_AI_REQUEST_SEED, sampling.seed)
 
     def check_ready(self) -> None:
         if not self._engine.ready:
@@ -194,7 +195,7 @@ class GenerationServing:
         """Run ``tokenize`` on the worker thread, inside a ``preprocess`` span."""
         preprocessor = self._preprocessor_of_model()
         loop = asyncio.get_running_loop()
-        with self._tracing.child_span("preprocess"):
+        with self._tracing.child_span(names.PREPROCESS_SPAN):
             return await loop.run_in_executor(self._executor, tokenize, preprocessor)
 
     def submit(self, request_id: str, model: str, tenant: str, span: Span, prompts: Sequence[PreparedPrompt],
@@ -213,7 +214,7 @@ class GenerationServing:
             if isinstance(exc, EngineError):
                 raise self._engine_error(exc) from None
             raise
-        span.set_attribute("gen_ai.response.id", request_id)
+        span.set_attribute(names.GEN_AI_RESPONSE_ID, request_id)
         return Submitted(request_id=request_id, created=int(time.time()), model=model,
                          prompt_tokens=sum(len(p.token_ids) for p in prompts), streams=tuple(streams), n=n,
                          echoes=tuple(p.echo for p in prompts), started=started,
@@ -312,10 +313,10 @@ class GenerationServing:
 
     def finish(self, span: Span, submitted: Submitted, outcome: Outcome) -> None:
         """Where every generation response ends, whole or cut short: usage and finish reasons."""
-        span.set_attribute("gen_ai.usage.input_tokens", submitted.prompt_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", outcome.completion_tokens)
+        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, submitted.prompt_tokens)
+        span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, outcome.completion_tokens)
         if any(outcome.reasons):
-            span.set_attribute("gen_ai.response.finish_reasons", outcome.finish_reasons)
+            span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, outcome.finish_reasons)
         if submitted.metric_attributes is not None:
             now = time.monotonic()
             self._genai.response(submitted.metric_attributes, now - submitted.started, submitted.prompt_tokens,

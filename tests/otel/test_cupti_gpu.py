@@ -18,7 +18,8 @@ pytestmark = [
 
 def test_real_cupti_records_each_pass_inside_its_window_and_attaches_again_after_detaching() -> None:
     from otel.config import KernelTraceConfig
-    from otel.kernels import CuptiCapture, make_capture
+    from otel.kernels.cupti_capture import CuptiCapture
+    from otel.kernels.factory import make_capture
 
     capture = make_capture(KernelTraceConfig(activities="cuda"))
     assert isinstance(capture, CuptiCapture), "auto picks CUPTI on a GPU with cupti-python"

@@ -150,3 +150,14 @@ def test_file_protocol_writes_metrics_beside_the_traces(tmp_path: Path) -> None:
     [batch] = list(read_otlp_file(metrics_path(str(traces))))
     names = {m["name"] for rm in batch["resourceMetrics"] for sm in rm["scopeMetrics"] for m in sm["metrics"]}
     assert names == {"gen_ai.server.time_to_first_token"}
+
+
+def test_metric_names_are_the_semantic_conventions() -> None:
+    from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+
+    from otel import names
+
+    assert names.METRIC_SERVER_REQUEST_DURATION == gen_ai_metrics.GEN_AI_SERVER_REQUEST_DURATION
+    assert names.METRIC_SERVER_TIME_TO_FIRST_TOKEN == gen_ai_metrics.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN
+    assert names.METRIC_SERVER_TIME_PER_OUTPUT_TOKEN == gen_ai_metrics.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN
+    assert names.METRIC_CLIENT_TOKEN_USAGE == gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE

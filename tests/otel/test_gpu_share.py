@@ -17,7 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from inference.config import BatchingConfig
 from inference.tracing import Tracing
 from otel.config import KernelTraceConfig
-from otel.kernels import FORWARD_SPAN, KernelTracer, TorchProfilerCapture, gpu_shares
+from otel.kernels.plan import gpu_shares
+from otel.kernels.torch_capture import TorchProfilerCapture
+from otel.kernels.tracer import KernelTracer
+from otel.names import FORWARD_SPAN
 from tests.inference.conftest import serve  # noqa: F401 - the in-process server fixture
 from tests.inference.helpers import make_engine, tiny_config
 

@@ -1,4 +1,4 @@
-"""Kernel capture (otel/kernels.py) without a GPU: the pure parts on synthetic events, the
+"""Kernel capture (otel/kernels/) without a GPU: the pure parts on synthetic events, the
 capture on CPU operators, and the observer end to end into the SDK's in-memory exporter."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 from opentelemetry import trace
@@ -17,10 +16,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from otel.config import KernelTraceConfig
-from otel.kernels import (
-    FORWARD_SPAN, CaptureSampler, ClockAnchor, CuptiCapture, KernelEvent, KernelTracer, TorchProfilerCapture, in_ratio,
-    is_forced, plan_kernel_spans, short_kernel_name,
-)
+from otel.kernels.cupti_capture import CuptiCapture
+from otel.kernels.plan import ClockAnchor, KernelEvent, plan_kernel_spans, short_kernel_name
+from otel.kernels.selection import CaptureSampler, in_ratio, is_forced
+from otel.kernels.torch_capture import TorchProfilerCapture
+from otel.kernels.tracer import KernelTracer
+from otel.names import FORWARD_SPAN
+from tests.otel.fake_cupti import GEMM, FakeCupti, fake_demangle
 
 MS = 1_000_000
 
@@ -176,15 +178,6 @@ class Step:
     request_ids: tuple[str, ...]
     start_time_ns: int
     trace_contexts: tuple = ()
-
-
-@pytest.fixture
-def sdk():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
 
 
 def run_steps(tracer: KernelTracer, provider: TracerProvider, contexts: tuple, steps: int,
@@ -411,81 +404,6 @@ def test_kernels_of_a_thinned_step_hang_off_the_request() -> None:
 
 
 # --- CUPTI's Activity API, through a fake of cupti-python's module ---------------------------------------------
-class FakeCupti:
-    """What CuptiCapture uses of ``cupti.cupti``, with the behaviour measured on the H100
-    (bench/results/cupti_direct.json): records only while a kind is enabled *and* buffer
-    callbacks are registered, ``finalize`` forgets the callbacks, ``activity_flush_all``
-    hands the buffered records to the completed callback on the calling thread. Its clock
-    runs ``OFFSET`` behind the wall clock, like CUPTI's own timestamp base."""
-
-    OFFSET = 123_456_789_000
-
-    class ActivityKind:
-        MEMCPY = 1
-        CONCURRENT_KERNEL = 10
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.callbacks = None
-        self.enabled: set[int] = set()
-        self.buffered: list = []
-        self.fail: dict[str, Exception] = {}
-
-    def _call(self, name: str) -> None:
-        self.calls.append(name)
-        if name in self.fail:
-            raise self.fail.pop(name)
-
-    def activity_register_callbacks(self, requested, completed) -> None:
-        self._call("register")
-        self.callbacks = (requested, completed)
-
-    def activity_enable(self, kind: int) -> None:
-        self._call("enable")
-        self.enabled.add(kind)
-
-    def activity_disable(self, kind: int) -> None:
-        self._call("disable")
-        self.enabled.discard(kind)
-
-    def activity_flush_all(self, flag: int) -> None:
-        self._call("flush")
-        if self.callbacks and self.buffered:
-            size, _ = self.callbacks[0]()
-            assert size > 0
-            records, self.buffered = self.buffered, []
-            self.callbacks[1](records)
-
-    def finalize(self) -> None:
-        self._call("finalize")
-        self.callbacks, self.enabled, self.buffered = None, set(), []
-
-    def get_timestamp(self) -> int:
-        return time.time_ns() - self.OFFSET
-
-    def launch(self, name: str, duration_ns: int = 20_000, kind: int = ActivityKind.CONCURRENT_KERNEL) -> int:
-        """A kernel (or copy) runs now, recorded if CUPTI listens; returns when it started (wall clock)."""
-        start = self.get_timestamp()
-        if kind in self.enabled and self.callbacks:
-            self.buffered.append(SimpleNamespace(kind=kind, name=name, start=start, end=start + duration_ns,
-                                                 device_id=0, stream_id=7))
-        return start + self.OFFSET
-
-    def deliver_full_buffer(self) -> None:
-        """CUPTI hands a full buffer back on a thread of its own, before any flush."""
-        records, self.buffered = self.buffered, []
-        worker = threading.Thread(target=self.callbacks[1], args=(records,))
-        worker.start()
-        worker.join()
-
-
-GEMM = "_ZN2at6native4gemmIfLi4EEEvPfi"
-
-
-def fake_demangle(name: str) -> str:
-    return {GEMM: "void at::native::gemm<float, 4>(float*, int)"}.get(name, name)
-
-
 def run_fake_steps(tracer: KernelTracer, cupti: FakeCupti, context: SpanContext, steps: int,
                    kernels: tuple[str, ...] = (GEMM,) * 6 + ("softmax",)) -> list[int]:
     """Engine steps whose pass launches ``kernels`` (and a copy); returns the wall time of each launch."""
@@ -582,7 +500,7 @@ def test_cupti_capture_whose_flush_fails_still_detaches_and_leaks_nothing_into_t
 def test_capture_choice_follows_the_config(monkeypatch) -> None:
     import importlib.util
 
-    from otel import kernels
+    from otel.kernels import factory as kernels
 
     assert isinstance(kernels.make_capture(KernelTraceConfig(activities="cpu")), TorchProfilerCapture)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "cupti" else None)

@@ -14,6 +14,7 @@ from inference.openai import protocol
 from inference.openai.embeddings.protocol import embedding_object, parse_embedding_request
 from inference.openai.protocol import RequestError
 from inference.openai.serving import ServedModels
+from otel import names
 
 
 class EmbeddingBackend(Protocol):
@@ -41,10 +42,10 @@ class EmbeddingServing:
             if request.model == self._models.generation:
                 raise RequestError(400, f"model '{request.model}' does not support embeddings", "model")
             raise RequestError(404, f"model '{request.model}' does not exist", "model", code="model_not_found")
-        span.set_attribute("gen_ai.request.model", request.model)
+        span.set_attribute(names.GEN_AI_REQUEST_MODEL, request.model)
         if not encoder.ready:
             raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
                                headers={"Retry-After": str(self._retry_after_s)})
         result = await encoder.embed(list(request.inputs), request.encoding_format)
-        span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
+        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
         return embedding_object(request.model, result.vectors, result.prompt_tokens)

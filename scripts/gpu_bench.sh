@@ -10,6 +10,7 @@
 #   scripts/gpu_bench.sh llama-tp2             # the same with model.tp_size 2 (2 GPUs): fills its "tp2" section
 #   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
 #   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
+#   scripts/gpu_bench.sh sampling              # bench/sampling_overhead.py: #20's options on vs off, c=16 (~2 min)
 #
 # Extra arguments after the mode go to the benchmark script. KG_WHEELS names the wheel folder
 # (default: .whl in the repo root). The wheels install into /tmp/site (first call only).
@@ -54,8 +55,11 @@ case "$MODE" in
   tracing)
     python3 bench/tracing_gpu.py --out "$OUT/tracing_gpu.json" --log-dir "$OUT" "$@"
     ;;
+  sampling)
+    python3 bench/sampling_overhead.py --window-s 6 --rounds 2 --out "$OUT/sampling_overhead.json" --log-dir "$OUT" "$@"
+    ;;
   *)
-    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing)" >&2
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, sampling)" >&2
     exit 2
     ;;
 esac

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.replicas import LOAD_PATH, REPLICA_HEADER, LoadReport
 from common.routes import MODEL_PATHS
 from inference.config import InferenceConfig
 from inference.generation import GenerationEngine
@@ -33,7 +34,7 @@ from inference.openai.embeddings import router as embeddings_router
 from inference.openai.embeddings.serving import EmbeddingBackend, EmbeddingServing
 from inference.openai.http import tenant_of
 from inference.openai.protocol import RequestError
-from inference.openai.serving import GenerationServing, ServedModels
+from inference.openai.serving import GenerationServing, ServedModels, not_started
 from inference.tracing import Tracing
 
 log = logging.getLogger("kernelgate.inference.api")
@@ -51,6 +52,7 @@ class ServerState:
     metrics: InferenceMetrics
     tracing: Tracing
     preprocess_executor: Executor
+    replica_id: str = ""
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     in_flight: int = 0
@@ -74,14 +76,21 @@ def create_app(state: ServerState) -> web.Application:
                                    config.limits.retry_after_s)
     embeddings = EmbeddingServing(state.encoder, state.models, config.embeddings.max_inputs,
                                   config.limits.retry_after_s)
-    app.add_routes(completion_router.routes(CompletionServing(generation), state.tracing, config.limits))
-    app.add_routes(chat_router.routes(ChatServing(generation), state.tracing, config.limits))
-    app.add_routes(embeddings_router.routes(embeddings, state.tracing, config.limits))
+    replica = state.replica_id
+    app.add_routes(completion_router.routes(CompletionServing(generation), state.tracing, config.limits, replica))
+    app.add_routes(chat_router.routes(ChatServing(generation), state.tracing, config.limits, replica))
+    app.add_routes(embeddings_router.routes(embeddings, state.tracing, config.limits, replica))
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get(LOAD_PATH, _load)
+    app.on_response_prepare.append(_name_replica)
     return app
+
+
+async def _name_replica(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[REPLICA_HEADER] = request.app[STATE].replica_id
 
 
 # -- middleware -----------------------------------------------------------------------------
@@ -101,7 +110,7 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     try:
         if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
-                               code="shutting_down", headers={"Retry-After": str(state.config.limits.retry_after_s)})
+                               code="shutting_down", headers=not_started(state.config.limits.retry_after_s))
         response = await handler(request)
         status = CLIENT_CLOSED if response.get("client_closed") else response.status
         return response
@@ -172,6 +181,17 @@ async def _readyz(request: web.Request) -> web.Response:
     ready = all(checks.values())
     return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
                              status=200 if ready else 503)
+
+
+async def _load(request: web.Request) -> web.Response:
+    """This replica's load (common.replicas.LoadReport): the sidecar polls it to learn saturation."""
+    state = request.app[STATE]
+    stats = state.engine.stats()
+    batching = state.config.batching
+    report = LoadReport(replica=state.replica_id, model=state.config.model.name,
+                        ready=bool(state.engine.ready) and not state.draining, running=stats.running,
+                        waiting=stats.waiting, max_batch_size=batching.max_batch_size, max_queue=batching.max_queue)
+    return web.json_response(report.to_json())
 
 
 async def _metrics(request: web.Request) -> web.Response:

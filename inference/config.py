@@ -128,6 +128,8 @@ class InferenceConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    # Names this replica in responses, spans and load reports; "" means host:port.
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         require(self.model.name != self.embeddings.name or not self.embeddings.enabled,

@@ -23,7 +23,7 @@ import torch
 from common.gc_freeze import freeze_startup_objects
 from inference.config import BatchingConfig, ModelConfig
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
-from inference.generation import (EngineDeadError, EngineNotReadyError, GenerationOutput, GenerationRequest,
+from inference.generation import (EngineDeadError, EngineNotReadyError, EngineStats, GenerationOutput, GenerationRequest,
                                   ModelInfo, RequestStream, TokenLogprobs)
 from inference.metrics import InferenceMetrics
 from inference.model_loader import LoadedModel, load_model
@@ -37,13 +37,6 @@ from otel import names
 log = logging.getLogger("kernelgate.inference.engine")
 
 MAX_PREFILL_TOKENS = 8192
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int
-    running: int
-    steps: int
 
 
 @dataclass

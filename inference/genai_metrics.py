@@ -72,9 +72,9 @@ class GenAIMetrics:
             names.METRIC_CLIENT_TOKEN_USAGE, unit="{token}", description="Number of input and output tokens used",
             explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
 
-    def attributes(self, operation: str, model: str, tenant: str) -> dict[str, str]:
+    def attributes(self, operation: str, request_model: str, response_model: str, tenant: str) -> dict[str, str]:
         return {names.GEN_AI_OPERATION_NAME: operation, names.GEN_AI_PROVIDER_NAME: PROVIDER,
-                names.GEN_AI_REQUEST_MODEL: model, names.GEN_AI_RESPONSE_MODEL: model,
+                names.GEN_AI_REQUEST_MODEL: request_model, names.GEN_AI_RESPONSE_MODEL: response_model,
                 names.TENANT: self._tenant(tenant)}
 
     def first_token(self, attributes: dict[str, str], seconds: float) -> None:

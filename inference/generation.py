@@ -143,6 +143,15 @@ class ModelInfo:
     grammars: Any = None  # inference.structured.Grammars for this tokenizer (None: no constrained decoding)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """How many requests wait for a slot and hold one, and how many steps ran."""
+
+    waiting: int
+    running: int
+    steps: int
+
+
 class GenerationEngine(Protocol):
     """All the serving layer and the health endpoints use of the engine."""
 
@@ -163,6 +172,10 @@ class GenerationEngine(Protocol):
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; raises QueueFullError, EngineNotReadyError or EngineDeadError."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """The queue and the batch right now (the replica's load report)."""
         ...
 
 

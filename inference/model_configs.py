@@ -33,6 +33,13 @@ def _tiny_llama() -> PretrainedConfig:
                        bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
 
 
+def _small_gpt2() -> PretrainedConfig:
+    """A deeper, wider GPT-2 on the demo vocabulary: several times slower a token than tiny-gpt2 on CPU
+    (a bigger model to degrade from, or a slow replica, in CPU tests)."""
+    return GPT2Config(n_layer=12, n_embd=512, n_head=8, n_positions=1024, vocab_size=DEMO_VOCAB,
+                      bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
+
+
 def _tiny_qwen2() -> PretrainedConfig:
     """Qwen2's layout at test size: QKV biases, 6 query heads over 2 key/value heads, tied embeddings."""
     return Qwen2Config(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
@@ -96,6 +103,7 @@ RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-gpt2": _tiny_gpt2,
     "tiny-opt": _tiny_opt,
     "tiny-llama": _tiny_llama,
+    "small-gpt2": _small_gpt2,
     "tiny-llama3": _tiny_llama3,
     "tiny-qwen2": _tiny_qwen2,
     "tiny-mistral": _tiny_mistral,

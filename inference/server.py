@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,7 +59,7 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         encoder = Encoder(config.embeddings)
     preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
     state = ServerState(config=config, engine=engine, encoder=encoder, metrics=metrics,  # type: ignore[arg-type]
-                        tracing=tracing, preprocess_executor=preprocess_executor)
+                        tracing=tracing, preprocess_executor=preprocess_executor, replica_id=replica_id(config))
     app = create_app(state)
 
     async def start_models(_: web.Application) -> None:
@@ -80,6 +81,11 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     app.on_startup.append(start_models)
     app.on_cleanup.append(stop_models)
     return app
+
+
+def replica_id(config: InferenceConfig) -> str:
+    """``replica_id`` from the config, else host:port (in Kubernetes the host name is the pod's)."""
+    return config.replica_id or f"{socket.gethostname()}:{config.listen.port}"
 
 
 async def start_listening(app: web.Application, host: str, port: int, drain_timeout_s: float) -> web.AppRunner:

@@ -11,6 +11,8 @@
 #   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
 #   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
 #   scripts/gpu_bench.sh sampling              # bench/sampling_overhead.py: #20's options on vs off, c=16 (~2 min)
+#   scripts/gpu_bench.sh replicas              # 2 GPUs: two replicas behind Envoy vs one (bench/replica_failover.py gpu);
+#                                              # needs scripts/replica_gpu_wheels.sh here first and carry .gpu/replicas-envoy
 #
 # Extra arguments after the mode go to the benchmark script. KG_WHEELS names the wheel folder
 # (default: .whl in the repo root). The wheels install into /tmp/site (first call only).
@@ -58,8 +60,14 @@ case "$MODE" in
   sampling)
     python3 bench/sampling_overhead.py --window-s 6 --rounds 2 --out "$OUT/sampling_overhead.json" --log-dir "$OUT" "$@"
     ;;
+  replicas)
+    python3 -c "import lzma, os, shutil; shutil.copyfileobj(lzma.open('.gpu/replicas-envoy/envoy.xz'), open('/tmp/envoy', 'wb')); os.chmod('/tmp/envoy', 0o755)"
+    python3 bench/replica_failover.py gpu --envoy /tmp/envoy --log-dir /tmp/kg-replicas \
+      --out "$OUT/replica_failover_gpu.json" --merge "$OUT/replica_failover.json" "$@" \
+      || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
+    ;;
   *)
-    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, sampling)" >&2
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, replicas, sampling)" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -24,6 +25,8 @@ from inference.tracing import Tracing
 from otel import names
 
 TENANT_HEADER = "x-kernelgate-tenant"
+# The model the gateway routed this request to (the policy may degrade to a fallback model).
+ROUTED_MODEL_HEADER = "x-kernelgate-model"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 Result = dict[str, Any] | AsyncIterator[dict[str, Any]]
@@ -97,14 +100,22 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+@dataclass(frozen=True)
+class Caller:
+    """What the gateway vouched for about a request: the tenant, and the model it routed the request to."""
+
+    tenant: str
+    routed_model: str | None = None
+
+
 class Create(Protocol):
-    """A serving object's one call: the raw body, the tenant, the request span -> a result."""
+    """A serving object's one call: the raw body, the caller, the request span -> a result."""
 
-    def __call__(self, body: bytes, tenant: str, span: Span) -> Awaitable[Result]: ...
+    def __call__(self, body: bytes, caller: Caller, span: Span) -> Awaitable[Result]: ...
 
 
-def traced_handler(operation: str, create: Create, tracing: Tracing,
-                   limits: LimitsConfig) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def traced_handler(operation: str, create: Create, tracing: Tracing, limits: LimitsConfig,
+                   replica_id: str = "") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The aiohttp handler of one endpoint: read the body, make the one call, frame what comes back.
 
     The request's server span (continuing the caller's ``traceparent``) covers the whole
@@ -113,13 +124,14 @@ def traced_handler(operation: str, create: Create, tracing: Tracing,
     timeout_s = limits.request_timeout_s
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        tenant = tenant_of(request.headers)
-        attributes = {names.GEN_AI_OPERATION_NAME: operation, names.TENANT: tenant}
+        caller = Caller(tenant_of(request.headers), request.headers.get(ROUTED_MODEL_HEADER))
+        attributes = {names.GEN_AI_OPERATION_NAME: operation, names.TENANT: caller.tenant,
+                      names.REPLICA_ID: replica_id}
         with tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
                                   attributes) as span:
             deadline = asyncio.get_running_loop().time() + timeout_s
             body = await read_body(request, limits.max_body_bytes)
-            result = await before(deadline, timeout_s, create(body, tenant, span))
+            result = await before(deadline, timeout_s, create(body, caller, span))
             return await respond(request, result, deadline, timeout_s)
 
     return handle

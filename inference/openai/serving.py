@@ -19,9 +19,11 @@ from typing import Any, Protocol, TypeVar
 
 from opentelemetry.trace import Span
 
+from common.replicas import NOT_STARTED_HEADER
 from inference.genai_metrics import GenAIMetrics
 from inference.generation import (EngineDeadError, EngineError, EngineNotReadyError, GenerationEngine, GenerationOutput,
                                   GenerationRequest, QueueFullError, RequestStream, TokenLogprobs)
+from inference.openai.http import Caller
 from inference.openai.preprocess import PreparedPrompt, Preprocessor
 from inference.openai.protocol import RequestError, SamplingFields, usage
 from inference.tracing import Tracing
@@ -165,9 +167,18 @@ class GenerationServing:
         self._executor = executor
         self._tracing = tracing
         self._models = models
-        self._retry_after = {"Retry-After": str(retry_after_s)}
+        self._not_started = not_started(retry_after_s)
         self._preprocessor: Preprocessor | None = None
         self._texts: TokenTexts | None = None
+
+    def served_model(self, requested: str, routed: str | None) -> str:
+        """The model that serves the request: ours, when the body or the gateway's routing names it
+        (the policy may degrade a request to a fallback model: Envoy routes it here with the header)."""
+        ours = self._models.generation
+        if requested == ours or routed == ours:
+            return ours
+        self.check_model(requested)
+        return requested
 
     def check_model(self, model: str) -> None:
         if model == self._models.generation:
@@ -189,7 +200,7 @@ class GenerationServing:
     def check_ready(self) -> None:
         if not self._engine.ready:
             raise RequestError(503, "model is still loading", type="service_unavailable", code="not_ready",
-                               headers=self._retry_after)
+                               headers=self._not_started)
 
     async def prepare(self, tokenize: Callable[[Preprocessor], T]) -> T:
         """Run ``tokenize`` on the worker thread, inside a ``preprocess`` span."""
@@ -198,8 +209,8 @@ class GenerationServing:
         with self._tracing.child_span(names.PREPROCESS_SPAN):
             return await loop.run_in_executor(self._executor, tokenize, preprocessor)
 
-    def submit(self, request_id: str, model: str, tenant: str, span: Span, prompts: Sequence[PreparedPrompt],
-               n: int = 1, *, operation: str, started: float) -> Submitted:
+    def submit(self, request_id: str, model: str, caller: Caller, span: Span, prompts: Sequence[PreparedPrompt],
+               n: int = 1, *, operation: str, started: float, requested_model: str | None = None) -> Submitted:
         """Queue every prompt; if one is refused, cancel those already queued (429/503 for the client)."""
         trace_context = span.get_span_context()
         streams: list[RequestStream] = []
@@ -207,7 +218,7 @@ class GenerationServing:
             for index, prompt in enumerate(prompts):
                 streams.append(self._engine.submit(GenerationRequest(
                     request_id=f"{request_id}-{index}", prompt_token_ids=prompt.token_ids, params=prompt.params,
-                    tenant=tenant, trace_context=trace_context)))
+                    tenant=caller.tenant, trace_context=trace_context)))
         except BaseException as exc:
             for stream in streams:
                 stream.cancel()
@@ -218,7 +229,8 @@ class GenerationServing:
         return Submitted(request_id=request_id, created=int(time.time()), model=model,
                          prompt_tokens=sum(len(p.token_ids) for p in prompts), streams=tuple(streams), n=n,
                          echoes=tuple(p.echo for p in prompts), started=started,
-                         metric_attributes=self._genai.attributes(operation, model, tenant))
+                         metric_attributes=self._genai.attributes(operation, requested_model or model, model,
+                                                                  caller.tenant))
 
     async def merged(self, submitted: Submitted) -> AsyncIterator[tuple[int, GenerationOutput]]:
         """Outputs of the request's prompts as they come, tagged with the prompt's index."""
@@ -229,15 +241,17 @@ class GenerationServing:
             raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
 
     async def generate(self, model: str, sampling: SamplingFields,
-                       tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, tenant: str, span: Span, started: float, operation: str, id_prefix: str,
+                       tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, caller: Caller, span: Span,
+                       started: float, operation: str, id_prefix: str,
                        shapes: ResponseShapes) -> dict[str, Any] | Stream:
         """A parsed generation request, from model check to its response object or stream."""
-        self.check_model(model)
+        served = self.served_model(model, caller.routed_model)
         self.describe(span, model, sampling)
+        span.set_attribute(names.GEN_AI_RESPONSE_MODEL, served)
         self.check_ready()
         prompts = await self.prepare(tokenize)
-        submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", model, tenant, span, prompts, sampling.n,
-                                operation=operation, started=started)
+        submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", served, caller, span, prompts, sampling.n,
+                                operation=operation, started=started, requested_model=model)
         return await self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage)
 
     async def respond(self, span: Span, submitted: Submitted, shapes: ResponseShapes, stream: bool,
@@ -327,11 +341,11 @@ class GenerationServing:
     def _engine_error(self, exc: EngineError) -> RequestError:
         if isinstance(exc, QueueFullError):
             return RequestError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",
-                                headers=self._retry_after)
+                                headers=self._not_started)
         if isinstance(exc, EngineNotReadyError):
             return RequestError(503, str(exc), type="service_unavailable", code="not_ready",
-                                headers=self._retry_after)
-        return RequestError(503, str(exc), type="server_error", code="engine_failed")
+                                headers=self._not_started)
+        return RequestError(503, str(exc), type="server_error", code="engine_failed", headers=self._not_started)
 
     def _preprocessor_of_model(self) -> Preprocessor:
         if self._preprocessor is None:
@@ -340,6 +354,11 @@ class GenerationServing:
             self._preprocessor = Preprocessor(info.tokenizer, info.max_model_len, info.vocab_size,
                                               info.max_sequences, info.grammars)
         return self._preprocessor
+
+
+def not_started(retry_after_s: int) -> dict[str, str]:
+    """Headers of a refusal answered before any work started: Envoy may retry it on another replica."""
+    return {"Retry-After": str(retry_after_s), NOT_STARTED_HEADER: "1"}
 
 
 def _error_type(exc: BaseException) -> str:

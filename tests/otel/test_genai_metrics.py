@@ -121,8 +121,8 @@ def test_tenant_attribute_is_bounded() -> None:
     reader = InMemoryMetricReader()
     genai = GenAIMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"), max_tenants=3)
     for i in range(10):
-        genai.response(genai.attributes("chat", MODEL, f"tenant-{i}"), 0.1, 3, 4, 0.05, 4, None)
-    genai.response(genai.attributes("chat", MODEL, "tenant-1"), 0.1, 3, 4, 0.05, 4, None)
+        genai.response(genai.attributes("chat", MODEL, MODEL, f"tenant-{i}"), 0.1, 3, 4, 0.05, 4, None)
+    genai.response(genai.attributes("chat", MODEL, MODEL, "tenant-1"), 0.1, 3, 4, 0.05, 4, None)
     data = reader.get_metrics_data()
     [duration] = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
                   if m.name == "gen_ai.server.request.duration"]
@@ -145,7 +145,7 @@ def test_file_protocol_writes_metrics_beside_the_traces(tmp_path: Path) -> None:
                                            export_interval_millis=60_000)
     provider = MeterProvider(metric_readers=[reader])
     genai = GenAIMetrics(provider.get_meter("kernelgate.inference"))
-    genai.first_token(genai.attributes("chat", MODEL, "acme"), 0.02)
+    genai.first_token(genai.attributes("chat", MODEL, MODEL, "acme"), 0.02)
     provider.shutdown()  # flushes: one export request, one JSON line
     [batch] = list(read_otlp_file(metrics_path(str(traces))))
     names = {m["name"] for rm in batch["resourceMetrics"] for sm in rm["scopeMetrics"] for m in sm["metrics"]}

@@ -13,6 +13,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from inference.openai import protocol
+from inference.openai.http import Caller
 from inference.openai.chat.protocol import (chat_choice, chat_delta_choice, chat_logprobs, chat_object,
                                             parse_chat_request)
 from inference.openai.serving import Choice, GenerationServing, LogprobEntry, Stream, Submitted
@@ -24,11 +25,11 @@ class ChatServing:
     def __init__(self, generation: GenerationServing) -> None:
         self._generation = generation
 
-    async def create(self, body: bytes, tenant: str, span: Span) -> dict[str, Any] | Stream:
+    async def create(self, body: bytes, caller: Caller, span: Span) -> dict[str, Any] | Stream:
         started = time.monotonic()
         request = parse_chat_request(protocol.parse_json(body))
         return await self._generation.generate(
-            request.model, request.sampling, lambda preprocessor: [preprocessor.chat(request)], tenant=tenant,
+            request.model, request.sampling, lambda preprocessor: [preprocessor.chat(request)], caller=caller,
             span=span, started=started, operation=OPERATION, id_prefix="chatcmpl", shapes=_Shapes())
 
 

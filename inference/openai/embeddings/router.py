@@ -13,5 +13,5 @@ from inference.tracing import Tracing
 PATH = next(r.path for r in ROUTES if r.id == "embeddings")  # common/routes.py: the one list
 
 
-def routes(serving: EmbeddingServing, tracing: Tracing, limits: LimitsConfig) -> list[web.RouteDef]:
-    return [web.post(PATH, traced_handler("embeddings", serving.create, tracing, limits))]
+def routes(serving: EmbeddingServing, tracing: Tracing, limits: LimitsConfig, replica_id: str) -> list[web.RouteDef]:
+    return [web.post(PATH, traced_handler("embeddings", serving.create, tracing, limits, replica_id))]

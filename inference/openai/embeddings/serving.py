@@ -13,7 +13,8 @@ from opentelemetry.trace import Span
 from inference.openai import protocol
 from inference.openai.embeddings.protocol import embedding_object, parse_embedding_request
 from inference.openai.protocol import RequestError
-from inference.openai.serving import ServedModels
+from inference.openai.http import Caller
+from inference.openai.serving import ServedModels, not_started
 from otel import names
 
 
@@ -35,7 +36,7 @@ class EmbeddingServing:
         self._max_inputs = max_inputs
         self._retry_after_s = retry_after_s
 
-    async def create(self, body: bytes, tenant: str, span: Span) -> dict[str, Any]:
+    async def create(self, body: bytes, caller: Caller, span: Span) -> dict[str, Any]:
         request = parse_embedding_request(protocol.parse_json(body), self._max_inputs)
         encoder = self._encoder
         if encoder is None or request.model != encoder.name:
@@ -45,7 +46,7 @@ class EmbeddingServing:
         span.set_attribute(names.GEN_AI_REQUEST_MODEL, request.model)
         if not encoder.ready:
             raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
-                               headers={"Retry-After": str(self._retry_after_s)})
+                               headers=not_started(self._retry_after_s))
         result = await encoder.embed(list(request.inputs), request.encoding_format)
         span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
         return embedding_object(request.model, result.vectors, result.prompt_tokens)

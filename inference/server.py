@@ -23,7 +23,6 @@ from inference.api import STATE, ServerState, create_app
 from inference.usage import UsageReporter
 from inference.config import InferenceConfig
 from inference.metrics import InferenceMetrics
-from inference.serving import GenerationService
 from inference.tracing import ForwardObserver, Tracing
 
 log = logging.getLogger("kernelgate.inference.server")
@@ -62,8 +61,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
     reporter = (UsageReporter(config.usage_report.address, config.usage_report.timeout_s)
                 if config.usage_report.address else None)
-    state = ServerState(config=config, generation=GenerationService(engine, preprocess_executor, tracing),
-                        encoder=encoder, metrics=metrics, tracing=tracing, usage=reporter,
+    state = ServerState(config=config, engine=engine, encoder=encoder, metrics=metrics,  # type: ignore[arg-type]
+                        tracing=tracing, preprocess_executor=preprocess_executor, usage=reporter,
                         replica_id=replica_id(config))
     app = create_app(state)
 

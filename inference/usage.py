@@ -146,13 +146,19 @@ def ending_of(status: int, client_closed: bool) -> str:
     return "stop"
 
 
-def apply_grant(parsed: R, headers: Mapping[str, str]) -> R:
-    """Cap a completion request's ``max_tokens`` at the sidecar's grant; a capped stream always
-    ends with the usage chunk. Requests without the header are returned as they are."""
+def grant_of(headers: Mapping[str, str]) -> int | None:
+    """The sidecar's token grant for this request (``x-kernelgate-max-tokens``), or None."""
     raw = headers.get(MAX_TOKENS_HEADER)
     if raw is None or not raw.isdigit() or int(raw) < 1:
+        return None
+    return int(raw)
+
+
+def apply_grant(parsed: R, grant: int | None) -> R:
+    """Cap a completion request's ``max_tokens`` at the sidecar's grant; a capped stream always
+    ends with the usage chunk. Without a grant the request is returned as it is."""
+    if grant is None:
         return parsed
-    grant = int(raw)
     sampling = parsed.sampling  # type: ignore[attr-defined]
     if sampling.max_tokens is not None and sampling.max_tokens <= grant:
         return parsed

@@ -1,68 +1,58 @@
-"""The HTTP front end: aiohttp routes, SSE framing, OpenAI-shaped errors, request metrics.
+"""The HTTP application: the endpoints' routers mounted, middleware, health, readiness, metrics.
 
-Knows nothing of torch: it talks to the generation service, the encoder and the metrics
-objects it is given. Every failure leaves as ``{"error": {message, type, param, code}}``.
+In: a :class:`ServerState` (config, the served models' registry behind :class:`ServedRegistry`,
+one engine per loaded version; the encoder, metrics, tracing). Out: an aiohttp application.
+Each OpenAI endpoint is one folder of ``inference/openai/`` (protocol, serving, router); this
+module only mounts their routes and
+wraps them in the middleware that counts every request by route/status/tenant, tracks
+in-flight work for draining, and turns every failure into ``{"error": {message, type, param, code}}``.
+Knows nothing of torch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from common.replicas import LOAD_PATH, NOT_STARTED_HEADER, REPLICA_HEADER, LoadReport
+from common.models import MODEL_VERSION_HEADER
+from common.replicas import LOAD_PATH, REPLICA_HEADER, LoadReport
 from common.routes import MODEL_PATHS
-from inference import protocol
 from inference.config import InferenceConfig
-from inference.generation import EngineDeadError, EngineNotReadyError, QueueFullError
+from inference.generation import EngineStats
 from inference.metrics import InferenceMetrics
-from inference.protocol import RequestError
-from inference.models.errors import LifecycleError
-from inference.serving import GenerationService, RequestContext
+from inference.openai import protocol
+from inference.openai.chat import router as chat_router
+from inference.openai.chat.protocol import parse_chat_request
+from inference.openai.chat.serving import ChatServing
+from inference.openai.completion import router as completion_router
+from inference.openai.completion.protocol import parse_completion_request
+from inference.openai.completion.serving import CompletionServing
+from inference.openai.embeddings import router as embeddings_router
+from inference.openai.embeddings.serving import EmbeddingBackend, EmbeddingServing
+from inference.openai.http import ROUTED_MODEL_HEADER, USAGE, read_body, tenant_of
+from inference.openai.protocol import RequestError
+from inference.openai.serving import GenerationModels, ModelVersions, ServedModels, not_started
 from inference.tracing import Tracing
+from inference.usage import UsageReporter, UsageTracker, ending_of, finish_usage
 from otel import names
 
 log = logging.getLogger("kernelgate.inference.api")
 
-TENANT_HEADER = "x-kernelgate-tenant"
-# The model the gateway routed this request to (the policy may degrade to a fallback model).
-ROUTED_MODEL_HEADER = "x-kernelgate-model"
-_TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_CLOSED = 499
 
 
-class ModelLease(Protocol):
-    """The active version of a model, held for one request (``inference.models.registry.Lease``)."""
-
-    version: str
-    service: GenerationService
-    headers: dict[str, str]
-
-    def record(self, prompts: Any) -> None: ...
-
-    def __enter__(self) -> ModelLease: ...
-
-    def __exit__(self, *exc: object) -> None: ...
-
-
-class ServedModels(Protocol):
-    """The generative models this server answers to (``inference.models.registry.ModelRegistry``)."""
+class ServedRegistry(ModelVersions, Protocol):
+    """The served models and their versions (``inference.models.registry.ModelRegistry``)."""
 
     def names(self) -> list[str]: ...
-
-    def lease(self, model: str) -> ModelLease: ...
-
-    def active_engines(self) -> list[Any]: ...
 
     @property
     def ready(self) -> bool: ...
@@ -70,45 +60,53 @@ class ServedModels(Protocol):
     @property
     def failure(self) -> BaseException | None: ...
 
-
-class EmbeddingBackend(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def ready(self) -> bool: ...
-
-    async def embed(self, texts: list[str], encoding_format: str) -> Any: ...
+    def routed_stats(self, model: str) -> list[EngineStats]:
+        """The load of each version of ``model`` that new requests go to (active, canary)."""
+        ...
 
 
 @dataclass
 class ServerState:
-    """Everything the handlers use; one per application."""
+    """Everything the application holds; one per application."""
 
     config: InferenceConfig
-    models: ServedModels
+    registry: ServedRegistry
     encoder: EmbeddingBackend | None
     metrics: InferenceMetrics
     tracing: Tracing
+    preprocess_executor: Executor
     replica_id: str = ""
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    usage: UsageReporter | None = None  # reports to the sidecar what each decision used
+
+    @property
+    def models(self) -> ServedModels:
+        return ServedModels(tuple(self.registry.names()), self.encoder.name if self.encoder is not None else None)
 
 
 STATE = web.AppKey("kernelgate_inference_state", ServerState)
+# A non-streamed response waits this long for its usage report to land (it then goes out settled).
+REPORT_WAIT_S = 0.5
 
 
 def create_app(state: ServerState) -> web.Application:
     """The aiohttp application serving ``state``."""
-    app = web.Application(client_max_size=state.config.limits.max_body_bytes, middlewares=[_observe])
+    config = state.config
+    app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[_observe])
     app[STATE] = state
     state.idle.set()
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/chat/completions", _chat_completions)
-    app.router.add_post("/v1/embeddings", _embeddings)
+    generation = GenerationModels(state.registry, state.models, config.limits.retry_after_s)
+    embeddings = EmbeddingServing(state.encoder, state.models, config.embeddings.max_inputs,
+                                  config.limits.retry_after_s)
+    replica = state.replica_id
+    app.add_routes(completion_router.routes(CompletionServing(generation), state.tracing, config.limits, replica))
+    app.add_routes(chat_router.routes(ChatServing(generation), state.tracing, config.limits, replica))
+    app.add_routes(embeddings_router.routes(embeddings, state.tracing, config.limits, replica))
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/tokenize", _tokenize(generation, config.limits.max_body_bytes))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -119,11 +117,6 @@ def create_app(state: ServerState) -> web.Application:
 
 async def _name_replica(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[REPLICA_HEADER] = request.app[STATE].replica_id
-
-
-def _not_started(state: ServerState) -> dict[str, str]:
-    """Headers of a refusal answered before any work started: Envoy may retry it on another replica."""
-    return {"Retry-After": str(state.config.limits.retry_after_s), NOT_STARTED_HEADER: "1"}
 
 
 # -- middleware -----------------------------------------------------------------------------
@@ -140,10 +133,12 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     status = 500
     state.in_flight += 1
     state.idle.clear()
+    usage = state.usage.track(request.headers) if state.usage is not None else UsageTracker(None, None)
+    request[USAGE] = usage
     try:
         if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
-                               code="shutting_down", headers=_not_started(state))
+                               code="shutting_down", headers=not_started(state.config.limits.retry_after_s))
         response = await handler(request)
         status = CLIENT_CLOSED if response.get("client_closed") else response.status
         return response
@@ -161,6 +156,8 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
         status = 500
         return _error_response(RequestError(500, "internal server error", type="server_error"))
     finally:
+        # where every response ends: tell the sidecar what this decision used
+        await finish_usage(usage, state.usage, ending_of(status, status == CLIENT_CLOSED), REPORT_WAIT_S)
         state.in_flight -= 1
         if state.in_flight == 0:
             state.idle.set()
@@ -172,14 +169,6 @@ def _route_of(request: web.Request) -> str:
     info = request.match_info
     resource = info.route.resource if info.http_exception is None else None
     return resource.canonical if resource is not None else "unmatched"
-
-
-def tenant_of(headers: Any) -> str:
-    """The tenant the sidecar vouched for, as a safe label value ('none' when absent)."""
-    value = headers.get(TENANT_HEADER)
-    if not value:
-        return "none"
-    return value if _TENANT_RE.match(value) else "invalid"
 
 
 def _error_response(err: RequestError) -> web.Response:
@@ -196,184 +185,46 @@ def _from_http_exception(exc: web.HTTPException) -> RequestError:
     return RequestError(exc.status, exc.reason or "HTTP error")
 
 
-# -- generation -----------------------------------------------------------------------------
-
-
-async def _completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "completion")
-
-
-async def _chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "chat")
-
-
-async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
-    state = request.app[STATE]
-    attributes = {names.GEN_AI_OPERATION_NAME: "chat" if kind == "chat" else "text_completion",
-                  names.TENANT: tenant_of(request.headers),
-                  names.REPLICA_ID: state.replica_id}
-    with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
-                                    attributes) as span:
-        data = protocol.parse_json(await _read_body(request, state))
-        parsed = protocol.parse_chat_request(data) if kind == "chat" else protocol.parse_completion_request(data)
-        model = _served_model(state, request.headers, parsed.model)
-        with _lease(state, model) as lease:
-            return await _generate_on(request, state, kind, parsed, model, span, lease)
-
-
-async def _generate_on(request: web.Request, state: ServerState, kind: str, parsed: Any, model: str, span: Any,
-                       lease: ModelLease) -> web.StreamResponse:
-    """The request on the version it leased (it finishes there even if another is activated meanwhile)."""
-    generation = lease.service
-    span.set_attribute(names.MODEL_VERSION, lease.version)
-    sampling = parsed.sampling
-    span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
-    span.set_attribute(names.GEN_AI_RESPONSE_MODEL, model)
-    span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
-    span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
-    if sampling.max_tokens is not None:
-        span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, sampling.max_tokens)
-    if sampling.seed is not None:
-        span.set_attribute(names.GEN_AI_REQUEST_SEED, sampling.seed)
-    prompts = await generation.prepare(parsed)
-    lease.record(prompts)
-    ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                         model=model, tenant=tenant_of(request.headers), span=span)
-    streams = _submit(state, generation, ctx, prompts)
-    span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
-    timeout = state.config.limits.request_timeout_s
-    try:
-        if sampling.stream:
-            return await _send_sse(request, generation.stream(kind, ctx, streams, sampling.include_usage),
-                                   timeout, lease.headers)
-        try:
-            async with asyncio.timeout(timeout):
-                body = await generation.complete(kind, ctx, streams)
-        except TimeoutError:
-            raise RequestError(504, f"request did not finish within {timeout:g}s", type="timeout",
-                               code="request_timeout") from None
-        return web.json_response(body, headers=lease.headers)
-    except EngineDeadError as exc:
-        raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
-    finally:
-        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, ctx.prompt_tokens)
-        span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, ctx.completion_tokens)
-        if ctx.finish_reasons:
-            span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, ctx.finish_reasons)
-
-
-def _submit(state: ServerState, generation: GenerationService, ctx: RequestContext, prompts: list[Any]) -> list[Any]:
-    retry_after = _not_started(state)
-    try:
-        return generation.submit(ctx, prompts)
-    except QueueFullError as exc:
-        raise RequestError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",
-                           headers=retry_after) from None
-    except EngineNotReadyError as exc:
-        raise RequestError(503, str(exc), type="service_unavailable", code="not_ready", headers=retry_after) from None
-    except EngineDeadError as exc:
-        raise RequestError(503, str(exc), type="server_error", code="engine_failed", headers=retry_after) from None
-
-
-async def _send_sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]], timeout: float,
-                    headers: dict[str, str]) -> web.StreamResponse:
-    """Write ``data: {...}`` events, then ``data: [DONE]``; a vanished client ends it early."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", **headers})
-    await response.prepare(request)
-    try:
-        async with aclosing(chunks) as events:
-            try:
-                async with asyncio.timeout(timeout):
-                    async for chunk in events:
-                        await response.write(_sse_event(chunk))
-            except TimeoutError:
-                err = RequestError(504, f"request did not finish within {timeout:g}s", type="timeout",
-                                   code="request_timeout")
-                await response.write(_sse_event(err.body()))
-            except RequestError as err:
-                await response.write(_sse_event(err.body()))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-    except ConnectionResetError:
-        response["client_closed"] = True
-    return response
-
-
-def _sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-# -- embeddings -----------------------------------------------------------------------------
-
-
-async def _embeddings(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    attributes = {names.GEN_AI_OPERATION_NAME: "embeddings", names.TENANT: tenant_of(request.headers)}
-    with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
-                                    attributes) as span:
-        data = protocol.parse_json(await _read_body(request, state))
-        max_inputs = state.config.embeddings.max_inputs
-        parsed = protocol.parse_embedding_request(data, max_inputs)
-        encoder = state.encoder
-        if encoder is None or parsed.model != encoder.name:
-            if parsed.model in state.models.names():
-                raise RequestError(400, f"model '{parsed.model}' does not support embeddings", "model")
-            raise RequestError(404, f"model '{parsed.model}' does not exist", "model", code="model_not_found")
-        span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
-        if not encoder.ready:
-            raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
-                               headers={"Retry-After": str(state.config.limits.retry_after_s)})
-        result = await encoder.embed(list(parsed.inputs), parsed.encoding_format)
-        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
-        return web.json_response(protocol.embedding_object(parsed.model, result.vectors, result.prompt_tokens))
-
-
-# -- plumbing -------------------------------------------------------------------------------
-
-
-async def _read_body(request: web.Request, state: ServerState) -> bytes:
-    limit = state.config.limits.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestError(413, f"request body is {request.content_length} bytes; the limit is {limit}",
-                           code="request_too_large")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise RequestError(413, f"request body is larger than the limit of {limit} bytes",
-                           code="request_too_large") from None
-
-
-def _served_model(state: ServerState, headers: Any, requested: str) -> str:
-    """The model that serves the request: the one the gateway's routing names when it is ours, else the body's."""
-    routed = headers.get(ROUTED_MODEL_HEADER)
-    return routed if routed is not None and routed in state.models.names() else requested
-
-
-def _lease(state: ServerState, model: str) -> ModelLease:
-    """The active version of ``model`` for this request, or the 400/404/503 that says why not."""
-    try:
-        return state.models.lease(model)
-    except LifecycleError as exc:
-        if exc.status == 404 and state.encoder is not None and model == state.encoder.name:
-            raise RequestError(400, f"model '{model}' is an embeddings model; use /v1/embeddings", "model") from None
-        if exc.status == 503:
-            raise RequestError(503, str(exc), type="service_unavailable", code="not_ready",
-                               headers=_not_started(state)) from None
-        raise RequestError(exc.status, str(exc), "model", code=exc.code) from None
+# -- models, health, readiness, metrics ---------------------------------------------------------
 
 
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    models = [(name, state.started) for name in state.models.names()]
+    models = [(name, state.started) for name in state.registry.names()]
     if state.encoder is not None:
         models.append((state.encoder.name, state.started))
     return web.json_response(protocol.model_list(models))
 
 
+def _tokenize(generation: GenerationModels, limit: int) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``POST /tokenize`` -> ``{"count": n, "max_model_len": m}``: the prompt of a completion or chat
+    body, tokenized as generation would (same tokenizer, chat template and checks, of the version
+    the request would be served by); the sidecar prices admission by it."""
+
+    async def handle(request: web.Request) -> web.Response:
+        data = protocol.parse_json(await read_body(request, limit))
+        if "messages" in data:
+            chat = parse_chat_request(data)
+            model, tokenize = chat.model, (lambda p: [p.chat(chat)])
+        else:
+            completion = parse_completion_request(data)
+            model, tokenize = completion.model, (lambda p: p.completion(completion))
+        lease = generation.lease(generation.served_model(model, request.headers.get(ROUTED_MODEL_HEADER)),
+                                 request.headers.get(MODEL_VERSION_HEADER))
+        try:
+            serving = lease.serving
+            serving.check_ready()
+            prompts = await serving.prepare(tokenize)
+            return web.json_response({"count": sum(len(p.token_ids) for p in prompts),
+                                      "max_model_len": serving.max_model_len})
+        finally:
+            lease.release()
+
+    return handle
+
+
 async def _healthz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    failure = state.models.failure
+    failure = request.app[STATE].registry.failure
     if failure is not None:
         return web.json_response({"status": "failed", "error": str(failure)}, status=503)
     return web.json_response({"status": "ok"})
@@ -381,7 +232,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    checks = {"model": state.models.ready, "draining": not state.draining}
+    checks = {"model": state.registry.ready, "draining": not state.draining}
     if state.encoder is not None:
         checks["embeddings"] = state.encoder.ready
     ready = all(checks.values())
@@ -390,17 +241,18 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _load(request: web.Request) -> web.Response:
-    """This replica's load (common.replicas.LoadReport): the sidecar polls it to learn saturation."""
+    """This replica's load (common.replicas.LoadReport), one report per served model: the sidecar
+    polls it to learn saturation. A model's load is that of the versions new requests go to."""
     state = request.app[STATE]
-    # One report for the replica: the active versions of all its models, summed.
-    engines = state.models.active_engines()
-    stats = [engine.stats() for engine in engines]
-    served = state.config.served_models
-    report = LoadReport(replica=state.replica_id, model=served[0].name,
-                        ready=state.models.ready and not state.draining, running=sum(s.running for s in stats),
-                        waiting=sum(s.waiting for s in stats),
-                        max_batch_size=sum(m.batching.max_batch_size for m in served),
-                        max_queue=sum(m.batching.max_queue for m in served))
+    reports = []
+    for served in state.config.served_models:
+        stats = state.registry.routed_stats(served.name)
+        reports.append(LoadReport(replica=state.replica_id, model=served.name,
+                                  ready=bool(stats) and not state.draining,
+                                  running=sum(s.running for s in stats), waiting=sum(s.waiting for s in stats),
+                                  max_batch_size=served.batching.max_batch_size * max(len(stats), 1),
+                                  max_queue=served.batching.max_queue * max(len(stats), 1)))
+    report = replace(reports[0], models=tuple(reports[1:]))
     return web.json_response(report.to_json())
 
 

@@ -212,6 +212,19 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class UsageReportConfig:
+    """Where to report what each decision used: the kernelgate sidecar's gRPC address
+    (``authz.listen``); "" = no reports (the sidecar's reservations then expire as reserved)."""
+
+    address: str = ""
+    # per attempt (4 attempts); reports are sent off the response's path, so a slow sidecar costs nothing
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        require(self.timeout_s > 0, f"usage_report.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """The whole ``inference:`` section of the kernelgate config file.
 
@@ -228,6 +241,7 @@ class InferenceConfig:
     models: tuple[ServedModelConfig, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    usage_report: UsageReportConfig = field(default_factory=UsageReportConfig)
     # Names this replica in responses, spans and load reports; "" means host:port.
     replica_id: str = ""
 

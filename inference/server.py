@@ -21,8 +21,10 @@ from prometheus_client import CollectorRegistry
 
 from inference.api import STATE, ServerState, create_app
 from inference.config import BatchingConfig, InferenceConfig, ModelConfig
+from inference.genai_metrics import GenAIMetrics
+from inference.openai.serving import GenerationServing
+from inference.usage import UsageReporter
 from inference.metrics import InferenceMetrics
-from inference.serving import GenerationService
 from inference.tracing import ForwardObserver, Tracing
 
 log = logging.getLogger("kernelgate.inference.server")
@@ -51,8 +53,11 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
 
         return Engine(model, batching, metrics, tracing, forward_observer=forward_observer)
 
-    def build_service(built: object) -> GenerationService:
-        return GenerationService(built, preprocess_executor, tracing)  # type: ignore[arg-type]
+    genai = GenAIMetrics()
+
+    def build_service(model: str, version: str, built: object) -> GenerationServing:
+        return GenerationServing(built, preprocess_executor, tracing, config.limits.retry_after_s,  # type: ignore[arg-type]
+                                 genai, version=version, record=lambda prompts: registry.record(model, prompts))
 
     registry = ModelRegistry(config, build_engine, build_service)  # type: ignore[arg-type]
     metrics.watch_models(registry.status)
@@ -72,7 +77,10 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         from inference.embeddings import Encoder
 
         encoder = Encoder(config.embeddings)
-    state = ServerState(config=config, models=registry, encoder=encoder, metrics=metrics, tracing=tracing,
+    reporter = (UsageReporter(config.usage_report.address, config.usage_report.timeout_s)
+                if config.usage_report.address else None)
+    state = ServerState(config=config, registry=registry, encoder=encoder, metrics=metrics,  # type: ignore[arg-type]
+                        tracing=tracing, preprocess_executor=preprocess_executor, usage=reporter,
                         replica_id=replica_id(config))
     app = create_app(state)
     app[REGISTRY] = registry
@@ -95,6 +103,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         if encoder is not None and hasattr(encoder, "close"):
             encoder.close()
         preprocess_executor.shutdown(wait=False, cancel_futures=True)
+        if reporter is not None:
+            await reporter.close()
 
     app.on_startup.append(start_models)
     app.on_cleanup.append(stop_models)

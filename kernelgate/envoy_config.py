@@ -27,8 +27,8 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterLbPolicy, OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
-    Address, GrpcService, GrpcServiceEnvoyGrpc, HealthCheck, HealthCheckHttpHealthCheck, Http1ProtocolOptions,
-    Http2ProtocolOptions, Pipe, SocketAddress, SubstitutionFormatString,
+    Address, DataSource, GrpcService, GrpcServiceEnvoyGrpc, HealthCheck, HealthCheckHttpHealthCheck,
+    Http1ProtocolOptions, Http2ProtocolOptions, Pipe, SocketAddress, SubstitutionFormatString, TransportSocket,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
@@ -46,6 +46,9 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerTracing, HttpFilter,
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions, HttpProtocolOptionsExplicitHttpConfig,
 )
@@ -157,8 +160,18 @@ class EnvoyConfig:
     otlp_address: str = ""
     service_name: str = "kernelgate-envoy"
     trace_sampling_percent: float = 100.0
+    # TLS on the listener: PEM files of its certificate and key ("" = plain HTTP). With
+    # tls_client_ca_file, clients must present a certificate signed by that CA (mutual TLS),
+    # and ext_authz receives it (include_peer_certificate) for identity.mtls.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file and tls_key_file (mutual TLS is TLS)")
         for name, targets in self.model_upstreams.items():
             if not targets:
                 raise ValueError(f"model_upstreams.{name}: list at least one host:port")
@@ -203,6 +216,18 @@ def _cluster(name: str, targets: list[str], http2: bool, timeout_s: float = 1.0)
         load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(
             lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(t))) for t in targets])]),
     )
+
+
+def _downstream_tls(cfg: EnvoyConfig) -> TransportSocket | None:
+    if not cfg.tls_cert_file:
+        return None
+    common = CommonTlsContext(tls_certificates=[TlsCertificate(
+        certificate_chain=DataSource(filename=cfg.tls_cert_file), private_key=DataSource(filename=cfg.tls_key_file))])
+    if cfg.tls_client_ca_file:
+        common.validation_context = CertificateValidationContext(
+            trusted_ca=DataSource(filename=cfg.tls_client_ca_file))
+    context = DownstreamTlsContext(common_tls_context=common, require_client_certificate=bool(cfg.tls_client_ca_file))
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyMessage.pack(context))
 
 
 def _inference_cluster(name: str, targets: list[str], policy: UpstreamPolicy) -> Cluster:
@@ -262,6 +287,7 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         with_request_body=BufferSettings(max_request_bytes=cfg.max_request_bytes, allow_partial_message=True),
         failure_mode_allow=cfg.failure_mode_allow,
         status_on_error=HttpStatus(code=StatusCode(cfg.status_on_error)),
+        include_peer_certificate=bool(cfg.tls_client_ca_file),
         # The policy's x-kernelgate-model header picks the model's cluster.
         clear_route_cache=bool(cfg.model_upstreams),
     )
@@ -306,7 +332,8 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         name="ingress",
         address=_address(f"{cfg.listen_host}:{cfg.listen_port}"),
         filter_chains=[FilterChain(filters=[Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(hcm))])],
+            name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(hcm))],
+            transport_socket=_downstream_tls(cfg))],
     )
     return Bootstrap(
         admin=Admin(address=_address(f"{cfg.admin_host}:{cfg.admin_port}")),

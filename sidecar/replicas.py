@@ -35,20 +35,30 @@ class ReplicaState:
 
     address: str
     name: str  # the replica id it last reported, else its address
-    model: str | None
+    model: str | None  # the first model it last reported
     report: LoadReport | None
+    others: tuple[str, ...] = ()  # the other models it last reported (several models per server)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return () if self.model is None else (self.model, *self.others)
 
     @property
     def has_room(self) -> bool:
         return self.report is not None and self.report.has_room
+
+    def room_for(self, model: str) -> bool:
+        if self.report is None:
+            return False
+        return any(r.model == model and r.has_room for r in self.report.per_model())
 
 
 def saturated(states: list[ReplicaState]) -> tuple[str, ...]:
     """Models with at least one known replica and no replica with room, sorted."""
     models: dict[str, bool] = {}
     for state in states:
-        if state.model is not None:
-            models[state.model] = models.get(state.model, False) or state.has_room
+        for model in state.models:
+            models[model] = models.get(model, False) or state.room_for(model)
     return tuple(sorted(model for model, room in models.items() if not room))
 
 
@@ -109,38 +119,39 @@ class ReplicaWatcher:
 
     async def _poll_one(self, session: aiohttp.ClientSession, address: str) -> ReplicaState:
         previous = self._states.get(address)
-        model, name = (previous.model, previous.name) if previous else (None, address)
+        model, name, others = (previous.model, previous.name, previous.others) if previous else (None, address, ())
         try:
             async with session.get(f"http://{address}{LOAD_PATH}") as response:
                 report = LoadReport.from_json(await response.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             if previous is None or previous.report is not None:
                 log.warning("replica %s: no load report (%s)", address, exc or type(exc).__name__)
-            state = ReplicaState(address, name, model, None)
+            state = ReplicaState(address, name, model, None, others)
         else:
-            if previous is not None and previous.model is not None and (previous.name, previous.model) != (report.replica, report.model):
+            served = tuple(r.model for r in report.per_model())
+            if previous is not None and previous.model is not None and (previous.name, previous.models) != (report.replica, served):
                 self._forget(previous)
-            state = ReplicaState(address, report.replica, report.model, report)
+            state = ReplicaState(address, report.replica, report.model, report, served[1:])
         self._export(state)
         return state
 
     def _export(self, state: ReplicaState) -> None:
-        if state.model is None:
-            return
-        report, replica, m = state.report, state.name, self._metrics
-        m.replica_up.labels(replica, state.model).set(1 if report is not None and report.ready else 0)
-        m.replica_saturated.labels(replica, state.model).set(1 if report is not None and report.saturated else 0)
-        m.replica_requests.labels(replica, state.model, "running").set(report.running if report else 0)
-        m.replica_requests.labels(replica, state.model, "waiting").set(report.waiting if report else 0)
+        reports = {r.model: r for r in state.report.per_model()} if state.report is not None else {}
+        replica, m = state.name, self._metrics
+        for model in state.models:
+            report = reports.get(model)
+            m.replica_up.labels(replica, model).set(1 if report is not None and report.ready else 0)
+            m.replica_saturated.labels(replica, model).set(1 if report is not None and report.saturated else 0)
+            m.replica_requests.labels(replica, model, "running").set(report.running if report else 0)
+            m.replica_requests.labels(replica, model, "waiting").set(report.waiting if report else 0)
 
     def _forget(self, state: ReplicaState) -> None:
-        if state.model is None:
-            return
         replica, m = state.name, self._metrics
-        for gauge in (m.replica_up, m.replica_saturated):
-            gauge.remove(replica, state.model)
-        for kind in ("running", "waiting"):
-            m.replica_requests.remove(replica, state.model, kind)
+        for model in state.models:
+            for gauge in (m.replica_up, m.replica_saturated):
+                gauge.remove(replica, model)
+            for kind in ("running", "waiting"):
+                m.replica_requests.remove(replica, model, kind)
 
 
 async def _resolve(targets: list[str]) -> list[str]:

@@ -1,10 +1,11 @@
 """The registry of served models: one engine per loaded version, and which version is active.
 
 In: the ``InferenceConfig`` (``served_models``, ``validation``), a factory that builds an
-engine for a ``(ModelConfig, BatchingConfig)`` and one that builds the serving object of an
-engine. Out: :meth:`ModelRegistry.lease` — the serving layer asks for "the engine of model X"
-and holds the lease for the whole request, so a request finishes on the version it started
-on; and the lifecycle calls the admin API makes: :meth:`load` (memory check, then load +
+engine for a ``(ModelConfig, BatchingConfig)`` and one that builds the serving object of a
+version (``inference.openai.serving.GenerationServing``, one per version). Out:
+:meth:`ModelRegistry.lease` — the serving layer asks for "model X" (or a named version of it)
+and holds the lease until the response ends, streams included, so a request finishes on the
+version it started on; and the lifecycle calls the admin API makes: :meth:`load` (memory check, then load +
 validation in the background), :meth:`activate` (an atomic switch of the active pointer; the
 old version drains and its engine is shut down, its memory freed, when its last lease ends),
 :meth:`unload` and :meth:`status`.
@@ -29,7 +30,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from common.models import MODEL_VERSION_HEADER
 from inference.config import BatchingConfig, InferenceConfig, ModelConfig, ServedModelConfig, VersionConfig
 from inference.models import memory
 from inference.models.errors import (LifecycleError, ModelNotReady, UnknownModel, UnknownVersion,
@@ -61,9 +61,11 @@ class LifecycleEngine(Protocol):
 
     def submit(self, request: Any) -> Any: ...
 
+    def stats(self) -> Any: ...
+
 
 EngineFactory = Callable[[ModelConfig, BatchingConfig], LifecycleEngine]
-ServiceFactory = Callable[[LifecycleEngine], Any]
+ServiceFactory = Callable[[str, str, LifecycleEngine], Any]  # (model, version, engine) -> serving
 
 
 @dataclass
@@ -101,7 +103,7 @@ class ModelVersion:
 
 
 class Lease:
-    """The active version of a model, held for one request (a context manager)."""
+    """One version of a model, held for one request; ``release`` (or leaving the ``with``) ends it."""
 
     def __init__(self, registry: ModelRegistry, entry: ModelVersion) -> None:
         self._registry = registry
@@ -113,24 +115,19 @@ class Lease:
         return self._entry.version
 
     @property
-    def service(self) -> Any:
+    def serving(self) -> Any:
         return self._entry.service
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {MODEL_VERSION_HEADER: self._entry.version}
-
-    def record(self, prompts: Iterable[Any]) -> None:
-        """Remember the request's prompt token ids as recent live traffic (for shadow runs)."""
-        self._registry.record(self._entry.model, prompts)
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._registry._release(self._entry)
 
     def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self._released:
-            self._released = True
-            self._registry._release(self._entry)
+        self.release()
 
 
 @dataclass
@@ -162,7 +159,7 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._models)
 
-    def lease(self, model: str) -> Lease:
+    def lease(self, model: str, version: str | None = None) -> Lease:
         """The active version of ``model`` for one request; raises UnknownModel or ModelNotReady."""
         entry = self._model(model).active
         if entry is None or entry.engine is None or not entry.engine.ready:
@@ -192,14 +189,16 @@ class ModelRegistry:
                 return m.active.engine.failure
         return None
 
-    def active_engines(self) -> list[LifecycleEngine]:
-        return [m.active.engine for m in self._models.values() if m.active is not None and m.active.engine]
+    def routed_stats(self, model: str) -> list[Any]:
+        """The load of each version of ``model`` that new requests go to."""
+        m = self._model(model)
+        return [v.engine.stats() for v in (m.active,) if v is not None and v.engine is not None and v.engine.ready]
 
     # -- start-up ---------------------------------------------------------------------------
 
     def adopt(self, model: str, version: str, engine: LifecycleEngine) -> None:
         """Serve an engine built elsewhere (not owned: never shut down here) as the active version."""
-        entry = ModelVersion(model, version, "external engine", engine, self._build_service(engine), owned=False,
+        entry = ModelVersion(model, version, "external engine", engine, self._build_service(model, version, engine), owned=False,
                              state="active", activated_at=time.time())
         m = self._model(model)
         m.versions[version] = entry
@@ -330,7 +329,8 @@ class ModelRegistry:
             memory.check_fits(f"version '{version.version}' of model '{m.config.name}'", est,
                               self._config.validation.memory_headroom)
         engine = self._build_engine(model_config, m.config.batching)
-        entry = ModelVersion(m.config.name, version.version, source, engine, self._build_service(engine),
+        entry = ModelVersion(m.config.name, version.version, source, engine,
+                             self._build_service(m.config.name, version.version, engine),
                              estimate=est)
         m.versions[version.version] = entry
         engine.start()

@@ -40,6 +40,9 @@ class LoadReport:
     # The replica's other models (#15: several models per server), one report each, in the same
     # shape without ``models``; the fields above are the first model's.
     models: tuple[LoadReport, ...] = ()
+    # Versions of this model the server rolled back (a failing canary, #15): the sidecar sets
+    # their rollout weight to 0 in the policy's data.
+    rolled_back: tuple[str, ...] = ()
 
     def per_model(self) -> tuple[LoadReport, ...]:
         """One report per model the replica serves, the first model's first."""
@@ -60,6 +63,7 @@ class LoadReport:
     def to_json(self) -> dict[str, Any]:
         out = {**asdict(self), "capacity": self.capacity, "saturated": self.saturated}
         out["models"] = [m.to_json() for m in self.models]
+        out["rolled_back"] = list(self.rolled_back)
         return out
 
     @classmethod
@@ -85,4 +89,7 @@ class LoadReport:
                 nested.append(cls.from_json({**other, "models": []}))
             except ValueError as exc:
                 raise ValueError(f"load report field 'models[{index}]': {exc}") from None
-        return cls(**values, models=tuple(nested))
+        rolled_back = data.get("rolled_back", [])
+        if not isinstance(rolled_back, list) or not all(isinstance(v, str) for v in rolled_back):
+            raise ValueError(f"load report field 'rolled_back' must be a list of versions, got {rolled_back!r}")
+        return cls(**values, models=tuple(nested), rolled_back=tuple(rolled_back))

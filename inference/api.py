@@ -64,6 +64,8 @@ class ServedRegistry(ModelVersions, Protocol):
         """The load of each version of ``model`` that new requests go to (active, canary)."""
         ...
 
+    def rolled_back(self, model: str) -> list[str]: ...
+
 
 @dataclass
 class ServerState:
@@ -242,7 +244,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _load(request: web.Request) -> web.Response:
     """This replica's load (common.replicas.LoadReport), one report per served model: the sidecar
-    polls it to learn saturation. A model's load is that of the versions new requests go to."""
+    polls it to learn saturation, and which canaries this server rolled back. A model's load is
+    that of the versions new requests go to."""
     state = request.app[STATE]
     reports = []
     for served in state.config.served_models:
@@ -251,7 +254,8 @@ async def _load(request: web.Request) -> web.Response:
                                   ready=bool(stats) and not state.draining,
                                   running=sum(s.running for s in stats), waiting=sum(s.waiting for s in stats),
                                   max_batch_size=served.batching.max_batch_size * max(len(stats), 1),
-                                  max_queue=served.batching.max_queue * max(len(stats), 1)))
+                                  max_queue=served.batching.max_queue * max(len(stats), 1),
+                                  rolled_back=tuple(state.registry.rolled_back(served.name))))
     report = replace(reports[0], models=tuple(reports[1:]))
     return web.json_response(report.to_json())
 

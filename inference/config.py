@@ -120,6 +120,26 @@ class EmbeddingsConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Faults a version injects into its own responses, to rehearse a bad rollout (like Envoy's
+    fault filter): ``error_rate`` of its generation requests answer 500 ``injected_fault``,
+    and every one waits ``first_token_delay_ms`` before it is queued (a slower first token).
+    Off by default; a test and a drill knob, not for a version that serves users."""
+
+    error_rate: float = 0.0
+    first_token_delay_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.error_rate <= 1.0, f"faults.error_rate must be in 0..1, got {self.error_rate}")
+        require(self.first_token_delay_ms >= 0,
+                f"faults.first_token_delay_ms must be >= 0, got {self.first_token_delay_ms}")
+
+    @property
+    def any(self) -> bool:
+        return self.error_rate > 0 or self.first_token_delay_ms > 0
+
+
+@dataclass(frozen=True)
 class VersionConfig:
     """One version of a served model: a local Hugging Face directory (``path``) or a named
     random-weight architecture (``random_config`` + ``seed``)."""
@@ -128,6 +148,7 @@ class VersionConfig:
     path: str | None = None
     random_config: str = "tiny-gpt2"
     seed: int = 0
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         require(bool(self.version) and "/" not in self.version,
@@ -212,6 +233,33 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class RollbackConfig:
+    """Automatic rollback of a canary (a validated version that serves the requests the policy
+    routes to it while another is active; docs/models.md).
+
+    Over the last ``window_s`` seconds, once the canary and the active (stable) version have each
+    answered ``min_requests`` generation requests, the canary is rolled back when its error rate
+    exceeds the stable one's by more than ``max_error_rate_increase`` (absolute), or its median
+    time to first token exceeds ``max_ttft_ratio`` x the stable one's. An error is a response
+    that did not complete for a server-side reason (5xx, engine failure, timeout); a client
+    that leaves or a 4xx does not count.
+    """
+
+    enabled: bool = True
+    window_s: float = 60.0
+    min_requests: int = 20
+    max_error_rate_increase: float = 0.05
+    max_ttft_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        require(self.window_s > 0, f"rollback.window_s must be > 0, got {self.window_s}")
+        require(self.min_requests >= 1, f"rollback.min_requests must be >= 1, got {self.min_requests}")
+        require(0.0 <= self.max_error_rate_increase <= 1.0,
+                f"rollback.max_error_rate_increase must be in 0..1, got {self.max_error_rate_increase}")
+        require(self.max_ttft_ratio >= 1.0, f"rollback.max_ttft_ratio must be >= 1, got {self.max_ttft_ratio}")
+
+
+@dataclass(frozen=True)
 class UsageReportConfig:
     """Where to report what each decision used: the kernelgate sidecar's gRPC address
     (``authz.listen``); "" = no reports (the sidecar's reservations then expire as reserved)."""
@@ -241,6 +289,7 @@ class InferenceConfig:
     models: tuple[ServedModelConfig, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
     usage_report: UsageReportConfig = field(default_factory=UsageReportConfig)
     # Names this replica in responses, spans and load reports; "" means host:port.
     replica_id: str = ""

@@ -60,8 +60,9 @@ class InferenceMetrics:
 
 
 class _ModelVersions:
-    """Collector: ``kernelgate_inference_model_version_state{model,version,state}`` (1 per version)
-    and ``kernelgate_inference_model_version_requests_total{model,version}``."""
+    """Collector: ``kernelgate_inference_model_version_state{model,version,state}`` (1 per version),
+    ``kernelgate_inference_model_version_requests_total``, ``..._rollbacks_total``, and the
+    rollback window's ``..._error_rate`` and ``..._ttft_p50_seconds`` (all ``{model,version}``)."""
 
     def __init__(self, read_status: Callable[[], dict[str, Any]]) -> None:
         self._read = read_status
@@ -72,9 +73,26 @@ class _ModelVersions:
                                   labels=["model", "version", "state"])
         served = CounterMetricFamily("kernelgate_inference_model_version_requests",
                                      "Generation requests served by each model version", labels=["model", "version"])
+        rollbacks = CounterMetricFamily("kernelgate_inference_model_version_rollbacks",
+                                        "Automatic rollbacks of a canary version", labels=["model", "version"])
+        errors = GaugeMetricFamily("kernelgate_inference_model_version_error_rate",
+                                   "Share of a version's responses that failed (rollback window)",
+                                   labels=["model", "version"])
+        ttft = GaugeMetricFamily("kernelgate_inference_model_version_ttft_p50_seconds",
+                                 "A version's median time to first token (rollback window)", labels=["model", "version"])
         for model in self._read()["models"]:
             for version in model["versions"]:
-                state.add_metric([model["name"], version["version"], version["state"]], 1)
-                served.add_metric([model["name"], version["version"]], version["served"])
+                labels = [model["name"], version["version"]]
+                state.add_metric([*labels, version["state"]], 1)
+                served.add_metric(labels, version["served"])
+                rollbacks.add_metric(labels, version.get("rollbacks", 0))
+                health = version.get("health")
+                if health and health["requests"]:
+                    errors.add_metric(labels, health["error_rate"])
+                    if health["ttft_p50_ms"] is not None:
+                        ttft.add_metric(labels, health["ttft_p50_ms"] / 1e3)
         yield state
         yield served
+        yield rollbacks
+        yield errors
+        yield ttft

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from inference.api import STATE, ServerState, create_app
-from inference.config import BatchingConfig, InferenceConfig, ModelConfig
+from inference.config import BatchingConfig, InferenceConfig, ModelConfig, VersionConfig
 from inference.genai_metrics import GenAIMetrics
 from inference.openai.serving import GenerationServing
 from inference.usage import UsageReporter
@@ -55,9 +55,13 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
 
     genai = GenAIMetrics()
 
-    def build_service(model: str, version: str, built: object) -> GenerationServing:
+    def build_service(model: str, version: VersionConfig, built: object) -> GenerationServing:
+        def observe(ttft_s: float | None, error: str | None) -> None:
+            registry.observe(model, version.version, ttft_s, error)
+
         return GenerationServing(built, preprocess_executor, tracing, config.limits.retry_after_s,  # type: ignore[arg-type]
-                                 genai, version=version, record=lambda prompts: registry.record(model, prompts))
+                                 genai, record=lambda prompts: registry.record(model, prompts), outcomes=observe,
+                                 faults=version.faults)
 
     registry = ModelRegistry(config, build_engine, build_service)  # type: ignore[arg-type]
     metrics.watch_models(registry.status)

@@ -6,7 +6,8 @@ Every request needs ``Authorization: Bearer <token>``; the token is compared in 
 shape. Routes (``ADMIN_ROUTES``, the one list; ``kernelgate models`` is their client):
 
 - ``GET  /admin/models``                                   status of every model and version
-- ``POST /admin/models/{model}/versions``                  ``{"version", "path" | "random_config", "seed", "activate"}``:
+- ``POST /admin/models/{model}/versions``                  ``{"version", "path" | "random_config", "seed", "activate",
+  "faults"}`` (``faults``: ``inference.config.FaultConfig``, a drill knob):
   202, loading + validation run in the background; 404 unknown model, 409 version exists, 507 does not fit
 - ``POST /admin/models/{model}/versions/{version}/activate``  409 unless the version is validated (ready)
 - ``DELETE /admin/models/{model}/versions/{version}``      unload a version that is not active
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from inference.config import AdminConfig, VersionConfig
+from inference.config import AdminConfig, FaultConfig, VersionConfig
 from inference.models.errors import LifecycleError
 
 log = logging.getLogger("kernelgate.inference.admin")
@@ -90,13 +91,18 @@ def create_admin_app(registry: Lifecycle, token: str) -> web.Application:
             return _error(400, "body is not valid JSON", "invalid_json")
         if not isinstance(body, dict) or not isinstance(body.get("version"), str) or not body["version"]:
             return _error(400, "body must be an object with a non-empty string 'version'", "invalid_value", "version")
-        unknown = set(body) - {"version", "path", "random_config", "seed", "activate"}
+        unknown = set(body) - {"version", "path", "random_config", "seed", "activate", "faults"}
         if unknown:
             return _error(400, f"unknown field '{sorted(unknown)[0]}'", "invalid_value", sorted(unknown)[0])
+        faults = body.get("faults", {})
+        if not isinstance(faults, dict) or set(faults) - {"error_rate", "first_token_delay_ms"}:
+            return _error(400, "faults must be an object with error_rate and/or first_token_delay_ms",
+                          "invalid_value", "faults")
         try:
             version = VersionConfig(version=body["version"], path=body.get("path"),
                                     random_config=str(body.get("random_config", "tiny-gpt2")),
-                                    seed=int(body.get("seed", 0)))
+                                    seed=int(body.get("seed", 0)),
+                                    faults=FaultConfig(**{k: float(v) for k, v in faults.items()}))
         except (TypeError, ValueError) as exc:
             return _error(400, str(exc), "invalid_value")
         model = request.match_info["model"]

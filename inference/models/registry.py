@@ -5,7 +5,13 @@ engine for a ``(ModelConfig, BatchingConfig)`` and one that builds the serving o
 version (``inference.openai.serving.GenerationServing``, one per version). Out:
 :meth:`ModelRegistry.lease` — the serving layer asks for "model X" (or a named version of it)
 and holds the lease until the response ends, streams included, so a request finishes on the
-version it started on; and the lifecycle calls the admin API makes: :meth:`load` (memory check, then load +
+version it started on. A request may name a version (the sidecar's canary pick, from the
+policy's rollout weights): a validated (``ready``) version then serves it beside the active
+one, and a version rolled back, unknown or not ready falls back to the active one. Each
+response's outcome (:meth:`observe`) feeds the version's health window; a canary worse than
+the active version past ``inference.rollback``'s margins is rolled back at once
+(``rolled_back``: no more requests here, and ``/load`` tells the sidecar, which sets its
+weight to 0 in OPA's data). Also and the lifecycle calls the admin API makes: :meth:`load` (memory check, then load +
 validation in the background), :meth:`activate` (an atomic switch of the active pointer; the
 old version drains and its engine is shut down, its memory freed, when its last lease ends),
 :meth:`unload` and :meth:`status`.
@@ -13,8 +19,9 @@ old version drains and its engine is shut down, its memory freed, when its last 
 States of a version::
 
     loading -> validating -> ready -> active -> draining -> unloaded
-        \\            \\
-         `-> failed <-'        (ready -> unloaded by unload; failed keeps its reason)
+        \\            \\         \\
+         `-> failed <-'        `-> rolled_back -> draining     (ready -> draining by unload;
+                                                                 failed keeps its reason)
 
 Everything here runs on the event loop thread (the engine threads only load and decode), so
 the switch of the active version is one assignment between two awaits: atomic for requests.
@@ -32,13 +39,14 @@ from typing import Any, Literal, Protocol
 
 from inference.config import BatchingConfig, InferenceConfig, ModelConfig, ServedModelConfig, VersionConfig
 from inference.models import memory
+from inference.models.rollback import HealthWindow, judge
 from inference.models.errors import (LifecycleError, ModelNotReady, UnknownModel, UnknownVersion,
                                      VersionConflict)
 from inference.models.validation import ValidationResult, validate
 
 log = logging.getLogger("kernelgate.inference.models")
 
-VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "unloaded"]
+VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "rolled_back", "unloaded"]
 
 
 class LifecycleEngine(Protocol):
@@ -65,7 +73,7 @@ class LifecycleEngine(Protocol):
 
 
 EngineFactory = Callable[[ModelConfig, BatchingConfig], LifecycleEngine]
-ServiceFactory = Callable[[str, str, LifecycleEngine], Any]  # (model, version, engine) -> serving
+ServiceFactory = Callable[[str, VersionConfig, LifecycleEngine], Any]  # (model, version, engine) -> serving
 
 
 @dataclass
@@ -87,6 +95,9 @@ class ModelVersion:
     loaded_at: float = field(default_factory=time.time)
     activated_at: float | None = None
     served: int = 0
+    health: HealthWindow | None = None
+    rolled_back_at: float | None = None
+    rollbacks: int = 0
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "state": self.state, "source": self.source,
@@ -99,6 +110,11 @@ class ModelVersion:
                              "kv_cache_bytes": self.estimate.kv_cache_bytes}
         if self.validation is not None:
             out["validation"] = self.validation.describe()
+        if self.health is not None:
+            out["health"] = self.health.health(time.monotonic()).describe()
+        out["rollbacks"] = self.rollbacks
+        if self.rolled_back_at is not None:
+            out["rolled_back_at"] = self.rolled_back_at
         return out
 
 
@@ -160,13 +176,53 @@ class ModelRegistry:
         return list(self._models)
 
     def lease(self, model: str, version: str | None = None) -> Lease:
-        """The active version of ``model`` for one request; raises UnknownModel or ModelNotReady."""
-        entry = self._model(model).active
+        """``version`` of ``model`` when it is a validated canary, else the active version, for one
+        request; raises UnknownModel or ModelNotReady."""
+        m = self._model(model)
+        entry = m.active
+        wanted = m.versions.get(version) if version is not None else None
+        if wanted is not None and wanted.state == "ready" and wanted.engine is not None and wanted.engine.ready:
+            entry = wanted
         if entry is None or entry.engine is None or not entry.engine.ready:
             raise ModelNotReady(f"model '{model}' is still loading")
         entry.leases += 1
         entry.served += 1
         return Lease(self, entry)
+
+    def observe(self, model: str, version: str, ttft_s: float | None, error: str | None) -> None:
+        """One response of ``version`` ended; a canary past the rollback margins is rolled back."""
+        m = self._models[model]
+        entry = m.versions.get(version)
+        if entry is None or entry.health is None:
+            return
+        now = time.monotonic()
+        entry.health.record(now, ttft_s, error)
+        stable = m.active
+        rule = self._config.rollback
+        if not rule.enabled or entry.state != "ready" or stable is None or stable.health is None:
+            return
+        reason = judge(entry.health.health(now), stable.health.health(now), rule)
+        if reason is not None:
+            self.roll_back(model, version, reason)
+
+    def roll_back(self, model: str, version: str, reason: str) -> ModelVersion:
+        """Take a canary out of serving: requests naming it go to the active version from now on."""
+        m = self._model(model)
+        entry = self._version(m, version)
+        if entry.state != "ready":
+            raise VersionConflict(f"version '{version}' of model '{model}' is {entry.state}; only a canary "
+                                  "(ready, not active) is rolled back")
+        entry.state = "rolled_back"
+        entry.error = f"rolled back: {reason}"
+        entry.rolled_back_at = time.time()
+        entry.rollbacks += 1
+        log.warning("model %s: canary %s rolled back: %s", model, version, reason)
+        self._event(model, version, "rolled_back", reason=reason)
+        return entry
+
+    def rolled_back(self, model: str) -> list[str]:
+        """The versions of ``model`` rolled back (until unloaded): the sidecar sets their weight to 0."""
+        return [v.version for v in self._model(model).versions.values() if v.state == "rolled_back"]
 
     def record(self, model: str, prompts: Iterable[Any]) -> None:
         recent = self._models[model].recent
@@ -192,14 +248,16 @@ class ModelRegistry:
     def routed_stats(self, model: str) -> list[Any]:
         """The load of each version of ``model`` that new requests go to."""
         m = self._model(model)
-        return [v.engine.stats() for v in (m.active,) if v is not None and v.engine is not None and v.engine.ready]
+        routed = [v for v in m.versions.values() if v is m.active or v.state == "ready"]
+        return [v.engine.stats() for v in routed if v.engine is not None and v.engine.ready]
 
     # -- start-up ---------------------------------------------------------------------------
 
     def adopt(self, model: str, version: str, engine: LifecycleEngine) -> None:
         """Serve an engine built elsewhere (not owned: never shut down here) as the active version."""
-        entry = ModelVersion(model, version, "external engine", engine, self._build_service(model, version, engine), owned=False,
-                             state="active", activated_at=time.time())
+        entry = ModelVersion(model, version, "external engine", engine,
+                             self._build_service(model, VersionConfig(version), engine), owned=False,
+                             state="active", activated_at=time.time(), health=self._health())
         m = self._model(model)
         m.versions[version] = entry
         m.active = entry
@@ -330,8 +388,8 @@ class ModelRegistry:
                               self._config.validation.memory_headroom)
         engine = self._build_engine(model_config, m.config.batching)
         entry = ModelVersion(m.config.name, version.version, source, engine,
-                             self._build_service(m.config.name, version.version, engine),
-                             estimate=est)
+                             self._build_service(m.config.name, version, engine),
+                             estimate=est, health=self._health())
         m.versions[version.version] = entry
         engine.start()
         self._event(m.config.name, version.version, "loading", source=source)
@@ -392,6 +450,9 @@ class ModelRegistry:
             entry.state = "unloaded"
             self._event(entry.model, entry.version, "unloaded")
             log.info("model %s: version %s unloaded", entry.model, entry.version)
+
+    def _health(self) -> HealthWindow:
+        return HealthWindow(self._config.rollback.window_s)
 
     def _event(self, model: str, version: str, event: str, **details: Any) -> None:
         self.events.append({"time": time.time(), "model": model, "version": version, "event": event, **details})

@@ -18,6 +18,7 @@ is activated.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,6 +30,7 @@ from opentelemetry.trace import Span
 
 from common.models import MODEL_VERSION_HEADER
 from common.replicas import NOT_STARTED_HEADER
+from inference.config import FaultConfig
 from inference.genai_metrics import GenAIMetrics
 from inference.generation import (EngineDeadError, EngineError, EngineNotReadyError, GenerationEngine, GenerationOutput,
                                   GenerationRequest, QueueFullError, RequestStream, TokenLogprobs)
@@ -244,15 +246,19 @@ class GenerationModels:
         with the version that answered in the response headers."""
         served = self.served_model(model, caller.routed_model)
         lease = self.lease(served, caller.model_version)
+        headers = {MODEL_VERSION_HEADER: lease.version}
         try:
             span.set_attribute(names.MODEL_VERSION, lease.version)
             result = await lease.serving.generate(model, served, sampling, tokenize, caller=caller, span=span,
                                                   started=started, operation=operation, id_prefix=id_prefix,
                                                   shapes=shapes)
+        except RequestError as err:
+            lease.release()
+            raise RequestError(err.status, err.message, err.param, err.type, err.code,
+                               {**err.headers, **headers}) from None
         except BaseException:
             lease.release()
             raise
-        headers = {MODEL_VERSION_HEADER: lease.version}
         if isinstance(result, Stream):
             return Framed(result.closing(lease.release), headers)
         lease.release()
@@ -263,16 +269,16 @@ class GenerationServing:
     """Readiness, preprocessing, submission and stream merging for one version of a generative model."""
 
     def __init__(self, engine: GenerationEngine, executor: Executor, tracing: Tracing, retry_after_s: int,
-                 genai: GenAIMetrics | None = None, *, version: str = "",
+                 genai: GenAIMetrics | None = None, *,
                  record: Callable[[Sequence[PreparedPrompt]], None] | None = None,
-                 outcomes: OutcomeSink | None = None) -> None:
+                 outcomes: OutcomeSink | None = None, faults: FaultConfig | None = None) -> None:
         self._engine = engine
         self._genai = genai or GenAIMetrics()
         self._executor = executor
         self._tracing = tracing
-        self._version = version
         self._record = record  # recent live prompts, for the shadow run of a new version
         self._outcomes = outcomes  # the version's health watch (automatic rollback)
+        self._faults = faults if faults is not None and faults.any else None
         self._not_started = not_started(retry_after_s)
         self._preprocessor: Preprocessor | None = None
         self._texts: TokenTexts | None = None
@@ -347,8 +353,15 @@ class GenerationServing:
         prompts = await self.prepare(tokenize)
         if self._record is not None:
             self._record(prompts)
-        submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", served, caller, span, prompts, sampling.n,
-                                operation=operation, started=started, requested_model=model)
+        if self._faults is not None:
+            await self._inject(self._faults)
+        try:
+            submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", served, caller, span, prompts, sampling.n,
+                                    operation=operation, started=started, requested_model=model)
+        except RequestError as err:
+            if err.status >= 500 and self._outcomes is not None:
+                self._outcomes(None, str(err.status))
+            raise
         if caller.usage is not None:
             caller.usage.watch(submitted.streams)
         return await self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage)
@@ -439,6 +452,16 @@ class GenerationServing:
         if self._outcomes is not None:
             self._outcomes(None if outcome.first_token is None else outcome.first_token - submitted.started,
                            outcome.error)
+
+    async def _inject(self, faults: FaultConfig) -> None:
+        """The version's configured faults (``FaultConfig``): a delay, then maybe a 500."""
+        if faults.first_token_delay_ms:
+            await asyncio.sleep(faults.first_token_delay_ms / 1e3)
+        if faults.error_rate and random.random() < faults.error_rate:
+            if self._outcomes is not None:
+                self._outcomes(None, "500")
+            raise RequestError(500, "injected fault (this version's faults.error_rate)", type="server_error",
+                               code="injected_fault")
 
     def _engine_error(self, exc: EngineError) -> RequestError:
         if isinstance(exc, QueueFullError):

@@ -22,7 +22,7 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from common.models import MODEL_VERSION_HEADER
+from common.models import MODEL_VERSION_HEADER, ROUTED_MODEL_HEADER
 from common.replicas import LOAD_PATH, REPLICA_HEADER, LoadReport
 from common.routes import MODEL_PATHS
 from inference.config import InferenceConfig
@@ -37,7 +37,7 @@ from inference.openai.completion.protocol import parse_completion_request
 from inference.openai.completion.serving import CompletionServing
 from inference.openai.embeddings import router as embeddings_router
 from inference.openai.embeddings.serving import EmbeddingBackend, EmbeddingServing
-from inference.openai.http import ROUTED_MODEL_HEADER, USAGE, read_body, tenant_of
+from inference.openai.http import USAGE, read_body, tenant_of
 from inference.openai.protocol import RequestError
 from inference.openai.serving import GenerationModels, ModelVersions, ServedModels, not_started
 from inference.tracing import Tracing

@@ -3,7 +3,8 @@
 In: ``ReplicasConfig`` (targets to poll), each replica's ``GET /load`` document
 (``common.replicas.LoadReport``). Out: :meth:`ReplicaWatcher.saturated_models`, the sorted
 models no replica has room for, which the authorizer puts in the policy input
-(``input.kernelgate.saturated_models``), and per-replica load gauges.
+(``input.kernelgate.saturated_models``), per-replica load gauges, and the canaries the
+replicas rolled back, handed to ``sidecar.rollouts.RollbackWriter`` at every poll.
 
 A model is saturated when replicas of it are known and none is reachable, ready and below
 its batch + queue capacity. A replica that stops answering keeps the model it last
@@ -18,7 +19,9 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
@@ -62,12 +65,25 @@ def saturated(states: list[ReplicaState]) -> tuple[str, ...]:
     return tuple(sorted(model for model, room in models.items() if not room))
 
 
+class Rollbacks(Protocol):
+    """Where rolled-back canaries go (``sidecar.rollouts.RollbackWriter``)."""
+
+    async def apply(self, rolled_back: Iterable[tuple[str, str]]) -> None: ...
+
+
+def rolled_back(states: list[ReplicaState]) -> set[tuple[str, str]]:
+    """``(model, version)`` of every canary a reachable replica reports as rolled back."""
+    return {(report.model, version) for state in states if state.report is not None
+            for report in state.report.per_model() for version in report.rolled_back}
+
+
 class ReplicaWatcher:
     """Polls every target's load report; :meth:`saturated_models` reads the latest result."""
 
-    def __init__(self, config: ReplicasConfig, metrics: SidecarMetrics) -> None:
+    def __init__(self, config: ReplicasConfig, metrics: SidecarMetrics, rollbacks: Rollbacks | None = None) -> None:
         self._config = config
         self._metrics = metrics
+        self._rollbacks = rollbacks
         self._states: dict[str, ReplicaState] = {}
         self._saturated: tuple[str, ...] = ()
         self._addresses: list[str] = []
@@ -116,6 +132,8 @@ class ReplicaWatcher:
         for model in set(self._saturated) | set(models):
             self._metrics.saturated_models.labels(model).set(1 if model in models else 0)
         self._saturated = models
+        if self._rollbacks is not None:
+            await self._rollbacks.apply(rolled_back(list(states)))
 
     async def _poll_one(self, session: aiohttp.ClientSession, address: str) -> ReplicaState:
         previous = self._states.get(address)

@@ -12,7 +12,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tests.replica_stack import Replica
@@ -23,11 +23,12 @@ class VersionedReplica(Replica):
     admin_port: int = 0
     token_file: str = ""
     token: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)  # more inference sections (rollback, ...)
 
     def inference_config(self) -> dict[str, Any]:
         config = super().inference_config()
         config["admin"] = {"port": self.admin_port, "token_file": self.token_file}
-        return config
+        return {**config, **self.overrides}
 
 
 def admin_call(replica: VersionedReplica, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -40,6 +41,31 @@ def admin_call(replica: VersionedReplica, method: str, path: str, body: dict | N
             return resp.status, json.load(resp)
     except urllib.error.HTTPError as exc:
         return exc.code, json.load(exc)
+
+
+def load_version(replica: VersionedReplica, model: str, spec: dict[str, Any], timeout: float = 300) -> dict:
+    """POST the version (not activated); poll until it is validated (ready) or failed."""
+    status, loaded = admin_call(replica, "POST", f"/admin/models/{model}/versions", spec)
+    if status != 202:
+        raise AssertionError(f"load refused: {status} {loaded}")
+    return wait_version(replica, model, spec["version"], ("ready", "failed"), timeout)
+
+
+def version_status(replica: VersionedReplica, model: str, version: str) -> dict:
+    _, listing = admin_call(replica, "GET", "/admin/models")
+    [entry] = [m for m in listing["models"] if m["name"] == model]
+    return next(v for v in entry["versions"] if v["version"] == version)
+
+
+def wait_version(replica: VersionedReplica, model: str, version: str, states: tuple[str, ...],
+                 timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = version_status(replica, model, version)
+        if status["state"] in states:
+            return status
+        time.sleep(0.02)
+    raise AssertionError(f"version {version} not in {states} after {timeout}s: {status}")
 
 
 def load_and_activate(replica: VersionedReplica, model: str, spec: dict[str, Any], timeout: float = 300) -> dict:

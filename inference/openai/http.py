@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 from opentelemetry.trace import Span
 
-from common.models import MODEL_VERSION_HEADER
+from common.models import MODEL_VERSION_HEADER, ROUTED_MODEL_HEADER
 from inference.config import LimitsConfig
 from inference.openai.protocol import RequestError
 from inference.tracing import Tracing
@@ -27,8 +27,6 @@ from inference.usage import UsageTracker, grant_of
 from otel import names
 
 TENANT_HEADER = "x-kernelgate-tenant"
-# The model the gateway routed this request to (the policy may degrade to a fallback model).
-ROUTED_MODEL_HEADER = "x-kernelgate-model"
 # What this request spent, reported to the sidecar when its response ends (set by the app's middleware).
 USAGE = web.RequestKey("kernelgate_usage", UsageTracker)
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

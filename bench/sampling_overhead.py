@@ -107,10 +107,23 @@ async def window(url: str, mode: str, args: argparse.Namespace, prompts: list[li
             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def start_inference_alone(name: str, config: dict, log_dir: Path, env: dict[str, str]):
+    """The inference server alone, from ``config`` (a kernelgate config dict with an ``inference``
+    section): kernelgate.cli would load every section and need Envoy's config libraries, which the
+    GPU image lacks. Returns the process (common.processes.Proc); its log is ``log_dir/name.log``."""
+    import yaml
+
+    config_path = log_dir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    serve = ("import sys, yaml; from common.settings import build; from inference.config import InferenceConfig; "
+             "from inference.server import run; "
+             "run(build(InferenceConfig, yaml.safe_load(open(sys.argv[1]))['inference'], 'inference'))")
+    return start(name, [sys.executable, "-c", serve, str(config_path)], log_dir, env=env)
+
+
 def main() -> int:
     args = parse_args()
     import torch
-    import yaml
 
     modes = [m for m in args.modes.split(",") if m]
     port = free_port()
@@ -124,14 +137,7 @@ def main() -> int:
         "limits": {"request_timeout_s": 600, "drain_timeout_s": 30}}}
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    config_path = log_dir / "sampling-overhead-server.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    # The inference server alone (kernelgate.cli would load every section and need Envoy's config libraries).
-    serve = ("import sys, yaml; from common.settings import build; from inference.config import InferenceConfig; "
-             "from inference.server import run; "
-             "run(build(InferenceConfig, yaml.safe_load(open(sys.argv[1]))['inference'], 'inference'))")
-    server = start("sampling-overhead-server", [sys.executable, "-c", serve, str(config_path)], log_dir,
-                   env={"PYTHONUNBUFFERED": "1"})
+    server = start_inference_alone("sampling-overhead-server", config, log_dir, {"PYTHONUNBUFFERED": "1"})
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, 256, (256, args.prompt_tokens), generator=gen).tolist()  # the demo tokenizer's bytes
     url = f"http://127.0.0.1:{port}/v1/completions"

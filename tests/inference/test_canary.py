@@ -12,6 +12,8 @@ import aiohttp
 
 from common.models import MODEL_VERSION_HEADER
 from inference.config import RollbackConfig, ValidationConfig
+from inference.tracing import Tracing
+from otel import names
 from tests.inference.test_models import auth, served, two_models, wait_state  # noqa: F401 - served is a fixture
 
 ROLLBACK = RollbackConfig(window_s=120.0, min_requests=6, max_error_rate_increase=0.2, max_ttft_ratio=3.0)
@@ -43,8 +45,9 @@ async def load_report(s: aiohttp.ClientSession, url: str) -> dict:
     return next(m for m in [report, *report["models"]] if m["model"] == "gpt")
 
 
-async def test_a_request_naming_a_validated_version_is_served_by_it(served) -> None:
-    url, admin = await served(config())
+async def test_a_request_naming_a_validated_version_is_served_by_it(served, sdk) -> None:
+    provider, exporter = sdk
+    url, admin = await served(config(), tracing=Tracing(provider.get_tracer(names.INFERENCE_TRACER)))
     async with aiohttp.ClientSession() as s:
         await load(s, admin, "v2")
         answers = await asyncio.gather(complete(s, url, "v2"), complete(s, url, None), complete(s, url, "v1"),
@@ -56,6 +59,10 @@ async def test_a_request_naming_a_validated_version_is_served_by_it(served) -> N
         assert report["max_batch_size"] == 2 * 4 and report["rolled_back"] == []
         status = await wait_state(s, admin, "gpt", "v2", ("ready",))
         assert status["served"] == 1 and status["health"]["requests"] == 1
+    # The request span names the version that answered.
+    versions = sorted(span.attributes[names.MODEL_VERSION] for span in exporter.get_finished_spans()
+                      if span.name == names.http_server_span_name("POST", "/v1/completions"))
+    assert versions == ["v1", "v1", "v1", "v2"], versions
 
 
 async def test_a_canary_that_fails_is_rolled_back(served) -> None:

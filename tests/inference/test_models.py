@@ -28,12 +28,12 @@ def two_models(**validation: object):
 
 @pytest.fixture
 async def served(serve, monkeypatch):
-    """``await served(config)`` -> (server url, admin url)."""
+    """``await served(config, **build_app kwargs)`` -> (server url, admin url)."""
     runners = []
 
-    async def start(config):
+    async def start(config, **kwargs):
         monkeypatch.setenv("KERNELGATE_ADMIN_TOKEN", TOKEN)
-        server = await serve(config)
+        server = await serve(config, **kwargs)
         admin = await start_admin(server.app, config)
         runners.append(admin)
         host, port = admin.addresses[0][:2]

@@ -46,6 +46,9 @@ from inference.models.validation import ValidationResult, validate
 
 log = logging.getLogger("kernelgate.inference.models")
 
+SMALL_WINDOWS = 2048
+JUDGE_INTERVAL_S = 0.25
+
 VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "rolled_back", "unloaded"]
 
 
@@ -96,6 +99,7 @@ class ModelVersion:
     activated_at: float | None = None
     served: int = 0
     health: HealthWindow | None = None
+    judged_at: float = float("-inf")
     rolled_back_at: float | None = None
     rollbacks: int = 0
 
@@ -201,6 +205,11 @@ class ModelRegistry:
         rule = self._config.rollback
         if not rule.enabled or entry.state != "ready" or stable is None or stable.health is None:
             return
+        # Judged after every canary response while the windows are small; with thousands of
+        # outcomes in them (a busy model) at most every JUDGE_INTERVAL_S (a median is a sort).
+        if len(entry.health) + len(stable.health) > SMALL_WINDOWS and now - entry.judged_at < JUDGE_INTERVAL_S:
+            return
+        entry.judged_at = now
         reason = judge(entry.health.health(now), stable.health.health(now), rule)
         if reason is not None:
             self.roll_back(model, version, reason)

@@ -50,6 +50,9 @@ class HealthWindow:
         self._window_s = window_s
         self._outcomes: deque[tuple[float, float | None, bool]] = deque()
 
+    def __len__(self) -> int:
+        return len(self._outcomes)
+
     def record(self, now: float, ttft_s: float | None, error: str | None) -> None:
         self._outcomes.append((now, ttft_s, is_failure(error)))
         self._trim(now)

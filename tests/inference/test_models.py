@@ -153,7 +153,8 @@ async def test_version_failing_validation_stays_inactive(served) -> None:
                           json={"version": "same", "random_config": "tiny-gpt2", "seed": 0}) as r:
             assert r.status == 202
         same = await wait_state(s, admin, "gpt", "same", ("failed", "ready"))
-        assert same["state"] == "ready" and same["validation"]["agreement"] == 1.0, same
+        assert same["state"] == "ready", (same.get("error"), same.get("validation"))
+        assert same["validation"]["agreement"] == 1.0, same["validation"]
 
 
 async def test_hot_swap_under_load_drops_nothing(served) -> None:

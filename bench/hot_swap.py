@@ -135,6 +135,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         "versions_seen": dict(Counter(o.version for o in outcomes)),
         "after_window_all_v2": all(o.version == "v2" for o in after),
         "validation": version.get("validation"),
+        "host_load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 

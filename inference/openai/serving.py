@@ -311,8 +311,10 @@ class GenerationServing:
             if output.logprobs is not None:
                 entries = (entries or []) + [texts.entry(item) for item in output.logprobs]
             choice.delta_logprobs = entries
-            if entries is not None:
-                choice.logprobs = (choice.logprobs or []) + entries
+            if entries is not None:  # extended in place: a long answer's list is not copied per token
+                if choice.logprobs is None:
+                    choice.logprobs = []
+                choice.logprobs.extend(entries)
             choice.started = True
             choice.text += output.text
             if output.finished:

@@ -84,7 +84,17 @@ def body_for(mode: str, model: str, prompt: list[int], new_tokens: int) -> dict:
     return body
 
 
-async def window(url: str, mode: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def window(url: str, mode: str, args: argparse.Namespace, prompts: list[list[int]],
+                 server_pid: int | None = None) -> dict:
     import aiohttp
 
     clients = args.concurrency // 4 if mode == "n4" else args.concurrency
@@ -112,10 +122,12 @@ async def window(url: str, mode: str, args: argparse.Namespace, prompts: list[li
 
     metrics_url = url.replace("/v1/completions", "/metrics")
     before = await decode_batches(metrics_url)
+    cpu_before, wall_before = cpu_seconds(server_pid), time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
         await asyncio.gather(*(client(session, i) for i in range(clients)))
     after = await decode_batches(metrics_url)
+    server_cpu, wall = cpu_seconds(server_pid) - cpu_before, time.perf_counter() - wall_before
     if errors:
         raise RuntimeError(f"{mode}: {errors[0]}")
     finished.sort()
@@ -128,7 +140,11 @@ async def window(url: str, mode: str, args: argparse.Namespace, prompts: list[li
     steps = after[0] - before[0]
     return {"mode": mode, "clients": clients, "requests": len(finished), "counted_requests": len(counted),
             "completion_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "decode_steps": int(steps), "mean_decode_batch": round((after[1] - before[1]) / steps, 2) if steps else None}
+            "decode_steps": int(steps), "mean_decode_batch": round((after[1] - before[1]) / steps, 2) if steps else None,
+            # the server's CPU time per generated token (all its threads: engine, event loop, exporters), and how
+            # many cores it kept busy: where the host, not the GPU, sets the pace, this is what an option costs
+            "server_cpu_us_per_token": round(1e6 * server_cpu / (after[1] - before[1]), 1) if after[1] > before[1] else None,
+            "server_cores_busy": round(server_cpu / wall, 2)}
 
 
 def check_response(mode: str, data: dict, new_tokens: int) -> str | None:
@@ -230,7 +246,7 @@ def main() -> int:
             asyncio.run(window(url, mode, argparse.Namespace(**{**vars(args), "window_s": 1.0}), prompts))
         for round_ in range(args.rounds):
             for mode in modes:
-                row = asyncio.run(window(url, mode, args, prompts))
+                row = asyncio.run(window(url, mode, args, prompts, server.popen.pid))
                 row["round"] = round_
                 rows.append(row)
                 print(f"[round {round_}] {mode}: {row['tokens_per_s']} tok/s ({row['requests']} requests, "

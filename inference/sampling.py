@@ -254,7 +254,10 @@ class SlotSampling:
     def _to_host(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` on the host: one asynchronous copy into a pinned buffer, one wait (the GIL
         released while the device finishes the step). The buffer is reused next step: the caller
-        reads it (``tolist``) before returning."""
+        reads it (``tolist``) before returning. On the CPU the values are already there."""
+        self.host_syncs += 1
+        if values.device.type == "cpu":
+            return values
         buffer = self._host.get(values.dtype)
         if buffer is None or buffer.numel() < values.numel():
             buffer = self._host[values.dtype] = torch.empty(max(values.numel(), 64), dtype=values.dtype,
@@ -264,7 +267,6 @@ class SlotSampling:
         if self._copied is not None:
             self._copied.record()
             self._copied.synchronize()
-        self.host_syncs += 1
         return host
 
 

@@ -264,11 +264,15 @@ def main() -> int:
                  for m in modes if m != "off"}
     median = {m: round(statistics.median(values), 2) for m, values in per_round.items()}
     device = torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:  # no git on the device machines
+        commit = ""
     result = {
         "command": "python3 bench/sampling_overhead.py " + shlex.join(sys.argv[1:]),
         "device": device, "torch": torch.__version__,
-        "commit": commit.stdout.strip() or os.environ.get("KG_COMMIT", "unknown"),
+        "commit": commit or os.environ.get("KG_COMMIT", "unknown"),
         "checks": checks,
         "model": args.model, "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "deepspeed": args.deepspeed, "window_s": args.window_s, "rounds": args.rounds,

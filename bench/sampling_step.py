@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -90,6 +91,15 @@ def measure(step: Callable, logits: torch.Tensor, steps: int, device: torch.devi
     return (1e6 * (time.perf_counter() - wall) / steps, 1e6 * (time.process_time() - cpu) / steps)
 
 
+def git_commit() -> str:
+    """This tree's commit (KG_COMMIT where there is no git, as on the device machines)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:
+        out = ""
+    return out.strip() or os.environ.get("KG_COMMIT", "unknown")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -138,7 +148,7 @@ def main() -> int:
             off = results["off"][name]["cpu_us_per_step"]
             for mode in MODES:
                 results[mode][name]["added_cpu_us_per_step"] = round(results[mode][name]["cpu_us_per_step"] - off, 1)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    head = git_commit()
     out = {"command": "python3 bench/sampling_step.py " + shlex.join(sys.argv[1:]),
            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({args.threads} thread)",
            "torch": torch.__version__, "commit": head.strip(), "baseline": args.baseline,

@@ -195,7 +195,7 @@ class SlotSampling:
             self._counts[first_slot:first_slot + rows].scatter_add_(1, choices.view(-1, 1), self._ones[:rows])
         if top_k is None:
             return [Pick(token) for token in self._to_host(choices).tolist()]
-        raw = logits.float().log_softmax(dim=-1)
+        raw = logits.log_softmax(dim=-1, dtype=torch.float32)  # the cast fused into the kernel
         parts = [choices.view(-1, 1).float(), raw.gather(1, choices.view(-1, 1))]
         if top_k:
             top_values, top_ids = raw.topk(top_k, dim=-1)
@@ -218,10 +218,11 @@ class SlotSampling:
         if self._penalized:
             assert self._counts is not None and self._penalty is not None
             counts, penalty = self._counts[rows], self._penalty[rows]
-            adjusted = adjusted.float() - torch.addcmul(counts * penalty[:, :1], counts.sign(), penalty[:, 1:])
+            # fp16 logits minus the fp32 penalty is fp32 (type promotion: no separate cast kernel)
+            adjusted = adjusted - torch.addcmul(counts * penalty[:, :1], counts.sign(), penalty[:, 1:])
         if self._biased:
             assert self._bias is not None
-            adjusted = adjusted.float() + self._bias[rows]
+            adjusted = adjusted + self._bias[rows]
         return adjusted
 
     def _masked(self, adjusted: torch.Tensor, logits: torch.Tensor, guided: list[RequestSampler],

@@ -137,5 +137,5 @@ def test_a_step_runs_the_same_kernels_for_2_or_16_rows_and_waits_once(params: di
     assert small_syncs == large_syncs == 1
     plain = _step_ops(16, {})[0]
     assert plain == ["aten.argmax.default"]  # (on a GPU, one copy to the pinned host buffer follows)
-    # All the options together add 12 kernels a step (penalties 5 + scatter-add, bias 1, logprobs 5).
+    # All the options together add 12 kernels a step (penalties 4 + the scatter-add, bias 1, logprobs 6).
     assert len(large) <= len(plain) + 12, large

@@ -8,14 +8,16 @@ them (batch of ``--batch`` requests, each living ``--steps-per-request`` steps, 
 each admission), with the SDK set up as ``otel.setup.configure_tracing`` sets it up (parent-based
 ratio sampler with step thinning, batch span processor) and an exporter that drops the batches,
 and measures the **engine thread's CPU time** (``time.thread_time_ns``) around those calls only.
-Wall time is not what counts here: on a GPU the engine thread mostly waits for the device, so
+Wall time (the loop's, which includes creating the
+requests' spans) is not what counts here: on a GPU the engine thread mostly waits for the device, so
 work moved to another thread overlaps that wait; on this CPU-only machine the GIL still makes
-that thread's work visible in wall time, so the other threads' CPU time is reported apart.
+that thread's work visible in wall time, so the other threads' CPU time is reported apart. Each
+step then sleeps ``--gpu-wait-us`` (GIL released, as in a CUDA sync) as the forward pass would.
 
 Modes: ``off`` (no SDK: the API's no-op tracer, what ``telemetry.enabled: false`` gives),
 ``spans`` (SDK, every trace sampled), ``spans+kernels`` (plus an idle kernel tracer as observer).
 
-    python3 bench/tracing_engine_cpu.py --steps 20000 --repeats 5 --out bench/results/tracing_engine_cpu.json
+    python3 bench/tracing_engine_cpu.py --steps 5000 --repeats 5 --out bench/results/tracing_engine_cpu.json
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                                TorchProfilerCapture("cpu"))
     tracing = Tracing(tracer, request_observer=kernels)
     model_attrs = {names.GEN_AI_REQUEST_MODEL: "tiny"}
-    before = {t.name: thread_cpu_ns(t) for t in threading.enumerate() if t is not threading.current_thread()}
+    before = {t.ident for t in threading.enumerate()}
+    wall_began = time.perf_counter_ns()
 
     engine_ns = 0
     steps = 0
@@ -106,21 +109,27 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             kernels.finish(step, span_context)
         engine_ns += time.thread_time_ns() - began
         steps += 1
+        if args.gpu_wait_us:  # the next step's forward pass: the engine thread waits with the GIL released
+            time.sleep(args.gpu_wait_us / 1e6)
     for span in requests:
         span.end()
+    wall_ns = time.perf_counter_ns() - wall_began
     flush = getattr(tracing, "flush", None)
     if flush is not None:
         flush()
+    if provider is not None:
+        provider.force_flush()
+    # CPU time of the threads this run started (the span thread, the span processor's, the kernel tracer's)
+    others = {t.name: thread_cpu_ns(t) for t in threading.enumerate() if t.ident not in before and t.is_alive()}
+    close = getattr(tracing, "close", None)
+    if close is not None:
+        close()
     if kernels is not None:
         kernels.close()
     if provider is not None:
         provider.shutdown()
-    others = {t.name: thread_cpu_ns(t) - before.get(t.name, 0) for t in threading.enumerate()
-              if t is not threading.current_thread() and t.ident is not None and t.is_alive()}
-    close = getattr(tracing, "close", None)
-    if close is not None:
-        close()
     return {"engine_us_per_step": engine_ns / steps / 1000, "exported_spans": exporter.spans,
+            "wall_us_per_step": wall_ns / steps / 1000,
             "other_threads_cpu_us_per_step": {k: round(v / steps / 1000, 3) for k, v in others.items() if v > 0}}
 
 
@@ -131,6 +140,8 @@ def main() -> int:
     p.add_argument("--steps-per-request", type=int, default=64)
     p.add_argument("--decode-every", type=int, default=16, help="telemetry.decode_step_spans_every")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gpu-wait-us", type=float, default=1000.0,
+                   help="GIL-free wait per step standing in for the GPU (H200 decode step: ~1800 us); 0: none")
     p.add_argument("--modes", default="off,spans,spans+kernels")
     p.add_argument("--out", default="")
     p.add_argument("--label", default="")
@@ -143,11 +154,13 @@ def main() -> int:
     summary = {m: {"engine_us_per_step_median": round(statistics.median(r["engine_us_per_step"] for r in rs), 2),
                    "engine_us_per_step": [round(r["engine_us_per_step"], 2) for r in rs],
                    "exported_spans": rs[-1]["exported_spans"],
+                   "wall_us_per_step_median": round(statistics.median(r["wall_us_per_step"] for r in rs), 2),
                    "other_threads_cpu_us_per_step": rs[-1]["other_threads_cpu_us_per_step"]}
                for m, rs in runs.items()}
     result = {"command": "python3 " + " ".join(sys.argv), "label": args.label, "machine": platform.node(),
               "python": platform.python_version(), "batch": args.batch, "steps": args.steps,
               "steps_per_request": args.steps_per_request, "decode_every": args.decode_every,
+              "gpu_wait_us": args.gpu_wait_us,
               "measure": "engine thread CPU time (time.thread_time_ns) around its tracing calls only",
               "modes": summary}
     print(json.dumps(result, indent=1))

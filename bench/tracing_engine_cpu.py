@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -63,15 +65,38 @@ def thread_cpu_ns(thread: threading.Thread) -> int:
     return time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
 
 
+def busy(us: float) -> None:
+    """The engine step's own Python work (sampling bookkeeping, detokenizing, delivering): holds the GIL."""
+    end = time.perf_counter_ns() + us * 1000
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def make_exporter(args: argparse.Namespace, mode: str) -> SpanExporter:
+    if args.exporter == "drop":
+        return DropExporter()
+    from otel.otlp_file import OTLPFileExporter
+
+    path = Path(tempfile.gettempdir()) / f"tracing-engine-cpu-{os.getpid()}-{mode}.otlp"
+    path.unlink(missing_ok=True)
+    return OTLPFileExporter(path)  # the OTLP/gRPC exporter's encoding, to a file
+
+
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
-    exporter = DropExporter()
+    before = {t.ident for t in threading.enumerate()}
+    exporter = make_exporter(args, mode)
     provider = None
     if mode == "off":
         tracer = trace.NoOpTracer()
     else:
         provider = TracerProvider(sampler=StepThinningSampler(ParentBased(TraceIdRatioBased(1.0)),
                                                               args.decode_every))
-        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8192))
+        if args.paced:
+            from otel.paced_export import PacedSpanExporter
+
+            exporter = PacedSpanExporter(exporter, args.paced)
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8192,
+                                                       schedule_delay_millis=args.export_delay_ms))
         tracer = provider.get_tracer(names.INFERENCE_TRACER)
     kernels = None
     if mode == "spans+kernels":
@@ -79,7 +104,6 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                                TorchProfilerCapture("cpu"))
     tracing = Tracing(tracer, request_observer=kernels)
     model_attrs = {names.GEN_AI_REQUEST_MODEL: "tiny"}
-    before = {t.ident for t in threading.enumerate()}
     wall_began = time.perf_counter_ns()
 
     engine_ns = 0
@@ -109,6 +133,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             kernels.finish(step, span_context)
         engine_ns += time.thread_time_ns() - began
         steps += 1
+        if args.engine_work_us:
+            busy(args.engine_work_us)
         if args.gpu_wait_us:  # the next step's forward pass: the engine thread waits with the GIL released
             time.sleep(args.gpu_wait_us / 1e6)
     for span in requests:
@@ -128,7 +154,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         kernels.close()
     if provider is not None:
         provider.shutdown()
-    return {"engine_us_per_step": engine_ns / steps / 1000, "exported_spans": exporter.spans,
+    return {"engine_us_per_step": engine_ns / steps / 1000, "exported_spans": getattr(exporter, "spans", None),
             "wall_us_per_step": wall_ns / steps / 1000,
             "other_threads_cpu_us_per_step": {k: round(v / steps / 1000, 3) for k, v in others.items() if v > 0}}
 
@@ -143,10 +169,19 @@ def main() -> int:
     p.add_argument("--gpu-wait-us", type=float, default=1000.0,
                    help="GIL-free wait per step standing in for the GPU (H200 decode step: ~1800 us); 0: none")
     p.add_argument("--modes", default="off,spans,spans+kernels")
+    p.add_argument("--engine-work-us", type=float, default=0.0,
+                   help="the step's other Python work (GIL held), to see GIL waits in the wall time per step")
+    p.add_argument("--exporter", choices=("drop", "file"), default="drop",
+                   help="drop: no encoding; file: otel/otlp_file.py (the OTLP/gRPC encoding work)")
+    p.add_argument("--export-delay-ms", type=int, default=500, help="the batch span processor's schedule delay")
+    p.add_argument("--paced", type=int, default=0, help="otel/paced_export.py max chunk weight (0: not paced)")
+    p.add_argument("--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval (0: Python's 5 ms)")
     p.add_argument("--out", default="")
     p.add_argument("--label", default="")
     args = p.parse_args()
     modes = args.modes.split(",")
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits every mode alike
         for mode in modes:
@@ -160,7 +195,8 @@ def main() -> int:
     result = {"command": "python3 " + " ".join(sys.argv), "label": args.label, "machine": platform.node(),
               "python": platform.python_version(), "batch": args.batch, "steps": args.steps,
               "steps_per_request": args.steps_per_request, "decode_every": args.decode_every,
-              "gpu_wait_us": args.gpu_wait_us,
+              "gpu_wait_us": args.gpu_wait_us, "engine_work_us": args.engine_work_us, "exporter": args.exporter,
+              "paced": args.paced, "switch_interval_s": sys.getswitchinterval(),
               "measure": "engine thread CPU time (time.thread_time_ns) around its tracing calls only",
               "modes": summary}
     print(json.dumps(result, indent=1))

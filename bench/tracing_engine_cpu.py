@@ -108,6 +108,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
 
     engine_ns = 0
     steps = 0
+    late: list[int] = []  # how much longer the step's own work and wait took than asked: GIL waits, scheduling
     requests: list = []
     for index in range(args.steps):
         admit = index % args.steps_per_request == 0
@@ -133,10 +134,12 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             kernels.finish(step, span_context)
         engine_ns += time.thread_time_ns() - began
         steps += 1
+        waited = time.perf_counter_ns()
         if args.engine_work_us:
             busy(args.engine_work_us)
         if args.gpu_wait_us:  # the next step's forward pass: the engine thread waits with the GIL released
             time.sleep(args.gpu_wait_us / 1e6)
+        late.append(time.perf_counter_ns() - waited - (args.engine_work_us + args.gpu_wait_us) * 1000)
     for span in requests:
         span.end()
     wall_ns = time.perf_counter_ns() - wall_began
@@ -156,6 +159,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         provider.shutdown()
     return {"engine_us_per_step": engine_ns / steps / 1000, "exported_spans": getattr(exporter, "spans", None),
             "wall_us_per_step": wall_ns / steps / 1000,
+            "late_us_mean": statistics.fmean(late) / 1000 if late else 0.0,
+            "late_us_p99": sorted(late)[int(len(late) * 0.99)] / 1000 if late else 0.0,
             "other_threads_cpu_us_per_step": {k: round(v / steps / 1000, 3) for k, v in others.items() if v > 0}}
 
 
@@ -190,6 +195,8 @@ def main() -> int:
                    "engine_us_per_step": [round(r["engine_us_per_step"], 2) for r in rs],
                    "exported_spans": rs[-1]["exported_spans"],
                    "wall_us_per_step_median": round(statistics.median(r["wall_us_per_step"] for r in rs), 2),
+                   "late_us_mean": [round(r["late_us_mean"], 1) for r in rs],
+                   "late_us_p99": [round(r["late_us_p99"], 1) for r in rs],
                    "other_threads_cpu_us_per_step": rs[-1]["other_threads_cpu_us_per_step"]}
                for m, rs in runs.items()}
     result = {"command": "python3 " + " ".join(sys.argv), "label": args.label, "machine": platform.node(),

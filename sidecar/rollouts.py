@@ -65,12 +65,14 @@ class RollbackWriter:
         self._counter = counter
         self._on_written = on_written
         self._done: set[tuple[str, str]] = set()
+        self._failing: set[tuple[str, str]] = set()  # warned once; retried quietly at every poll
         self._warned = False
 
     async def apply(self, rolled_back: Iterable[tuple[str, str]]) -> None:
         """The pairs every replica reports now; writes those not written yet."""
         current = set(rolled_back)
         self._done &= current
+        self._failing &= current
         for model, version in sorted(current - self._done):
             if await self._write(model, version):
                 self._done.add((model, version))
@@ -88,9 +90,12 @@ class RollbackWriter:
             if patches:
                 await self._data.patch_data(path, patches)
         except Exception as exc:  # noqa: BLE001 - OPA down or refusing: try again at the next poll
-            log.warning("could not set the weight of rolled-back canary %s/%s to 0 in OPA's data: %s",
-                        model, version, exc)
+            if (model, version) not in self._failing:
+                self._failing.add((model, version))
+                log.warning("could not set the weight of rolled-back canary %s/%s to 0 in OPA's data (trying "
+                            "again at every poll): %s", model, version, exc)
             return False
+        self._failing.discard((model, version))
         self._counter.labels(model, version).inc()
         log.warning("canary %s/%s rolled back by the inference server: weight set to 0 in data.%s (%d places)",
                     model, version, path.replace("/", "."), len(patches))

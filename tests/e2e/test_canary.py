@@ -36,7 +36,10 @@ def stack_with_versions(tmp_path: Path, **overrides: object) -> tuple[ReplicaSta
     token.write_text(TOKEN)
     replica = VersionedReplica("r0", max_batch_size=8, admin_port=free_port(), token_file=str(token), token=TOKEN,
                                overrides=dict(overrides))
-    return ReplicaStack(tmp_path, replicas=[replica]).start(), replica
+    stack = ReplicaStack(tmp_path, replicas=[replica])
+    # The server reports what each decision used to the sidecar (token settlement), whichever version served.
+    replica.overrides["usage_report"] = {"address": f"127.0.0.1:{stack.authz_port}"}
+    return stack.start(), replica
 
 
 def opa_data(stack: ReplicaStack, path: str, value: object = None, method: str = "GET") -> object:
@@ -112,6 +115,14 @@ async def test_weights_in_opa_split_traffic_by_session_and_change_at_run_time(tm
         picked = Counter(d.get("model_version") for d in decisions if d.get("kind") == "decision")
         assert picked["v2"] >= split["v2"] + 60 and picked["v1"] >= split["v1"] + 10, picked
         assert stack.sidecar_metric("kernelgate_authz_model_version_total", model=MODEL, version="v2") == picked["v2"]
+        # Usage reports stay right per version: every allowed decision is settled once, to one token.
+        allowed = {d["decision_id"] for d in decisions if d.get("kind") == "decision" and d["outcome"] == "allow"}
+        await asyncio.to_thread(wait_for, lambda: allowed <= {s["decision_id"] for s in stack.settlements()}, 30,
+                                "every decision settled")
+        settled = stack.settlements()
+        assert len(settled) == len({s["decision_id"] for s in settled})
+        assert all(s["outcome"] == "settled" and s["completion_tokens"] == 1 and s["prompt_tokens"] > 0
+                   for s in settled), settled[:3]
     finally:
         stack.stop()
 

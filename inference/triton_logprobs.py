@@ -90,12 +90,13 @@ def logprob_table(logits: torch.Tensor, choices: torch.Tensor, k: int) -> torch.
         logits = logits.contiguous()
     chunk = min(CHUNK, triton.next_power_of_2(vocab))
     chunks = triton.cdiv(vocab, chunk)
-    device = logits.device
-    tops = torch.empty(rows, chunks, dtype=torch.float32, device=device)
-    sums = torch.empty(rows, chunks, dtype=torch.float32, device=device)
-    top_v = torch.empty(rows, chunks, max(k, 1), dtype=torch.float32, device=device)
-    top_i = torch.empty(rows, chunks, max(k, 1), dtype=torch.int32, device=device)
-    out = torch.empty(rows, 2 + 2 * k, dtype=torch.float32, device=device)
+    per_chunk = rows * chunks
+    space = torch.empty(per_chunk * (2 + 2 * max(k, 1)) + rows * (2 + 2 * k), dtype=torch.float32,
+                        device=logits.device)  # one allocation, cut into the scratch and the table
+    tops, sums, top_v, top_i, out = space.split([per_chunk, per_chunk, per_chunk * max(k, 1),
+                                                 per_chunk * max(k, 1), rows * (2 + 2 * k)])
+    top_i = top_i.view(torch.int32)  # same element size
+    out = out.view(rows, 2 + 2 * k)
     choices = choices.reshape(rows)
     _chunk_kernel[(rows, chunks)](logits, logits.stride(0), vocab, chunks, k, tops, sums, top_v, top_i,
                                   CHUNK=chunk, MAX_K=MAX_TOP, num_warps=4)

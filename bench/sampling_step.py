@@ -101,6 +101,37 @@ def cuda_kernels(step: Callable, logits: torch.Tensor) -> int | None:
                and not e.name.startswith(("Memcpy", "Memset")))
 
 
+def op_breakdown(logits: torch.Tensor, k: int = 5, reps: int = 200) -> dict[str, float]:
+    """CUDA: microseconds per call of each op of the torch logprobs path, and of the Triton path,
+    each run ``reps`` times back to back between two events (so a call costs the larger of its
+    launch and its kernels): where the op-by-op path spends its time."""
+    from inference.triton_logprobs import logprob_table
+
+    choices = logits.argmax(dim=-1)
+    raw = logits.log_softmax(dim=-1, dtype=torch.float32)
+    top_ids = raw.topk(k, dim=-1)[1]
+    ops: dict[str, Callable[[], Any]] = {
+        "log_softmax_fp32": lambda: logits.log_softmax(dim=-1, dtype=torch.float32),
+        "gather": lambda: raw.gather(1, choices.view(-1, 1)),
+        "topk_fp32_logprobs": lambda: raw.topk(k, dim=-1),
+        "topk_logits": lambda: logits.topk(k, dim=-1),
+        "casts_and_cat": lambda: torch.cat([choices.view(-1, 1).float(), raw[:, :1], raw[:, :k], top_ids.float()], 1),
+        "triton_logprob_table": lambda: logprob_table(logits, choices, k),
+    }
+    out = {}
+    for name, op in ops.items():
+        op()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            op()
+        end.record()
+        end.synchronize()
+        out[name] = round(1000 * start.elapsed_time(end) / reps, 1)
+    return out
+
+
 def measure(step: Callable, logits: torch.Tensor, steps: int, device: torch.device) -> tuple[float, float]:
     """Wall and CPU microseconds per step."""
     step(logits)  # warm-up (allocations)
@@ -169,6 +200,11 @@ def main() -> int:
                 row[name]["cpu_us_per_step"] = round(statistics.median(v[1] for v in values), 1)
             results[mode] = row
             print(mode, json.dumps(row), flush=True)
+    ops = None
+    if device.type == "cuda":
+        with torch.inference_mode():
+            ops = op_breakdown(logits)
+        print("logprobs ops, us a call:", json.dumps(ops), flush=True)
     for name in ("current", "baseline"):
         if name in results["off"]:
             off = results["off"][name]["cpu_us_per_step"]
@@ -179,7 +215,8 @@ def main() -> int:
            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({args.threads} thread)",
            "torch": torch.__version__, "commit": head.strip(), "baseline": args.baseline,
            "batch": args.batch, "vocab": args.vocab, "steps": args.steps, "repeats": args.repeats,
-           "logprobs_path": "triton" if device.type == "cuda" else "torch", "modes": results}
+           "logprobs_path": "triton" if device.type == "cuda" else "torch", "modes": results,
+           "logprobs_ops_us": ops}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0

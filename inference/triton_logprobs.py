@@ -90,11 +90,12 @@ def logprob_table(logits: torch.Tensor, choices: torch.Tensor, k: int) -> torch.
         logits = logits.contiguous()
     chunk = min(CHUNK, triton.next_power_of_2(vocab))
     chunks = triton.cdiv(vocab, chunk)
-    per_chunk = rows * chunks
-    space = torch.empty(per_chunk * (2 + 2 * max(k, 1)) + rows * (2 + 2 * k), dtype=torch.float32,
-                        device=logits.device)  # one allocation, cut into the scratch and the table
-    tops, sums, top_v, top_i, out = space.split([per_chunk, per_chunk, per_chunk * max(k, 1),
-                                                 per_chunk * max(k, 1), rows * (2 + 2 * k)])
+    # One allocation, cut into the scratch and the table; each part starts 128-byte aligned, as
+    # Triton's compiled kernel (specialized on 16-byte pointer alignment) expects whatever the rows.
+    sizes = [rows * chunks, rows * chunks, rows * chunks * k, rows * chunks * k, rows * (2 + 2 * k)]
+    padded = [-(-size // 32) * 32 for size in sizes]
+    space = torch.empty(sum(padded), dtype=torch.float32, device=logits.device)
+    tops, sums, top_v, top_i, out = (part[:size] for part, size in zip(space.split(padded), sizes))
     top_i = top_i.view(torch.int32)  # same element size
     out = out.view(rows, 2 + 2 * k)
     choices = choices.reshape(rows)

@@ -20,7 +20,9 @@ has zero coefficients and a zero bias row, so it is untouched: greedy stays iden
 Hugging Face ``generate``), with the same handful of kernels whatever the batch size, no
 index list built from Python and no host-to-device copy; the step's tokens, chosen
 log-probabilities and top-k alternatives come back in ONE device-to-host copy into a pinned
-buffer (one wait, with the GIL released). Token ids become text on the event loop, not here.
+buffer (one wait, with the GIL released); on CUDA the log-probabilities and top-k are two Triton
+launches that never write the vocabulary-wide log-softmax (:mod:`inference.triton_logprobs`).
+Token ids become text on the event loop, not here.
 Only temperature sampling (a generator per request) and grammar masks (llguidance, on the
 host) still work row by row, and only for the rows that use them.
 """

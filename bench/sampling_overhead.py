@@ -263,11 +263,15 @@ def main() -> int:
     checks: dict = {}
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
-        ready_line = next((line for line in server.log_path.read_text(errors="replace").splitlines()
-                           if " ready (" in line), "")
+        log_lines = server.log_path.read_text(errors="replace").splitlines()  # appended to: this run's are last
+        ready_line = next((line for line in reversed(log_lines) if " ready (" in line), "")
         checks["server"] = ready_line.split(" - ")[-1].strip() or None
         if args.device == "cuda" and "CUDA graphs on" not in ready_line:
             raise RuntimeError(f"the server is not decoding with CUDA graphs: {ready_line or server.log_tail()}")
+        path_line = next((line for line in reversed(log_lines) if "log-probabilities: " in line), "")
+        checks["logprobs_path"] = path_line.rsplit("log-probabilities: ", 1)[-1].strip() or None
+        if args.device == "cuda" and checks["logprobs_path"] != "Triton kernels":
+            raise RuntimeError(f"the server computes logprobs with {checks['logprobs_path']}, not the Triton kernels")
         checks.update(asyncio.run(probe(url, args, prompts[0])))  # raises if penalties change nothing
         print("penalty probe:", json.dumps(checks["penalty_probe_steps_changed"]), flush=True)
         for mode in modes:  # warm-up: first requests of each mode (grammar compile, allocations)

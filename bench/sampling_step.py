@@ -64,6 +64,8 @@ class _Kernels(TorchDispatchMode):
 def current(params: SamplingParams, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
             fused: bool | None = None) -> tuple[Callable, Callable]:
     sampling = SlotSampling(args.batch, args.vocab, device, logits_dtype=dtype, fused_logprobs=fused)
+    if device.type == "cuda" and fused is None and not sampling.fused_logprobs:
+        raise RuntimeError("the Triton logprobs kernels are not in use on CUDA (see the log above)")
     samplers = [RequestSampler(params, device) for _ in range(args.batch)]
     for slot, sampler in enumerate(samplers):
         sampling.admit(slot, sampler)

@@ -29,6 +29,8 @@ host) still work row by row, and only for the rows that use them.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import secrets
 from collections import Counter
 from typing import Any, NamedTuple
@@ -37,6 +39,8 @@ import torch
 
 from inference.generation import SamplingParams, TokenLogprobs
 from inference.structured import allowed
+
+log = logging.getLogger(__name__)
 
 EXACT_IDS = 2 ** 24  # token ids below this are exact in fp32, so one fp32 table carries ids and values
 
@@ -103,11 +107,19 @@ class SlotSampling:
         self._copied = torch.cuda.Event() if self._pin else None
         self._staging = torch.zeros(2 * slots, dtype=torch.long, pin_memory=self._pin)
         self.host_syncs = 0  # device-to-host waits so far (one per step; tests count them)
-        # log-probabilities through the Triton kernels: by default on CUDA (Triton ships with torch there)
-        self._fused = device.type == "cuda" if fused_logprobs is None else fused_logprobs
-        if self._fused:  # compiled now, not on the first request that asks for logprobs
-            self._logprob_table(torch.zeros(1, vocab_size, dtype=logits_dtype, device=device),
-                                torch.zeros(1, dtype=torch.long, device=device), 1)
+        # log-probabilities through the Triton kernels: by default on CUDA where Triton is installed
+        self.fused_logprobs = (device.type == "cuda" and importlib.util.find_spec("triton") is not None
+                               if fused_logprobs is None else fused_logprobs)
+        if self.fused_logprobs:  # compiled now, not on the first request that asks for logprobs
+            try:
+                self._logprob_table(torch.zeros(1, vocab_size, dtype=logits_dtype, device=device),
+                                    torch.zeros(1, dtype=torch.long, device=device), 1)
+            except Exception:
+                if fused_logprobs:
+                    raise
+                log.exception("the Triton logprobs kernels failed to compile: log-probabilities op by op in torch")
+                self.fused_logprobs = False
+        log.info("log-probabilities: %s", "Triton kernels" if self.fused_logprobs else "torch ops")
 
     # -- membership (engine thread, between steps) -------------------------------------------
 
@@ -220,7 +232,7 @@ class SlotSampling:
         and their ids. The top k of the logits are the top k of the log-probabilities (log-softmax
         subtracts one logsumexp per row), so on CUDA two Triton launches (:mod:`inference.triton_logprobs`)
         do it without writing the vocabulary-wide log-softmax; elsewhere (CPU) torch op by op."""
-        if self._fused:
+        if self.fused_logprobs:
             from inference.triton_logprobs import logprob_table
 
             return logprob_table(logits, choices, k)

@@ -52,6 +52,7 @@ def check_sampler() -> None:
     vocab, cpu = 3000, torch.device("cpu")
     fused = SlotSampling(8, vocab, cpu, fused_logprobs=True)
     plain = SlotSampling(8, vocab, cpu, fused_logprobs=False)
+    assert fused.fused_logprobs and not plain.fused_logprobs
     options = [{"logprobs": 20}, {}, {"logprobs": 0}, {"logprobs": 3, "presence_penalty": 1.0},
                {"logprobs": 5, "logit_bias": ((11, 50.0),)}]
     samplers = {}
@@ -82,3 +83,9 @@ def test_in_the_triton_interpreter_against_torch(check: str) -> None:
     proc = subprocess.run([sys.executable, "-c", f"from tests.inference.test_triton_logprobs import {check}; {check}()"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_the_cpu_default_is_the_torch_path() -> None:
+    from inference.sampling import SlotSampling
+
+    assert not SlotSampling(2, 300, torch.device("cpu")).fused_logprobs

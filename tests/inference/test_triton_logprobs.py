@@ -4,6 +4,7 @@ The kernels serve logprobs on CUDA; here they run under ``TRITON_INTERPRET=1`` i
 (the variable must be set before the kernels are defined, and must not leak into other tests)
 and are compared with plain PyTorch: the kernel alone on fp16/fp32 logits, strided rows, ties,
 k = 0 and 20; and the sampler with the kernels against the sampler without them, over a mixed batch.
+Both kernels are also compiled for the H200 (sm_90), which needs no GPU.
 """
 
 from __future__ import annotations
@@ -76,10 +77,34 @@ def check_sampler() -> None:
         assert len(got[0].logprobs[2]) == 20 and got[2].logprobs[2] == ()
 
 
-@pytest.mark.parametrize("check", ["check_kernel", "check_sampler"])
-def test_in_the_triton_interpreter_against_torch(check: str) -> None:
+def check_compiles() -> None:
+    """Both kernels compile to a cubin for the H200 (sm_90) with Triton's own ptxas: no GPU needed,
+    so a kernel that would only fail at the engine's start-up on the device fails here."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from inference import triton_logprobs as t
+
+    common = {"row_stride": "i32", "chunks": "i32", "k": "i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+              "top_v_ptr": "*fp32", "top_i_ptr": "*i32"}
+    for logits in ("*fp16", "*bf16", "*fp32"):
+        chunk = ASTSource(fn=t._chunk_kernel, constexprs={"CHUNK": t.CHUNK, "MAX_K": t.MAX_TOP},
+                          signature={"logits_ptr": logits, "vocab": "i32", **common,
+                                     "CHUNK": "constexpr", "MAX_K": "constexpr"})
+        merge = ASTSource(fn=t._merge_kernel, constexprs={"CHUNKS": 32, "CANDIDATES": 512, "MAX_K": t.MAX_TOP},
+                          signature={"logits_ptr": logits, "choices_ptr": "*i64", **common, "out_ptr": "*fp32",
+                                     "CHUNKS": "constexpr", "CANDIDATES": "constexpr", "MAX_K": "constexpr"})
+        for source in (chunk, merge):
+            assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+
+
+@pytest.mark.parametrize("check", ["check_kernel", "check_sampler", "check_compiles"])
+def test_against_torch_in_the_triton_interpreter_and_compiled_for_sm90(check: str, tmp_path: Path) -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    if check != "check_compiles":
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", f"from tests.inference.test_triton_logprobs import {check}; {check}()"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -47,8 +47,7 @@ def _chunk_kernel(logits_ptr, row_stride, vocab, chunks, k, max_ptr, sum_ptr, to
     tl.store(sum_ptr + at, total)
     for j in tl.static_range(MAX_K):  # unrolled; k is a runtime bound, so one compiled kernel serves every k
         if j < k:
-            best = tl.max(x, axis=0)
-            where = tl.argmax(x, axis=0)  # the lowest index among equal values
+            best, where = tl.max(x, axis=0, return_indices=True)  # one reduction; ties: the lowest index
             tl.store(top_v_ptr + at * k + j, best)
             tl.store(top_i_ptr + at * k + j, chunk * CHUNK + where)
             x = tl.where(offs == where, float("-inf"), x)
@@ -74,8 +73,7 @@ def _merge_kernel(logits_ptr, row_stride, choices_ptr, chunks, k, max_ptr, sum_p
     ids = tl.load(top_i_ptr + row * n + p, mask=p < n, other=0)
     for j in tl.static_range(MAX_K):  # candidates are chunk-major, so ties still go to the lower id
         if j < k:
-            best = tl.max(values, axis=0)
-            where = tl.argmax(values, axis=0)
+            best, where = tl.max(values, axis=0, return_indices=True)
             tl.store(out + 2 + j, best - lse)
             tl.store(out + 2 + k + j, tl.sum(tl.where(p == where, ids, 0), axis=0).to(tl.float32))
             values = tl.where(p == where, float("-inf"), values)

@@ -115,6 +115,7 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._tracing.flush(timeout)  # the engine's spans are built on the span thread: let them out
 
     def stats(self) -> EngineStats:
         with self._cond:

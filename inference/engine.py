@@ -24,7 +24,7 @@ from common.gc_freeze import freeze_startup_objects
 from inference.config import BatchingConfig, ModelConfig
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
 from inference.generation import (EngineDeadError, EngineNotReadyError, EngineStats, GenerationOutput, GenerationRequest,
-                                  ModelInfo, RequestStream, Spent, TokenLogprobs)
+                                  LogprobRows, ModelInfo, RequestStream, Spent)
 from inference.metrics import InferenceMetrics
 from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
@@ -302,7 +302,7 @@ class Engine:
                                        admitted_wall, {names.QUEUE_SLOT: seq.slot})
 
     def _append(self, seq: Sequence, pick: Pick, now: int,
-                echo: tuple[TokenLogprobs, ...] | None) -> GenerationOutput:
+                echo: LogprobRows | None) -> GenerationOutput:
         """Add one generated token; return the output that carries it."""
         state: _DecodeState = seq.state
         token = pick.token
@@ -332,7 +332,7 @@ class Engine:
         return GenerationOutput(request_id=seq.request_id, text=text, token_ids=(token,), prompt_tokens=seq.prompt_len,
                                 completion_tokens=seq.generated, finished=reason is not None,
                                 finish_reason=reason, index=seq.index,
-                                logprobs=(pick.logprobs,) if pick.logprobs is not None else None,
+                                logprobs=pick.logprobs,
                                 prompt_logprobs=echo if seq.generated == 1 else None)
 
     def _retire(self, seq: Sequence) -> None:

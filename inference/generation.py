@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import numpy as np
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -54,6 +56,50 @@ TokenLogprobs = tuple[int, float | None, tuple[tuple[int, float], ...]]
 log-probability) pairs at that position."""
 
 
+class LogprobRows:
+    """Log-probabilities of consecutive tokens of one sequence, as ONE float32 block ``[tokens, 2 + 2k]``:
+    per row the token id, its log-probability (NaN: a prompt's first token, which has none), the
+    ``k`` most likely log-probabilities, then their ids (ids < 2^24: exact in fp32).
+
+    The engine thread hands each step's rows over as slices of the step's table (no Python
+    object per token or per alternative); the serving layer concatenates a response's blocks and
+    turns them into strings and JSON once, vectorised (``inference.openai.serving.TokenTexts``).
+    Iterating gives :data:`TokenLogprobs` tuples (tests, and readers that want them)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    @property
+    def k(self) -> int:
+        return (self.array.shape[1] - 2) // 2
+
+    @staticmethod
+    def concat(blocks: list[LogprobRows]) -> LogprobRows:
+        return blocks[0] if len(blocks) == 1 else LogprobRows(np.concatenate([b.array for b in blocks]))
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def entries(self) -> list[TokenLogprobs]:
+        k = self.k
+        out: list[TokenLogprobs] = []
+        for row in self.array.tolist():
+            token, logprob = int(row[0]), row[1]
+            if logprob != logprob:  # NaN: a prompt's first token
+                out.append((token, None, ()))
+            else:
+                out.append((token, logprob, tuple(zip(map(int, row[2 + k:]), row[2:2 + k]))))
+        return out
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.entries())
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return self.entries()[index]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt to complete. ``trace_context`` is the OpenTelemetry SpanContext of the request span."""
@@ -69,8 +115,8 @@ class GenerationRequest:
 class GenerationOutput:
     """What one engine step produced for one sequence of a request: new text since its previous output.
 
-    ``index`` is the sequence (0..n-1); ``logprobs`` has one entry per token in ``token_ids``
-    when asked for; the first output of a sequence carries ``prompt_logprobs`` when asked for
+    ``index`` is the sequence (0..n-1); ``logprobs`` has one row per token in ``token_ids``
+    when asked for (:class:`LogprobRows`); the first output of a sequence carries ``prompt_logprobs`` when asked for
     (the prompt's first token has no log-probability: None).
     """
 
@@ -82,8 +128,8 @@ class GenerationOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     index: int = 0
-    logprobs: tuple[TokenLogprobs, ...] | None = None
-    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
+    logprobs: LogprobRows | None = None
+    prompt_logprobs: LogprobRows | None = None
 
 
 @dataclass(frozen=True)

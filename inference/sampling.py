@@ -29,15 +29,17 @@ host) still work row by row, and only for the rows that use them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import secrets
 from collections import Counter
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
-from inference.generation import SamplingParams, TokenLogprobs
+from inference.generation import LogprobRows, SamplingParams
 from inference.structured import allowed
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,13 @@ class Pick(NamedTuple):
     """What a step chose for one row (a named tuple: 16 a step are made on the engine thread)."""
 
     token: int
-    logprobs: TokenLogprobs | None = None
+    logprobs: LogprobRows | None = None  # one row, when the sequence asked for log-probabilities
+
+
+@functools.lru_cache(maxsize=64)
+def _columns(k: int, want: int) -> np.ndarray:
+    """Columns of a ``[rows, 2 + 2k]`` table that make a ``[rows, 2 + 2 want]`` one (want <= k)."""
+    return np.r_[0, 1, 2:2 + want, 2 + k:2 + k + want]
 
 
 class RequestSampler:
@@ -215,16 +223,27 @@ class SlotSampling:
             self._counts[first_slot:first_slot + rows].scatter_add_(1, choices.view(-1, 1), self._ones[:rows])
         if top_k is None:
             return [Pick(token) for token in self._to_host(choices).tolist()]
-        table = self._to_host(self._logprob_table(logits, choices, top_k)).tolist()
+        table = self._to_host(self._logprob_table(logits, choices, top_k)).numpy()
+        return self._picks(table, samplers, top_k)
+
+    def _picks(self, table: np.ndarray, samplers: list[RequestSampler], top_k: int) -> list[Pick]:
+        """The step's picks from its host table ``[rows, 2 + 2 top_k]`` (the pinned buffer, reused
+        next step): per distinct ``logprobs`` value, ONE copy of the columns those rows asked for
+        (token, log-probability, their ``logprobs`` best values and ids), and each row's
+        :class:`LogprobRows` a one-row view of it. No Python object per alternative here: the
+        serving layer reads the blocks when it frames the response."""
+        tokens = table[:, 0].astype(np.int64).tolist()
+        blocks: dict[int, np.ndarray] = {}
         picks = []
-        for sampler, (token, logprob, *top) in zip(samplers, table):
-            token = int(token)
+        for row, (sampler, token) in enumerate(zip(samplers, tokens)):
             want = sampler.logprobs
             if want is None:
                 picks.append(Pick(token))
-            else:
-                pairs = tuple(zip(map(int, top[top_k:top_k + want]), top[:want]))
-                picks.append(Pick(token, (token, logprob, pairs)))
+                continue
+            block = blocks.get(want)
+            if block is None:
+                block = blocks[want] = table[:, _columns(top_k, want)]  # fancy index: a copy
+            picks.append(Pick(token, LogprobRows(block[row:row + 1])))
         return picks
 
     def _logprob_table(self, logits: torch.Tensor, choices: torch.Tensor, k: int) -> torch.Tensor:
@@ -302,18 +321,19 @@ class SlotSampling:
         return host
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[TokenLogprobs, ...]:
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> LogprobRows:
     """Log-probabilities of a prompt's tokens from the prefill's logits ``[len, vocab]`` (position i
-    predicts token i+1); the first token has none (None, no alternatives)."""
+    predicts token i+1), as one block; the first token has none (a NaN log-probability, no alternatives)."""
     raw = logits[:-1].float().log_softmax(dim=-1)
-    ids = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device).view(-1, 1)
-    chosen = raw.gather(1, ids).view(-1).tolist()
-    top_v, top_i = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
-    top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
-    out: list[TokenLogprobs] = [(prompt[0], None, ())]
-    for i, token in enumerate(prompt[1:]):
-        out.append((token, chosen[i], tuple(zip(top_i_l[i], top_v_l[i]))))
-    return tuple(out)
+    ids = torch.tensor(prompt, dtype=torch.long, device=logits.device).view(-1, 1)
+    parts = [ids[1:].float(), raw.gather(1, ids[1:])]
+    if k:
+        top_values, top_ids = raw.topk(k, dim=-1)
+        parts += [top_values, top_ids.float()]
+    block = np.zeros((len(prompt), 2 + 2 * k), dtype=np.float32)
+    block[0, :2] = prompt[0], np.nan  # alternatives zero: only the NaN says "none"
+    block[1:] = torch.cat(parts, dim=1).cpu().numpy()
+    return LogprobRows(block)
 
 
 def _sample_row(logits: torch.Tensor, sampler: RequestSampler) -> torch.Tensor:

@@ -26,6 +26,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+import numpy as np
 from opentelemetry.trace import Span
 
 from common.models import MODEL_VERSION_HEADER
@@ -33,7 +34,7 @@ from common.replicas import NOT_STARTED_HEADER
 from inference.config import FaultConfig
 from inference.genai_metrics import GenAIMetrics
 from inference.generation import (EngineDeadError, EngineError, EngineNotReadyError, GenerationEngine, GenerationOutput,
-                                  GenerationRequest, QueueFullError, RequestStream, TokenLogprobs)
+                                  GenerationRequest, LogprobRows, QueueFullError, RequestStream)
 from inference.models.errors import LifecycleError
 from inference.openai.http import Caller, Framed
 from inference.openai.preprocess import PreparedPrompt, Preprocessor
@@ -104,15 +105,14 @@ class Stream:
                 callback()
 
 
-class LogprobEntry(NamedTuple):
-    """One token's log-probability as the client sees it (None: the prompt's first token).
+class LogprobColumns(NamedTuple):
+    """Log-probabilities of a run of tokens as the client sees them, column by column: the token
+    strings, their log-probabilities (None: the prompt's first token) and each token's
+    alternatives as (string, log-probability) pairs (None: the prompt's first token)."""
 
-    A named tuple: one is made per generated token on the event loop (a frozen dataclass costs
-    several times more to build)."""
-
-    token: str
-    logprob: float | None
-    top: tuple[tuple[str, float], ...] | None
+    tokens: list[str]
+    logprobs: list[float | None]
+    top: list[list[tuple[str, float]] | None]
 
 
 @dataclass
@@ -122,12 +122,12 @@ class Choice:
     index: int
     prefix: str = ""
     text: str = ""
-    logprobs: list[LogprobEntry] | None = None
+    logprobs: list[LogprobRows] | None = None  # one block per output, concatenated when framed
     finish_reason: str | None = None
     started: bool = False
     tokens: int = 0
     delta: str = ""
-    delta_logprobs: list[LogprobEntry] | None = None
+    delta_logprobs: list[LogprobRows] | None = None
     delta_offset: int = 0
 
 
@@ -150,25 +150,74 @@ class Outcome:
 
 
 class TokenTexts:
-    """Token ids to the strings logprobs show (one decode per id, cached; the vocabulary bounds it)."""
+    """Token ids to the strings logprobs show: one decode per id, kept in a list indexed by id
+    (the vocabulary bounds it), and the log-probability blocks of a response turned into
+    :class:`LogprobColumns` once, when it is framed (numpy for the numbers, one list lookup per
+    string)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
+        self._strings: list[str | None] = [None] * len(tokenizer)
+        self._bytes: dict[str, list[int]] = {}
 
     def __call__(self, token: int) -> str:
-        text = self._cache.get(token)
+        if token >= len(self._strings):
+            self._strings.extend([None] * (token + 1 - len(self._strings)))
+        text = self._strings[token]
         if text is None:
-            text = self._cache[token] = self._tokenizer.decode([token])
+            text = self._strings[token] = self._tokenizer.decode([token])
         return text
 
-    def entry(self, item: TokenLogprobs) -> LogprobEntry:
-        token, logprob, top = item
-        if logprob is None:  # a prompt's first token
-            return LogprobEntry(self(token), None, None)
+    def strings(self, ids: list[int]) -> list[str]:
+        table = self._strings
+        if ids and max(ids) >= len(table):
+            table.extend([None] * (max(ids) + 1 - len(table)))
+        out = [table[i] for i in ids]
+        if any(text is None for text in out):
+            out = [self(i) for i in ids]
+        return out  # type: ignore[return-value]
+
+    def utf8(self, token: str) -> list[int]:
+        """``list(token.encode())`` (chat's ``bytes``), cached by string (shared, never mutated)."""
+        cached = self._bytes.get(token)
+        if cached is None:
+            cached = self._bytes[token] = list(token.encode())
+        return cached
+
+    def columns(self, blocks: list[LogprobRows]) -> LogprobColumns:
+        """A response's (or a delta's) log-probability blocks as the client sees them."""
+        rows = LogprobRows.concat(blocks)
+        array, k = rows.array, rows.k
+        if len(rows) < 8:  # a streamed delta: plain Python beats numpy's per-call cost on a row or two
+            return self._few(array.tolist(), k)
+        logprobs = np.maximum(array[:, 1].astype(np.float64), LOGPROB_FLOOR)
+        tokens = self.strings(array[:, 0].astype(np.int64).tolist())
+        top_ids = array[:, 2 + k:].astype(np.int64)
+        top_strings = self.strings(top_ids.ravel().tolist())
+        top_values = np.maximum(array[:, 2:2 + k].astype(np.float64), LOGPROB_FLOOR).tolist()
+        first = np.isnan(logprobs)  # a prompt's first token: no log-probability, no alternatives
+        values: list[float | None] = logprobs.tolist()
+        top: list[list[tuple[str, float]] | None] = [
+            list(zip(top_strings[i * k:(i + 1) * k], row)) for i, row in enumerate(top_values)]
+        if first.any():
+            for i in np.flatnonzero(first).tolist():
+                values[i] = None
+                top[i] = None
+        return LogprobColumns(tokens, values, top)
+
+    def _few(self, rows: list[list[float]], k: int) -> LogprobColumns:
         text = self.__call__
-        return LogprobEntry(text(token), max(logprob, LOGPROB_FLOOR),
-                            tuple([(text(t), max(lp, LOGPROB_FLOOR)) for t, lp in top]))
+        tokens, values, top = [], [], []
+        for row in rows:
+            tokens.append(text(int(row[0])))
+            logprob = row[1]
+            if logprob != logprob:  # NaN: a prompt's first token
+                values.append(None)
+                top.append(None)
+            else:
+                values.append(max(logprob, LOGPROB_FLOOR))
+                top.append([(text(int(t)), max(lp, LOGPROB_FLOOR)) for lp, t in zip(row[2:2 + k], row[2 + k:])])
+        return LogprobColumns(tokens, values, top)
 
 
 LOGPROB_FLOOR = -9999.0
@@ -178,11 +227,12 @@ LOGPROB_FLOOR = -9999.0
 class ResponseShapes(Protocol):
     """How one endpoint shapes its objects (``text_completion`` or ``chat.completion``)."""
 
-    def whole(self, submitted: Submitted, choices: list[Choice], usage: dict[str, int]) -> dict[str, Any]: ...
+    def whole(self, submitted: Submitted, choices: list[Choice], usage: dict[str, int],
+              texts: TokenTexts) -> dict[str, Any]: ...
 
     def opening(self, submitted: Submitted) -> list[dict[str, Any]]: ...
 
-    def chunk(self, submitted: Submitted, choice: Choice) -> dict[str, Any]: ...
+    def chunk(self, submitted: Submitted, choice: Choice, texts: TokenTexts) -> dict[str, Any]: ...
 
     def usage_chunk(self, submitted: Submitted, usage: dict[str, int]) -> dict[str, Any]: ...
 
@@ -383,17 +433,19 @@ class GenerationServing:
             raise
         finally:
             self.finish(span, submitted, outcome)
-        return shapes.whole(submitted, outcome.choices, usage(submitted.prompt_tokens, outcome.completion_tokens))
+        return shapes.whole(submitted, outcome.choices, usage(submitted.prompt_tokens, outcome.completion_tokens),
+                            self._token_texts())
 
     async def _chunks(self, span: Span, submitted: Submitted, shapes: ResponseShapes,
                       include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         for chunk in shapes.opening(submitted):
             yield chunk
         outcome = self._outcome(submitted)
+        texts = self._token_texts()
         try:
             async for choice in self._follow(submitted, outcome):
                 if choice.delta or choice.finish_reason or choice.delta_logprobs:
-                    yield shapes.chunk(submitted, choice)
+                    yield shapes.chunk(submitted, choice, texts)
         except BaseException as exc:
             outcome.error = _error_type(exc)
             raise
@@ -408,7 +460,6 @@ class GenerationServing:
 
     async def _follow(self, submitted: Submitted, outcome: Outcome) -> AsyncIterator[Choice]:
         """Fold each engine output into its choice; yield the choice with that output as its delta."""
-        texts = self._token_texts()
         async for prompt_index, output in self.merged(submitted):
             if outcome.first_token is None:
                 outcome.first_token = time.monotonic()
@@ -418,16 +469,16 @@ class GenerationServing:
             choice.tokens += len(output.token_ids)
             choice.delta_offset = len(choice.prefix) + len(choice.text) if choice.started else 0
             choice.delta = output.text if choice.started else choice.prefix + output.text
-            entries: list[LogprobEntry] | None = None
+            blocks: list[LogprobRows] | None = None  # kept as arrays: strings and JSON when framed
             if output.prompt_logprobs is not None and not choice.started:
-                entries = [texts.entry(item) for item in output.prompt_logprobs]
+                blocks = [output.prompt_logprobs]
             if output.logprobs is not None:
-                entries = (entries or []) + [texts.entry(item) for item in output.logprobs]
-            choice.delta_logprobs = entries
-            if entries is not None:  # extended in place: a long answer's list is not copied per token
+                blocks = (blocks or []) + [output.logprobs]
+            choice.delta_logprobs = blocks
+            if blocks is not None:
                 if choice.logprobs is None:
                     choice.logprobs = []
-                choice.logprobs.extend(entries)
+                choice.logprobs.extend(blocks)
             choice.started = True
             choice.text += output.text
             if output.finished:

@@ -79,8 +79,8 @@ def test_state_follows_sequences_through_moves_and_releases() -> None:
             if s.logprobs is None:
                 assert pick.logprobs is None
             else:
-                assert pick.logprobs[0] == token and abs(pick.logprobs[1] - logprob) < 1e-5
-                assert [t for t, _ in pick.logprobs[2]] == top
+                assert pick.logprobs[0][0] == token and abs(pick.logprobs[0][1] - logprob) < 1e-5
+                assert [t for t, _ in pick.logprobs[0][2]] == top
 
 
 def test_a_plain_batch_is_the_argmax_of_the_raw_logits() -> None:

@@ -71,10 +71,10 @@ def check_sampler() -> None:
         for g, w in zip(got, want):
             assert (g.logprobs is None) == (w.logprobs is None)
             if g.logprobs is not None:
-                assert g.logprobs[0] == w.logprobs[0] and abs(g.logprobs[1] - w.logprobs[1]) < TOL
-                assert [i for i, _ in g.logprobs[2]] == [i for i, _ in w.logprobs[2]]
-                assert all(abs(a - b) < TOL for (_, a), (_, b) in zip(g.logprobs[2], w.logprobs[2]))
-        assert len(got[0].logprobs[2]) == 20 and got[2].logprobs[2] == ()
+                assert g.logprobs[0][0] == w.logprobs[0][0] and abs(g.logprobs[0][1] - w.logprobs[0][1]) < TOL
+                assert [i for i, _ in g.logprobs[0][2]] == [i for i, _ in w.logprobs[0][2]]
+                assert all(abs(a - b) < TOL for (_, a), (_, b) in zip(g.logprobs[0][2], w.logprobs[0][2]))
+        assert len(got[0].logprobs[0][2]) == 20 and got[2].logprobs[0][2] == ()
 
 
 def check_compiles() -> None:

@@ -8,6 +8,7 @@ In: the request's JSON object. Out: a frozen :class:`ChatCompletionRequest`, or 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from inference.openai.protocol import (RequestError, SamplingFields, parse_model, parse_sampling, parse_top_logprobs,
@@ -82,10 +83,12 @@ def chat_delta_choice(index: int, delta: dict[str, Any], finish_reason: str | No
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
-    """``{"content": [{token, logprob, bytes, top_logprobs}]}`` from (token, logprob, alternatives)."""
-    return {"content": [{"token": token, "logprob": logprob, "bytes": list(token.encode()),
-                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]}
+def chat_logprobs(entries: Iterable[tuple[str, float, list[tuple[str, float]]]],
+                  utf8: Callable[[str], list[int]] = lambda token: list(token.encode())) -> dict[str, Any]:
+    """``{"content": [{token, logprob, bytes, top_logprobs}]}`` from (token, logprob, alternatives);
+    ``utf8`` gives a token's ``bytes`` (the serving layer passes a cached one)."""
+    return {"content": [{"token": token, "logprob": logprob, "bytes": utf8(token),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": utf8(t)} for t, lp in top]}
                         for token, logprob, top in entries]}
 
 

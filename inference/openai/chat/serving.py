@@ -17,7 +17,8 @@ from inference.openai.http import Caller, Framed
 from inference.openai.chat.protocol import (chat_choice, chat_delta_choice, chat_logprobs, chat_object,
                                             parse_chat_request)
 from inference.usage import apply_grant
-from inference.openai.serving import Choice, GenerationModels, LogprobEntry, Submitted
+from inference.generation import LogprobRows
+from inference.openai.serving import Choice, GenerationModels, Submitted, TokenTexts
 
 OPERATION = "chat"  # gen_ai.operation.name
 
@@ -37,24 +38,28 @@ class ChatServing:
 class _Shapes:
     """``chat.completion`` objects, and ``chat.completion.chunk`` objects opened by the role delta."""
 
-    def whole(self, submitted: Submitted, choices: list[Choice], usage: dict[str, int]) -> dict[str, Any]:
-        shaped = [chat_choice(c.index, c.text, c.finish_reason or "stop", _logprobs(c.logprobs)) for c in choices]
+    def whole(self, submitted: Submitted, choices: list[Choice], usage: dict[str, int],
+              texts: TokenTexts) -> dict[str, Any]:
+        shaped = [chat_choice(c.index, c.text, c.finish_reason or "stop", _logprobs(texts, c.logprobs))
+                  for c in choices]
         return chat_object(submitted.request_id, submitted.created, submitted.model, shaped, usage, chunk=False)
 
     def opening(self, submitted: Submitted) -> list[dict[str, Any]]:
         first = [chat_delta_choice(i, {"role": "assistant", "content": ""}, None) for i in range(submitted.choices)]
         return [chat_object(submitted.request_id, submitted.created, submitted.model, first, None, chunk=True)]
 
-    def chunk(self, submitted: Submitted, choice: Choice) -> dict[str, Any]:
+    def chunk(self, submitted: Submitted, choice: Choice, texts: TokenTexts) -> dict[str, Any]:
         delta = {"content": choice.delta} if choice.delta else {}
-        shaped = chat_delta_choice(choice.index, delta, choice.finish_reason, _logprobs(choice.delta_logprobs))
+        shaped = chat_delta_choice(choice.index, delta, choice.finish_reason, _logprobs(texts, choice.delta_logprobs))
         return chat_object(submitted.request_id, submitted.created, submitted.model, [shaped], None, chunk=True)
 
     def usage_chunk(self, submitted: Submitted, usage: dict[str, int]) -> dict[str, Any]:
         return chat_object(submitted.request_id, submitted.created, submitted.model, [], usage, chunk=True)
 
 
-def _logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
-    if entries is None:
+def _logprobs(texts: TokenTexts, blocks: list[LogprobRows] | None) -> dict[str, Any] | None:
+    if blocks is None:
         return None
-    return chat_logprobs([(e.token, e.logprob or 0.0, list(e.top or ())) for e in entries])
+    columns = texts.columns(blocks)
+    return chat_logprobs(zip(columns.tokens, [lp or 0.0 for lp in columns.logprobs],
+                             [top or [] for top in columns.top]), texts.utf8)

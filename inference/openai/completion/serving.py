@@ -17,7 +17,8 @@ from inference.openai.http import Caller, Framed
 from inference.openai.completion.protocol import (completion_choice, completion_logprobs, completion_object,
                                                   parse_completion_request)
 from inference.usage import apply_grant
-from inference.openai.serving import Choice, GenerationModels, LogprobEntry, Submitted
+from inference.generation import LogprobRows
+from inference.openai.serving import Choice, GenerationModels, Submitted, TokenTexts
 
 OPERATION = "text_completion"  # gen_ai.operation.name
 
@@ -37,25 +38,28 @@ class CompletionServing:
 class _Shapes:
     """``text_completion`` objects, whole or as chunks."""
 
-    def whole(self, submitted: Submitted, choices: list[Choice], usage: dict[str, int]) -> dict[str, Any]:
-        shaped = [completion_choice(c.index, c.prefix + c.text, c.finish_reason or "stop", _logprobs(c.logprobs, 0))
+    def whole(self, submitted: Submitted, choices: list[Choice], usage: dict[str, int],
+              texts: TokenTexts) -> dict[str, Any]:
+        shaped = [completion_choice(c.index, c.prefix + c.text, c.finish_reason or "stop",
+                                    _logprobs(texts, c.logprobs, 0))
                   for c in choices]
         return completion_object(submitted.request_id, submitted.created, submitted.model, shaped, usage)
 
     def opening(self, submitted: Submitted) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, submitted: Submitted, choice: Choice) -> dict[str, Any]:
+    def chunk(self, submitted: Submitted, choice: Choice, texts: TokenTexts) -> dict[str, Any]:
         shaped = completion_choice(choice.index, choice.delta, choice.finish_reason,
-                                   _logprobs(choice.delta_logprobs, choice.delta_offset))
+                                   _logprobs(texts, choice.delta_logprobs, choice.delta_offset))
         return completion_object(submitted.request_id, submitted.created, submitted.model, [shaped], None)
 
     def usage_chunk(self, submitted: Submitted, usage: dict[str, int]) -> dict[str, Any]:
         return completion_object(submitted.request_id, submitted.created, submitted.model, [], usage)
 
 
-def _logprobs(entries: list[LogprobEntry] | None, text_offset: int) -> dict[str, Any] | None:
-    if entries is None:
+def _logprobs(texts: TokenTexts, blocks: list[LogprobRows] | None, text_offset: int) -> dict[str, Any] | None:
+    if blocks is None:
         return None
-    return completion_logprobs([e.token for e in entries], [e.logprob for e in entries],
-                               [None if e.top is None else dict(e.top) for e in entries], text_offset)
+    columns = texts.columns(blocks)
+    return completion_logprobs(columns.tokens, columns.logprobs,
+                               [None if top is None else dict(top) for top in columns.top], text_offset)

@@ -107,9 +107,10 @@ def op_breakdown(logits: torch.Tensor, k: int = 5, reps: int = 200) -> dict[str,
     """CUDA: microseconds per call of each op of the torch logprobs path, and of the Triton path,
     each run ``reps`` times back to back between two events (so a call costs the larger of its
     launch and its kernels): where the op-by-op path spends its time."""
-    from inference.triton_logprobs import logprob_table
+    from inference.triton_logprobs import Scratch, logprob_table
 
     choices = logits.argmax(dim=-1)
+    scratch = Scratch()
     raw = logits.log_softmax(dim=-1, dtype=torch.float32)
     top_ids = raw.topk(k, dim=-1)[1]
     ops: dict[str, Callable[[], Any]] = {
@@ -119,6 +120,7 @@ def op_breakdown(logits: torch.Tensor, k: int = 5, reps: int = 200) -> dict[str,
         "topk_logits": lambda: logits.topk(k, dim=-1),
         "casts_and_cat": lambda: torch.cat([choices.view(-1, 1).float(), raw[:, :1], raw[:, :k], top_ids.float()], 1),
         "triton_logprob_table": lambda: logprob_table(logits, choices, k),
+        "triton_logprob_table_scratch": lambda: logprob_table(logits, choices, k, scratch),  # as the sampler calls it
     }
     out = {}
     for name, op in ops.items():

@@ -118,8 +118,12 @@ class SlotSampling:
         # log-probabilities through the Triton kernels: by default on CUDA where Triton is installed
         self.fused_logprobs = (device.type == "cuda" and importlib.util.find_spec("triton") is not None
                                if fused_logprobs is None else fused_logprobs)
+        self._scratch: Any = None  # inference.triton_logprobs.Scratch, when the kernels are in use
         if self.fused_logprobs:  # compiled now, not on the first request that asks for logprobs
             try:
+                from inference.triton_logprobs import Scratch
+
+                self._scratch = Scratch()
                 self._logprob_table(torch.zeros(1, vocab_size, dtype=logits_dtype, device=device),
                                     torch.zeros(1, dtype=torch.long, device=device), 1)
             except Exception:
@@ -254,7 +258,7 @@ class SlotSampling:
         if self.fused_logprobs:
             from inference.triton_logprobs import logprob_table
 
-            return logprob_table(logits, choices, k)
+            return logprob_table(logits, choices, k, self._scratch)
         raw = logits.log_softmax(dim=-1, dtype=torch.float32)  # the cast fused into the kernel
         parts = [choices.view(-1, 1).float(), raw.gather(1, choices.view(-1, 1))]
         if k:

@@ -79,8 +79,37 @@ def _merge_kernel(logits_ptr, row_stride, choices_ptr, chunks, k, max_ptr, sum_p
             values = tl.where(p == where, float("-inf"), values)
 
 
-def logprob_table(logits: torch.Tensor, choices: torch.Tensor, k: int) -> torch.Tensor:
-    """``[rows, 2 + 2k]`` fp32: token, its log-probability, top-k log-probabilities, their ids."""
+class Scratch:
+    """The scratch and the table of :func:`logprob_table`, allocated once per (rows, k, vocabulary,
+    device) and reused every step (the sampler keeps one): a step then makes no allocation and no
+    views, only the two launches. Reuse is safe: every launch is on the step's stream, and the
+    step waits for its table's copy to the host before the next step launches."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, ...]] = {}
+
+    def parts(self, rows: int, vocab: int, k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        key = (rows, vocab, k, device)
+        parts = self._parts.get(key)
+        if parts is None:
+            parts = self._parts[key] = _allocate(rows, vocab, k, device)
+        return parts
+
+
+def _allocate(rows: int, vocab: int, k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One allocation, cut into the scratch and the table; each part starts 128-byte aligned, as
+    Triton's compiled kernel (specialized on 16-byte pointer alignment) expects whatever the rows."""
+    chunks = triton.cdiv(vocab, min(CHUNK, triton.next_power_of_2(vocab)))
+    sizes = [rows * chunks, rows * chunks, rows * chunks * k, rows * chunks * k, rows * (2 + 2 * k)]
+    padded = [-(-size // 32) * 32 for size in sizes]
+    space = torch.empty(sum(padded), dtype=torch.float32, device=device)
+    tops, sums, top_v, top_i, out = (part[:size] for part, size in zip(space.split(padded), sizes))
+    return tops, sums, top_v, top_i.view(torch.int32), out.view(rows, 2 + 2 * k)  # int32: same element size
+
+
+def logprob_table(logits: torch.Tensor, choices: torch.Tensor, k: int, scratch: Scratch | None = None) -> torch.Tensor:
+    """``[rows, 2 + 2k]`` fp32: token, its log-probability, top-k log-probabilities, their ids.
+    With ``scratch`` the table is the scratch's (overwritten by the next call with the same shape)."""
     rows, vocab = logits.shape
     if not 0 <= k <= MAX_TOP or k > vocab:
         raise ValueError(f"top-k of {k} over a vocabulary of {vocab} (at most {MAX_TOP})")
@@ -88,14 +117,8 @@ def logprob_table(logits: torch.Tensor, choices: torch.Tensor, k: int) -> torch.
         logits = logits.contiguous()
     chunk = min(CHUNK, triton.next_power_of_2(vocab))
     chunks = triton.cdiv(vocab, chunk)
-    # One allocation, cut into the scratch and the table; each part starts 128-byte aligned, as
-    # Triton's compiled kernel (specialized on 16-byte pointer alignment) expects whatever the rows.
-    sizes = [rows * chunks, rows * chunks, rows * chunks * k, rows * chunks * k, rows * (2 + 2 * k)]
-    padded = [-(-size // 32) * 32 for size in sizes]
-    space = torch.empty(sum(padded), dtype=torch.float32, device=logits.device)
-    tops, sums, top_v, top_i, out = (part[:size] for part, size in zip(space.split(padded), sizes))
-    top_i = top_i.view(torch.int32)  # same element size
-    out = out.view(rows, 2 + 2 * k)
+    tops, sums, top_v, top_i, out = (scratch.parts(rows, vocab, k, logits.device) if scratch is not None
+                                     else _allocate(rows, vocab, k, logits.device))
     choices = choices.reshape(rows)
     _chunk_kernel[(rows, chunks)](logits, logits.stride(0), vocab, chunks, k, tops, sums, top_v, top_i,
                                   CHUNK=chunk, MAX_K=MAX_TOP, num_warps=4)

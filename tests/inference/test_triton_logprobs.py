@@ -22,9 +22,10 @@ TOL = 1e-5
 
 
 def check_kernel() -> None:
-    from inference.triton_logprobs import logprob_table
+    from inference.triton_logprobs import Scratch, logprob_table
 
     gen = torch.Generator().manual_seed(0)
+    scratch = Scratch()
     for rows, vocab, k, dtype in [(3, 5000, 5, torch.float16), (2, 259, 20, torch.float32),
                                   (4, 1000, 0, torch.float32), (2, 50257, 3, torch.float32)]:
         wide = torch.randn(rows, vocab + 64, generator=gen) * 3
@@ -44,6 +45,9 @@ def check_kernel() -> None:
         if k:
             assert table[0, 2 + k:2 + k + 2].tolist() == [7.0, 9.0]  # ties: the lower id first
             assert torch.equal(table[0, 2 + k + 2:].long(), ids[0, 2:])
+        for _ in range(2):  # the reused scratch (as the sampler calls it) gives the same table, step after step
+            assert torch.equal(logprob_table(logits, choices, k, scratch), table)
+        assert logprob_table(logits, choices, k, scratch).data_ptr() == logprob_table(logits, choices, k, scratch).data_ptr()
 
 
 def check_sampler() -> None:

@@ -301,6 +301,11 @@ def main() -> int:
                      for a, b in zip([r for r in rows if r["mode"] == m], [r for r in rows if r["mode"] == "off"])]
                  for m in modes if m != "off"}
     median = {m: round(statistics.median(values), 2) for m, values in per_round.items()}
+    # where the host's share goes: the server's CPU per generated token in each mode (median over the
+    # rounds), and what each option adds to it over "off" (engine thread + event loop + exporters)
+    cpu = {m: statistics.median(v) for m in modes
+           if (v := [r["server_cpu_us_per_token"] for r in rows if r["mode"] == m and r["server_cpu_us_per_token"]])}
+    cpu_over_off = {m: round(cpu[m] - cpu["off"], 1) for m in cpu if m != "off" and "off" in cpu}
     device = torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else "cpu"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -316,6 +321,8 @@ def main() -> int:
         "new_tokens": args.new_tokens, "deepspeed": args.deepspeed, "window_s": args.window_s, "rounds": args.rounds,
         "tokens_per_s": tps, "overhead_pct": overhead, "overhead_pct_by_round": per_round,
         "overhead_pct_median": median,
+        "server_cpu_us_per_token": {m: round(v, 1) for m, v in cpu.items()},
+        "server_cpu_us_per_token_over_off": cpu_over_off,
         "targets": {"logprobs": "<= 10", "penalties": "<= 10"},
         "targets_met": {m: overhead[m] <= 10.0 for m in ("logprobs", "penalties") if m in overhead},
         "rows": rows,
@@ -323,6 +330,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("device", "checks", "tokens_per_s", "overhead_pct", "overhead_pct_median",
+                                             "server_cpu_us_per_token", "server_cpu_us_per_token_over_off",
                                              "targets_met")}))
     return 0
 

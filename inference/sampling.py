@@ -22,7 +22,9 @@ index list built from Python and no host-to-device copy; the step's tokens, chos
 log-probabilities and top-k alternatives come back in ONE device-to-host copy into a pinned
 buffer (one wait, with the GIL released); on CUDA the log-probabilities and top-k are two Triton
 launches that never write the vocabulary-wide log-softmax (:mod:`inference.triton_logprobs`).
-Token ids become text on the event loop, not here.
+Each row's log-probabilities leave as a one-row view of the step's table
+(:class:`~inference.generation.LogprobRows`): no Python object per alternative on the engine
+thread; token ids become text on the event loop, once per response or streamed delta.
 Only temperature sampling (a generator per request) and grammar masks (llguidance, on the
 host) still work row by row, and only for the rows that use them.
 """
@@ -246,7 +248,8 @@ class SlotSampling:
                 continue
             block = blocks.get(want)
             if block is None:
-                block = blocks[want] = table[:, _columns(top_k, want)]  # fancy index: a copy
+                # a copy (the pinned buffer is reused next step): whole, or the columns this ``logprobs`` wants
+                block = blocks[want] = table.copy() if want == top_k else table[:, _columns(top_k, want)]
             picks.append(Pick(token, LogprobRows(block[row:row + 1])))
         return picks
 

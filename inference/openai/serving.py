@@ -23,7 +23,7 @@ from common.replicas import NOT_STARTED_HEADER
 from inference.genai_metrics import GenAIMetrics
 from inference.generation import (EngineDeadError, EngineError, EngineNotReadyError, GenerationEngine, GenerationOutput,
                                   GenerationRequest, QueueFullError, RequestStream, TokenLogprobs)
-from inference.openai.http import Caller
+from inference.openai.http import Caller, Served
 from inference.openai.preprocess import PreparedPrompt, Preprocessor
 from inference.openai.protocol import RequestError, SamplingFields, usage
 from inference.tracing import Tracing
@@ -243,8 +243,9 @@ class GenerationServing:
     async def generate(self, model: str, sampling: SamplingFields,
                        tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, caller: Caller, span: Span,
                        started: float, operation: str, id_prefix: str,
-                       shapes: ResponseShapes) -> dict[str, Any] | Stream:
-        """A parsed generation request, from model check to its response object or stream."""
+                       shapes: ResponseShapes) -> Served:
+        """A parsed generation request, from model check to its submitted streams and the wait for
+        its response object or stream."""
         served = self.served_model(model, caller.routed_model)
         self.describe(span, model, sampling)
         span.set_attribute(names.GEN_AI_RESPONSE_MODEL, served)
@@ -252,9 +253,7 @@ class GenerationServing:
         prompts = await self.prepare(tokenize)
         submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", served, caller, span, prompts, sampling.n,
                                 operation=operation, started=started, requested_model=model)
-        if caller.usage is not None:
-            caller.usage.watch(submitted.streams)
-        return await self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage)
+        return Served(self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage), submitted.streams)
 
     async def respond(self, span: Span, submitted: Submitted, shapes: ResponseShapes, stream: bool,
                       include_usage: bool) -> dict[str, Any] | Stream:

@@ -201,11 +201,12 @@ class Authorizer:
         try:
             identity = await self._authenticate(check_input)
             body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None
-            counted = await self._count_prompt(check_input, body)
-            estimated = request_tokens(body, self._config.ratelimit, counted).total
+            counted = await self._count_prompt(check_input, body) if self._prompt_counter is not None else None
+            estimate = request_tokens(body, self._config.ratelimit, counted)
             saturated = self._saturation.saturated_models() if self._saturation is not None else []
-            decision = await self._decide(policy_document(check_input, identity.to_input(), estimated, saturated))
-            admission = await self._rate_limit(check_input, identity, decision, counted, decision_id)
+            decision = await self._decide(policy_document(check_input, identity.to_input(), estimate.total, saturated))
+            admission = await self._rate_limit(check_input, identity, decision, counted, decision_id,
+                                               estimate if body is not None else None)
             limited = admission.result if admission is not None else None
             client_headers = {**decision.response_headers_to_add, **self._rate_limit_client_headers(limited)}
             if limited is not None and not limited.allowed and not self._config.ratelimit.shadow:
@@ -265,8 +266,10 @@ class Authorizer:
         return counted
 
     async def _rate_limit(self, check_input: CheckInput, identity: Identity, decision: Decision,
-                          counted_prompt: int | None, decision_id: str) -> Admission | None:
-        """What the limiter took; None when rate limits are off or no limit applies."""
+                          counted_prompt: int | None, decision_id: str,
+                          estimate: RequestTokens | None = None) -> Admission | None:
+        """What the limiter took; None when rate limits are off or no limit applies. ``estimate``: the
+        JSON body's tokens with the config's completion default (what the policy was told)."""
         if self._rate_limiter is None:
             return None
         body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else {}
@@ -279,7 +282,8 @@ class Authorizer:
             raise _unavailable("invalid_rate_limit", "rate limits for this request are misconfigured") from None
         if limits is None or (limits.requests is None and limits.tokens is None and limits.concurrency is None):
             return None
-        tokens = request_tokens(body, self._config.ratelimit, counted_prompt, limits.default_max_tokens)
+        tokens = (estimate if estimate is not None and limits.default_max_tokens is None
+                  else request_tokens(body, self._config.ratelimit, counted_prompt, limits.default_max_tokens))
         with self._child_span(names.RATELIMIT_SPAN) as span:
             try:
                 admission = await self._admit(limits, tenant, model or "", check_input.route, tokens, decision_id)

@@ -9,11 +9,17 @@ vegeta's targets: three tenants' keys, a numbered completion body) goes through
 ``AuthorizationService.Check`` (parse the bytes, ask the authorizer) inside one event loop.
 The measure is the process's CPU time (``time.process_time``, every thread) per check, best of
 ``--repeats`` batches: other processes on the machine slow a batch's wall time, not its CPU time.
+They still slow its CPU time a little (shared caches, clock speed), so each batch is preceded by a
+fixed pure-Python workload and ``per_unit`` reports check time / that workload's time: compare
+trees on it when the machine is busy.
 
 Scenarios: ``repeated`` sends one request over and over (decision-cache hits), ``distinct`` sends a
 new body each time (the policy is evaluated for every check, as it is for gateway.py's first
-1000 requests). ``--profile FILE`` writes cProfile stats of one more batch; ``--compare A B``
-prints the per-function difference of two such files (own time per check, largest first).
+1000 requests). ``--steps`` also times the steps of a repeated check (input, identity, decision,
+rate-limit step and its limiter call, response, record), each wrapped in a CPU-time probe (the
+probes cost the same on every tree). ``--profile FILE`` writes cProfile stats of one more batch;
+``--compare A B`` prints the per-function difference of two such files (own time per check,
+largest first).
 
 It imports only what both 2b0e0a4 (before the #17 restructure) and later trees have, so it runs
 unchanged on either:
@@ -107,6 +113,14 @@ def write_config(workdir: Path, mode: str) -> tuple[Path, list]:
     return path, procs
 
 
+def _unit() -> float:
+    """CPU seconds of a fixed pure-Python workload (dicts, strings, JSON), the yardstick of a batch."""
+    cpu = time.process_time()
+    for i in range(3000):
+        json.dumps({"model": "m", "prompt": f"p{i}", "n": [i, i + 1], "h": {"a": str(i)}})
+    return time.process_time() - cpu
+
+
 class _Context:
     """What AuthorizationService.Check reads of a grpc.aio context."""
 
@@ -114,7 +128,58 @@ class _Context:
         return (("user-agent", "grpc-c++/1.66.0 grpc-c/43.0.0 (linux; chttp2)"),)
 
 
-async def measure(config_path: Path, iterations: int, repeats: int, profile: Path | None) -> dict:
+def _probe(owner, name: str, label: str, spent: dict[str, float]) -> None:
+    """Replace ``owner.name`` by a wrapper adding its CPU time to ``spent[label]``."""
+    import inspect
+
+    call, clock = getattr(owner, name), time.process_time
+    if inspect.iscoroutinefunction(call):
+        async def probe(*args, **kwargs):
+            started = clock()
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + clock() - started
+    else:
+        def probe(*args, **kwargs):
+            started = clock()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + clock() - started
+    setattr(owner, name, probe)
+
+
+async def _steps(service, authorizer, raw: bytes, parse, context, iterations: int, repeats: int) -> dict:
+    """CPU time per check of each step (names both trees share), best batch by total."""
+    import sidecar.authorizer as authorizer_module
+
+    spent: dict[str, float] = {}
+    limiter = authorizer._rate_limiter
+    reserves = bool(getattr(authorizer, "_reserve", False))
+    for owner, name, label in ((authorizer_module, "build_input", "input"),
+                               (authorizer._authenticator, "authenticate", "identity"),
+                               (authorizer._decider, "decide", "decision"),
+                               (authorizer, "_rate_limit", "rate_limit_step"),
+                               (limiter, "reserve" if reserves else "charge", "rate_limit_step.limiter"),
+                               (authorizer_module.response, "allow", "response"),
+                               (authorizer, "_record", "record")):
+        _probe(owner, name, label, spent)
+    best: dict[str, float] | None = None
+    for _ in range(repeats):
+        spent.clear()
+        cpu = time.process_time()
+        for _ in range(iterations):
+            await service.Check(parse(raw), context)
+        total = time.process_time() - cpu
+        if best is None or total < best["check"]:
+            best = {"check": total, **spent}
+    assert best is not None
+    return {label: round(value / iterations * 1e6, 2) for label, value in best.items()}
+
+
+async def measure(config_path: Path, iterations: int, repeats: int, profile: Path | None,
+                  steps: bool = False, scenarios: tuple[str, ...] = ("repeated", "distinct")) -> dict:
     from envoy.service.auth.v3 import external_auth_pb2
 
     from kernelgate.config import load
@@ -130,22 +195,26 @@ async def measure(config_path: Path, iterations: int, repeats: int, profile: Pat
             service = server.AuthorizationService(sidecar.authorizer)
             context = _Context()
             parse = external_auth_pb2.CheckRequest.FromString
-            for scenario in ("repeated", "distinct"):
+            for scenario in scenarios:
                 distinct = scenario == "distinct"
                 requests = check_requests(1 + iterations * (repeats + 1), distinct, [ACME_KEY, GLOBEX_KEY])
                 first = await service.Check(parse(requests[0]), context)  # warm: caches, lazy imports
                 assert first.status.code == 0, f"the benchmark's check is not allowed: {first}"
                 batches = [requests[1 + b * iterations:1 + (b + 1) * iterations] if distinct
                            else requests * iterations for b in range(repeats + 1)]
-                per_check = []
+                per_check, per_unit = [], []
                 for batch in batches[:repeats]:
                     gc.collect()
+                    unit = _unit()
                     cpu = time.process_time()
                     for raw in batch:
                         await service.Check(parse(raw), context)
                     per_check.append((time.process_time() - cpu) / len(batch))
+                    per_unit.append(per_check[-1] / unit)
                 results[scenario] = {"us_per_check_best": round(min(per_check) * 1e6, 2),
                                      "us_per_check_median": round(sorted(per_check)[len(per_check) // 2] * 1e6, 2),
+                                     "per_unit_best": round(min(per_unit) * 1000, 3),
+                                     "per_unit_median": round(sorted(per_unit)[len(per_unit) // 2] * 1000, 3),
                                      "checks_per_batch": iterations, "batches": repeats}
                 if profile is not None:
                     profiler = cProfile.Profile(time.process_time)  # CPU time: load elsewhere does not count
@@ -154,6 +223,10 @@ async def measure(config_path: Path, iterations: int, repeats: int, profile: Pat
                         await service.Check(parse(raw), context)
                     profiler.disable()
                     profiler.dump_stats(str(profile.with_suffix(f".{scenario}.prof")))
+            if steps:  # last: the probes stay in place
+                raw = check_requests(1, False, [ACME_KEY, GLOBEX_KEY])[0]
+                results["steps_us_per_check"] = await _steps(service, sidecar.authorizer, raw, parse, context,
+                                                             iterations, repeats)
         finally:
             await server.stop(sidecar, 0)
     return results
@@ -204,6 +277,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000, help="checks per batch")
     parser.add_argument("--repeats", type=int, default=7, help="batches; the best is reported")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of one more batch (FILE.<scenario>.prof)")
+    parser.add_argument("--steps", action="store_true", help="also time each step of a repeated check")
+    parser.add_argument("--scenarios", nargs="+", choices=["repeated", "distinct"], default=["repeated", "distinct"])
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--tree", default=str(ROOT), help="a label for the result (the tree measured)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
@@ -222,15 +297,18 @@ def main() -> None:
             try:
                 import uvloop
             except ImportError:  # pragma: no cover
-                results = asyncio.run(measure(config_path, args.iterations, args.repeats, args.profile))
+                run = asyncio.run
             else:
-                results = uvloop.run(measure(config_path, args.iterations, args.repeats, args.profile))
+                run = uvloop.run
+            results = run(measure(config_path, args.iterations, args.repeats, args.profile, args.steps,
+                                  tuple(args.scenarios)))
         finally:
             for proc in procs:
                 proc.stop()
     record = {"command": "python bench/check_profile.py " + " ".join(sys.argv[1:]), "tree": args.tree,
               "mode": args.mode, "python": platform.python_version(), "machine": platform.machine(),
-              "measure": "process CPU time per check (every thread), best and median of the batches", **results}
+              "measure": "process CPU time per check (every thread), best and median of the batches; per_unit: "
+                         "the same over the CPU time of a fixed workload run before each batch, x 1000", **results}
     print(json.dumps(record, indent=2))
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")

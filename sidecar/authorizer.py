@@ -246,7 +246,7 @@ class Authorizer:
                 opa_span.set_status(trace.StatusCode.ERROR, str(exc))
                 decision = self._on_opa_failure(exc)
             opa_span.set_attribute(names.CACHE_HIT, decision.source == "cache")
-        self._metrics.cache.labels("hit" if decision.source == "cache" else "miss").inc()
+        self._metrics.count(self._metrics.cache, "hit" if decision.source == "cache" else "miss")
         if not decision.allowed:
             body = decision.body or response.error_body("request denied by policy", "permission_denied",
                                                         decision.reason)
@@ -294,9 +294,10 @@ class Authorizer:
             span.set_attribute(names.RATELIMIT_BACKEND, admission.result.backend)
             span.set_attribute(names.RATELIMIT_DEGRADED, admission.result.degraded)
         result = admission.result
-        self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
+        self._metrics.count(self._metrics.ratelimit, "allow" if result.allowed else "deny", result.backend)
         if result.allowed and admission.reservation is not None and limits.tokens is not None:
-            self._metrics.tokens.labels(tenant or "none", "reserved").inc(admission.reservation.reserved_cost)
+            self._metrics.count(self._metrics.tokens, tenant or "none", "reserved",
+                                amount=admission.reservation.reserved_cost)
         return admission
 
     async def _admit(self, limits: Limits, tenant: str, model: str, route: str, tokens: RequestTokens,
@@ -369,7 +370,7 @@ class Authorizer:
 
     def _record(self, span: trace.Span, result: CheckResult, request_id: str, started: float) -> None:
         latency = time.perf_counter() - started
-        self._metrics.checks.labels(result.outcome, result.reason).inc()
+        self._metrics.count(self._metrics.checks, result.outcome, result.reason)
         self._metrics.latency.observe(latency)
         identity, check_input = result.identity, result.input
         tenant = identity.tenant if identity else None

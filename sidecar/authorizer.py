@@ -387,6 +387,8 @@ class Authorizer:
                 span.set_attribute(names.ratelimit_remaining(state.kind), state.remaining)
             if result.outcome != "allow":
                 span.set_attribute(names.DENY_REASON, result.reason)
+        if not self._decision_log.enabled:
+            return
         self._decision_log.write(DecisionRecord(
             decision_id=result.decision_id,
             request_id=request_id,

@@ -65,6 +65,11 @@ class DecisionLogger:
             self._stream = open(config.output_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
             self._owned = True
 
+    @property
+    def enabled(self) -> bool:
+        """False: ``write`` drops every record (callers may skip building them)."""
+        return self._enabled
+
     def write(self, record: DecisionRecord | SettlementRecord) -> None:
         if not self._enabled:
             return

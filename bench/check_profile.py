@@ -78,8 +78,9 @@ def check_requests(count: int, distinct: bool, keys: list[str]) -> list[bytes]:
     return out
 
 
-def write_config(workdir: Path, mode: str) -> tuple[Path, list]:
-    """gateway.py's sidecar config (and its OPA server when ``mode`` is "server")."""
+def write_config(workdir: Path, mode: str, decision_log: bool = False) -> tuple[Path, list]:
+    """gateway.py's sidecar config (and its OPA server when ``mode`` is "server"); ``decision_log``:
+    the log on (the default of a deployment), written to /dev/null, where gateway.py turns it off."""
     sys.path.insert(0, str(ROOT))
     from bench.gateway import bench_policies  # noqa: PLC0415 - the tree's own bench helpers
     from kernelgate.policy_bundle import build_wasm_bundle
@@ -106,7 +107,7 @@ def write_config(workdir: Path, mode: str) -> tuple[Path, list]:
         "listen": "127.0.0.1:0", "metrics_listen": "",
         "opa": {**opa, "cache_ignore_headers": [*OpaConfig().cache_ignore_headers, "x-vegeta-seq"]},
         "identity": {"api_keys_file": str(keys)},
-        "decision_log": {"enabled": False},
+        "decision_log": {"enabled": True, "output_file": "/dev/null"} if decision_log else {"enabled": False},
     }}
     path = workdir / "kernelgate.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -278,6 +279,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="batches; the best is reported")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of one more batch (FILE.<scenario>.prof)")
     parser.add_argument("--steps", action="store_true", help="also time each step of a repeated check")
+    parser.add_argument("--decision-log", action="store_true",
+                        help="decision log on (to /dev/null) as deployed by default; gateway.py turns it off")
     parser.add_argument("--scenarios", nargs="+", choices=["repeated", "distinct"], default=["repeated", "distinct"])
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--tree", default=str(ROOT), help="a label for the result (the tree measured)")
@@ -292,7 +295,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        config_path, procs = write_config(Path(tmp), args.mode)
+        config_path, procs = write_config(Path(tmp), args.mode, args.decision_log)
         try:
             try:
                 import uvloop

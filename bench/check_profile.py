@@ -19,14 +19,14 @@ new body each time (the policy is evaluated for every check, as it is for gatewa
 rate-limit step and its limiter call, response, record), each wrapped in a CPU-time probe (the
 probes cost the same on every tree). ``--profile FILE`` writes cProfile stats of one more batch;
 ``--compare A B`` prints the per-function difference of two such files (own time per check,
-largest first).
+largest first; give the ``--iterations`` both were made with).
 
 It imports only what both 2b0e0a4 (before the #17 restructure) and later trees have, so it runs
 unchanged on either:
 
     PYTHONPATH=$T python bench/check_profile.py --tree $T --json /tmp/cp-$(basename $T).json \\
         --profile /tmp/cp-$(basename $T).prof
-    python bench/check_profile.py --compare /tmp/cp-before.prof /tmp/cp-after.prof
+    python bench/check_profile.py --compare /tmp/cp-before.repeated.prof /tmp/cp-after.repeated.prof
 """
 
 from __future__ import annotations

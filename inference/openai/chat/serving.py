@@ -18,13 +18,13 @@ from inference.openai.http import Caller, Served
 from inference.openai.chat.protocol import (chat_choice, chat_delta_choice, chat_logprobs, chat_object,
                                             parse_chat_request)
 from inference.usage import apply_grant
-from inference.openai.serving import Choice, GenerationServing, LogprobEntry, Submitted
+from inference.openai.serving import Choice, GenerationModels, LogprobEntry, Submitted
 
 OPERATION = "chat"  # gen_ai.operation.name
 
 
 class ChatServing:
-    def __init__(self, generation: GenerationServing) -> None:
+    def __init__(self, generation: GenerationModels) -> None:
         self._generation = generation
 
     async def create(self, body: bytes, caller: Caller, span: Span) -> Served:

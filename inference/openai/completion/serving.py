@@ -18,13 +18,13 @@ from inference.openai.http import Caller, Served
 from inference.openai.completion.protocol import (completion_choice, completion_logprobs, completion_object,
                                                   parse_completion_request)
 from inference.usage import apply_grant
-from inference.openai.serving import Choice, GenerationServing, LogprobEntry, Submitted
+from inference.openai.serving import Choice, GenerationModels, LogprobEntry, Submitted
 
 OPERATION = "text_completion"  # gen_ai.operation.name
 
 
 class CompletionServing:
-    def __init__(self, generation: GenerationServing) -> None:
+    def __init__(self, generation: GenerationModels) -> None:
         self._generation = generation
 
     async def create(self, body: bytes, caller: Caller, span: Span) -> Served:

@@ -105,6 +105,7 @@ class ModelRunner:
         self._columns = torch.arange(max_len, device=device)
         self._row_index = torch.arange(num_slots, device=device).view(-1, 1)
         self._use_graphs = use_cuda_graphs and device.type == "cuda"
+        self.use_cuda_graphs = self._use_graphs  # tensor-parallel followers build their runner the same
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._buckets = batch_buckets(num_slots)
         self._static_tokens = torch.zeros(num_slots, 1, dtype=torch.long, device=device)

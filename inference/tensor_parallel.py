@@ -172,6 +172,8 @@ class Watchdog:
         for proc in self._followers:
             if proc.poll() is None:
                 proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
         self._on_failure(self.failed)
 
 

@@ -414,7 +414,8 @@ def main() -> int:
         model = hf_model(name, args.device)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
-        info: dict = {"weight_bytes": weight_bytes, "floor_ms_per_token_bs1": round(floor_ms, 3)}
+        info: dict = {"weight_bytes": weight_bytes, "copy_bandwidth_gbs": round(bandwidth, 1),
+                      "floor_ms_per_token_bs1": round(floor_ms, 3)}
         if name == args.check_model:
             checks.append(check_against_hf(name, model, args))
             print(f"[check] {checks[-1]}", flush=True)

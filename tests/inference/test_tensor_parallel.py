@@ -109,6 +109,9 @@ def test_a_follower_that_stops_answering_takes_the_server_to_not_ready_within_th
     followers = _followers(pair)
     try:
         assert _complete(port, PROMPTS[0])[0] == 200
+        time.sleep(timeout_s + 2)  # idle longer than the timeout: waiting for work is not a hang
+        assert _readyz(port) == 200
+        assert _complete(port, PROMPTS[0])[0] == 200
         followers[0].send_signal(signal.SIGSTOP)
         started = time.monotonic()
         status, body = _complete(port, PROMPTS[1], max_tokens=8)

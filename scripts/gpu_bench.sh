@@ -63,10 +63,11 @@ case "$MODE" in
     ( rc=0; CUDA_VISIBLE_DEVICES=1 timeout 170 "${bench[@]}" --models llama-3.1-8b --concurrency 1 --skip hf \
         --out "$OUT/inference_llama_gpu_8b_bs1.json" --log-dir "$OUT/8b_bs1" > "$OUT/8b_bs1.log" 2>&1 || rc=$?
       echo "[llama-pending] 8B batch-1 floor: exit $rc" ) &
+    floor_job=$!
     rc=0; CUDA_VISIBLE_DEVICES=0 timeout 200 "${bench[@]}" --models qwen2.5-7b \
       --out "$OUT/inference_llama_gpu_qwen.json" --log-dir "$OUT/qwen" > "$OUT/qwen.log" 2>&1 || rc=$?
     echo "[llama-pending] Qwen2.5-7B: exit $rc"
-    wait
+    wait "$floor_job"  # (a bare wait would also wait for the tee above: forever)
     tail -n 3 "$OUT/8b_bs1.log" "$OUT/qwen.log"
     left=$((budget - SECONDS))
     if [ "$left" -lt 90 ]; then echo "[llama-pending] tp2 skipped: ${left}s left"; exit 3; fi

@@ -11,7 +11,7 @@ of ``--new-tokens`` tokens on a tiny random-weight model, and a runner wrapper (
 * ``model_ms``: time inside ``runner.decode`` (the model on the CPU: not the GPU's number);
 * ``between_ms``: from one ``decode`` returning to the next one starting: all of the engine's
   own per-step work;
-* ``critical_ms``: from the sampled token being on the host (``next_tokens`` returning: on the
+* ``critical_ms``: from the sampled token being on the host (the sampler's ``pick`` returning: on the
   GPU that is where the step's kernels have finished) to the next ``decode`` call: the part of
   that work the GPU idles for at batch 1 (work done after the next step is launched, such as
   handing the outputs to the event loop, overlaps the GPU's step and is not in it);
@@ -97,6 +97,7 @@ def main() -> int:
     from inference import engine as engine_module
     from inference.config import BatchingConfig, ModelConfig
     from inference.metrics import InferenceMetrics
+    from inference.sampling import SlotSampling
     from inference.tracing import Tracing
 
     holder: dict[str, TimedRunner] = {}
@@ -110,14 +111,14 @@ def main() -> int:
                                   InferenceMetrics(CollectorRegistry()), Tracing(), wrap_runner=wrap)
     parts: dict[str, list[float]] = defaultdict(list)
     sampled: list[float] = []
-    inner_next_tokens = engine_module.next_tokens
+    inner_pick = SlotSampling.pick
 
-    def next_tokens(*a: Any, **k: Any) -> Any:
-        out = inner_next_tokens(*a, **k)
+    def pick(*a: Any, **k: Any) -> Any:
+        out = inner_pick(*a, **k)
         sampled.append(time.perf_counter())
         return out
 
-    engine_module.next_tokens = next_tokens
+    SlotSampling.pick = pick  # type: ignore[method-assign]
     if args.breakdown:
         for name in ("_append", "_deliver", "_notify_observer"):
             _timed(engine, name, parts)

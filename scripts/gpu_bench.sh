@@ -13,7 +13,8 @@
 #                                              # part under its own timeout, its JSON in $OUT when it finishes
 #   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
 #   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
-#   scripts/gpu_bench.sh sampling              # bench/sampling_step.py + sampling_overhead.py: #20's options on vs off, c=16 (~3 min)
+#   scripts/gpu_bench.sh sampling              # bench/sampling_step.py + sampling_overhead.py: #20's options on vs off, c=16 (~3 min),
+#                                              # then bench/logprobs_host.py (the logprobs host path per token, CPU)
 #   scripts/gpu_bench.sh hot-swap              # bench/results/hot_swap_gpu.json: llama-3.2-1b v1 (seed 0) -> v2 (seed 1)
 #                                              # swapped under an open loop on one GPU, server alone (~3 min)
 #   scripts/gpu_bench.sh replicas              # 2 GPUs: two replicas behind Envoy vs one (bench/replica_failover.py gpu);
@@ -92,6 +93,8 @@ case "$MODE" in
     check_wheels
     python3 bench/sampling_step.py --device cuda --out "$OUT/sampling_step_gpu.json"
     python3 bench/sampling_overhead.py --window-s 6 --rounds 3 --out "$OUT/sampling_overhead.json" --log-dir "$OUT" "$@"
+    # the logprobs path's host work per token on this machine's CPU (no GPU; ~15 s)
+    python3 bench/logprobs_host.py --steps 256 --out "$OUT/logprobs_host.json"
     ;;
   hot-swap)
     check_wheels

@@ -53,8 +53,9 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1e3, 2)
 
 
-def start_direct(replica: VersionedReplica, args: argparse.Namespace, workdir: Path) -> Callable[[], None]:
-    """The inference server alone on ``args.device``; returns its stop."""
+def start_direct(replica: VersionedReplica, args: argparse.Namespace,
+                 workdir: Path) -> tuple[Callable[[], None], Path]:
+    """The inference server alone on ``args.device``; returns its stop and its log."""
     config = replica.inference_config()
     config["model"].update(device=args.device, dtype="auto", use_deepspeed=False, cuda_graphs=args.device == "cuda",
                            max_model_len=args.max_model_len)
@@ -67,7 +68,18 @@ def start_direct(replica: VersionedReplica, args: argparse.Namespace, workdir: P
         print(proc.log_path.read_text()[-4000:], file=sys.stderr)
         proc.stop()
         raise
-    return proc.stop
+    return proc.stop, proc.log_path
+
+
+LOG_MARKS = ("captured", "capture failed", "warm-up done", " ready (", "active (was", "unloaded", "failed")
+
+
+def lifecycle_log(path: Path | None) -> list[str]:
+    """The server log's lines about loading, CUDA-graph capture and the swap (to check a GPU run)."""
+    if path is None or not path.exists():
+        return []
+    return [line.strip()[:300] for line in path.read_text(errors="replace").splitlines()
+            if any(mark in line for mark in LOG_MARKS)][:40]
 
 
 def watch_states(replica: VersionedReplica, model: str, stop: threading.Event) -> dict[str, float]:
@@ -121,8 +133,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
     replica = VersionedReplica("r0", model=args.model, random_config=args.model, max_batch_size=args.slots,
                                max_queue=1024, admin_port=free_port(), token_file=str(workdir / "token"),
                                token=token)
+    log_path = None
     if args.direct:
-        stop, url = start_direct(replica, args, workdir), f"http://{replica.address}"
+        (stop, log_path), url = start_direct(replica, args, workdir), f"http://{replica.address}"
     else:
         stack = ReplicaStack(workdir, replicas=[replica]).start()
         stop, url = stack.stop, stack.url
@@ -190,6 +203,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         "states_seen_at_s": seen_at,
         "during_by_phase": by_phase(outcomes, swap_phases, before_p99),
         "validation": version.get("validation"),
+        "server_log": lifecycle_log(log_path),
         "host_load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 

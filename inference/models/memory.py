@@ -3,10 +3,11 @@
 In: the ``ModelConfig`` of a version and its batch slots. Out: a :class:`MemoryEstimate`, and
 :func:`check_fits`, which raises ``InsufficientMemory`` (saying both numbers) when the
 estimate exceeds ``headroom`` times what is free: ``torch.cuda.mem_get_info`` on a GPU plus
-what torch's caching allocator holds unused (a retired version's memory stays there: emptying
-the cache is a device-wide sync that stalls the serving version), ``MemAvailable`` of ``/proc/meminfo`` on CPU. The weights are counted exactly by building the
-architecture on the ``meta`` device (no memory, no download: a local directory's
-``config.json`` is enough); the KV cache is 2 x layers x KV heads x head size x slots x
+what torch's caching allocator holds unused (a retired version's memory stays there, since
+emptying the cache is a device-wide sync that stalls the serving version; an allocation that
+finds no cached block fitting makes torch free them and retry), ``MemAvailable`` of
+``/proc/meminfo`` on CPU. The weights are counted exactly by building the architecture on the
+``meta`` device (no memory, no download: a local directory's ``config.json`` is enough); the KV cache is 2 x layers x KV heads x head size x slots x
 context, as ``kv_cache.SlotKVCache`` allocates it.
 """
 

@@ -51,10 +51,10 @@ SMALL_WINDOWS = 2048
 JUDGE_INTERVAL_S = 0.25
 # The interpreter's switch interval while a version loads beside serving ones (Python's default
 # is 5 ms). A loading thread runs long stretches of Python (building modules, tracing decode steps
-# for CUDA-graph capture); each time a serving engine thread gives up the GIL (a kernel, a sync)
-# it waited up to the whole interval to get it back, step after step. Measured on CPU with a
-# 250M-parameter llama loading beside a 1 ms probe thread: the probe's worst wait 200-340 ms and
-# 2.3-3.6 s of waits over 5 ms at 5 ms, 49 ms and 1.0 s at 0.5 ms.
+# for CUDA-graph capture); a serving engine thread that gave up the GIL (a kernel, a sync) may wait
+# the whole interval to get it back, step after step. On the 2-core CPU box the effect drowns in
+# other processes' CPU use (bench/hot_swap_gil.py); bench/hot_swap.py's during_by_phase on the GPU
+# says whether the load phase still stalls the serving version.
 LOADING_SWITCH_INTERVAL_S = 0.0005
 
 VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "rolled_back", "unloaded"]
@@ -496,10 +496,11 @@ class ModelRegistry:
 
 
 def _free(engine: LifecycleEngine, timeout: float) -> None:
-    """Stop the engine thread; its memory goes back to torch's caching allocator when the caller
-    drops the engine, where the next load reuses it (``memory.free_bytes`` counts it as free).
-    Neither ``gc.collect`` nor ``torch.cuda.empty_cache`` here: both ran while the new version
-    served, the first holding the GIL for the whole walk of the heap, the second a device-wide
-    sync (cudaFree) under the allocator's lock; the version's own objects are freed by reference
-    counting."""
+    """Stop the engine thread. Its memory goes back to torch's caching allocator when the caller
+    drops the engine; the next load reuses it (``memory.free_bytes`` counts it as free). Neither
+    ``gc.collect`` nor ``torch.cuda.empty_cache`` here, as there used to be: both ran while the new
+    version served, the first holding the GIL for its whole walk of the heap, the second a
+    device-wide sync (cudaFree) under the allocator's lock. The version's objects were frozen at
+    its start-up (a collection could not reach them), and the fused decoder's tensors are freed
+    by reference counting."""
     engine.shutdown(timeout)

@@ -110,6 +110,9 @@ class DecisionLogConfig:
 class SidecarConfig:
     # host:port, or unix:/path/to.sock
     listen: str = AUTHZ_ADDRESS
+    # host:port for Envoy's HTTP ext_authz (http_service): the lean data path (sidecar/http_transport.py),
+    # same decisions as gRPC Check, which stays on ``listen``. "" = gRPC only.
+    http_listen: str = ""
     # Seconds SIGTERM waits for in-flight checks before exit.
     drain_s: float = 10.0
     # Worker processes sharing the port (SO_REUSEPORT); 1 = this process only. More than one

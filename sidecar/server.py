@@ -22,6 +22,7 @@ from common.gc_freeze import freeze_startup_objects
 from sidecar.authorizer import Authorizer
 from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, DecisionCache
+from sidecar import http_transport
 from sidecar.decision_log import DecisionLogger
 from sidecar.identity import Authenticator
 from sidecar.metrics import SidecarMetrics
@@ -99,6 +100,11 @@ async def start(config: SidecarConfig) -> Sidecar:
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
+    http_server = None
+    if config.http_listen:
+        host, _, http_port = config.http_listen.rpartition(":")
+        http_server = await http_transport.serve(authorizer.check, host.strip("[]") or "127.0.0.1", int(http_port),
+                                                 reuse_port=config.workers > 1)
 
     stop_event = asyncio.Event()
     with contextlib.suppress(Exception):
@@ -111,10 +117,13 @@ async def start(config: SidecarConfig) -> Sidecar:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
     closers = [opa_client.close, decision_log.close]
+    if http_server is not None:
+        closers.insert(0, http_server.close)
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
     policy_source = config.opa.url if config.opa.mode == "server" else f"in process from {config.opa.wasm_bundle_file}"
-    log.info("kernelgate authz listening on %s (policy: %s, rate limits %s)", config.listen, policy_source,
+    log.info("kernelgate authz listening on %s%s (policy: %s, rate limits %s)", config.listen,
+             f" and HTTP ext_authz on {config.http_listen}" if config.http_listen else "", policy_source,
              config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
                    stop_event, port)

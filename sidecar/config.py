@@ -62,6 +62,9 @@ class JwtConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
+    # False: kernelgate authenticates nobody; every caller is anonymous to it and the policy reads
+    # the raw headers, as OPA-Envoy policies that verify JWTs themselves (io.jwt.decode_verify) do.
+    enabled: bool = True
     # YAML/JSON file of {sha256 hex of key: {tenant, tier, scopes, name}}; reloaded on change.
     api_keys_file: str | None = None
     api_key_header: str = "x-api-key"

@@ -22,6 +22,7 @@ from typing import Any
 
 from opapywasm import UNDEFINED, OpaWasmPolicy, PolicyConfig
 
+from sidecar import wasm_fastcall
 from sidecar.config import OpaConfig
 
 log = logging.getLogger("kernelgate.decision")
@@ -77,6 +78,7 @@ class WasmPolicyClient:
         policy = OpaWasmPolicy.from_wasm_bytes(wasm, config=PolicyConfig(
             pool_size=1, default_entrypoint=self._entrypoint,
             eval_timeout_seconds=max(self._config.timeout_s, 0.05)))
+        wasm_fastcall.accelerate(policy)
         if self._entrypoint not in policy.entrypoints:
             raise BundleError(f"{self._path}: the bundle has no entrypoint '{self._entrypoint}' "
                               f"(it has {sorted(policy.entrypoints)})")

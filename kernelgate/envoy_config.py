@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLogFilter, AndFilter, ComparisonFilter, ComparisonFilterOp, ResponseFlagFilter, StatusCodeFilter,
@@ -60,7 +60,7 @@ class EnvoyConfig:
     authz_timeout_s: float = 1.0
     # "grpc": ext_authz grpc_service (Check); "http": http_service, the sidecar's http_listen
     # (faster; see sidecar/http_transport.py for what it cannot carry).
-    authz_transport: str = "grpc"
+    authz_transport: Literal["grpc", "http"] = "grpc"
     # Envoy's answer when the sidecar itself cannot be reached: no request passes without an allow.
     failure_mode_allow: bool = False
     status_on_error: int = 503

@@ -4,7 +4,7 @@ For each random-weight model (fp16, same seed for both systems), prompts of
 ``--prompt-tokens`` token ids and exactly ``--new-tokens`` generated tokens (EOS ignored):
 
 * ``hf_generate``: ``model.generate`` on a static batch of ``c`` prompts, greedy;
-* ``kernelgate``: ``python -m inference.server`` in a child process (DeepSpeed kernel injection,
+* ``kernelgate``: ``python -m kernelgate.cli serve`` in a child process (DeepSpeed kernel injection,
   continuous batching, CUDA-graph decode), driven by ``c`` concurrent HTTP clients that each
   send requests back to back.
 
@@ -105,15 +105,19 @@ def bench_hf(model_name: str, levels: list[int], args: argparse.Namespace) -> li
 # -- kernelgate server ----------------------------------------------------------------------
 
 
-def start_server(model_name: str, variant: str, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int, Path]:
+def start_server(model_name: str, variant: str, max_batch: int, args: argparse.Namespace,
+                 model_overrides: dict | None = None) -> tuple[subprocess.Popen, int, Path]:
+    """Start ``inference.server`` on ``model_name`` (``variant``: deepspeed or plain HF layers, unless
+    ``model_overrides`` says otherwise) and wait until it is ready."""
     import yaml
 
     port = free_port()
+    model = {"name": model_name, "random_config": model_name, "dtype": "auto", "device": args.device,
+             "use_deepspeed": variant == "deepspeed", "kernel_inject": True, "cuda_graphs": True}
+    model.update(model_overrides or {"max_model_len": 2 ** (args.prompt_tokens + args.new_tokens - 1).bit_length()})
     config = {"inference": {
         "listen": {"host": "127.0.0.1", "port": port},
-        "model": {"name": model_name, "random_config": model_name, "dtype": "auto", "device": args.device,
-                  "use_deepspeed": variant == "deepspeed", "kernel_inject": True, "cuda_graphs": True,
-                  "max_model_len": 2 ** (args.prompt_tokens + args.new_tokens - 1).bit_length()},
+        "model": model,
         "batching": {"max_batch_size": max_batch, "max_wait_ms": 2.0, "max_queue": 1024,
                      "max_tokens_in_flight": 1 << 20},
         "limits": {"request_timeout_s": 600, "drain_timeout_s": 30}}}
@@ -122,7 +126,7 @@ def start_server(model_name: str, variant: str, max_batch: int, args: argparse.N
     config_path = log_dir / f"server-{model_name}-{variant}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = log_dir / f"server-{model_name}-{variant}.log"
-    server = start(log_path.stem, [sys.executable, "-m", "inference.server", "--config", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
+    server = start(log_path.stem, [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
     except TimeoutError:
@@ -199,12 +203,17 @@ def bench_server(model_name: str, variant: str, levels: list[int], args: argpars
                   f"{rows[-1]['ms_per_token']} ms/token end-to-end, {rows[-1]['server_decode_ms_per_token']} decode",
                   flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return rows
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then kill after a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def summarize(rows: list[dict], models: list[str], primary_variant: str) -> dict:

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from common.replicas import LOAD_PATH
+
 ModelKind = Literal["generate", "embed"]
 
 
@@ -74,6 +76,8 @@ ROUTES: tuple[Route, ...] = (
 # Served by the inference server inside the pod only; through Envoy the policy answers 404.
 LOCAL_ROUTES: tuple[Route, ...] = (
     Route("metrics", "/metrics", ("GET",), public=True),
+    # A replica's load report, polled by the sidecars (common.replicas.LoadReport).
+    Route("load", LOAD_PATH, ("GET",), public=True),
 )
 
 # Routes that run a model: the policy checks their body, the inference server drains them.

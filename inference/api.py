@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.replicas import LOAD_PATH, NOT_STARTED_HEADER, REPLICA_HEADER, LoadReport
 from common.routes import MODEL_PATHS
 from inference import protocol
 from inference.config import InferenceConfig
@@ -33,6 +34,8 @@ from otel import names
 log = logging.getLogger("kernelgate.inference.api")
 
 TENANT_HEADER = "x-kernelgate-tenant"
+# The model the gateway routed this request to (the policy may degrade to a fallback model).
+ROUTED_MODEL_HEADER = "x-kernelgate-model"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_CLOSED = 499
 
@@ -56,6 +59,7 @@ class ServerState:
     encoder: EmbeddingBackend | None
     metrics: InferenceMetrics
     tracing: Tracing
+    replica_id: str = ""
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     in_flight: int = 0
@@ -77,7 +81,18 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get(LOAD_PATH, _load)
+    app.on_response_prepare.append(_name_replica)
     return app
+
+
+async def _name_replica(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[REPLICA_HEADER] = request.app[STATE].replica_id
+
+
+def _not_started(state: ServerState) -> dict[str, str]:
+    """Headers of a refusal answered before any work started: Envoy may retry it on another replica."""
+    return {"Retry-After": str(state.config.limits.retry_after_s), NOT_STARTED_HEADER: "1"}
 
 
 # -- middleware -----------------------------------------------------------------------------
@@ -97,7 +112,7 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     try:
         if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
-                               code="shutting_down", headers={"Retry-After": str(state.config.limits.retry_after_s)})
+                               code="shutting_down", headers=_not_started(state))
         response = await handler(request)
         status = CLIENT_CLOSED if response.get("client_closed") else response.status
         return response
@@ -164,14 +179,16 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     attributes = {names.GEN_AI_OPERATION_NAME: "chat" if kind == "chat" else "text_completion",
-                  names.TENANT: tenant_of(request.headers)}
+                  names.TENANT: tenant_of(request.headers),
+                  names.REPLICA_ID: state.replica_id}
     with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
                                     attributes) as span:
         data = protocol.parse_json(await _read_body(request, state))
         parsed = protocol.parse_chat_request(data) if kind == "chat" else protocol.parse_completion_request(data)
-        _check_generation_model(state, parsed.model)
+        model = _served_model(state, request.headers, parsed.model)
         sampling = parsed.sampling
         span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
+        span.set_attribute(names.GEN_AI_RESPONSE_MODEL, model)
         span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
         span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
         if sampling.max_tokens is not None:
@@ -181,7 +198,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         _check_ready(state)
         prompts = await state.generation.prepare(parsed)
         ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                             model=parsed.model, tenant=tenant_of(request.headers), span=span)
+                             model=model, tenant=tenant_of(request.headers), span=span)
         streams = _submit(state, ctx, prompts)
         span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
         timeout = state.config.limits.request_timeout_s
@@ -206,7 +223,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
 
 
 def _submit(state: ServerState, ctx: RequestContext, prompts: list[Any]) -> list[Any]:
-    retry_after = {"Retry-After": str(state.config.limits.retry_after_s)}
+    retry_after = _not_started(state)
     try:
         return state.generation.submit(ctx, prompts)
     except QueueFullError as exc:
@@ -215,7 +232,7 @@ def _submit(state: ServerState, ctx: RequestContext, prompts: list[Any]) -> list
     except EngineNotReadyError as exc:
         raise RequestError(503, str(exc), type="service_unavailable", code="not_ready", headers=retry_after) from None
     except EngineDeadError as exc:
-        raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
+        raise RequestError(503, str(exc), type="server_error", code="engine_failed", headers=retry_after) from None
 
 
 async def _send_sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]], timeout: float) -> web.StreamResponse:
@@ -286,6 +303,14 @@ async def _read_body(request: web.Request, state: ServerState) -> bytes:
                            code="request_too_large") from None
 
 
+def _served_model(state: ServerState, headers: Any, requested: str) -> str:
+    """The model that serves the request: ours, when the body or the gateway's routing names it."""
+    if requested == state.config.model.name or headers.get(ROUTED_MODEL_HEADER) == state.config.model.name:
+        return state.config.model.name
+    _check_generation_model(state, requested)
+    return requested
+
+
 def _check_generation_model(state: ServerState, model: str) -> None:
     if model == state.config.model.name:
         return
@@ -298,7 +323,7 @@ def _check_ready(state: ServerState) -> None:
     engine = state.generation.engine
     if not engine.ready:
         raise RequestError(503, "model is still loading", type="service_unavailable", code="not_ready",
-                           headers={"Retry-After": str(state.config.limits.retry_after_s)})
+                           headers=_not_started(state))
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -325,6 +350,18 @@ async def _readyz(request: web.Request) -> web.Response:
     ready = all(checks.values())
     return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
                              status=200 if ready else 503)
+
+
+async def _load(request: web.Request) -> web.Response:
+    """This replica's load (common.replicas.LoadReport): the sidecar polls it to learn saturation."""
+    state = request.app[STATE]
+    engine = state.generation.engine
+    stats = engine.stats()  # type: ignore[attr-defined]
+    batching = state.config.batching
+    report = LoadReport(replica=state.replica_id, model=state.config.model.name,
+                        ready=bool(engine.ready) and not state.draining, running=stats.running,
+                        waiting=stats.waiting, max_batch_size=batching.max_batch_size, max_queue=batching.max_queue)
+    return web.json_response(report.to_json())
 
 
 async def _metrics(request: web.Request) -> web.Response:

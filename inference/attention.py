@@ -28,7 +28,8 @@ class AttentionBatch:
     kv_len: int
     row_index: torch.Tensor        # [rows, 1] int64: 0..rows-1
     write_positions: torch.Tensor  # [rows, q_len] int64: cache column of each new token
-    mask: torch.Tensor             # [rows, 1, q_len, kv_len] bool: True where attention is allowed
+    mask: torch.Tensor             # [rows, 1, q_len, kv_len]: additive bias (0 allowed, -inf not) or bool
+    causal: bool = False           # every row attends causally over columns 0..q_len-1 (mask unused)
 
 
 class SlotAttention:
@@ -53,10 +54,34 @@ class SlotAttention:
         values = cache.values(layer)[rows]
         keys[batch.row_index, :, batch.write_positions] = key.transpose(1, 2).to(keys.dtype)
         values[batch.row_index, :, batch.write_positions] = value.transpose(1, 2).to(values.dtype)
-        out = F.scaled_dot_product_attention(
-            query, keys[:, :, :batch.kv_len], values[:, :, :batch.kv_len], attn_mask=batch.mask,
-            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-        return out.transpose(1, 2)
+        keys, values = keys[:, :, :batch.kv_len], values[:, :, :batch.kv_len]
+        if batch.causal:  # a prefill from column 0: flash attention, GQA native
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
+                                                 enable_gqa=query.shape[1] != keys.shape[1])
+            return out.transpose(1, 2)
+        return _grouped_attention(query, keys, values, batch.mask, scaling)
+
+
+def _grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                       scaling: float | None) -> torch.Tensor:
+    """Attention with fewer key/value heads than query heads, without repeating keys and values.
+
+    Query head ``h`` reads key/value head ``h // group`` (transformers' ``repeat_kv`` order), so
+    the ``group`` query heads of one key/value head are folded into its query length: one
+    SDPA call over ``[rows, kv_heads, group * q_len, head_dim]`` (a kernel with a mask, on
+    CUDA) instead of ``enable_gqa`` (which falls back to the math path with a mask) or a copy
+    of the cache. Returns ``[rows, q_len, heads, head_dim]``.
+    """
+    rows, heads, q_len, dim = query.shape
+    kv_heads = keys.shape[1]
+    if heads == kv_heads:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling).transpose(1, 2)
+    group = heads // kv_heads
+    folded = query.reshape(rows, kv_heads, group * q_len, dim)
+    if q_len > 1:
+        mask = mask.expand(rows, 1, q_len, mask.shape[-1]).repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
+    return out.view(rows, kv_heads, group, q_len, dim).reshape(rows, heads, q_len, dim).transpose(1, 2)
 
 
 def install_in_hf_model(model: torch.nn.Module, attention: SlotAttention) -> str:

@@ -14,6 +14,8 @@ from common.settings import require
 
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+Decoder = Literal["auto", "fused", "hf"]
+Ops = Literal["auto", "torch", "triton", "deepspeed"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,14 @@ class ModelConfig:
     (seeded), which is how tests and the GPU benchmark run with no download.
     ``cpu_threads`` bounds torch's intra-op threads when serving on CPU: small decode steps
     gain nothing from more, and spinning OpenMP workers starve the event loop.
+    ``decoder``: ``fused`` runs Llama-family models (llama, qwen2, mistral) on kernelgate's
+    decoder (``inference/llama.py``: fused projections, GQA over the slot cache, tensor
+    parallel), ``hf`` on Hugging Face layers (DeepSpeed-injected when ``use_deepspeed``);
+    ``auto`` picks ``fused`` where it applies. ``ops`` picks the fused decoder's elementwise
+    kernels (``inference/ops.py``): ``triton``, ``deepspeed`` (its transformer_inference
+    kernels, JIT-built) or ``torch``; ``auto`` is Triton on CUDA, torch on CPU.
+    ``tp_size`` > 1 shards the fused decoder over that many processes (one GPU each; the
+    server starts the other ranks itself).
     """
 
     name: str = "tiny-gpt2"
@@ -48,6 +58,8 @@ class ModelConfig:
     kernel_inject: bool = True
     tp_size: int = 1
     cuda_graphs: bool = True
+    decoder: Decoder = "auto"
+    ops: Ops = "auto"
     max_model_len: int | None = None
     cpu_threads: int = 1
 
@@ -116,6 +128,8 @@ class InferenceConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    # Names this replica in responses, spans and load reports; "" means host:port.
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         require(self.model.name != self.embeddings.name or not self.embeddings.enabled,

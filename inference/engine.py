@@ -73,13 +73,15 @@ class Engine:
 
     def __init__(self, model_config: ModelConfig, batching: BatchingConfig, metrics: InferenceMetrics,
                  tracing: Tracing, forward_observer: ForwardObserver | None = None,
-                 load: Callable[[ModelConfig, int], LoadedModel] = load_model) -> None:
+                 load: Callable[[ModelConfig, int], LoadedModel] = load_model,
+                 wrap_runner: Callable[[ModelRunner], Any] | None = None) -> None:
         self._model_config = model_config
         self._batching = batching
         self.metrics = metrics
         self._tracing = tracing
         self._observer = forward_observer
         self._load = load
+        self._wrap_runner = wrap_runner  # e.g. tensor parallel: mirror every step to the other ranks
         self._scheduler = Scheduler(batching, MAX_PREFILL_TOKENS)
         self._cond = threading.Condition()
         self._aborts: set[str] = set()
@@ -113,6 +115,15 @@ class Engine:
     @property
     def failure(self) -> BaseException | None:
         return self._failure
+
+    def fail(self, exc: BaseException) -> None:
+        """Take the engine out of service from outside (a tensor-parallel rank died): not ready, and
+        every queued or running request gets ``EngineDeadError``, even if the engine thread is stuck
+        in a collective that will never complete."""
+        if self._failure is None:
+            self._failure = exc
+        self.metrics.ready.set(0)
+        self._fail_all(exc)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Finish what is running or queued, then stop the thread."""
@@ -162,6 +173,8 @@ class Engine:
                                            num_slots=self._batching.max_batch_size,
                                            max_len=self._model.max_model_len, dtype=self._model.dtype,
                                            device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
+                if self._wrap_runner is not None:
+                    self._runner = self._wrap_runner(self._runner)
                 self._warm_up()
                 freeze_startup_objects()
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
@@ -174,6 +187,8 @@ class Engine:
                          self.info.backend, self.info.device, self._runner.kv.nbytes / 2**20,
                          "on" if self._runner.uses_cuda_graphs else "off")
                 self._loop()
+                if hasattr(self._runner, "close"):
+                    self._runner.close()
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting client and to /readyz
             log.exception("inference engine failed")
             self._failure = exc

@@ -1,5 +1,8 @@
-"""Loading the generative model: local HF directory or seeded random weights, then DeepSpeed.
+"""Loading the generative model: local HF directory or seeded random weights, then the decoder that runs it.
 
+Llama-family models (llama, qwen2, mistral) run on kernelgate's fused decoder
+(``inference/llama.py``) unless ``model.decoder`` is ``hf``; on a tensor-parallel group each
+rank keeps its shard of it. Other models (GPT-2, OPT, ...) run on Hugging Face layers.
 On CUDA with ``use_deepspeed``, ``deepspeed.init_inference`` replaces the transformer layers
 with DeepSpeed's fused kernels; the attention core inside them is then routed to the slot
 KV cache (see ``attention.py``), and the injected model is checked against the plain one
@@ -22,13 +25,16 @@ import torch
 from inference.attention import SlotAttention, install_in_deepspeed_layers, install_in_hf_model
 from inference.config import ModelConfig
 from inference.demo_tokenizer import build_demo_tokenizer
+from inference.llama import FusedLlama, TensorParallel, sliding_window, supports
 from inference.model_configs import random_config
+from inference.ops import select_ops
 from inference.runner import ModelRunner
 
 log = logging.getLogger("kernelgate.inference.model")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROBE_TOLERANCE = 0.05
+DEFAULT_MAX_MODEL_LEN = 8192
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(config: ModelConfig, max_batch_size: int = 1) -> LoadedModel:
+def load_model(config: ModelConfig, max_batch_size: int = 1, tp: TensorParallel | None = None) -> LoadedModel:
     """Build the model described by ``config`` (blocking; run it on the engine thread).
 
     ``max_batch_size`` is the largest batch the engine will run: DeepSpeed sizes its
     workspace once, at the first forward pass, so the injection probe runs at that width.
+    ``tp`` places this process in a tensor-parallel group (the fused decoder only).
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -74,8 +81,24 @@ def load_model(config: ModelConfig, max_batch_size: int = 1) -> LoadedModel:
     tokenizer = _load_tokenizer(config)
     module = _build_plain(config, device, dtype)
     attention = SlotAttention()
-    install_in_hf_model(module, attention)
     max_len = _context_length(module.config, config.max_model_len)
+    fused = config.decoder == "fused" or (config.decoder == "auto" and supports(module.config))
+    if config.decoder == "fused" and not supports(module.config):
+        raise ValueError(f"model.decoder 'fused' runs llama, qwen2 and mistral models, not "
+                         f"{getattr(module.config, 'model_type', '?')!r}")
+    if config.tp_size > 1 and not fused:
+        raise ValueError("model.tp_size > 1 needs the fused decoder (a llama, qwen2 or mistral model)")
+    if fused:
+        ops = select_ops(config.ops, device)
+        model = FusedLlama(module, attention, ops, max_len, tp)
+        del module
+        log.info("model %s: %s on %s, context %d, fused decoder with %s kernels (rank %d of %d: %.2f GB of "
+                 "weights), built in %.1fs", config.name, str(dtype).removeprefix("torch."), device, max_len,
+                 ops.name, model.tp.rank, model.tp.world_size, model.weight_bytes / 1e9, time.monotonic() - started)
+        return LoadedModel(module=model, attention=attention, tokenizer=tokenizer, device=device, dtype=dtype,
+                           max_model_len=max_len, vocab_size=int(model.config.vocab_size),
+                           eos_token_ids=_eos_ids(model.config, tokenizer), backend=f"fused-{ops.name}")
+    install_in_hf_model(module, attention)
     params = sum(p.numel() for p in module.parameters())
     log.info("model %s: %.1fM parameters, %s on %s, context %d, built in %.1fs", config.name, params / 1e6,
              str(dtype).removeprefix("torch."), device, max_len, time.monotonic() - started)
@@ -116,8 +139,18 @@ def _build_plain(config: ModelConfig, device: torch.device, dtype: torch.dtype) 
 
 
 def _context_length(hf_config: Any, limit: int | None) -> int:
+    """The context served: the model's own, within its sliding window (the slot cache attends over
+    all of a sequence) and ``model.max_model_len``; unset, at most DEFAULT_MAX_MODEL_LEN, since
+    the slot cache holds that many tokens for every slot (a 128k context would not fit)."""
     native = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None) or 2048
-    return min(int(native), limit) if limit else int(native)
+    window = sliding_window(hf_config)
+    native = min(int(native), window) if window else int(native)
+    if limit:
+        return min(native, limit)
+    if native > DEFAULT_MAX_MODEL_LEN:
+        log.info("serving a context of %d tokens of the model's %d (set model.max_model_len for more)",
+                 DEFAULT_MAX_MODEL_LEN, native)
+    return min(native, DEFAULT_MAX_MODEL_LEN)
 
 
 def _eos_ids(hf_config: Any, tokenizer: Any) -> tuple[int, ...]:

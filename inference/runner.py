@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -38,6 +39,49 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes))
 
 
+class DecoderModel(Protocol):
+    """What the runner needs of a model: hidden states of token ids at positions, then logits.
+
+    Attention inside goes through the :class:`SlotAttention` the runner was given (the runner
+    sets its batch before each call). :class:`inference.llama.FusedLlama` is one; any Hugging
+    Face causal LM is adapted by :func:`as_decoder`.
+    """
+
+    config: Any
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+class _HFDecoder:
+    """A Hugging Face causal LM (plain or DeepSpeed-injected) seen as a :class:`DecoderModel`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.config = module.config
+        self._backbone = module.base_model
+        self._lm_head = module.get_output_embeddings()
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self._backbone(input_ids=tokens, position_ids=positions, use_cache=False, return_dict=True)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(hidden)
+
+
+def as_decoder(module: Any) -> DecoderModel:
+    return module if hasattr(module, "hidden_states") and hasattr(module, "logits") else _HFDecoder(module)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive bias SDPA adds (0 where allowed), built once per step.
+
+    SDPA would otherwise convert a boolean mask in every layer.
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 @dataclass
 class _DecodeGraph:
     graph: "torch.cuda.CUDAGraph"
@@ -49,14 +93,14 @@ class ModelRunner:
 
     def __init__(self, module: torch.nn.Module, attention: SlotAttention, num_slots: int, max_len: int,
                  dtype: torch.dtype, device: torch.device, use_cuda_graphs: bool) -> None:
-        self._module = module
-        self._backbone = module.base_model
-        self._lm_head = module.get_output_embeddings()
+        self._model = as_decoder(module)
         self._attention = attention
         self.device = device
+        self.dtype = dtype
         self.max_len = max_len
         self.num_slots = num_slots
-        self.kv = SlotKVCache(KVGeometry.of(module.config), num_slots, max_len, dtype, device)
+        geometry = getattr(module, "kv_geometry", None) or KVGeometry.of(module.config)
+        self.kv = SlotKVCache(geometry, num_slots, max_len, dtype, device)
         attention.cache = self.kv
         self._columns = torch.arange(max_len, device=device)
         self._row_index = torch.arange(num_slots, device=device).view(-1, 1)
@@ -66,6 +110,7 @@ class ModelRunner:
         self._static_tokens = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
         self._static_positions = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
         self._staging = torch.zeros(2, num_slots, 1, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -85,10 +130,10 @@ class ModelRunner:
         causal = self._columns[:width].view(1, width) <= self._columns[:width].view(width, 1)
         batch = AttentionBatch(first_slot=first_slot, num_rows=rows, kv_len=width,
                                row_index=self._row_index[:rows], write_positions=positions,
-                               mask=causal.expand(rows, 1, width, width))
+                               mask=additive_mask(causal, self.dtype).expand(rows, 1, width, width), causal=True)
         hidden = self._hidden(tokens, positions, batch)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._lm_head(hidden[torch.arange(rows, device=self.device), last])
+        return self._model.logits(hidden[torch.arange(rows, device=self.device), last])
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of the first ``len(tokens)`` slots; return logits ``[n, vocab]``.
@@ -149,6 +194,14 @@ class ModelRunner:
         return _DecodeGraph(graph=graph, logits=logits)
 
     def _stage(self, tokens: list[int], positions: list[int], size: int) -> None:
+        """Copy this step's tokens/positions into the graph's static inputs (pinned, asynchronous).
+
+        The pinned buffer is rewritten only once the previous step's copy out of it has run:
+        a caller that does not read the logits back (no sync) would otherwise change the
+        previous step's inputs under it.
+        """
+        if self._staged is not None:
+            self._staged.synchronize()
         rows = len(tokens)
         staging = self._staging
         staging[:, rows:size].zero_()
@@ -156,24 +209,26 @@ class ModelRunner:
         staging[1, :rows, 0] = torch.tensor(positions, dtype=torch.long)
         self._static_tokens[:size].copy_(staging[0, :size], non_blocking=True)
         self._static_positions[:size].copy_(staging[1, :size], non_blocking=True)
+        if self._staged is None:
+            self._staged = torch.cuda.Event()
+        self._staged.record()
 
     # -- forward ----------------------------------------------------------------------------
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         rows = tokens.shape[0]
-        mask = self._columns[:kv_len].view(1, 1, 1, kv_len) <= positions.view(rows, 1, 1, 1)
+        allowed = self._columns[:kv_len].view(1, 1, 1, kv_len) <= positions.view(rows, 1, 1, 1)
         batch = AttentionBatch(first_slot=0, num_rows=rows, kv_len=kv_len, row_index=self._row_index[:rows],
-                               write_positions=positions, mask=mask)
+                               write_positions=positions, mask=additive_mask(allowed, self.dtype))
         hidden = self._hidden(tokens, positions, batch)
-        return self._lm_head(hidden[:, -1])
+        return self._model.logits(hidden[:, -1])
 
     def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         self._attention.batch = batch
         try:
-            out = self._backbone(input_ids=tokens, position_ids=positions, use_cache=False, return_dict=True)
+            return self._model.hidden_states(tokens, positions)
         finally:
             self._attention.batch = None
-        return out.last_hidden_state
 
 
 def _powers_of_two(start: int, stop: int) -> list[int]:

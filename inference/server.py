@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,11 +37,21 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     """
     tracing = tracing or Tracing()
     owns_engine = engine is None
+    group = None
     if engine is None:
         from inference.engine import Engine
 
         metrics = InferenceMetrics(CollectorRegistry())
-        engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer)
+        if config.model.tp_size > 1:
+            from inference.tensor_parallel import TensorParallelGroup
+            from common.processes import free_port
+
+            group = TensorParallelGroup(config.model, config.batching, free_port())
+            engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer,
+                            load=group.load, wrap_runner=group.mirror)
+            group.on_follower_exit = engine.fail
+        else:
+            engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer)
     else:
         metrics = engine.metrics  # type: ignore[attr-defined]
     if encoder is None and config.embeddings.enabled:
@@ -49,7 +60,7 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         encoder = Encoder(config.embeddings)
     preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
     state = ServerState(config=config, generation=GenerationService(engine, preprocess_executor, tracing),
-                        encoder=encoder, metrics=metrics, tracing=tracing)
+                        encoder=encoder, metrics=metrics, tracing=tracing, replica_id=replica_id(config))
     app = create_app(state)
 
     async def start_models(_: web.Application) -> None:
@@ -62,6 +73,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         loop = asyncio.get_running_loop()
         if owns_engine:
             await loop.run_in_executor(None, engine.shutdown, config.limits.drain_timeout_s)  # type: ignore[attr-defined]
+        if group is not None:
+            await loop.run_in_executor(None, group.close)
         if encoder is not None and hasattr(encoder, "close"):
             encoder.close()
         preprocess_executor.shutdown(wait=False, cancel_futures=True)
@@ -69,6 +82,11 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     app.on_startup.append(start_models)
     app.on_cleanup.append(stop_models)
     return app
+
+
+def replica_id(config: InferenceConfig) -> str:
+    """``replica_id`` from the config, else host:port (in Kubernetes the host name is the pod's)."""
+    return config.replica_id or f"{socket.gethostname()}:{config.listen.port}"
 
 
 async def start_listening(app: web.Application, host: str, port: int, drain_timeout_s: float) -> web.AppRunner:

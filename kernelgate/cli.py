@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from kernelgate.stack import run_stack
 
-    return run_stack(_load(args), args.config)
+    return run_stack(_load(args), args.config, replicas=args.replicas)
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -117,6 +117,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelgate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("authz", help="run the ext_authz sidecar")).set_defaults(func=cmd_authz)
     with_config(sub.add_parser("serve", help="run the inference server")).set_defaults(func=cmd_serve)
-    with_config(sub.add_parser("up", help="run the local stack (OPA, sidecar, inference, Envoy, Jaeger)")
-                ).set_defaults(func=cmd_up)
+    p = with_config(sub.add_parser("up", help="run the local stack (OPA, sidecar, inference, Envoy, Jaeger)"))
+    p.add_argument("--replicas", type=_positive_int, default=1,
+                   help="inference servers behind Envoy (one per GPU when there are several)")
+    p.set_defaults(func=cmd_up)
     p = with_config(sub.add_parser("envoy-config", help="print the Envoy bootstrap"))
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")

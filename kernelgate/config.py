@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,15 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
     # kubelet replaces on update; files beside the config must be found by the stable name.
     base = Path(path).absolute().parent if path else Path.cwd()
     raw = _resolve_paths(raw, base)
-    return build(KernelgateConfig, raw)
+    return _replica_targets_from_envoy(build(KernelgateConfig, raw))
+
+
+def _replica_targets_from_envoy(config: KernelgateConfig) -> KernelgateConfig:
+    """The sidecar polls the replicas Envoy routes to unless ``authz.replicas.targets`` says otherwise."""
+    if config.authz.replicas.targets is not None:
+        return config
+    replicas = replace(config.authz.replicas, targets=config.envoy.all_replicas())
+    return replace(config, authz=replace(config.authz, replicas=replicas))
 
 
 def _resolve_paths(data: Any, base: Path) -> Any:

@@ -48,6 +48,7 @@ GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
 GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
 GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"  # the model that served it (a fallback when degraded)
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
@@ -68,6 +69,9 @@ def ratelimit_remaining(kind: str) -> str:
     """``kernelgate.ratelimit.<kind>.remaining``: what is left of one budget (requests, tokens) after a check."""
     return f"kernelgate.ratelimit.{kind}.remaining"
 
+
+# --- attributes: the inference server's request span -------------------------------------------------------
+REPLICA_ID = "kernelgate.replica.id"  # which replica served it (Envoy's upstream span has upstream_address)
 
 # --- attributes: the engine's steps (engine.step, and copied onto gpu.forward) ------------------------------
 STEP_INDEX = "kernelgate.step.index"

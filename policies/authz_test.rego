@@ -531,3 +531,64 @@ test_default_deny_when_nothing_matches if {
 		with authz._routes as routes
 	_denied(r, 403, "denied")
 }
+
+# ---------------------------------------------------------------------------
+# Degradation: every replica of the model saturated
+# ---------------------------------------------------------------------------
+
+_saturated_input(model, saturated, identity) := object.union(_post(_chat, _chat_body(model), identity), {
+	"kernelgate": {"body_error": null, "estimated_tokens": 10, "saturated_models": saturated},
+})
+
+test_saturated_model_with_fallback_goes_to_the_fallback if {
+	r := authz.result with input as _saturated_input("gpt2-medium", ["gpt2-medium"], _acme)
+	r.allowed == true
+	r.reason == "degraded_fallback"
+	r.headers["x-kernelgate-model"] == "tiny-gpt2"
+	r.response_headers_to_add == {"x-kernelgate-degraded": "fallback", "x-kernelgate-served-model": "tiny-gpt2"}
+	is_number(r.rate_limit.tokens)
+}
+
+test_saturated_model_whose_fallback_is_saturated_is_429_with_retry_after if {
+	r := authz.result with input as _saturated_input("gpt2-medium", ["gpt2-medium", "tiny-gpt2"], _acme)
+	_denied(r, 429, "model_saturated")
+	r.headers["retry-after"] == "2"
+	json.unmarshal(r.body).error.type == "rate_limit_error"
+}
+
+test_saturated_model_set_to_reject_is_429_at_once if {
+	r := authz.result with input as _saturated_input("tiny-gpt2", ["tiny-gpt2"], _acme)
+	_denied(r, 429, "model_saturated")
+	r.headers["retry-after"] == "1"
+}
+
+test_fallback_the_tenant_may_not_use_is_429 if {
+	r := authz.result with input as _saturated_input("gpt2-medium", ["gpt2-medium"], _acme)
+		with data.kernelgate.tenants.acme.models as ["gpt2-medium"]
+	_denied(r, 429, "model_saturated")
+}
+
+test_fallback_of_another_kind_is_429 if {
+	r := authz.result with input as _saturated_input("gpt2-medium", ["gpt2-medium"], _acme)
+		with data.kernelgate.models["gpt2-medium"].on_saturation as {"action": "fallback", "fallback": "all-minilm-l6-v2", "retry_after_s": 3}
+	_denied(r, 429, "model_saturated")
+	r.headers["retry-after"] == "3"
+}
+
+test_saturation_without_a_configured_action_is_allowed if {
+	r := authz.result with input as _saturated_input("opt-1.3b", ["opt-1.3b"], _acme)
+	r.allowed == true
+	r.headers["x-kernelgate-model"] == "opt-1.3b"
+}
+
+test_other_models_saturation_changes_nothing if {
+	r := authz.result with input as _saturated_input("gpt2-medium", ["tiny-gpt2"], _acme)
+	r.allowed == true
+	r.reason == "ok"
+	r.headers["x-kernelgate-model"] == "gpt2-medium"
+}
+
+test_checks_come_before_degradation if {
+	r := authz.result with input as _saturated_input("gpt2-medium", ["gpt2-medium"], _globex)
+	_denied(r, 403, "model_not_allowed")
+}

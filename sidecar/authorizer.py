@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import propagate, trace
 
@@ -37,6 +37,12 @@ from sidecar.ratelimit import (
 )
 
 log = logging.getLogger("kernelgate.authz")
+
+
+class SaturationView(Protocol):
+    """Which models no inference replica has room for (``sidecar.replicas.ReplicaWatcher``)."""
+
+    def saturated_models(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,10 @@ def _unavailable(reason: str, message: str) -> Refusal:
 class Authorizer:
     def __init__(self, config: SidecarConfig, authenticator: Authenticator, decider: Decider,
                  rate_limiter: RateLimiter | None, decision_log: DecisionLogger,
-                 metrics: SidecarMetrics, tracer: trace.Tracer | None = None):
-        """``rate_limiter`` None: rate limits are off (``build_rate_limiter`` decides)."""
+                 metrics: SidecarMetrics, tracer: trace.Tracer | None = None,
+                 saturation: SaturationView | None = None):
+        """``rate_limiter`` None: rate limits are off (``build_rate_limiter`` decides); ``saturation``
+        None: the policy is told of no saturated model."""
         self._config = config
         self._authenticator = authenticator
         self._decider = decider
@@ -97,6 +105,7 @@ class Authorizer:
         self._decision_log = decision_log
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer(names.SIDECAR_TRACER)
+        self._saturation = saturation
         self._limits = InputLimits(max_body_bytes=config.max_body_bytes)
         self._prefix = config.header_prefix.lower()
         self._credential_headers = ("authorization", config.identity.api_key_header.lower())
@@ -133,7 +142,8 @@ class Authorizer:
             identity = self._authenticate(check_input)
             body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None
             estimated = estimate_tokens(body, self._config.ratelimit)
-            decision = await self._decide(policy_document(check_input, identity.to_input(), estimated))
+            saturated = self._saturation.saturated_models() if self._saturation is not None else []
+            decision = await self._decide(policy_document(check_input, identity.to_input(), estimated, saturated))
             limited = await self._rate_limit(check_input, identity, decision, estimated)
             client_headers = {**decision.response_headers_to_add, **self._rate_limit_client_headers(limited)}
             if limited is not None and not limited.allowed and not self._config.ratelimit.shadow:

@@ -110,6 +110,29 @@ class DecisionLogConfig:
 
 
 @dataclass(frozen=True)
+class ReplicasConfig:
+    """The inference replicas whose load the sidecar polls (``GET /load``) to learn saturation.
+
+    ``targets``: host:port of each replica; a name resolves to every address it has (a
+    Kubernetes headless Service). None: the replicas Envoy routes to (``envoy.upstream_addresses``
+    and ``envoy.model_upstreams``), filled in by the config loader; [] turns polling off.
+    """
+
+    targets: list[str] | None = None
+    poll_interval_s: float = 0.25
+    timeout_s: float = 0.5
+    resolve_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s <= 0 or self.timeout_s <= 0 or self.resolve_interval_s <= 0:
+            raise ValueError("replicas.poll_interval_s, timeout_s and resolve_interval_s must be > 0")
+        for target in self.targets or []:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"replicas.targets: {target!r} is not host:port")
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     # host:port, or unix:/path/to.sock
     listen: str = AUTHZ_ADDRESS
@@ -133,6 +156,7 @@ class SidecarConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
+    replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
 
     def __post_init__(self) -> None:
         if self.workers < 1:

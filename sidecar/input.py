@@ -105,10 +105,13 @@ def build_input(check_request: Any, limits: InputLimits = InputLimits()) -> Chec
     )
 
 
-def policy_document(check_input: CheckInput, identity: Mapping[str, Any], estimated_tokens: int) -> dict[str, Any]:
-    """The document OPA evaluates: the request's document plus who asks and what it may cost."""
+def policy_document(check_input: CheckInput, identity: Mapping[str, Any], estimated_tokens: int,
+                    saturated_models: list[str] | None = None) -> dict[str, Any]:
+    """The document OPA evaluates: the request's document plus who asks, what it may cost and which
+    models no replica has room for (the policy may degrade those)."""
     base = check_input.document
-    return {**base, "identity": identity, "kernelgate": {**base["kernelgate"], "estimated_tokens": estimated_tokens}}
+    return {**base, "identity": identity, "kernelgate": {**base["kernelgate"], "estimated_tokens": estimated_tokens,
+                                                         "saturated_models": saturated_models or []}}
 
 
 def parse_path(path: str) -> list[str]:

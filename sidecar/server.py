@@ -29,6 +29,7 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.opa import OpaPolicyClient
 from sidecar.opa_wasm import WasmPolicyClient
 from sidecar.ratelimit import build_rate_limiter
+from sidecar.replicas import ReplicaWatcher
 
 log = logging.getLogger("kernelgate.authz")
 
@@ -85,7 +86,9 @@ async def start(config: SidecarConfig) -> Sidecar:
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
     rate_limiter = build_rate_limiter(config.ratelimit)
     decision_log = DecisionLogger(config.decision_log)
-    authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics)
+    replicas = ReplicaWatcher(config.replicas, metrics)
+    authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics,
+                            saturation=replicas)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0),
                                       ("grpc.max_receive_message_length", 8 << 20)])
@@ -112,7 +115,8 @@ async def start(config: SidecarConfig) -> Sidecar:
         async with asyncio.timeout(config.opa.timeout_s):
             await decider.refresh_revision()
     background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
-                  asyncio.create_task(authenticator.watch(stop_event), name="credential-reload")]
+                  asyncio.create_task(authenticator.watch(stop_event), name="credential-reload"),
+                  asyncio.create_task(replicas.run(stop_event), name="replica-load")]
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()

@@ -1,7 +1,8 @@
 """A tiny upstream for the sidecar tests: echoes what reached it, counts requests.
 
 Run as ``python -m tests.echo_upstream PORT``. ``GET /__count`` returns how many
-requests it served (the tests prove nothing passed Envoy without an allow).
+requests it served (the tests prove nothing passed Envoy without an allow); Envoy's
+health checks are answered but not counted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ def build_app() -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         if request.path == "/__count":
             return web.json_response(served)
-        served["count"] += 1
+        if request.headers.get("user-agent") != "Envoy/HC":  # Envoy's active health checks are not traffic
+            served["count"] += 1
         body = await request.read()
         if "sleep" in request.query:  # a slow upstream, for drain tests
             await asyncio.sleep(float(request.query["sleep"]))

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from common.settings import build
 from kernelgate.envoy_config import EnvoyConfig, render
 from tests import procs
 from tests.procs import ROOT, Proc, free_port
@@ -78,6 +79,8 @@ class AuthzStack:
             "opa": {"url": f"http://127.0.0.1:{self.opa_port}", "timeout_s": 0.5, "revision_poll_s": 0.2},
             "identity": {"api_keys_file": str(self.keys_file), "reload_interval_s": 0.2},
             "decision_log": {"output_file": str(self.decision_log)},
+            # The echo upstream serves no load report (tests/e2e/ poll real inference replicas).
+            "replicas": {"targets": []},
         }
         if self.transport == "http":
             authz["http_listen"] = f"127.0.0.1:{self.authz_http_port}"
@@ -123,7 +126,7 @@ class AuthzStack:
     def start_envoy(self) -> Proc:
         cfg = self.config()["envoy"]
         bootstrap = self.workdir / "envoy.yaml"
-        bootstrap.write_text(yaml.safe_dump(render(EnvoyConfig(**cfg))))
+        bootstrap.write_text(yaml.safe_dump(render(build(EnvoyConfig, cfg, "envoy"))))
         proc = procs.start("envoy", [procs.find_binary("envoy"), "-c", str(bootstrap), "--use-dynamic-base-id",
                                      "--log-level", "warn", "--concurrency", "1"], self.logs)
         procs.wait_http(f"http://127.0.0.1:{self.admin_port}/ready", proc=proc)

@@ -237,6 +237,9 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
     assert a["gen_ai.usage.output_tokens"] == 4 and a["gen_ai.usage.input_tokens"] > 0
     assert a["kernelgate.tenant"] == "acme"
     assert a["kernelgate.kernels.capture"] == "forced"
+    # Which replica served it: the server names itself, Envoy's upstream span names the host it chose.
+    assert a["kernelgate.replica.id"].endswith(f":{stack.upstream_port}")
+    assert router.attributes["upstream_address"] == f"127.0.0.1:{stack.upstream_port}"
     for name in ("preprocess", "queue"):
         child = trace.one(name, INFERENCE)
         assert trace.parent(child) == request

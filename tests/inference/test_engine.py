@@ -23,7 +23,7 @@ PROMPTS = [
 
 def hf_greedy(model_name: str, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Reference tokens from transformers' own generate() on the same seeded weights."""
-    loaded = load_model(replace(TINY, name=model_name, random_config=model_name))
+    loaded = load_model(replace(TINY, name=model_name, random_config=model_name, decoder="hf"))
     module = loaded.module
     module.config._attn_implementation = "sdpa"
     with torch.inference_mode():

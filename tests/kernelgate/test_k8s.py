@@ -114,7 +114,8 @@ def test_overlay_holds_the_whole_deployment(rendered, overlay: str):
     docs = rendered[overlay]
     kinds = sorted(f"{d['kind']}/{re.sub(r'-[a-z0-9]{10}$', '', d['metadata']['name'])}" for d in docs)
     assert kinds == sorted([
-        "Namespace/kernelgate", "Deployment/kernelgate", "Service/kernelgate", "NetworkPolicy/kernelgate-ingress",
+        "Namespace/kernelgate", "Deployment/kernelgate", "Service/kernelgate", "Service/kernelgate-inference",
+        "NetworkPolicy/kernelgate-ingress",
         "PodDisruptionBudget/kernelgate", "ConfigMap/kernelgate-config", "ConfigMap/kernelgate-envoy",
         "ConfigMap/kernelgate-policies", "Secret/kernelgate-secrets", "Deployment/jaeger", "Service/jaeger"])
     images = {c["image"] for _, c, _ in all_containers(docs)}
@@ -195,6 +196,10 @@ def host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def spec_labels(docs) -> dict:
+    return find(docs, "Deployment", "kernelgate")["spec"]["template"]["metadata"]["labels"]
+
+
 def test_pod_addresses_fit_the_container_ports(rendered):
     spec = pod_spec(rendered["cpu-dev"])
     config = load(BASE / "kernelgate.yaml", environ={})
@@ -205,7 +210,14 @@ def test_pod_addresses_fit_the_container_ports(rendered):
     assert host_port(config.envoy.authz_address) == ("127.0.0.1", port_number(authz, "authz-grpc"))
     assert host_port(config.authz.listen)[1] == port_number(authz, "authz-grpc")
     assert host_port(config.authz.metrics_listen)[1] == port_number(authz, "authz-metrics")
-    assert host_port(config.envoy.upstream_address) == ("127.0.0.1", port_number(inference, "inference"))
+    # Envoy and the sidecar reach every pod's inference server through the headless Service.
+    headless = find(rendered["cpu-dev"], "Service", "kernelgate-inference")["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["selector"].items() <= spec_labels(rendered["cpu-dev"]).items()
+    [service_port] = headless["ports"]
+    assert port_number(inference, service_port["targetPort"]) == service_port["port"]
+    assert config.envoy.replicas == [f"kernelgate-inference:{service_port['port']}"]
+    assert config.authz.replicas.targets == config.envoy.replicas
     assert config.inference.listen.port == port_number(inference, "inference")
     opa_args = container(spec, "opa")["args"]
     assert host_port(opa_args[opa_args.index("--addr") + 1]) == host_port(config.authz.opa.url) == ("127.0.0.1", 8181)
@@ -285,7 +297,7 @@ def test_only_emptydirs_are_writable(rendered, overlay: str):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_admits_only_envoys_port(rendered, overlay: str):
+def test_network_policy_admits_envoys_port_and_the_replicas(rendered, overlay: str):
     docs = rendered[overlay]
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     assert len(policies) == 1
@@ -293,7 +305,10 @@ def test_network_policy_admits_only_envoys_port(rendered, overlay: str):
     pod_labels = find(docs, "Deployment", "kernelgate")["spec"]["template"]["metadata"]["labels"]
     assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert spec["policyTypes"] == ["Ingress"]
-    assert spec["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    # Envoy's listener for anyone; the inference server only for other kernelgate pods (the replicas).
+    assert spec["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]},
+                               {"from": [{"podSelector": {"matchLabels": spec["podSelector"]["matchLabels"]}}],
+                                "ports": [{"port": 8000, "protocol": "TCP"}]}]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -39,6 +39,10 @@ result := _public_allow if {
 	_problem
 } else := _models_allow if {
 	_route.id == "models"
+} else := _degraded if {
+	_route.kind
+	_saturated(_model_name)
+	_on_saturation.action in {"fallback", "reject"}
 } else := _inference_allow if {
 	_route.kind
 }
@@ -170,9 +174,11 @@ _model_allow_list := _tenant.models if {
 	"models" in object.keys(_tenant)
 } else := _tier.models
 
-_model_allowed if "*" in _model_allow_list
+_model_allowed if _allowed_model(_model_name)
 
-_model_allowed if _model_name in _model_allow_list
+_allowed_model(_) if "*" in _model_allow_list
+
+_allowed_model(name) if name in _model_allow_list
 
 _model_fits_route if _model.kind == _route.kind
 
@@ -326,6 +332,7 @@ _error_types := {
 	404: "invalid_request_error",
 	405: "invalid_request_error",
 	413: "invalid_request_error",
+	429: "rate_limit_error",
 }
 
 # Denied: `headers` go on the response to the client; the body is OpenAI's error shape.
@@ -388,3 +395,47 @@ _inference_allow := _allow(
 	{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name, "x-kernelgate-model": _model_name},
 	{"requests": _model_limits.requests, "tokens": _model_limits.tokens, "unit": _unit(_model_limits)},
 )
+
+# ---------------------------------------------------------------------------
+# Degradation: no replica of the model has room
+# ---------------------------------------------------------------------------
+
+# The sidecar lists the models whose every replica is saturated (batch and queue full) or
+# down; it learns this by polling the replicas' load. Absent: nothing is saturated.
+_saturated(name) if name in object.get(input, ["kernelgate", "saturated_models"], [])
+
+# Per model in data: {"action": "fallback", "fallback": <model>, "retry_after_s": n} sends the
+# request to the fallback model while it has room (else 429), {"action": "reject", ...} answers
+# 429 with Retry-After at once. Without it a saturated model's servers queue or refuse (429).
+_on_saturation := object.get(_model, "on_saturation", {})
+
+_retry_after := format_int(_on_saturation.retry_after_s, 10) if {
+	_non_negative_int(_on_saturation.retry_after_s)
+} else := "1"
+
+# The fallback serves the request only if it is a model of the route's kind that the tenant
+# may use and that has room itself.
+_fallback_name := _on_saturation.fallback if {
+	_on_saturation.action == "fallback"
+	is_string(_on_saturation.fallback)
+	data.kernelgate.models[_on_saturation.fallback].kind == _route.kind
+	_allowed_model(_on_saturation.fallback)
+	not _saturated(_on_saturation.fallback)
+}
+
+_degraded := object.union(
+	_allow(
+		{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name, "x-kernelgate-model": _fallback_name},
+		{"requests": _model_limits.requests, "tokens": _model_limits.tokens, "unit": _unit(_model_limits)},
+	),
+	{
+		"response_headers_to_add": {"x-kernelgate-degraded": "fallback", "x-kernelgate-served-model": _fallback_name},
+		"reason": "degraded_fallback",
+	},
+) if {
+	_fallback_name
+} else := _deny(_p(
+	429, "model_saturated",
+	sprintf("The model `%s` is at capacity; retry in %s s.", [_model_name, _retry_after]),
+	"model", {"retry-after": _retry_after},
+))

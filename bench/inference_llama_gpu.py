@@ -1,0 +1,445 @@
+"""GPU benchmark of the Llama-family shapes: kernelgate's fused decoder against HF ``generate``, and the floor.
+
+For each named random-weight shape (``llama-3.2-1b``, ``llama-3.1-8b``, ``qwen2.5-7b``; fp16,
+the same seeded weights for both systems), prompts of 128 and 1024 random token ids and
+exactly ``--new-tokens`` generated tokens (EOS ignored):
+
+* ``floor``: the weights' bytes over the device-to-device copy bandwidth measured in this run
+  (bytes read + written): the time one decode step needs to read every weight once.
+* ``step``: kernelgate's decode step alone, in process (CUDA-graph replay at batch 1 and 64),
+  the number the floor ratio is about.
+* ``hf_generate``: ``model.generate`` on a static batch of ``c`` prompts (greedy); its time to
+  first token is ``generate`` with one new token at batch 1.
+* ``kernelgate``: ``python -m kernelgate.cli serve`` in a child process driven by ``c`` concurrent
+  HTTP clients sending requests back to back; time to first token and decode time per token
+  come from the server's own histograms (``/metrics``) over the batch-1 run.
+* ``check``: at ``--check-model`` (1B), logits of the fused decoder against HF's forward on the
+  same weights (relative error, fp16) and greedy tokens of the server path against ``generate``.
+
+``floor_ratio_bs1`` = kernelgate's decode ms/token at batch 1 (server metric) / floor;
+``ratio_c64_over_hf`` = kernelgate tokens/s at concurrency 64 / HF's at batch 64 (prompt 128).
+With ``--tp N`` the server runs with ``model.tp_size`` N (one GPU per rank) and the result also
+records greedy equality with ``tp_size`` 1 under ``tp<N>``. Writes ``--out`` with the command,
+device and versions. ``scripts/gpu_bench.sh`` runs it on the device machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from inference_gpu import drive, prompts_for, scrape, start_server, stop_server  # noqa: E402
+
+MODELS = "llama-3.1-8b,llama-3.2-1b,qwen2.5-7b"
+TTFT = "kernelgate_inference_time_to_first_token_seconds"
+TPOT = "kernelgate_inference_time_per_output_token_seconds"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=MODELS)
+    parser.add_argument("--prompt-tokens", default="128,1024")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--ops", default="auto", help="model.ops of the server (auto: Triton kernels)")
+    parser.add_argument("--step-ops", default="", help="op sets to time the in-process decode step with "
+                        "(comma list; default: --ops)")
+    parser.add_argument("--tp", type=int, default=1, help="model.tp_size of the server (one GPU per rank)")
+    parser.add_argument("--check-model", default="llama-3.2-1b", help="'' skips the HF equality check")
+    parser.add_argument("--skip", default="", help="comma list of parts to leave out: hf,server,step")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/inference_llama_gpu.json"))
+    parser.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--merge", nargs="+", metavar="RESULT",
+                        help="no GPU: merge these result files (e.g. a later Qwen or tp2 run) into --out and exit")
+    return parser.parse_args()
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 2 GiB, (read + write bytes) / median time of 10."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    return 2 * (1 << 31) / statistics.median(times[3:]) / 1e9
+
+
+def hf_model(name: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from inference.model_configs import random_config
+
+    torch.manual_seed(0)  # the server's default model.seed: the same weights
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(random_config(name), torch_dtype=dtype,
+                                                attn_implementation="sdpa").eval()
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_hf(name: str, model, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    rows = []
+    vocab = model.config.vocab_size
+    for length in prompt_lengths:
+        for concurrency in levels:
+            batch = torch.tensor(prompts_for(vocab, concurrency, length), device=args.device)
+
+            def run(new: int, batch: torch.Tensor = batch) -> float:
+                started = time.perf_counter()
+                model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, pad_token_id=0)
+                sync(args.device)
+                return time.perf_counter() - started
+
+            with torch.inference_mode():
+                run(2)
+                ttft = statistics.median(run(1) for _ in range(3)) if concurrency == 1 else None
+                seconds = run(args.new_tokens)
+            tokens = concurrency * args.new_tokens
+            row = {"model": name, "system": "hf_generate", "prompt_tokens": length, "concurrency": concurrency,
+                   "completion_tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
+            if ttft is not None:
+                row["ttft_ms"] = round(1000 * ttft, 2)
+                row["decode_ms_per_token"] = round(1000 * (seconds - ttft) / (args.new_tokens - 1), 3)
+            rows.append(row)
+            print(f"[hf] {name} p={length} c={concurrency}: {row['tokens_per_s']} tok/s", flush=True)
+    return rows
+
+
+def check_against_hf(name: str, model, args: argparse.Namespace) -> dict:
+    """Fused decoder logits vs HF forward, teacher-forced, on the same weights (fp16)."""
+    import copy
+
+    import torch
+
+    from inference.attention import SlotAttention
+    from inference.llama import FusedLlama
+    from inference.ops import select_ops
+    from inference.runner import ModelRunner
+
+    prompts = prompts_for(model.config.vocab_size, 4, 64, seed=7)
+    with torch.inference_mode():
+        reference = model(torch.tensor(prompts, device=args.device)).logits.float()
+        attention = SlotAttention()
+        fused = FusedLlama(copy.deepcopy(model), attention, select_ops(args.ops, torch.device(args.device)), 128)
+        runner = ModelRunner(fused, attention, num_slots=4, max_len=128, dtype=torch.float16,
+                             device=torch.device(args.device), use_cuda_graphs=True)
+        runner.capture_decode_graphs()
+        half = 48
+        got = [runner.prefill(0, [p[:half] for p in prompts]).float()]
+        for step in range(half, 63):
+            got.append(runner.decode([p[step] for p in prompts], [step] * 4).float())
+    want = [reference[:, half - 1 + i] for i in range(len(got))]
+    errors = [float((g - w).norm() / w.norm()) for g, w in zip(got, want)]
+    agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got, want))
+    del fused, runner
+    torch.cuda.empty_cache()
+    return {"model": name, "logits_max_relative_error": round(max(errors), 6), "argmax_agreement":
+            f"{agree}/{4 * len(got)}", "teacher_forced_positions": len(got), "ops": args.ops}
+
+
+def greedy_tokens_hf(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            batch = torch.tensor([prompt], device=model.device)
+            gen = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            out.append(gen[0, len(prompt):].tolist())
+    return out
+
+
+def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, args: argparse.Namespace
+                 ) -> list[list[int]]:
+    """Greedy tokens of kernelgate's decoder (the engine's runner, CUDA graphs on), ``tp`` ranks.
+
+    Token ids, not text: the random shapes' vocabularies are far larger than the demo tokenizer's.
+    """
+    import torch
+
+    from inference.config import BatchingConfig, ModelConfig
+    from inference.model_loader import load_model
+    from inference.runner import ModelRunner
+
+    config = ModelConfig(name=name, random_config=name, device=args.device, dtype="float16", ops=args.ops,
+                         tp_size=tp, max_model_len=256)
+    group = None
+    if tp > 1:
+        from inference.tensor_parallel import TensorParallelGroup
+        from common.processes import free_port
+
+        group = TensorParallelGroup(config, BatchingConfig(max_batch_size=len(prompts)), free_port())
+        loaded = group.load(config, len(prompts))
+    else:
+        loaded = load_model(config, len(prompts))
+    runner = ModelRunner(loaded.module, loaded.attention, num_slots=len(prompts), max_len=256, dtype=loaded.dtype,
+                         device=loaded.device, use_cuda_graphs=True)
+    if group is not None:
+        runner = group.mirror(runner)
+    out: list[list[int]] = [[] for _ in prompts]
+    try:
+        with torch.inference_mode():
+            runner.capture_decode_graphs()
+            tokens = runner.prefill(0, prompts).argmax(-1).tolist()
+            for step in range(new_tokens):
+                for row, token in enumerate(tokens):
+                    out[row].append(token)
+                if step + 1 < new_tokens:
+                    tokens = runner.decode(tokens, [len(p) + step for p in prompts]).argmax(-1).tolist()
+    finally:
+        if group is not None:
+            runner.close()
+            group.close()
+    del loaded, runner
+    torch.cuda.empty_cache()
+    return out
+
+
+def step_times(name: str, model, args: argparse.Namespace) -> dict:
+    """kernelgate's decode step alone (graph replay), batch 1 and 64, 256 cached tokens, per op set.
+
+    Consumes the HF model (the last op set takes its weights; earlier ones a copy).
+    """
+    import copy
+
+    import torch
+
+    from inference.attention import SlotAttention
+    from inference.llama import FusedLlama
+    from inference.ops import select_ops
+    from inference.runner import ModelRunner
+
+    result: dict = {}
+    op_sets = [o for o in (args.step_ops or args.ops).split(",") if o]
+    for index, ops_name in enumerate(op_sets):
+        attention = SlotAttention()
+        source = model if index == len(op_sets) - 1 else copy.deepcopy(model)
+        fused = FusedLlama(source, attention, select_ops(ops_name, torch.device("cuda")), 2048)
+        del source
+        result["weight_bytes_fused"] = fused.weight_bytes
+        for batch in (1, 64):
+            runner = ModelRunner(fused, attention, num_slots=batch, max_len=512, dtype=torch.float16,
+                                 device=torch.device("cuda"), use_cuda_graphs=True)
+            with torch.inference_mode():
+                runner.capture_decode_graphs()
+                times = []
+                for _ in range(30):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    runner.decode([1] * batch, [255] * batch)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+            suffix = "" if ops_name == op_sets[-1] else f"_{ops_name}"
+            result[f"step_ms_bs{batch}{suffix}"] = round(statistics.median(times[5:]), 4)
+            del runner
+        del fused
+        torch.cuda.empty_cache()
+    return result
+
+
+def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace,
+                 tp: int) -> tuple[list[dict], dict]:
+    from inference.model_configs import random_config
+
+    vocab = random_config(name).vocab_size
+    max_len = 2 ** (max(prompt_lengths) + args.new_tokens - 1).bit_length()
+    model_keys = {"ops": args.ops, "tp_size": tp, "max_model_len": max_len}
+    proc, port, log_path = start_server(name, f"fused-tp{tp}", max(levels), args, model_keys)
+    rows, extra = [], {}
+    try:
+        for length in prompt_lengths:
+            for concurrency in levels:
+                per_client = {1: 3, 16: 2}.get(concurrency, 1)
+                prompts = prompts_for(vocab, concurrency * per_client, length, seed=1)
+                before = {m: (scrape(port, m + "_sum"), scrape(port, m + "_count")) for m in (TTFT, TPOT)}
+                tokens, seconds, latencies = asyncio.run(drive(port, name, prompts, concurrency, per_client,
+                                                               args.new_tokens))
+                mean = {m: (scrape(port, m + "_sum") - s) / max(1.0, scrape(port, m + "_count") - c)
+                        for m, (s, c) in before.items()}
+                row = {"model": name, "system": "kernelgate", "tp_size": tp, "prompt_tokens": length,
+                       "concurrency": concurrency, "requests": len(latencies), "completion_tokens": tokens,
+                       "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+                       "ttft_ms": round(1000 * mean[TTFT], 2), "decode_ms_per_token": round(1000 * mean[TPOT], 3)}
+                rows.append(row)
+                print(f"[kernelgate tp{tp}] {name} p={length} c={concurrency}: {row['tokens_per_s']} tok/s, "
+                      f"ttft {row['ttft_ms']} ms, decode {row['decode_ms_per_token']} ms/token", flush=True)
+        text = log_path.read_text()
+        extra["backend"] = next((line.split("(")[1].split(" backend")[0] for line in text.splitlines()
+                                 if " ready (" in line), "unknown")
+    finally:
+        stop_server(proc)
+    return rows, extra
+
+
+def write_result(args: argparse.Namespace, bandwidth: float, lengths: list[int], by_model: dict, checks: list,
+                 rows: list, tp_section: dict) -> dict:
+    """Write ``--out`` (also after each model, so a run cut short keeps what it measured)."""
+    import torch
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for module in ("transformers", "deepspeed", "triton"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - report what is importable
+            versions[module] = None
+    result = {
+        "command": " ".join([f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}"] * bool(os.environ.get("PYTHONPATH"))
+                            + ["python3"] + [shlex.quote(a) for a in sys.argv]),
+        "device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "versions": versions,
+        "dtype": "float16", "weights": "random (seeded), the same for both systems",
+        "prompt_tokens": lengths, "new_tokens": args.new_tokens, "ops": args.ops,
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "targets": {"llama-3.1-8b": {"floor_ratio_bs1": "<= 1.3", "ratio_c64_over_hf": ">= 5"}},
+        "by_model": by_model, "checks": checks, "rows": rows,
+    }
+    if args.tp > 1:
+        result[f"tp{args.tp}"] = tp_section
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def merge(out: Path, parts: list[Path]) -> dict:
+    """Fold later runs into one result: by_model, rows, checks and tp sections; each run's command kept."""
+    result = json.loads(out.read_text()) if out.exists() else {}
+    runs = result.setdefault("runs", [{k: result.get(k) for k in ("command", "device", "gpus", "run_with")}])
+    for path in parts:
+        part = json.loads(path.read_text())
+        runs.append({k: part.get(k) for k in ("command", "device", "gpus", "run_with")})
+        for name, info in part.get("by_model", {}).items():
+            result.setdefault("by_model", {}).setdefault(name, {}).update(info)
+            result.get("not_run", {}).pop(name, None)
+        key = lambda r: (r["model"], r["system"], r.get("tp_size", 1), r["prompt_tokens"], r["concurrency"])  # noqa: E731
+        fresh = {key(r) for r in part.get("rows", [])}
+        result["rows"] = [r for r in result.get("rows", []) if key(r) not in fresh] + part.get("rows", [])
+        result["checks"] = result.get("checks", []) + part.get("checks", [])
+        for section in (k for k in part if k.startswith("tp") and k[2:].isdigit()):
+            result.setdefault(section, {}).update(part[section])
+            result.get("not_run", {}).pop(section, None)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    if args.merge:
+        merge(Path(args.out), [Path(p) for p in args.merge])
+        return 0
+    import torch
+
+    models = [m for m in args.models.split(",") if m]
+    lengths = [int(x) for x in args.prompt_tokens.split(",") if x]
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    skip = set(args.skip.split(","))
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+    rows: list[dict] = []
+    by_model: dict[str, dict] = {}
+    checks = []
+    tp_section: dict[str, dict] = {}
+    for name in models:
+        model = hf_model(name, args.device)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
+        info: dict = {"weight_bytes": weight_bytes, "floor_ms_per_token_bs1": round(floor_ms, 3)}
+        if name == args.check_model:
+            checks.append(check_against_hf(name, model, args))
+            print(f"[check] {checks[-1]}", flush=True)
+        if "hf" not in skip:
+            rows += bench_hf(name, model, lengths, levels, args)
+        greedy_prompts = prompts_for(model.config.vocab_size, 3, 32, seed=3)
+        if name == args.check_model:
+            want, got = greedy_tokens_hf(model, greedy_prompts, 32), greedy_fused(name, greedy_prompts, 32, 1, args)
+            info["greedy_equal_hf"] = want == got
+            info["greedy_common_prefix_hf"] = [_common_prefix(a, b) for a, b in zip(want, got)]
+        if "step" not in skip and args.tp == 1:
+            info.update(step_times(name, model, args))  # consumes the HF model
+        del model
+        torch.cuda.empty_cache()
+        if args.tp > 1:
+            want, got = greedy_fused(name, greedy_prompts, 32, 1, args), greedy_fused(name, greedy_prompts, 32, args.tp, args)
+            tp_section[name] = {"greedy_equal": want == got,
+                                "greedy_common_prefix": [_common_prefix(a, b) for a, b in zip(want, got)]}
+        if "server" not in skip:
+            server_rows, extra = bench_server(name, lengths, levels, args, args.tp)
+            rows += server_rows
+            info["backend"] = extra["backend"]
+            if args.tp > 1:
+                one_rows, _ = bench_server(name, lengths[:1], [1, max(levels)], args, 1)
+                tp_section[name].update({
+                    f"tp{args.tp}": {"tokens_per_s_c1": _pick(server_rows, lengths[0], 1),
+                                     "tokens_per_s_c64": _pick(server_rows, lengths[0], max(levels))},
+                    "tp1": {"tokens_per_s_c1": _pick(one_rows, lengths[0], 1),
+                            "tokens_per_s_c64": _pick(one_rows, lengths[0], max(levels))}})
+        ours = next((r for r in rows if r["model"] == name and r["system"] == "kernelgate"
+                     and r["prompt_tokens"] == lengths[0] and r["concurrency"] == 1), None)
+        if ours:
+            info["decode_ms_per_token_bs1"] = ours["decode_ms_per_token"]
+            info["floor_ratio_bs1"] = round(ours["decode_ms_per_token"] / floor_ms, 3)
+        if "step_ms_bs1" in info:
+            info["step_floor_ratio_bs1"] = round(info["step_ms_bs1"] / floor_ms, 3)
+        hf64, ours64 = _pick(rows, lengths[0], max(levels), name, "hf_generate"), _pick(rows, lengths[0], max(levels), name)
+        if hf64 and ours64:
+            info[f"ratio_c{max(levels)}_over_hf"] = round(ours64 / hf64, 2)
+        if args.tp == 1:
+            by_model[name] = info
+        else:  # a tensor-parallel run's own figures stay in its section (by_model is one GPU's)
+            tp_section.setdefault(name, {})["server"] = info
+        print(f"[{name}] {json.dumps(info)}", flush=True)
+        write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+    result = write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+    return 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _pick(rows: list[dict], length: int, concurrency: int, model: str | None = None,
+          system: str = "kernelgate") -> float | None:
+    row = next((r for r in rows if r["system"] == system and r["prompt_tokens"] == length
+                and r["concurrency"] == concurrency and (model is None or r["model"] == model)), None)
+    return row["tokens_per_s"] if row else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

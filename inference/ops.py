@@ -1,0 +1,153 @@
+"""The elementwise kernels of a Llama-family decoder layer, in three interchangeable sets.
+
+In: activations in the model's dtype. Out: the same, computed as transformers computes them
+(RMSNorm in float32 then rounded, SiLU gate product, rotate-half rotary embedding).
+
+* ``torch``: the reference, one torch op at a time (several kernels each); CPU and tests.
+* ``triton``: one fused kernel each (residual add + RMSNorm, SiLU x up, rotary on query and
+  key together), from :mod:`inference.triton_kernels`; the default on CUDA.
+* ``deepspeed``: DeepSpeed's ``transformer_inference`` CUDA kernels (``pre_rms_norm``,
+  ``rms_norm``, ``gated_activation``), JIT-built on first use (about a minute). DeepSpeed's
+  rotary kernel keeps one position offset for the whole batch, which cannot express slots
+  at different positions, so rotary stays on Triton in this set.
+
+Matrix products are cuBLAS through ``F.linear`` in every set.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+OpsName = Literal["auto", "torch", "triton", "deepspeed"]
+
+
+class DecoderOps(Protocol):
+    name: str
+    up_first: bool  # silu_mul takes [up | gate] instead of [gate | up]
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rms_norm(x + residual), x + residual)``."""
+        ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of ``gate_up = [gate | up]`` (``[up | gate]`` if ``up_first``) on the last dimension."""
+        ...
+
+    def rotary(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``query``/``key`` ``[rows, q_len, heads, head_dim]`` by ``cos``/``sin`` ``[rows, q_len, head_dim]``."""
+        ...
+
+
+class TorchOps:
+    """Reference set: the same arithmetic as transformers' Llama modules, op by op."""
+
+    name = "torch"
+    up_first = False
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        total = residual + x
+        return self.rms_norm(total, weight, eps), total
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rotary(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TritonOps:
+    """One fused Triton kernel per op (CUDA only)."""
+
+    name = "triton"
+    up_first = False
+
+    def __init__(self) -> None:
+        from inference import triton_kernels
+
+        self._k = triton_kernels
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._k.rms_norm(x, None, weight, eps)[0]
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k.rms_norm(x, residual, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._k.silu_mul(gate_up)
+
+    def rotary(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k.rotary(query, key, cos, sin)
+
+
+class DeepSpeedOps(TritonOps):
+    """DeepSpeed's transformer_inference kernels for the norms and the gated activation."""
+
+    name = "deepspeed"
+    up_first = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        import os
+
+        from deepspeed.ops.op_builder import InferenceBuilder
+
+        # The op builder parses TORCH_CUDA_ARCH_LIST as numbers: Hopper's "9.0a" kills the build.
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+
+        self._ds = InferenceBuilder().load()
+        self._no_bias: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._ds.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, total = self._ds.pre_rms_norm(x, residual, weight, eps)
+        return normed, total
+
+    def silu_mul(self, up_gate: torch.Tensor) -> torch.Tensor:
+        # DeepSpeed's gated activation computes first_half * act(second_half), hence up_first.
+        from deepspeed.utils.types import ActivationFuncType
+
+        key = (up_gate.shape[-1], up_gate.dtype, up_gate.device)
+        if key not in self._no_bias:
+            self._no_bias[key] = torch.zeros(key[0], dtype=up_gate.dtype, device=up_gate.device)
+        return self._ds.gated_activation(up_gate, self._no_bias[key], ActivationFuncType.GATED_SILU)
+
+
+def select_ops(name: OpsName, device: torch.device) -> DecoderOps:
+    """The op set ``name`` (``auto``: Triton on CUDA when importable, torch otherwise)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return TorchOps()
+        try:
+            return TritonOps()
+        except ImportError:
+            return TorchOps()
+    if name != "torch" and device.type != "cuda":
+        raise ValueError(f"model.ops {name!r} needs CUDA (device is {device})")
+    return {"torch": TorchOps, "triton": TritonOps, "deepspeed": DeepSpeedOps}[name]()

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of the project, run ON the GPU machine (a device call, or any CUDA host with
+# Python 3.12 and torch 2.11+cu130). Results go to $OUT (or bench/results/ when OUT is unset),
+# each with the command, device and versions that made it.
+#
+#   scripts/gpu_wheels.sh                      # here, once: the wheels into .whl/ (see that script)
+#   # then on the GPU machine, from the repo root (device call with carry: [".whl", ...]):
+#   scripts/gpu_bench.sh smoke                 # wheels import, GPU tests, 1B equality + step timings (~3 min)
+#   scripts/gpu_bench.sh llama                 # bench/results/inference_llama_gpu.json, three shapes (~7 min)
+#   scripts/gpu_bench.sh llama-tp2             # the same with model.tp_size 2 (2 GPUs): fills its "tp2" section
+#   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
+#   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
+#   scripts/gpu_bench.sh replicas              # 2 GPUs: two replicas behind Envoy vs one (bench/replica_failover.py gpu);
+#                                              # needs scripts/replica_gpu_wheels.sh here first and carry .gpu/replicas-envoy
+#
+# Extra arguments after the mode go to the benchmark script. KG_WHEELS names the wheel folder
+# (default: .whl in the repo root). The wheels install into /tmp/site (first call only).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODE="${1:-smoke}"
+shift || true
+WHEELS="${KG_WHEELS:-$ROOT/.whl}"
+OUT="${OUT:-$ROOT/bench/results}"
+mkdir -p "$OUT"
+
+if [ ! -f /tmp/site/.kernelgate-wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+  touch /tmp/site/.kernelgate-wheels
+fi
+export PYTHONPATH="/tmp/site:$ROOT" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# DeepSpeed's op builder parses this as numbers ("9.0a" fails): the plain compute capability.
+export TORCH_CUDA_ARCH_LIST="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+
+case "$MODE" in
+  smoke)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c 'import torch, transformers, deepspeed, triton, opentelemetry.sdk, pydantic; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, "triton", triton.__version__)'
+    tests=0
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/inference/test_llama_gpu.py "$@" || tests=$?
+    python3 bench/inference_llama_gpu.py --models llama-3.2-1b,llama-3.1-8b --skip hf,server --step-ops deepspeed,triton \
+      --out "$OUT/inference_llama_gpu_smoke.json" --log-dir "$OUT"
+    exit "$tests"
+    ;;
+  llama)
+    python3 bench/inference_llama_gpu.py --out "$OUT/inference_llama_gpu.json" --log-dir "$OUT" "$@"
+    ;;
+  llama-tp2)
+    python3 bench/inference_llama_gpu.py --tp 2 --skip hf,step --concurrency 1,64 --prompt-tokens 128 --models llama-3.1-8b,qwen2.5-7b \
+      --out "$OUT/inference_llama_gpu_tp2.json" --log-dir "$OUT" "$@"
+    ;;
+  history)
+    python3 bench/inference_gpu.py --out "$OUT/inference_gpu.json" --log-dir "$OUT" "$@"
+    ;;
+  tracing)
+    python3 bench/tracing_gpu.py --out "$OUT/tracing_gpu.json" --log-dir "$OUT" "$@"
+    ;;
+  replicas)
+    python3 -c "import lzma, os, shutil; shutil.copyfileobj(lzma.open('.gpu/replicas-envoy/envoy.xz'), open('/tmp/envoy', 'wb')); os.chmod('/tmp/envoy', 0o755)"
+    python3 bench/replica_failover.py gpu --envoy /tmp/envoy --log-dir /tmp/kg-replicas \
+      --out "$OUT/replica_failover_gpu.json" --merge "$OUT/replica_failover.json" "$@" \
+      || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
+    ;;
+  *)
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, replicas)" >&2
+    exit 2
+    ;;
+esac

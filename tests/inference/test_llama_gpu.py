@@ -1,0 +1,120 @@
+"""The fused decoder's CUDA kernels (Triton, DeepSpeed) against the torch reference (needs a GPU).
+
+Run on the device machine: ``scripts/gpu_bench.sh smoke`` (``pytest -m gpu``). Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference.config import ModelConfig
+from inference.model_loader import load_model
+from inference.ops import TorchOps, select_ops
+from inference.runner import ModelRunner
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+REF = TorchOps()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 2e-3) -> None:
+    assert not got.isnan().any()
+    error = float((got.float() - want.float()).norm() / want.float().norm())
+    assert error < tol, error
+
+
+@pytest.mark.parametrize("ops_name", ["triton", "deepspeed"])
+def test_norms_and_gated_activation_match_the_reference(ops_name: str) -> None:
+    ops = select_ops(ops_name, torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for rows, width in ((1, 4096), (37, 3584), (256, 2048)):
+        x = torch.randn(rows, 1, width, device="cuda", dtype=torch.float16, generator=gen)
+        residual = torch.randn_like(x)
+        weight = torch.rand(width, device="cuda", dtype=torch.float16, generator=gen) + 0.5
+        _close(ops.rms_norm(x, weight, 1e-5), REF.rms_norm(x, weight, 1e-5))
+        normed, total = ops.add_rms_norm(x, residual, weight, 1e-5)
+        want_normed, want_total = REF.add_rms_norm(x, residual, weight, 1e-5)
+        _close(normed, want_normed)
+        assert torch.equal(total, want_total)
+        gate_up = torch.randn(rows, 1, 2 * width, device="cuda", dtype=torch.float16, generator=gen)
+        ordered = torch.cat(gate_up.chunk(2, -1)[::-1], -1) if ops.up_first else gate_up
+        _close(ops.silu_mul(ordered), REF.silu_mul(gate_up))
+
+
+def test_rotary_matches_the_reference_in_one_launch_or_two() -> None:
+    ops = select_ops("triton", torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    rows, q_len, heads, kv_heads, dim = 3, 5, 8, 2, 128
+    qkv = torch.randn(rows, q_len, heads + 2 * kv_heads, dim, device="cuda", dtype=torch.float16, generator=gen)
+    cos = torch.rand(rows, q_len, dim, device="cuda", dtype=torch.float16, generator=gen)
+    sin = torch.rand(rows, q_len, dim, device="cuda", dtype=torch.float16, generator=gen)
+    want_q, want_k = REF.rotary(qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], cos, sin)
+    got_q, got_k = ops.rotary(qkv[:, :, :heads].clone(), qkv[:, :, heads:heads + kv_heads].clone(), cos, sin)
+    _close(got_q, want_q)
+    _close(got_k, want_k)
+    got_q, got_k = ops.rotary(qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], cos, sin)  # adjacent: in place
+    _close(got_q, want_q)
+    _close(got_k, want_k)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen2"])
+def test_triton_decoder_greedy_equals_torch_decoder_with_cuda_graphs(name: str) -> None:
+    def greedy(ops: str) -> list[list[int]]:
+        loaded = load_model(ModelConfig(name=name, random_config=name, device="cuda", dtype="float16", ops=ops,
+                                        use_deepspeed=False))
+        runner = ModelRunner(loaded.module, loaded.attention, num_slots=3, max_len=128, dtype=loaded.dtype,
+                             device=loaded.device, use_cuda_graphs=True)
+        prompts = [[5, 17, 99, 3], list(range(40, 71)), [200, 1, 2, 3]]
+        with torch.inference_mode():
+            assert runner.capture_decode_graphs() > 0
+            tokens = runner.prefill(0, prompts).argmax(-1).tolist()
+            out = [[t] for t in tokens]
+            for step in range(24):
+                tokens = runner.decode(tokens, [len(p) + step for p in prompts]).argmax(-1).tolist()
+                for row, token in enumerate(tokens):
+                    out[row].append(token)
+        return out
+
+    assert greedy("triton") == greedy("torch")
+
+
+def _hf_fp16(name: str, layers: int):
+    from transformers import AutoModelForCausalLM
+
+    from inference.model_configs import random_config
+
+    config = random_config(name)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("ops_name", ["torch", "triton"])
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-7b"])
+def test_fused_decoder_logits_match_hf_on_gpu(name: str, ops_name: str, graphs: bool) -> None:
+    """Teacher-forced prefill + decode logits against HF's fp16 forward (2 layers of the real shapes)."""
+    import copy
+
+    from inference.attention import SlotAttention
+    from inference.llama import FusedLlama
+
+    hf = _hf_fp16(name, 2)
+    gen = torch.Generator().manual_seed(5)
+    prompts = torch.randint(0, 5000, (3, 40), generator=gen).tolist()
+    half = 24
+    with torch.inference_mode():
+        want = hf(torch.tensor(prompts, device="cuda")).logits.float()
+        attention = SlotAttention()
+        fused = FusedLlama(copy.deepcopy(hf), attention, select_ops(ops_name, torch.device("cuda")), 128)
+        runner = ModelRunner(fused, attention, num_slots=3, max_len=128, dtype=torch.float16,
+                             device=torch.device("cuda"), use_cuda_graphs=graphs)
+        runner.capture_decode_graphs()
+        got = [runner.prefill(0, [p[:half] for p in prompts]).float()]
+        for step in range(half, 39):
+            got.append(runner.decode([p[step] for p in prompts], [step] * 3).float())
+    errors = [float((g - want[:, half - 1 + i]).norm() / want[:, half - 1 + i].norm()) for i, g in enumerate(got)]
+    print(name, ops_name, "graphs" if graphs else "eager", [round(e, 5) for e in errors])
+    assert max(errors) < 2e-2, errors

@@ -1,0 +1,97 @@
+"""Tensor parallel on the CPU (gloo, two processes): one HTTP front end, same greedy tokens as one
+process, and a follower that dies takes the server to not-ready instead of hanging it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import yaml
+
+from tests import procs
+
+MODEL = {"name": "tiny-llama", "random_config": "tiny-llama", "device": "cpu", "use_deepspeed": False}
+PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def _serve(tmp_path: Path, tp_size: int) -> tuple[procs.Proc, int]:
+    port = procs.free_port()
+    config = {"inference": {"listen": {"host": "127.0.0.1", "port": port},
+                            "model": {**MODEL, "tp_size": tp_size},
+                            "batching": {"max_batch_size": 4},
+                            "limits": {"drain_timeout_s": 5}}}
+    path = tmp_path / f"tp{tp_size}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = procs.start(f"inference-tp{tp_size}", [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(path)],
+                       tmp_path, env={"PYTHONUNBUFFERED": "1"}, port=port)
+    procs.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=proc)
+    return proc, port
+
+
+def _complete(port: int, prompt: list[int], max_tokens: int = 16) -> tuple[int, dict]:
+    body = json.dumps({"model": MODEL["name"], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _followers(proc: procs.Proc) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.popen.pid).children(recursive=True)
+            if "inference.tensor_parallel" in " ".join(p.cmdline())]
+
+
+def test_two_ranks_give_the_same_greedy_text_and_a_dead_rank_means_not_ready(tmp_path: Path) -> None:
+    single, port1 = _serve(tmp_path, 1)
+    try:
+        want = [_complete(port1, p) for p in PROMPTS]
+    finally:
+        single.stop()
+    assert all(status == 200 for status, _ in want)
+
+    pair, port2 = _serve(tmp_path, 2)
+    try:
+        followers = _followers(pair)
+        assert len(followers) == 1
+        assert "tensor parallel group of 2 ranks joined (gloo)" in pair.log_tail(400)
+        got = [_complete(port2, p) for p in PROMPTS]
+        assert [b["choices"][0]["text"] for _, b in got] == [b["choices"][0]["text"] for _, b in want]
+
+        followers[0].kill()
+        deadline = time.monotonic() + 10
+        while _readyz(port2) == 200:
+            assert time.monotonic() < deadline, "server still ready 10 s after its follower died"
+            time.sleep(0.1)
+        started = time.monotonic()
+        status, body = _complete(port2, PROMPTS[0])
+        assert status == 503, body
+        assert time.monotonic() - started < 10
+        assert "tensor-parallel rank 1 exited" in pair.log_tail(400)
+    finally:
+        pair.stop()
+
+
+def test_sigterm_stops_every_rank(tmp_path: Path) -> None:
+    pair, _ = _serve(tmp_path, 2)
+    followers = _followers(pair)
+    assert len(followers) == 1
+    assert pair.stop() == 0, pair.log_tail()
+    gone, alive = psutil.wait_procs(followers, timeout=10)
+    assert not alive, f"follower still running after the server stopped: {alive}"

@@ -94,8 +94,16 @@ def check_request(method: str, target: str, headers: dict[str, str], body: bytes
     return request
 
 
-def _routable(name: str, prefixes: tuple[str, ...]) -> bool:
-    return name.startswith(prefixes)
+def _routed(options: Any, prefixes: tuple[str, ...], other: tuple[str, ...], where: str) -> list[str]:
+    """Header lines of an allow; Envoy copies a name to ``where`` only when it has one of ``prefixes``
+    (and to the other side too when it has one of ``other``): a name it would misroute is logged."""
+    lines = []
+    for option in options:
+        key = option.header.key.lower()
+        if not key.startswith(prefixes) or key.startswith(other):
+            log.warning("HTTP ext_authz cannot route %s header %r (names starting %s pass)", where, key, prefixes)
+        lines.append(f"{key}: {option.header.value}")
+    return lines
 
 
 def frame(check_response: Any, keep_alive: bool = True) -> bytes:
@@ -112,19 +120,8 @@ def frame(check_response: Any, keep_alive: bool = True) -> bytes:
     else:
         status = 200
         ok = check_response.ok_response
-        lines = []
-        for option in ok.headers:
-            key = option.header.key.lower()
-            if not _routable(key, UPSTREAM_HEADER_PREFIXES) or _routable(key, CLIENT_HEADER_PREFIXES):
-                log.warning("HTTP ext_authz cannot route upstream header %r (names starting %s pass)", key,
-                            UPSTREAM_HEADER_PREFIXES)
-            lines.append(f"{key}: {option.header.value}")
-        for option in ok.response_headers_to_add:
-            key = option.header.key.lower()
-            if not _routable(key, CLIENT_HEADER_PREFIXES) or _routable(key, UPSTREAM_HEADER_PREFIXES):
-                log.warning("HTTP ext_authz cannot route client header %r (names starting %s pass)", key,
-                            CLIENT_HEADER_PREFIXES)
-            lines.append(f"{key}: {option.header.value}")
+        lines = [*_routed(ok.headers, UPSTREAM_HEADER_PREFIXES, CLIENT_HEADER_PREFIXES, "upstream"),
+                 *_routed(ok.response_headers_to_add, CLIENT_HEADER_PREFIXES, UPSTREAM_HEADER_PREFIXES, "client")]
         if ok.headers_to_remove:
             lines.append(f"{HEADERS_TO_REMOVE}: {','.join(ok.headers_to_remove)}")
     if not keep_alive:

@@ -134,8 +134,10 @@ def frame(check_response: Any, keep_alive: bool = True) -> bytes:
 class _Protocol(asyncio.Protocol):
     """One connection from Envoy: parse requests, check each, answer in order."""
 
-    def __init__(self, check: Check) -> None:
+    def __init__(self, check: Check, in_flight: set[asyncio.Future], draining: asyncio.Event) -> None:
         self._check = check
+        self._in_flight = in_flight  # the server's: drain() waits for it to empty
+        self._draining = draining
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._previous: asyncio.Future | None = None  # the answer before this one (pipelining)
@@ -178,10 +180,13 @@ class _Protocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("latin-1")
         request = check_request(method, self._url.decode("utf-8", "replace"), self._headers, b"".join(self._body))
-        keep_alive = self._parser.should_keep_alive()
+        # While draining, each answer closes its connection so Envoy opens a new one (elsewhere).
+        keep_alive = self._parser.should_keep_alive() and not self._draining.is_set()
         previous = self._previous
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._previous = done
+        self._in_flight.add(done)
+        done.add_done_callback(self._in_flight.discard)
         asyncio.ensure_future(self._answer(request, keep_alive, previous, done))
 
     async def _answer(self, request: Any, keep_alive: bool, previous: asyncio.Future | None,
@@ -202,8 +207,32 @@ class _Protocol(asyncio.Protocol):
             done.set_result(None)
 
 
-async def serve(check: Check, host: str, port: int, reuse_port: bool = False) -> asyncio.AbstractServer:
+class HttpAuthzServer:
+    """The listener and what it has in flight; ``drain`` stops it without dropping a check."""
+
+    def __init__(self, check: Check) -> None:
+        self._check = check
+        self._in_flight: set[asyncio.Future] = set()
+        self._draining = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Protocol(self._check, self._in_flight, self._draining),
+                                                host, port, reuse_port=reuse_port or None, backlog=1024)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def drain(self, grace_s: float) -> None:
+        """No new connections; answers close theirs; waits (up to grace_s) for checks in flight."""
+        self._draining.set()
+        if self._server is not None:
+            self._server.close()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=grace_s)
+
+
+async def serve(check: Check, host: str, port: int, reuse_port: bool = False) -> HttpAuthzServer:
     """Listen for Envoy's HTTP authorization requests; each is answered by ``check``."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Protocol(check), host, port, reuse_port=reuse_port or None,
-                                    backlog=1024)
+    server = HttpAuthzServer(check)
+    await server.start(host, port, reuse_port)
+    return server

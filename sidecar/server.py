@@ -72,6 +72,8 @@ class Sidecar:
     background: list[asyncio.Task]
     stop_event: asyncio.Event
     port: int
+    # Envoy's HTTP ext_authz listener (authz.http_listen), or None.
+    http_server: http_transport.HttpAuthzServer | None = None
 
 
 async def start(config: SidecarConfig) -> Sidecar:
@@ -121,8 +123,6 @@ async def start(config: SidecarConfig) -> Sidecar:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
     closers = [opa_client.close, decision_log.close]
-    if http_server is not None:
-        closers.insert(0, http_server.close)
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
     policy_source = config.opa.url if config.opa.mode == "server" else f"in process from {config.opa.wasm_bundle_file}"
@@ -130,13 +130,16 @@ async def start(config: SidecarConfig) -> Sidecar:
              f" and HTTP ext_authz on {config.http_listen}" if config.http_listen else "", policy_source,
              config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
-                   stop_event, port)
+                   stop_event, port, http_server)
 
 
 async def stop(sidecar: Sidecar, grace_s: float) -> None:
     """Health goes NOT_SERVING, new checks are refused, in-flight ones finish (up to grace_s)."""
     await sidecar.health.enter_graceful_shutdown()
-    await sidecar.server.stop(grace_s)
+    if sidecar.http_server is not None:
+        await asyncio.gather(sidecar.server.stop(grace_s), sidecar.http_server.drain(grace_s))
+    else:
+        await sidecar.server.stop(grace_s)
     sidecar.stop_event.set()
     for task in sidecar.background:
         task.cancel()

@@ -48,8 +48,8 @@ async def test_pipelined_requests_are_answered_in_order_and_garbage_gets_a_400()
         await asyncio.sleep(0.05 if path == "/slow" else 0)
         return response.allow({"x-path": path}, [], {})
 
-    server = await http_transport.serve(check, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server = http_transport.HttpAuthzServer(check)
+    port = await server.start("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /kernelgate-authz/slow HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -64,5 +64,29 @@ async def test_pipelined_requests_are_answered_in_order_and_garbage_gets_a_400()
         assert (await asyncio.wait_for(reader.read(4096), 5)).startswith(b"HTTP/1.1 400")
         writer.close()
     finally:
-        server.close()
-        await server.wait_closed()
+        await server.drain(1.0)
+
+
+async def test_drain_lets_a_check_in_flight_finish_and_closes_its_connection() -> None:
+    started = asyncio.Event()
+
+    async def check(request, metadata):
+        started.set()
+        await asyncio.sleep(0.3)
+        return response.allow({}, [], {})
+
+    server = http_transport.HttpAuthzServer(check)
+    port = await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /kernelgate-authz/x HTTP/1.1\r\nhost: x\r\n\r\n")
+    await started.wait()
+    await server.drain(5.0)  # returns once the answer is written
+    answer = await asyncio.wait_for(reader.read(4096), 5)
+    assert answer.startswith(b"HTTP/1.1 200")
+    writer.close()
+    try:
+        await asyncio.open_connection("127.0.0.1", port)
+        refused = False
+    except OSError:
+        refused = True
+    assert refused, "a draining server accepts no new connection"

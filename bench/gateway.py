@@ -192,7 +192,7 @@ def start_sidecar(workdir: Path, name: str, policy: Path, transport: str, mode: 
     sidecar = start(name, [sys.executable, "-m", "kernelgate.cli", "--log-level", "warning", "authz",
                            "--config", str(config_path)], workdir / "logs")
     port = http_port if transport == "http" else grpc_port
-    wait_tcp(port, proc=sidecar)
+    wait_tcp(port, timeout=180, proc=sidecar)  # a loaded machine can take a while to import
     return [*procs, sidecar], port
 
 
@@ -407,9 +407,13 @@ def summarize(rows: list[dict], systems: list[str], rates: list[int], rounds: in
         def ratios(a: str, b: str) -> dict:
             p99 = [(pick(a, k, mode="open", rate=rate_ref) or {}).get("p99_ms", math.nan)
                    / (pick(b, k, mode="open", rate=rate_ref) or {}).get("p99_ms", math.nan) for k in range(rounds)]
-            rps = [sustained([r for r in w if r["system"] == a and r["round"] == k])
-                   / max(sustained([r for r in w if r["system"] == b and r["round"] == k]), min(rates) / 2)
-                   for k in range(rounds)]
+            rps = []
+            for k in range(rounds):
+                ours = sustained([r for r in w if r["system"] == a and r["round"] == k])
+                theirs = sustained([r for r in w if r["system"] == b and r["round"] == k])
+                # neither met the target at any rate: no ratio this round; only theirs failed: ours
+                # over half the lowest rate (a lower bound)
+                rps.append(math.nan if ours == theirs == 0 else ours / max(theirs, min(rates) / 2))
             closed = [(pick(a, k, mode="closed") or {}).get("throughput_rps", math.nan)
                       / (pick(b, k, mode="closed") or {}).get("throughput_rps", math.nan) for k in range(rounds)]
             return {"p99": pooled(p99), "rps": pooled(rps), "closed_loop_rps": pooled(closed)}

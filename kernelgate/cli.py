@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import yaml
 
 from common.settings import ConfigError
+from common.version import __version__
 
 
 def _configure_logging(level: str) -> None:
@@ -127,6 +128,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelgate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kernelgate {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("KERNELGATE_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -125,6 +125,7 @@ def inject_object(doc: Any, index: int = 0) -> list[dict[str, Any]]:
     """The object itself (injected or not) followed by any objects its injection needs."""
     if not isinstance(doc, dict) or not doc.get("kind") or not doc.get("apiVersion"):
         raise InjectError(f"document {index + 1}: not a Kubernetes object (no apiVersion/kind)")
+    doc = applyable(doc)
     if doc["kind"] == "List":
         return [_inject_list(doc)]
     if opted_out(doc):
@@ -137,6 +138,16 @@ def inject_object(doc: Any, index: int = 0) -> list[dict[str, Any]]:
     port = check_injectable(workload)
     add_sidecars(target, port)
     return [injected, envoy_config_map(target, port), network_policy(target)]
+
+
+def applyable(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without ``metadata.managedFields``: a live object (``kubectl get -o yaml``) carries
+    the server's field-ownership records, and the API server refuses an apply that sends them
+    ("metadata.managedFields must be nil"). Everything else is kept as read."""
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, dict) or "managedFields" not in metadata:
+        return doc
+    return {**doc, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
 
 
 def _inject_list(doc: dict[str, Any]) -> dict[str, Any]:

@@ -87,6 +87,45 @@ if [ ! -x "$BIN/kustomize" ] || [ "$("$BIN/kustomize" version 2>/dev/null)" != "
     || { cat "$LOGS/kustomize.log" >&2; exit 1; }
 fi
 
+# kube-apiserver and kine: the real API server tests/k8s/ applies the manifests to (kine
+# is its etcd over SQLite). k8s.io/kubernetes's go.mod points the k8s.io/* staging modules
+# at ./staging/, which its module zip lacks: in a writable copy, drop go.work and those
+# replaces and require the published modules at the matching v0.x.y. ~4 min on 2 cores.
+KUBERNETES_VERSION="v1.37.2"
+KINE_VERSION="v0.17.5"
+if [ ! -x "$BIN/kube-apiserver" ] || [ "$(cat "$BIN/kube-apiserver.version" 2>/dev/null)" != "$KUBERNETES_VERSION" ]; then
+  log "building kube-apiserver $KUBERNETES_VERSION (a few minutes)"
+  dir=$(cd /tmp && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  src="$KG_HOME/src/kubernetes"
+  rm -rf "$src"; mkdir -p "$KG_HOME/src"
+  cp -r "$dir" "$src"; chmod -R u+w "$src"
+  rm -f "$src/go.work" "$src/go.work.sum"
+  staging="v0.${KUBERNETES_VERSION#v1.}"
+  edits=()
+  for mod in $(cd "$src" && GOWORK=off go mod edit -json | python3 -c '
+import json, sys
+for r in json.load(sys.stdin).get("Replace") or []:
+    if r["New"]["Path"].startswith("./staging/"): print(r["Old"]["Path"])'); do
+    edits+=("-dropreplace=$mod" "-require=$mod@$staging")
+  done
+  (cd "$src" && GOWORK=off go mod edit "${edits[@]}")
+  # Stamp the version as the release build does (/version, the server's log).
+  version_pkg="k8s.io/component-base/version"
+  ldflags="-X $version_pkg.gitVersion=$KUBERNETES_VERSION -X $version_pkg.gitMajor=$(echo "$KUBERNETES_VERSION" | cut -d. -f1 | tr -d v)"
+  ldflags+=" -X $version_pkg.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
+  (cd "$src" && GOWORK=off GOFLAGS=-mod=mod go build -ldflags "$ldflags" -o "$BIN/kube-apiserver" ./cmd/kube-apiserver) \
+    >"$LOGS/kube-apiserver.log" 2>&1 || { cat "$LOGS/kube-apiserver.log" >&2; exit 1; }
+  echo "$KUBERNETES_VERSION" >"$BIN/kube-apiserver.version"
+  rm -rf "$src"
+fi
+if [ ! -x "$BIN/kine" ] || [ "$(cat "$BIN/kine.version" 2>/dev/null)" != "$KINE_VERSION" ]; then
+  log "building kine $KINE_VERSION"
+  GOBIN="$BIN" go install "github.com/k3s-io/kine@$KINE_VERSION" >"$LOGS/kine.log" 2>&1 \
+    || { cat "$LOGS/kine.log" >&2; exit 1; }
+  echo "$KINE_VERSION" >"$BIN/kine.version"
+fi
+
 # ghz: the gRPC load generator of bench/ (Check RPC alone, through server reflection).
 GHZ_VERSION="v0.120.0"
 if [ ! -x "$BIN/ghz" ]; then
@@ -125,6 +164,8 @@ ln -sf "$BIN/jaeger" "$VENV/bin/jaeger"
 ln -sf "$BIN/kustomize" "$VENV/bin/kustomize"
 ln -sf "$BIN/vegeta" "$VENV/bin/vegeta"
 ln -sf "$BIN/ghz" "$VENV/bin/ghz"
+ln -sf "$BIN/kube-apiserver" "$VENV/bin/kube-apiserver"
+ln -sf "$BIN/kine" "$VENV/bin/kine"
 [ -x "$BIN/opa-envoy-plugin" ] && ln -sf "$BIN/opa-envoy-plugin" "$VENV/bin/opa-envoy-plugin"
 "$VENV/bin/envoy" --version >/dev/null
 log "ready: $VENV (envoy, opa, jaeger, redis-server on PATH once activated)"

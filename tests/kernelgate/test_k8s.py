@@ -25,22 +25,14 @@ import yaml
 from common.processes import ROOT, Proc, find_binary, free_port, start, wait_http
 from kernelgate.config import load
 from kernelgate.envoy_config import EnvoyConfig, render
+from tests.k8s.manifests import K8S, OVERLAYS, container, find, kustomize_build
 
-K8S = ROOT / "k8s"
 BASE = K8S / "base"
-OVERLAYS = ("cpu-dev", "gpu")
 KUBE_VERSIONS = ("1.33", kubernetes_validate.latest_version())
 DEMO_KEY = "kg-demo-acme-key"  # its hash is in config/api-keys.yaml (and so in the Secret)
 
 
 # --- rendering and reading ------------------------------------------------------------
-
-
-def kustomize_build(path: Path) -> list[dict[str, Any]]:
-    out = subprocess.run([find_binary("kustomize"), "build", str(path)], capture_output=True, text=True,
-                         timeout=120, check=False)
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +51,8 @@ def manifest_files() -> list[Path]:
     return files
 
 
-def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    """The object of that kind whose name is ``name`` or ``name`` plus kustomize's hash suffix."""
-    pattern = re.compile(rf"{name}(-[a-z0-9]{{10}})?")
-    matches = [d for d in docs if d["kind"] == kind and pattern.fullmatch(d["metadata"]["name"])]
-    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
-    return matches[0]
-
-
 def pod_spec(docs: list[dict[str, Any]], name: str = "kernelgate") -> dict[str, Any]:
     return find(docs, "Deployment", name)["spec"]["template"]["spec"]
-
-
-def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(c for c in spec["containers"] if c["name"] == name)
 
 
 def port_number(cont: dict[str, Any], port: int | str) -> int:
@@ -114,8 +94,8 @@ def test_overlay_holds_the_whole_deployment(rendered, overlay: str):
     docs = rendered[overlay]
     kinds = sorted(f"{d['kind']}/{re.sub(r'-[a-z0-9]{10}$', '', d['metadata']['name'])}" for d in docs)
     assert kinds == sorted([
-        "Namespace/kernelgate", "Deployment/kernelgate", "Service/kernelgate", "Service/kernelgate-inference",
-        "NetworkPolicy/kernelgate-ingress",
+        "Namespace/kernelgate", "ServiceAccount/kernelgate", "ServiceAccount/jaeger", "Deployment/kernelgate",
+        "Service/kernelgate", "Service/kernelgate-inference", "NetworkPolicy/kernelgate-ingress",
         "PodDisruptionBudget/kernelgate", "ConfigMap/kernelgate-config", "ConfigMap/kernelgate-envoy",
         "ConfigMap/kernelgate-policies", "Secret/kernelgate-secrets", "Deployment/jaeger", "Service/jaeger"])
     images = {c["image"] for _, c, _ in all_containers(docs)}

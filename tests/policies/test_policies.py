@@ -9,7 +9,7 @@ from common.processes import ROOT, find_binary
 
 
 def test_opa_unit_tests_pass():
-    proc = subprocess.run([find_binary("opa"), "test", "--format", "json", str(ROOT / "policies")],
+    proc = subprocess.run([find_binary("opa"), "test", "--timeout", "60s", "--format", "json", str(ROOT / "policies")],
                           capture_output=True, text=True, timeout=120)
     results = json.loads(proc.stdout or "[]")
     failed = [r["name"] for r in results if r.get("fail") or r.get("error")]

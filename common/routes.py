@@ -39,6 +39,8 @@ class Route:
     kind: ModelKind | None = None
     # Allowed with no identity and no budget (health probes).
     public: bool = False
+    # "requests": the route runs no model, so only the request budget applies (no token budget).
+    budget: Literal["requests"] | None = None
 
     def __post_init__(self) -> None:
         if self.public == (self.scope is not None):
@@ -60,6 +62,8 @@ class Route:
             entry["scope"] = self.scope
         if self.kind is not None:
             entry["kind"] = self.kind
+        if self.budget is not None:
+            entry["budget"] = self.budget
         return entry
 
 
@@ -70,7 +74,10 @@ ROUTES: tuple[Route, ...] = (
     Route("completions", "/v1/completions", ("POST",), scope="completions", kind="generate"),
     Route("chat", "/v1/chat/completions", ("POST",), scope="completions", kind="generate"),
     Route("embeddings", "/v1/embeddings", ("POST",), scope="embeddings", kind="embed"),
-    Route("models", "/v1/models", ("GET",), scope="models"),
+    Route("models", "/v1/models", ("GET",), scope="models", budget="requests"),
+    # The served model's own count of a prompt (chat template included); the sidecar prices
+    # token reservations with it (on loopback), clients may use it as vLLM's /tokenize.
+    Route("tokenize", "/tokenize", ("POST",), scope="completions", budget="requests"),
 )
 
 # Served by the inference server inside the pod only; through Envoy the policy answers 404.

@@ -1,83 +1,94 @@
-"""The HTTP front end: aiohttp routes, SSE framing, OpenAI-shaped errors, request metrics.
+"""The HTTP application: the endpoints' routers mounted, middleware, health, readiness, metrics.
 
-Knows nothing of torch: it talks to the generation service, the encoder and the metrics
-objects it is given. Every failure leaves as ``{"error": {message, type, param, code}}``.
+In: a :class:`ServerState` (config, the engine behind the ``GenerationEngine`` Protocol, the
+encoder, metrics, tracing). Out: an aiohttp application. Each OpenAI endpoint is one folder of
+``inference/openai/`` (protocol, serving, router); this module only mounts their routes and
+wraps them in the middleware that counts every request by route/status/tenant, tracks
+in-flight work for draining, and turns every failure into ``{"error": {message, type, param, code}}``.
+Knows nothing of torch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from common.replicas import LOAD_PATH, NOT_STARTED_HEADER, REPLICA_HEADER, LoadReport
+from common.replicas import LOAD_PATH, REPLICA_HEADER, LoadReport
 from common.routes import MODEL_PATHS
-from inference import protocol
 from inference.config import InferenceConfig
-from inference.generation import EngineDeadError, EngineNotReadyError, QueueFullError
+from inference.generation import GenerationEngine
 from inference.metrics import InferenceMetrics
-from inference.protocol import RequestError
-from inference.serving import GenerationService, RequestContext
+from inference.openai import protocol
+from inference.openai.chat import router as chat_router
+from inference.openai.chat.protocol import parse_chat_request
+from inference.openai.chat.serving import ChatServing
+from inference.openai.completion import router as completion_router
+from inference.openai.completion.protocol import parse_completion_request
+from inference.openai.completion.serving import CompletionServing
+from inference.openai.embeddings import router as embeddings_router
+from inference.openai.embeddings.serving import EmbeddingBackend, EmbeddingServing
+from inference.openai.http import USAGE, read_body, tenant_of
+from inference.openai.protocol import RequestError
+from inference.openai.serving import GenerationServing, ServedModels, not_started
 from inference.tracing import Tracing
+from inference.usage import UsageReporter, UsageTracker, ending_of, finish_usage
 from otel import names
 
 log = logging.getLogger("kernelgate.inference.api")
 
-TENANT_HEADER = "x-kernelgate-tenant"
-# The model the gateway routed this request to (the policy may degrade to a fallback model).
-ROUTED_MODEL_HEADER = "x-kernelgate-model"
-_TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_CLOSED = 499
-
-
-class EmbeddingBackend(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def ready(self) -> bool: ...
-
-    async def embed(self, texts: list[str], encoding_format: str) -> Any: ...
 
 
 @dataclass
 class ServerState:
-    """Everything the handlers use; one per application."""
+    """Everything the application holds; one per application."""
 
     config: InferenceConfig
-    generation: GenerationService
+    engine: GenerationEngine
     encoder: EmbeddingBackend | None
     metrics: InferenceMetrics
     tracing: Tracing
+    preprocess_executor: Executor
     replica_id: str = ""
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    usage: UsageReporter | None = None  # reports to the sidecar what each decision used
+
+    @property
+    def models(self) -> ServedModels:
+        return ServedModels(self.config.model.name, self.encoder.name if self.encoder is not None else None)
 
 
 STATE = web.AppKey("kernelgate_inference_state", ServerState)
+# A non-streamed response waits this long for its usage report to land (it then goes out settled).
+REPORT_WAIT_S = 0.5
 
 
 def create_app(state: ServerState) -> web.Application:
     """The aiohttp application serving ``state``."""
-    app = web.Application(client_max_size=state.config.limits.max_body_bytes, middlewares=[_observe])
+    config = state.config
+    app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[_observe])
     app[STATE] = state
     state.idle.set()
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/chat/completions", _chat_completions)
-    app.router.add_post("/v1/embeddings", _embeddings)
+    generation = GenerationServing(state.engine, state.preprocess_executor, state.tracing, state.models,
+                                   config.limits.retry_after_s)
+    embeddings = EmbeddingServing(state.encoder, state.models, config.embeddings.max_inputs,
+                                  config.limits.retry_after_s)
+    replica = state.replica_id
+    app.add_routes(completion_router.routes(CompletionServing(generation), state.tracing, config.limits, replica))
+    app.add_routes(chat_router.routes(ChatServing(generation), state.tracing, config.limits, replica))
+    app.add_routes(embeddings_router.routes(embeddings, state.tracing, config.limits, replica))
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/tokenize", _tokenize(generation, state.engine, config.limits.max_body_bytes))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -88,11 +99,6 @@ def create_app(state: ServerState) -> web.Application:
 
 async def _name_replica(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[REPLICA_HEADER] = request.app[STATE].replica_id
-
-
-def _not_started(state: ServerState) -> dict[str, str]:
-    """Headers of a refusal answered before any work started: Envoy may retry it on another replica."""
-    return {"Retry-After": str(state.config.limits.retry_after_s), NOT_STARTED_HEADER: "1"}
 
 
 # -- middleware -----------------------------------------------------------------------------
@@ -109,10 +115,12 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
     status = 500
     state.in_flight += 1
     state.idle.clear()
+    usage = state.usage.track(request.headers) if state.usage is not None else UsageTracker(None, None)
+    request[USAGE] = usage
     try:
         if state.draining and route in MODEL_PATHS:
             raise RequestError(503, "server is shutting down", type="service_unavailable",
-                               code="shutting_down", headers=_not_started(state))
+                               code="shutting_down", headers=not_started(state.config.limits.retry_after_s))
         response = await handler(request)
         status = CLIENT_CLOSED if response.get("client_closed") else response.status
         return response
@@ -130,6 +138,8 @@ async def _observe(request: web.Request, handler: Callable[[web.Request], Awaita
         status = 500
         return _error_response(RequestError(500, "internal server error", type="server_error"))
     finally:
+        # where every response ends: tell the sidecar what this decision used
+        await finish_usage(usage, state.usage, ending_of(status, status == CLIENT_CLOSED), REPORT_WAIT_S)
         state.in_flight -= 1
         if state.in_flight == 0:
             state.idle.set()
@@ -141,14 +151,6 @@ def _route_of(request: web.Request) -> str:
     info = request.match_info
     resource = info.route.resource if info.http_exception is None else None
     return resource.canonical if resource is not None else "unmatched"
-
-
-def tenant_of(headers: Any) -> str:
-    """The tenant the sidecar vouched for, as a safe label value ('none' when absent)."""
-    value = headers.get(TENANT_HEADER)
-    if not value:
-        return "none"
-    return value if _TENANT_RE.match(value) else "invalid"
 
 
 def _error_response(err: RequestError) -> web.Response:
@@ -165,165 +167,7 @@ def _from_http_exception(exc: web.HTTPException) -> RequestError:
     return RequestError(exc.status, exc.reason or "HTTP error")
 
 
-# -- generation -----------------------------------------------------------------------------
-
-
-async def _completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "completion")
-
-
-async def _chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "chat")
-
-
-async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
-    state = request.app[STATE]
-    attributes = {names.GEN_AI_OPERATION_NAME: "chat" if kind == "chat" else "text_completion",
-                  names.TENANT: tenant_of(request.headers),
-                  names.REPLICA_ID: state.replica_id}
-    with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
-                                    attributes) as span:
-        data = protocol.parse_json(await _read_body(request, state))
-        parsed = protocol.parse_chat_request(data) if kind == "chat" else protocol.parse_completion_request(data)
-        model = _served_model(state, request.headers, parsed.model)
-        sampling = parsed.sampling
-        span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
-        span.set_attribute(names.GEN_AI_RESPONSE_MODEL, model)
-        span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
-        span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
-        if sampling.max_tokens is not None:
-            span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, sampling.max_tokens)
-        if sampling.seed is not None:
-            span.set_attribute(names.GEN_AI_REQUEST_SEED, sampling.seed)
-        _check_ready(state)
-        prompts = await state.generation.prepare(parsed)
-        ctx = RequestContext(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                             model=model, tenant=tenant_of(request.headers), span=span)
-        streams = _submit(state, ctx, prompts)
-        span.set_attribute(names.GEN_AI_RESPONSE_ID, ctx.request_id)
-        timeout = state.config.limits.request_timeout_s
-        try:
-            if sampling.stream:
-                return await _send_sse(request, state.generation.stream(kind, ctx, streams, sampling.include_usage),
-                                       timeout)
-            try:
-                async with asyncio.timeout(timeout):
-                    body = await state.generation.complete(kind, ctx, streams)
-            except TimeoutError:
-                raise RequestError(504, f"request did not finish within {timeout:g}s", type="timeout",
-                                   code="request_timeout") from None
-            return web.json_response(body)
-        except EngineDeadError as exc:
-            raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
-        finally:
-            span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, ctx.prompt_tokens)
-            span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, ctx.completion_tokens)
-            if ctx.finish_reasons:
-                span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, ctx.finish_reasons)
-
-
-def _submit(state: ServerState, ctx: RequestContext, prompts: list[Any]) -> list[Any]:
-    retry_after = _not_started(state)
-    try:
-        return state.generation.submit(ctx, prompts)
-    except QueueFullError as exc:
-        raise RequestError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",
-                           headers=retry_after) from None
-    except EngineNotReadyError as exc:
-        raise RequestError(503, str(exc), type="service_unavailable", code="not_ready", headers=retry_after) from None
-    except EngineDeadError as exc:
-        raise RequestError(503, str(exc), type="server_error", code="engine_failed", headers=retry_after) from None
-
-
-async def _send_sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]], timeout: float) -> web.StreamResponse:
-    """Write ``data: {...}`` events, then ``data: [DONE]``; a vanished client ends it early."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    try:
-        async with aclosing(chunks) as events:
-            try:
-                async with asyncio.timeout(timeout):
-                    async for chunk in events:
-                        await response.write(_sse_event(chunk))
-            except TimeoutError:
-                err = RequestError(504, f"request did not finish within {timeout:g}s", type="timeout",
-                                   code="request_timeout")
-                await response.write(_sse_event(err.body()))
-            except RequestError as err:
-                await response.write(_sse_event(err.body()))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-    except ConnectionResetError:
-        response["client_closed"] = True
-    return response
-
-
-def _sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-# -- embeddings -----------------------------------------------------------------------------
-
-
-async def _embeddings(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    attributes = {names.GEN_AI_OPERATION_NAME: "embeddings", names.TENANT: tenant_of(request.headers)}
-    with state.tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
-                                    attributes) as span:
-        data = protocol.parse_json(await _read_body(request, state))
-        max_inputs = state.config.embeddings.max_inputs
-        parsed = protocol.parse_embedding_request(data, max_inputs)
-        encoder = state.encoder
-        if encoder is None or parsed.model != encoder.name:
-            if parsed.model == state.config.model.name:
-                raise RequestError(400, f"model '{parsed.model}' does not support embeddings", "model")
-            raise RequestError(404, f"model '{parsed.model}' does not exist", "model", code="model_not_found")
-        span.set_attribute(names.GEN_AI_REQUEST_MODEL, parsed.model)
-        if not encoder.ready:
-            raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
-                               headers={"Retry-After": str(state.config.limits.retry_after_s)})
-        result = await encoder.embed(list(parsed.inputs), parsed.encoding_format)
-        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
-        return web.json_response(protocol.embedding_object(parsed.model, result.vectors, result.prompt_tokens))
-
-
-# -- plumbing -------------------------------------------------------------------------------
-
-
-async def _read_body(request: web.Request, state: ServerState) -> bytes:
-    limit = state.config.limits.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestError(413, f"request body is {request.content_length} bytes; the limit is {limit}",
-                           code="request_too_large")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise RequestError(413, f"request body is larger than the limit of {limit} bytes",
-                           code="request_too_large") from None
-
-
-def _served_model(state: ServerState, headers: Any, requested: str) -> str:
-    """The model that serves the request: ours, when the body or the gateway's routing names it."""
-    if requested == state.config.model.name or headers.get(ROUTED_MODEL_HEADER) == state.config.model.name:
-        return state.config.model.name
-    _check_generation_model(state, requested)
-    return requested
-
-
-def _check_generation_model(state: ServerState, model: str) -> None:
-    if model == state.config.model.name:
-        return
-    if state.encoder is not None and model == state.encoder.name:
-        raise RequestError(400, f"model '{model}' is an embeddings model; use /v1/embeddings", "model")
-    raise RequestError(404, f"model '{model}' does not exist", "model", code="model_not_found")
-
-
-def _check_ready(state: ServerState) -> None:
-    engine = state.generation.engine
-    if not engine.ready:
-        raise RequestError(503, "model is still loading", type="service_unavailable", code="not_ready",
-                           headers=_not_started(state))
+# -- models, health, readiness, metrics ---------------------------------------------------------
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -334,9 +178,32 @@ async def _models(request: web.Request) -> web.Response:
     return web.json_response(protocol.model_list(models))
 
 
+def _tokenize(generation: GenerationServing, engine: GenerationEngine,
+              limit: int) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``POST /tokenize`` -> ``{"count": n, "max_model_len": m}``: the prompt of a completion or chat
+    body, tokenized as generation would (same tokenizer, chat template and checks); the sidecar
+    prices admission by it."""
+
+    async def handle(request: web.Request) -> web.Response:
+        data = protocol.parse_json(await read_body(request, limit))
+        if "messages" in data:
+            chat = parse_chat_request(data)
+            model, tokenize = chat.model, (lambda p: [p.chat(chat)])
+        else:
+            completion = parse_completion_request(data)
+            model, tokenize = completion.model, (lambda p: p.completion(completion))
+        generation.check_model(model)
+        generation.check_ready()
+        prompts = await generation.prepare(tokenize)
+        info = engine.info
+        return web.json_response({"count": sum(len(p.token_ids) for p in prompts),
+                                  "max_model_len": info.max_model_len if info is not None else None})
+
+    return handle
+
+
 async def _healthz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    failure = getattr(state.generation.engine, "failure", None)
+    failure = request.app[STATE].engine.failure
     if failure is not None:
         return web.json_response({"status": "failed", "error": str(failure)}, status=503)
     return web.json_response({"status": "ok"})
@@ -344,7 +211,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    checks = {"model": state.generation.engine.ready, "draining": not state.draining}
+    checks = {"model": state.engine.ready, "draining": not state.draining}
     if state.encoder is not None:
         checks["embeddings"] = state.encoder.ready
     ready = all(checks.values())
@@ -355,11 +222,10 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _load(request: web.Request) -> web.Response:
     """This replica's load (common.replicas.LoadReport): the sidecar polls it to learn saturation."""
     state = request.app[STATE]
-    engine = state.generation.engine
-    stats = engine.stats()  # type: ignore[attr-defined]
+    stats = state.engine.stats()
     batching = state.config.batching
     report = LoadReport(replica=state.replica_id, model=state.config.model.name,
-                        ready=bool(engine.ready) and not state.draining, running=stats.running,
+                        ready=bool(state.engine.ready) and not state.draining, running=stats.running,
                         waiting=stats.waiting, max_batch_size=batching.max_batch_size, max_queue=batching.max_queue)
     return web.json_response(report.to_json())
 

@@ -120,6 +120,19 @@ class EmbeddingsConfig:
 
 
 @dataclass(frozen=True)
+class UsageReportConfig:
+    """Where to report what each decision used: the kernelgate sidecar's gRPC address
+    (``authz.listen``); "" = no reports (the sidecar's reservations then expire as reserved)."""
+
+    address: str = ""
+    # per attempt (4 attempts); reports are sent off the response's path, so a slow sidecar costs nothing
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        require(self.timeout_s > 0, f"usage_report.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """The whole ``inference:`` section of the kernelgate config file."""
 
@@ -128,6 +141,7 @@ class InferenceConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    usage_report: UsageReportConfig = field(default_factory=UsageReportConfig)
     # Names this replica in responses, spans and load reports; "" means host:port.
     replica_id: str = ""
 

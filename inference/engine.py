@@ -23,39 +23,20 @@ import torch
 from common.gc_freeze import freeze_startup_objects
 from inference.config import BatchingConfig, ModelConfig
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
-from inference.generation import (EngineDeadError, EngineNotReadyError, GenerationOutput, GenerationRequest,
-                                  RequestStream)
+from inference.generation import (EngineDeadError, EngineNotReadyError, EngineStats, GenerationOutput, GenerationRequest,
+                                  ModelInfo, RequestStream, Spent, TokenLogprobs)
 from inference.metrics import InferenceMetrics
 from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
-from inference.sampling import RequestSampler, next_tokens
+from inference.sampling import Pick, RequestSampler, SamplingBuffers, next_tokens, prompt_logprobs
 from inference.scheduler import Scheduler, Sequence
+from inference.structured import Grammars
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
 from otel import names
 
 log = logging.getLogger("kernelgate.inference.engine")
 
 MAX_PREFILL_TOKENS = 8192
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the serving layer may know of the loaded model."""
-
-    name: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    tokenizer: Any
-    backend: str
-    device: str
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int
-    running: int
-    steps: int
 
 
 @dataclass
@@ -85,13 +66,15 @@ class Engine:
         self._scheduler = Scheduler(batching, MAX_PREFILL_TOKENS)
         self._cond = threading.Condition()
         self._aborts: set[str] = set()
-        self._by_id: dict[str, Sequence] = {}
+        self._by_id: dict[str, list[Sequence]] = {}
         self._ready = threading.Event()
         self._stopping = False
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._model: LoadedModel | None = None
         self._runner: ModelRunner | None = None
+        self._buffers: SamplingBuffers | None = None
+        self._guides: Grammars | None = None
         self._steps = 0
         self.info: ModelInfo | None = None
         metrics.watch_gpu_memory(self._gpu_memory_bytes)
@@ -144,14 +127,19 @@ class Engine:
         """Queue a request; raises QueueFullError, EngineNotReadyError or EngineDeadError."""
         if self._failure is not None:
             raise EngineDeadError(f"engine failed: {self._failure}")
-        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self.abort)
-        seq = Sequence(request=request, sink=stream, enqueued_ns=time.monotonic_ns(),
-                       enqueued_wall_ns=time.time_ns(), token_ids=list(request.prompt_token_ids))
+        n = request.params.n
+        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self.abort, sequences=n)
+        enqueued, enqueued_wall = time.monotonic_ns(), time.time_ns()
+        leader = Sequence(request=request, sink=stream, enqueued_ns=enqueued, enqueued_wall_ns=enqueued_wall,
+                          token_ids=list(request.prompt_token_ids))
+        seqs = [leader] + [Sequence(request=request, sink=stream, enqueued_ns=enqueued, enqueued_wall_ns=enqueued_wall,
+                                    token_ids=list(request.prompt_token_ids), index=i, leader=leader)
+                           for i in range(1, n)]
         with self._cond:
             if not self._ready.is_set() or self._stopping:
                 raise EngineNotReadyError("model is not ready" if not self._stopping else "server is shutting down")
-            self._scheduler.add(seq)
-            self._by_id[request.request_id] = seq
+            self._scheduler.add(seqs)
+            self._by_id[request.request_id] = seqs
             self.metrics.queue_depth.set(len(self._scheduler.waiting))
             self._cond.notify()
         return stream
@@ -177,10 +165,14 @@ class Engine:
                     self._runner = self._wrap_runner(self._runner)
                 self._warm_up()
                 freeze_startup_objects()
+                self._buffers = SamplingBuffers(self._batching.max_batch_size, self._model.vocab_size,
+                                                self._model.device)
+                self._guides = _grammars(self._model)
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
                                       vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
                                       tokenizer=self._model.tokenizer, backend=self._model.backend,
-                                      device=str(self._model.device))
+                                      device=str(self._model.device), max_sequences=self._batching.max_batch_size,
+                                      grammars=self._guides)
                 self._ready.set()
                 self.metrics.ready.set(1)
                 log.info("model %s ready (%s backend, %s, KV cache %.1f MiB, CUDA graphs %s)", self.info.name,
@@ -230,25 +222,47 @@ class Engine:
     def _step(self, phase: StepPhase, seqs: list[Sequence]) -> None:
         runner = self._runner
         assert runner is not None
+        prompt_logits: dict[int, torch.Tensor] = {}
         if phase == "prefill":
             for seq in seqs:
                 self._begin(seq)
-        step = StepInfo(index=self._steps, phase=phase, batch_size=len(seqs),
-                        num_tokens=sum(s.prompt_len for s in seqs) if phase == "prefill" else len(seqs),
+            # Leaders come first and hold consecutive slots; forks (n > 1) copy their leader's prefill.
+            leaders = [s for s in seqs if s.leader is None]
+            tokens = [s.prompt_len if s.leader is None else 0 for s in seqs]
+        else:
+            leaders = seqs
+            tokens = [1] * len(seqs)
+        step = StepInfo(index=self._steps, phase=phase, batch_size=len(seqs), num_tokens=sum(tokens),
                         request_ids=tuple(s.request_id for s in seqs), start_time_ns=time.time_ns(),
-                        trace_contexts=tuple(s.request.trace_context for s in seqs))
+                        trace_contexts=tuple(s.request.trace_context for s in seqs),
+                        tokens_per_sequence=tuple(tokens))
         self._notify_observer("start", step, None)
         if phase == "prefill":
-            logits = runner.prefill(seqs[0].slot, [s.token_ids for s in seqs])
+            prompts = [s.token_ids for s in leaders]
+            echo_rows = [i for i, s in enumerate(leaders) if s.request.params.prompt_logprobs is not None]
+            if echo_rows:
+                logits, full = runner.prefill_full(leaders[0].slot, prompts, echo_rows)
+                prompt_logits = dict(zip(echo_rows, full))
+            else:
+                logits = runner.prefill(leaders[0].slot, prompts)
+            row_of = {id(s): i for i, s in enumerate(leaders)}
+            forks = [s for s in seqs if s.leader is not None]
+            for fork in forks:
+                runner.move(fork.leader.slot, fork.slot, fork.prompt_len)
+            if forks:
+                logits = logits[torch.tensor([row_of[id(s.leader or s)] for s in seqs], device=logits.device)]
         else:
             logits = runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
-        tokens = next_tokens(logits, [s.state.sampler for s in seqs])
+        picks = next_tokens(logits, [s.state.sampler for s in seqs], self._buffers)
+        echoes = {id(leaders[row]): prompt_logprobs(full_logits, leaders[row].token_ids,
+                                                    leaders[row].request.params.prompt_logprobs or 0)
+                  for row, full_logits in prompt_logits.items()}
         end_ns, now = time.time_ns(), time.monotonic_ns()
         self._steps += 1
         deliveries: list[tuple[RequestStream, GenerationOutput]] = []
         done: list[Sequence] = []
-        for seq, token in zip(seqs, tokens):
-            output = self._append(seq, token, now)
+        for seq, pick in zip(seqs, picks):
+            output = self._append(seq, pick, now, echoes.get(id(seq.leader or seq)))
             deliveries.append((seq.sink, output))
             if output.finished:
                 done.append(seq)
@@ -274,16 +288,21 @@ class Engine:
         backend = getattr(model.tokenizer, "backend_tokenizer", model.tokenizer)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                        else frozenset(model.eos_token_ids))
-        seq.state = _DecodeState(sampler=RequestSampler(params, model.device),
-                                 detokenizer=IncrementalDetokenizer(backend, len(model.tokenizer)),
+        guide = self._guides.matcher(params.guide) if params.guide is not None and self._guides else None
+        counts = self._buffers.counts if self._buffers is not None else None
+        sampler = RequestSampler(params, model.device, seed_offset=seq.index, counts=counts, guide=guide)
+        seq.state = _DecodeState(sampler=sampler, detokenizer=IncrementalDetokenizer(backend, len(model.tokenizer)),
                                  stop_filter=StopStringFilter(params.stop), stop_token_ids=stop_ids)
-        admitted_wall = seq.enqueued_wall_ns + (seq.admitted_ns - seq.enqueued_ns)
-        self._tracing.record_child(names.QUEUE_SPAN, seq.request.trace_context, seq.enqueued_wall_ns, admitted_wall,
-                                   {names.QUEUE_SLOT: seq.slot})
+        if seq.index == 0:
+            admitted_wall = seq.enqueued_wall_ns + (seq.admitted_ns - seq.enqueued_ns)
+            self._tracing.record_child(names.QUEUE_SPAN, seq.request.trace_context, seq.enqueued_wall_ns,
+                                       admitted_wall, {names.QUEUE_SLOT: seq.slot})
 
-    def _append(self, seq: Sequence, token: int, now: int) -> GenerationOutput:
+    def _append(self, seq: Sequence, pick: Pick, now: int,
+                echo: tuple[TokenLogprobs, ...] | None) -> GenerationOutput:
         """Add one generated token; return the output that carries it."""
         state: _DecodeState = seq.state
+        token = pick.token
         seq.token_ids.append(token)
         seq.generated += 1
         if seq.generated == 1:
@@ -291,11 +310,14 @@ class Engine:
             self.metrics.time_to_first_token.observe((now - seq.enqueued_ns) / 1e9)
         reason = None
         text = ""
+        guide = state.sampler.guide
+        if guide is not None:
+            guide.accept(token)
         if token in state.stop_token_ids:
             reason = "stop"
         else:
             text = state.stop_filter.push(state.detokenizer.add(token))
-            if state.stop_filter.stopped:
+            if state.stop_filter.stopped or (guide is not None and guide.done):
                 reason = "stop"
         if reason is None and seq.generated >= seq.request.params.max_tokens:
             reason = "length"
@@ -306,30 +328,41 @@ class Engine:
             self.metrics.finished.labels(reason).inc()
         return GenerationOutput(request_id=seq.request_id, text=text, token_ids=(token,), prompt_tokens=seq.prompt_len,
                                 completion_tokens=seq.generated, finished=reason is not None,
-                                finish_reason=reason)
+                                finish_reason=reason, index=seq.index,
+                                logprobs=(pick.logprobs,) if pick.logprobs is not None else None,
+                                prompt_logprobs=echo if seq.generated == 1 else None)
 
     def _retire(self, seq: Sequence) -> None:
         """Free a running sequence's slot (caller holds the lock)."""
         move = self._scheduler.finish(seq)
         if move is not None and self._runner is not None:
             self._runner.move(move.src, move.dst, move.length)
-        self._by_id.pop(seq.request_id, None)
-        self._aborts.discard(seq.request_id)
+        if seq.state is not None:
+            seq.state.sampler.close()
+        seqs = self._by_id.get(seq.request_id, [])
+        if seq in seqs:
+            seqs.remove(seq)
+        if not seqs:
+            self._by_id.pop(seq.request_id, None)
+            self._aborts.discard(seq.request_id)
+        _report_spent(seq, prefilled=True)
 
     def _apply_aborts(self) -> None:
         """Drop aborted requests from the queue or the batch (caller holds the lock)."""
         for request_id in list(self._aborts):
-            seq = self._by_id.get(request_id)
+            seqs = list(self._by_id.get(request_id, ()))
             self._aborts.discard(request_id)
-            if seq is None:
-                continue
-            if seq.slot >= 0:
-                self._retire(seq)
-            else:
-                self._scheduler.remove_waiting(seq)
-                self._by_id.pop(request_id, None)
-            self.metrics.finished.labels("abort").inc()
-            log.info("request %s cancelled after %d tokens; slot freed", request_id, seq.generated)
+            for seq in seqs:
+                if seq.slot >= 0:
+                    self._retire(seq)
+                else:
+                    self._scheduler.remove_waiting(seq)
+                    _report_spent(seq, prefilled=False)
+            self._by_id.pop(request_id, None)
+            if seqs:
+                self.metrics.finished.labels("abort").inc()
+                log.info("request %s cancelled after %d tokens; slot freed", request_id,
+                         sum(s.generated for s in seqs))
 
     def _deliver(self, deliveries: list[tuple[RequestStream, GenerationOutput]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, GenerationOutput]]] = {}
@@ -343,10 +376,13 @@ class Engine:
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._cond:
-            seqs = list(self._by_id.values())
+            left = [seq for seqs in self._by_id.values() for seq in seqs]
+            sinks = {id(seq.sink): seq.sink for seq in left}
             self._by_id.clear()
         error = EngineDeadError(f"engine failed: {exc}")
-        self._deliver_error([s.sink for s in seqs], error)
+        for seq in left:
+            _report_spent(seq, prefilled=seq.slot >= 0)
+        self._deliver_error(list(sinks.values()), error)
 
     def _deliver_error(self, streams: list[RequestStream], error: BaseException) -> None:
         for stream in streams:
@@ -372,6 +408,24 @@ class Engine:
             return 0.0
         free, total = torch.cuda.mem_get_info(model.device)
         return float(total - free)
+
+
+def _report_spent(seq: Sequence, prefilled: bool) -> None:
+    """Hand the request's final count to its stream's loop (before any output still to deliver)."""
+    spent = Spent(seq.prompt_len if prefilled else 0, seq.generated)
+    try:
+        seq.sink.loop.call_soon_threadsafe(seq.sink.set_spent, spent)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
+
+
+def _grammars(model: LoadedModel) -> Grammars | None:
+    """Constrained decoding for this model's tokenizer (None: llguidance missing, or a slow tokenizer)."""
+    try:
+        return Grammars(model.tokenizer, model.vocab_size, model.eos_token_ids)
+    except (ImportError, ValueError) as exc:
+        log.warning("response_format json_object/json_schema unavailable: %s", exc)
+        return None
 
 
 def _put_all(items: list[tuple[RequestStream, GenerationOutput]]) -> None:

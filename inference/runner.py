@@ -120,6 +120,19 @@ class ModelRunner:
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
         """Fill slots ``first_slot..`` with ``prompts``; return next-token logits ``[n, vocab]``."""
+        return self.prefill_full(first_slot, prompts, [])[0]
+
+    def prefill_full(self, first_slot: int, prompts: list[list[int]],
+                     full_rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As :meth:`prefill`, plus the logits at every prompt position ``[len, vocab]`` of the
+        rows in ``full_rows`` (for the log-probabilities of the prompt's own tokens)."""
+        hidden = self._prefill_hidden(first_slot, prompts)
+        rows = len(prompts)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        full = [self._model.logits(hidden[row, :len(prompts[row])]) for row in full_rows]
+        return self._model.logits(hidden[torch.arange(rows, device=self.device), last]), full
+
+    def _prefill_hidden(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
         rows = len(prompts)
         width = max(len(p) for p in prompts)
         tokens = torch.zeros(rows, width, dtype=torch.long)
@@ -131,9 +144,7 @@ class ModelRunner:
         batch = AttentionBatch(first_slot=first_slot, num_rows=rows, kv_len=width,
                                row_index=self._row_index[:rows], write_positions=positions,
                                mask=additive_mask(causal, self.dtype).expand(rows, 1, width, width), causal=True)
-        hidden = self._hidden(tokens, positions, batch)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._model.logits(hidden[torch.arange(rows, device=self.device), last])
+        return self._hidden(tokens, positions, batch)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of the first ``len(tokens)`` slots; return logits ``[n, vocab]``.

@@ -8,6 +8,7 @@ one leaves, getting back the slot move that keeps running slots dense.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ class Sequence:
     admitted_ns: int = 0
     first_token_ns: int = 0
     state: Any = None  # the engine's per-request decoding state (sampler, detokenizer, stop filter)
+    index: int = 0  # which of the request's ``n`` sequences
+    leader: Sequence | None = None  # sequence 0 of the request, whose prefill this one copies (n > 1)
 
     @property
     def request_id(self) -> str:
@@ -68,32 +71,56 @@ class Scheduler:
     def capacity(self) -> int:
         return self._batching.max_batch_size + self._batching.max_queue
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence; QueueFullError when batch and queue are both full."""
-        if len(self.waiting) + len(self.running) >= self.capacity:
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences (one, or ``n`` that share a prefill); QueueFullError when
+        batch and queue are both full."""
+        if len(self.waiting) + len(self.running) + len(seqs) > self.capacity:
             raise QueueFullError(f"server at capacity ({self.capacity} requests running or queued)")
-        self.waiting.append(seq)
+        if len(seqs) > self._batching.max_batch_size:
+            raise ValueError(f"{len(seqs)} sequences cannot share a batch of {self._batching.max_batch_size}")
+        self.waiting.extend(seqs)
 
     def admit(self, now_ns: int, draining: bool = False) -> list[Sequence]:
-        """Move the sequences that may start now from ``waiting`` to ``running`` (slots assigned)."""
+        """Move the sequences that may start now from ``waiting`` to ``running`` (slots assigned).
+
+        A request's ``n`` sequences join together; the ones that are prefilled (leaders) get
+        the lower slots, so their prefill covers consecutive slots, and the sequences that copy
+        a leader's prefill follow.
+        """
         if not self.waiting or self._should_wait(now_ns, draining):
             return []
         admitted: list[Sequence] = []
         prefill_tokens = 0
-        while self.waiting and len(self.running) < self._batching.max_batch_size:
-            seq = self.waiting[0]
-            over_budget = self.tokens_in_flight + seq.reserved_tokens > self._batching.max_tokens_in_flight
-            over_prefill = prefill_tokens + seq.prompt_len > self._max_prefill_tokens
-            if (over_budget and self.running) or (over_prefill and admitted):
+        while self.waiting:
+            group = self._head_group()
+            if len(self.running) + len(admitted) + len(group) > self._batching.max_batch_size:
                 break
-            self.waiting.popleft()
+            reserved = sum(s.reserved_tokens for s in group)
+            over_budget = self.tokens_in_flight + reserved > self._batching.max_tokens_in_flight
+            over_prefill = prefill_tokens + group[0].prompt_len > self._max_prefill_tokens
+            if (over_budget and (self.running or admitted)) or (over_prefill and admitted):
+                break
+            for _ in group:
+                self.waiting.popleft()
+            self.tokens_in_flight += reserved
+            prefill_tokens += group[0].prompt_len
+            admitted.extend(group)
+        ordered = [s for s in admitted if s.leader is None] + [s for s in admitted if s.leader is not None]
+        for seq in ordered:
             seq.slot = len(self.running)
             seq.admitted_ns = now_ns
             self.running.append(seq)
-            self.tokens_in_flight += seq.reserved_tokens
-            prefill_tokens += seq.prompt_len
-            admitted.append(seq)
-        return admitted
+        return ordered
+
+    def _head_group(self) -> list[Sequence]:
+        """The first waiting sequence and the ones that share its prefill."""
+        head = self.waiting[0]
+        group = [head]
+        for seq in itertools.islice(self.waiting, 1, None):
+            if seq.leader is not head:
+                break
+            group.append(seq)
+        return group
 
     def wait_timeout_s(self, now_ns: int) -> float | None:
         """How long the engine may sleep before something is due (None: until woken)."""
@@ -121,6 +148,8 @@ class Scheduler:
             self.waiting.remove(seq)
         except ValueError:
             return False
+        for fork in [s for s in self.waiting if s.leader is seq]:  # a leader never runs without its forks
+            fork.leader = None
         return True
 
     def _should_wait(self, now_ns: int, draining: bool) -> bool:

@@ -20,9 +20,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from inference.api import STATE, ServerState, create_app
+from inference.usage import UsageReporter
 from inference.config import InferenceConfig
 from inference.metrics import InferenceMetrics
-from inference.serving import GenerationService
 from inference.tracing import ForwardObserver, Tracing
 
 log = logging.getLogger("kernelgate.inference.server")
@@ -59,8 +59,11 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
 
         encoder = Encoder(config.embeddings)
     preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
-    state = ServerState(config=config, generation=GenerationService(engine, preprocess_executor, tracing),
-                        encoder=encoder, metrics=metrics, tracing=tracing, replica_id=replica_id(config))
+    reporter = (UsageReporter(config.usage_report.address, config.usage_report.timeout_s)
+                if config.usage_report.address else None)
+    state = ServerState(config=config, engine=engine, encoder=encoder, metrics=metrics,  # type: ignore[arg-type]
+                        tracing=tracing, preprocess_executor=preprocess_executor, usage=reporter,
+                        replica_id=replica_id(config))
     app = create_app(state)
 
     async def start_models(_: web.Application) -> None:
@@ -78,6 +81,8 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         if encoder is not None and hasattr(encoder, "close"):
             encoder.close()
         preprocess_executor.shutdown(wait=False, cancel_futures=True)
+        if reporter is not None:
+            await reporter.close()
 
     app.on_startup.append(start_models)
     app.on_cleanup.append(stop_models)

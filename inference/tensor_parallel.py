@@ -100,8 +100,14 @@ class MirroredRunner:
             torch.distributed.broadcast(torch.tensor(payload, dtype=torch.long), src=0, group=self._control)
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        return self.prefill_full(first_slot, prompts, [])[0]
+
+    def prefill_full(self, first_slot: int, prompts: list[list[int]],
+                     full_rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The followers run the same prefill (its collectives); the LM head is replicated, so the
+        extra logits of ``full_rows`` (prompt log-probabilities) are computed here alone."""
         self._send(OP_PREFILL, [first_slot, len(prompts)] + [len(p) for p in prompts] + [t for p in prompts for t in p])
-        return self._runner.prefill(first_slot, prompts)
+        return self._runner.prefill_full(first_slot, prompts, full_rows)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         self._send(OP_DECODE, list(tokens) + list(positions))

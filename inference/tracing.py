@@ -12,6 +12,7 @@ timestamps, so nothing is added to the forward pass itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ class StepInfo:
     start_time_ns: int
     # Span contexts of the requests' server spans, aligned with request_ids (kernel capture finds its requests).
     trace_contexts: tuple[SpanContext | None, ...] = ()
+    # Tokens each sequence put through this pass, aligned with request_ids (prompt length in a
+    # prefill, 0 for a sequence that copies another's prefill, 1 in a decode): how a pass's GPU
+    # time is divided among its requests.
+    tokens_per_sequence: tuple[int, ...] = ()
 
 
 def step_attributes(step: StepInfo) -> dict[str, Any]:
@@ -68,7 +73,10 @@ class RequestObserver(Protocol):
 
     def on_request(self, span: trace.Span, headers: Mapping[str, str]) -> object: ...
 
-    def on_request_end(self, span_context: SpanContext) -> None: ...
+    def on_request_end(self, span: trace.Span, end_ns: int) -> bool:
+        """The request is done at ``end_ns``; True: the observer ends ``span`` (with that end time) once
+        it has added what it still measures about the request, False: the caller ends it now."""
+        ...
 
 
 class Tracing:
@@ -85,7 +93,7 @@ class Tracing:
         parent = propagate.extract(headers)
         with self.tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
                                                attributes=dict(attributes), record_exception=False,
-                                               set_status_on_exception=False) as span:
+                                               set_status_on_exception=False, end_on_exit=False) as span:
             if self._request_observer is not None:
                 self._request_observer.on_request(span, headers)
             try:
@@ -99,8 +107,11 @@ class Tracing:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise
             finally:
-                if self._request_observer is not None:
-                    self._request_observer.on_request_end(span.get_span_context())
+                # A kernel-traced request's span stays open (its end time fixed) until its GPU share is on it.
+                end_ns = time.time_ns()
+                observer = self._request_observer
+                if observer is None or not observer.on_request_end(span, end_ns):
+                    span.end(end_time=end_ns)
 
     @contextmanager
     def child_span(self, name: str) -> Iterator[trace.Span]:

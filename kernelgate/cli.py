@@ -49,9 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     from inference.server import run
     from inference.tracing import Tracing
-    from otel.setup import configure_tracing, kernel_tracing
+    from otel.setup import configure_metrics, configure_tracing, kernel_tracing
 
-    with configure_tracing(config.telemetry, "kernelgate-inference"), kernel_tracing(config.telemetry) as kernels:
+    with configure_tracing(config.telemetry, "kernelgate-inference"), \
+            configure_metrics(config.telemetry, "kernelgate-inference"), kernel_tracing(config.telemetry) as kernels:
         run(config.inference, Tracing(request_observer=kernels), kernels)
     return 0
 

@@ -29,8 +29,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterLbPolicy, OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
-    Address, GrpcService, GrpcServiceEnvoyGrpc, HeaderValue, HealthCheck, HealthCheckHttpHealthCheck,
+    Address, DataSource, GrpcService, GrpcServiceEnvoyGrpc, HeaderValue, HealthCheck, HealthCheckHttpHealthCheck,
     Http1ProtocolOptions, Http2ProtocolOptions, HttpUri, Pipe, RuntimeUInt32, SocketAddress, SubstitutionFormatString,
+    TransportSocket,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
@@ -50,6 +51,9 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerTracing, HttpFilter, LocalReplyConfig, ResponseMapper,
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions, HttpProtocolOptionsExplicitHttpConfig,
 )
@@ -164,8 +168,18 @@ class EnvoyConfig:
     otlp_address: str = ""
     service_name: str = "kernelgate-envoy"
     trace_sampling_percent: float = 100.0
+    # TLS on the listener: PEM files of its certificate and key ("" = plain HTTP). With
+    # tls_client_ca_file, clients must present a certificate signed by that CA (mutual TLS),
+    # and ext_authz receives it (include_peer_certificate) for identity.mtls.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file and tls_key_file (mutual TLS is TLS)")
         for name, targets in self.model_upstreams.items():
             if not targets:
                 raise ValueError(f"model_upstreams.{name}: list at least one host:port")
@@ -222,9 +236,8 @@ def _http_service(cfg: EnvoyConfig) -> HttpService:
         server_uri=HttpUri(uri=f"http://{AUTHZ_CLUSTER}", cluster=AUTHZ_CLUSTER, timeout=_seconds(cfg.authz_timeout_s)),
         path_prefix=http_transport.PATH_PREFIX,
         authorization_request=AuthorizationRequest(
-            # every client header, as the gRPC CheckRequest carries them
-            allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
-            headers_to_add=[HeaderValue(key=k, value=v) for k, v in http_transport.CARRIED.items()]),
+            headers_to_add=[HeaderValue(key=k, value=v) for k, v in http_transport.carried_headers(
+                tls=bool(cfg.tls_cert_file), peer_certificate=bool(cfg.tls_client_ca_file)).items()]),
         authorization_response=AuthorizationResponse(
             allowed_upstream_headers=_prefixes(http_transport.UPSTREAM_HEADER_PREFIXES),
             allowed_client_headers_on_success=_prefixes(http_transport.CLIENT_HEADER_PREFIXES)),
@@ -240,6 +253,18 @@ def _status_stand_ins() -> LocalReplyConfig:
                 value=RuntimeUInt32(default_value=stand_in, runtime_key=f"kernelgate.authz_status_{stand_in}")))),
             AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UAEX"]))])),
         status_code=status) for status, stand_in in http_transport.STATUS_STAND_INS.items()])
+
+
+def _downstream_tls(cfg: EnvoyConfig) -> TransportSocket | None:
+    if not cfg.tls_cert_file:
+        return None
+    common = CommonTlsContext(tls_certificates=[TlsCertificate(
+        certificate_chain=DataSource(filename=cfg.tls_cert_file), private_key=DataSource(filename=cfg.tls_key_file))])
+    if cfg.tls_client_ca_file:
+        common.validation_context = CertificateValidationContext(
+            trusted_ca=DataSource(filename=cfg.tls_client_ca_file))
+    context = DownstreamTlsContext(common_tls_context=common, require_client_certificate=bool(cfg.tls_client_ca_file))
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyMessage.pack(context))
 
 
 def _inference_cluster(name: str, targets: list[str], policy: UpstreamPolicy) -> Cluster:
@@ -302,6 +327,11 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         with_request_body=BufferSettings(max_request_bytes=cfg.max_request_bytes, allow_partial_message=True),
         failure_mode_allow=cfg.failure_mode_allow,
         status_on_error=HttpStatus(code=StatusCode(cfg.status_on_error)),
+        include_peer_certificate=bool(cfg.tls_client_ca_file),
+        # Every client header reaches the sidecar (both transports) except the names of the
+        # attributes the HTTP transport carries: Envoy alone sets those, a client cannot forge them.
+        allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
+        disallowed_headers=_prefixes((http_transport.CARRIED_PREFIX,)),
         # The policy's x-kernelgate-model header picks the model's cluster.
         clear_route_cache=bool(cfg.model_upstreams),
     )
@@ -347,7 +377,8 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         name="ingress",
         address=_address(f"{cfg.listen_host}:{cfg.listen_port}"),
         filter_chains=[FilterChain(filters=[Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(hcm))])],
+            name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(hcm))],
+            transport_socket=_downstream_tls(cfg))],
     )
     return Bootstrap(
         admin=Admin(address=_address(f"{cfg.admin_host}:{cfg.admin_port}")),

@@ -75,6 +75,8 @@ class TelemetryConfig:
     # How long finished spans wait in the batch before export (seconds).
     export_delay_s: float = 2.0
     max_queue_size: int = 8192
+    # GenAI metrics (gen_ai.server.*) exported over the same OTLP endpoint every this many seconds (0: off).
+    metrics_interval_s: float = 10.0
     resource_attributes: dict[str, str] = field(default_factory=dict)
     kernels: KernelTraceConfig = field(default_factory=KernelTraceConfig)
 
@@ -83,3 +85,4 @@ class TelemetryConfig:
                 f"telemetry.sampling_ratio must be within 0..1, got {self.sampling_ratio}")
         require(self.export_delay_s > 0, "telemetry.export_delay_s must be > 0")
         require(self.decode_step_spans_every >= 1, "telemetry.decode_step_spans_every must be >= 1")
+        require(self.metrics_interval_s >= 0, "telemetry.metrics_interval_s must be >= 0 (0: no metrics)")

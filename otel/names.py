@@ -20,11 +20,13 @@ INFERENCE_TRACER = "kernelgate.inference"
 KERNELS_TRACER = "kernelgate.kernels"
 
 # --- spans ------------------------------------------------------------------------------------------
-# sidecar: one server span per ext_authz Check, three children when recorded
+# sidecar: one server span per ext_authz Check, its children when recorded
 AUTHZ_CHECK_SPAN = "ext_authz.check"
 IDENTITY_SPAN = "identity"
 OPA_QUERY_SPAN = "opa.query"
 RATELIMIT_SPAN = "ratelimit"
+# the prompt counted by the inference server's /tokenize, when token budgets are priced exactly
+PROMPT_COUNT_SPAN = "prompt.count"
 # inference: the request's server span is named "<method> <route>" (http_server_span_name)
 PREPROCESS_SPAN = "preprocess"
 QUEUE_SPAN = "queue"
@@ -52,6 +54,16 @@ GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"  # the model that served it (a f
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"  # "input" | "output", on gen_ai.client.token.usage
+ERROR_TYPE = "error.type"
+
+# --- metrics: GenAI semantic conventions (inference/genai_metrics.py) -------------------------------------
+METRIC_SERVER_REQUEST_DURATION = "gen_ai.server.request.duration"
+METRIC_SERVER_TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"
+METRIC_SERVER_TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
+METRIC_CLIENT_TOKEN_USAGE = "gen_ai.client.token.usage"
 
 # --- attributes: the sidecar's check ---------------------------------------------------------------------
 TENANT = "kernelgate.tenant"
@@ -92,6 +104,9 @@ KERNELS_FOLDED = "kernelgate.kernels.folded"
 KERNELS_DROPPED = "kernelgate.kernels.dropped"
 KERNELS_CLAMPED = "kernelgate.kernels.clamped"
 KERNELS_GPU_TIME_NS = "kernelgate.kernels.gpu_time_ns"
+# on gpu.forward (this pass) and on the request's server span (its captured passes): the request's part of
+# the passes' GPU time, divided among a pass's sequences by the tokens each put through it
+GPU_REQUEST_SHARE_NS = "kernelgate.gpu.request_share_ns"
 KERNELS_FIRST_START_NS = "kernelgate.kernels.first_start_ns"
 KERNELS_LAST_END_NS = "kernelgate.kernels.last_end_ns"
 CLOCK_UNCERTAINTY_NS = "kernelgate.clock.uncertainty_ns"

@@ -1,4 +1,4 @@
-"""OTLP on disk: traces where no collector can be reached (benchmarks, air-gapped nodes).
+"""OTLP on disk: traces (and metrics) where no collector can be reached (benchmarks, air-gapped nodes).
 
 A path ending in ``.json``/``.jsonl`` gets OTLP/JSON lines, one ``{"resourceSpans": [...]}``
 object per export (hex ids, integer enums: what the OpenTelemetry collector's file exporter
@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -44,19 +45,16 @@ def _to_json(message: Any) -> dict[str, Any]:
     return _hex_ids(MessageToDict(message, use_integers_for_enums=True))
 
 
-class OTLPFileExporter(SpanExporter):
-    """Appends each batch to ``path`` (OTLP/JSON line or length-prefixed protobuf, by extension)."""
+class _OTLPFile:
+    """One OTLP export request per write: a JSON line, or length-prefixed protobuf (by extension)."""
 
     def __init__(self, path: str | Path) -> None:
         self._lock = threading.Lock()
         self._json = is_json_path(path)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a" if self._json else "ab")  # noqa: SIM115 - closed in shutdown()
+        self._file = open(path, "a" if self._json else "ab")  # noqa: SIM115 - closed in close()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-        request = encode_spans(spans)
+    def write(self, request: Any) -> bool:
         if self._json:
             data: str | bytes = json.dumps(_to_json(request), separators=(",", ":")) + "\n"
         else:
@@ -64,17 +62,52 @@ class OTLPFileExporter(SpanExporter):
             data = _LENGTH.pack(len(body)) + body
         with self._lock:
             if self._file.closed:
-                return SpanExportResult.FAILURE
+                return False
             self._file.write(data)
             self._file.flush()
-        return SpanExportResult.SUCCESS
+        return True
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         with self._lock:
             self._file.close()
 
+
+class OTLPFileExporter(SpanExporter):
+    """Appends each batch of spans to ``path`` (OTLP/JSON line or length-prefixed protobuf, by extension)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = _OTLPFile(path)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        return SpanExportResult.SUCCESS if self._file.write(encode_spans(spans)) else SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self._file.close()
+
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+class OTLPFileMetricExporter(MetricExporter):
+    """Metrics as :class:`OTLPFileExporter` writes spans, one export request per batch."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self._file = _OTLPFile(path)
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+        ok = self._file.write(encode_metrics(metrics_data))
+        return MetricExportResult.SUCCESS if ok else MetricExportResult.FAILURE
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._file.close()
 
 
 def read_otlp_file(path: str | Path) -> Iterator[dict[str, Any]]:

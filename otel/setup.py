@@ -1,7 +1,8 @@
-"""Tracing set-up, in one place: provider, sampler, exporter, propagators, resource.
+"""Telemetry set-up, in one place: tracer and meter providers, sampler, exporters, propagators, resource.
 
-Instrumented code only calls ``opentelemetry.trace.get_tracer(...)`` and starts spans;
-when telemetry is disabled those spans are no-ops.
+Instrumented code only calls ``opentelemetry.trace.get_tracer(...)`` / ``metrics.get_meter(...)``
+and starts spans or records measurements; when telemetry is disabled those are no-ops.
+Metrics go where traces go (the same OTLP endpoint and protocol).
 """
 
 from __future__ import annotations
@@ -72,6 +73,45 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
         yield provider
     finally:
         provider.shutdown()
+
+
+@contextlib.contextmanager
+def configure_metrics(config: TelemetryConfig | None, service_name: str) -> Iterator[object | None]:
+    """Install the SDK meter provider for this process (OTLP, every ``metrics_interval_s``); flush on exit."""
+    if config is None or not config.enabled or config.metrics_interval_s == 0:
+        yield None
+        return
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    if config.protocol == "file":
+        from otel.otlp_file import OTLPFileMetricExporter
+
+        exporter = OTLPFileMetricExporter(metrics_path(config.otlp_endpoint))
+    elif config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True, timeout=config.export_timeout_s)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HTTPMetricExporter
+
+        endpoint = config.otlp_endpoint.rstrip("/").removesuffix("/v1/traces")
+        exporter = HTTPMetricExporter(endpoint=endpoint + "/v1/metrics", timeout=config.export_timeout_s)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=config.metrics_interval_s * 1000,
+                                           export_timeout_millis=config.export_timeout_s * 1000)
+    provider = MeterProvider(resource=build_resource(config, service_name), metric_readers=[reader])
+    metrics.set_meter_provider(provider)
+    try:
+        yield provider
+    finally:
+        provider.shutdown()
+
+
+def metrics_path(traces_path: str) -> str:
+    """Where the file protocol writes metrics: beside the traces (``x.jsonl`` -> ``x.metrics.jsonl``)."""
+    stem, dot, ext = traces_path.rpartition(".")
+    return f"{stem}.metrics.{ext}" if dot and "/" not in ext else traces_path + ".metrics"
 
 
 @contextlib.contextmanager

@@ -37,8 +37,8 @@ result := _public_allow if {
 	_method in _route.methods
 } else := _deny(_problem) if {
 	_problem
-} else := _models_allow if {
-	_route.id == "models"
+} else := _requests_only_allow if {
+	_route.budget == "requests"
 } else := _degraded if {
 	_route.kind
 	_saturated(_model_name)
@@ -62,7 +62,8 @@ _routes := [
 	{"id": "completions", "path": ["v1", "completions"], "methods": ["POST"], "scope": "completions", "kind": "generate"},
 	{"id": "chat", "path": ["v1", "chat", "completions"], "methods": ["POST"], "scope": "completions", "kind": "generate"},
 	{"id": "embeddings", "path": ["v1", "embeddings"], "methods": ["POST"], "scope": "embeddings", "kind": "embed"},
-	{"id": "models", "path": ["v1", "models"], "methods": ["GET"], "scope": "models"},
+	{"id": "models", "path": ["v1", "models"], "methods": ["GET"], "scope": "models", "budget": "requests"},
+	{"id": "tokenize", "path": ["tokenize"], "methods": ["POST"], "scope": "completions", "budget": "requests"},
 ]
 
 # Paths are unique in the table, so at most one route matches.
@@ -385,15 +386,23 @@ _model_limits := object.union(_tenant_limits, object.get(_tenant, ["limits", _mo
 
 _unit(limits) := object.get(limits, "unit", "minute")
 
-# Listing models costs no tokens: only the request budget applies.
-_models_allow := _allow(
+# Routes that run no model (listing models, counting tokens) cost no tokens: only
+# the request budget applies, so the decision names no token budget at all.
+_requests_only_allow := _allow(
 	{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name},
-	{"requests": _tenant_limits.requests, "tokens": 0, "unit": _unit(_tenant_limits)},
+	{"requests": _tenant_limits.requests, "unit": _unit(_tenant_limits)},
 )
+
+# Token accounting options ride along when the data sets them (concurrency, input/output
+# weights, the completion allowance when a client sends no max_tokens, mid-stream enforcement).
+_limit_options := {"concurrency", "input_weight", "output_weight", "default_max_tokens", "enforce_midstream"}
 
 _inference_allow := _allow(
 	{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name, "x-kernelgate-model": _model_name},
-	{"requests": _model_limits.requests, "tokens": _model_limits.tokens, "unit": _unit(_model_limits)},
+	object.union(
+		{"requests": _model_limits.requests, "tokens": _model_limits.tokens, "unit": _unit(_model_limits)},
+		object.filter(_model_limits, _limit_options),
+	),
 )
 
 # ---------------------------------------------------------------------------

@@ -495,7 +495,7 @@ test_allow_models_list_requests_only if {
 	r.allowed == true
 	r.reason == "ok"
 	r.headers == {"x-kernelgate-tenant": "globex", "x-kernelgate-tier": "free"}
-	r.rate_limit == {"requests": 60, "tokens": 0, "unit": "minute"}
+	r.rate_limit == {"requests": 60, "unit": "minute"}
 }
 
 # ---------------------------------------------------------------------------
@@ -530,6 +530,22 @@ test_default_deny_when_nothing_matches if {
 	r := authz.result with input as _get(["odd"], _acme)
 		with authz._routes as routes
 	_denied(r, 403, "denied")
+}
+
+test_tokenize_costs_requests_only if {
+	# Routes that run no model name no token budget; /metrics is not a route through Envoy (404).
+	t := authz.result with input as _post(["tokenize"], {"model": "tiny-gpt2", "prompt": "x"}, _acme)
+	t.allowed == true
+	t.rate_limit == {"requests": 600, "unit": "minute"}
+	m := authz.result with input as _get(["metrics"], _acme)
+	m.allowed == false
+}
+
+test_token_accounting_options_pass_through if {
+	limits := {"requests": 10, "tokens": 500, "unit": "hour", "concurrency": 2, "output_weight": 3, "enforce_midstream": true}
+	r := authz.result with input as _post(_chat, _chat_body("tiny-gpt2"), _globex)
+		with data.kernelgate.tiers.free.limits as limits
+	r.rate_limit == {"requests": 10, "tokens": 500, "unit": "hour", "concurrency": 2, "output_weight": 3, "enforce_midstream": true}
 }
 
 # ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ ROOTS=(
   "opentelemetry-api==1.45.*" "opentelemetry-sdk==1.45.*" "opentelemetry-exporter-otlp==1.45.*"
   "cupti-python==13.0.*" "pyelftools"
   "envoy-data-plane==2.2.*"                      # kernelgate.config (the CLI's one loader) imports it
+  "llguidance==1.9.*"                            # response_format json_object/json_schema (inference/structured.py)
 )
 DEEPSPEED_SPEC="deepspeed==0.19.8"
 # Packages on the device image (KINDS.md "Python packages already there", 2026-11-17), whose

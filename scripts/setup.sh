@@ -60,17 +60,35 @@ if [ "${KERNELGATE_BUILD_RIVALS:-1}" != 0 ] && [ -x "$RIVALS_DIR/build.sh" ] \
   KERNELGATE_HOME="$KG_HOME" "$RIVALS_DIR/build.sh" >"$LOGS/rivals.log" 2>&1 \
     || log "rivals not built (see $LOGS/rivals.log); bench/ and the compatibility test skip them"
 fi
+# `go install` refuses a module whose go.mod has replace directives (Jaeger, Hydra): such a
+# module is built as the main module from a writable copy of its source, made here.
+module_source() {  # NAME MODULE@VERSION -> $KG_HOME/src/NAME
+  local dir
+  dir=$(cd /tmp && go mod download -json "$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$KG_HOME/src/$1"; mkdir -p "$KG_HOME/src"
+  cp -r "$dir" "$KG_HOME/src/$1"; chmod -R u+w "$KG_HOME/src/$1"
+}
 if [ ! -x "$BIN/jaeger" ] || [ "$(cat "$BIN/jaeger.version" 2>/dev/null)" != "$JAEGER_MODULE_VERSION" ]; then
-  # `go install` refuses this module (its go.mod has a replace directive), so
-  # build it as the main module from a writable copy of the module cache.
   log "building Jaeger v2 ($JAEGER_MODULE_VERSION cmd/jaeger)"
-  dir=$(cd /tmp && go mod download -json "github.com/jaegertracing/jaeger@$JAEGER_MODULE_VERSION" \
-        | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
-  rm -rf "$KG_HOME/src/jaeger"; mkdir -p "$KG_HOME/src"
-  cp -r "$dir" "$KG_HOME/src/jaeger"; chmod -R u+w "$KG_HOME/src/jaeger"
+  module_source jaeger "github.com/jaegertracing/jaeger@$JAEGER_MODULE_VERSION"
   (cd "$KG_HOME/src/jaeger" && go build -o "$BIN/jaeger" ./cmd/jaeger) >"$LOGS/jaeger.log" 2>&1 \
     || { cat "$LOGS/jaeger.log" >&2; exit 1; }
   echo "$JAEGER_MODULE_VERSION" >"$BIN/jaeger.version"
+fi
+
+# Ory Hydra: the real OAuth2/OIDC provider of the identity tests (tests/hydra.py).
+# Its go.mod has replace directives (see module_source); DSN=memory needs its SQLite
+# driver (cgo, build tag sqlite).
+HYDRA_VERSION="v2.3.0"
+if [ ! -x "$BIN/hydra" ] || [ "$(cat "$BIN/hydra.version" 2>/dev/null)" != "$HYDRA_VERSION" ]; then
+  log "building Ory Hydra $HYDRA_VERSION (a few minutes)"
+  module_source hydra "github.com/ory/hydra/v2@$HYDRA_VERSION"
+  # Its Go client (a nested module, so not in the module zip) comes from the proxy instead.
+  (cd "$KG_HOME/src/hydra" && go mod edit -dropreplace=github.com/ory/hydra-client-go/v2 \
+     && CGO_ENABLED=1 go build -mod=mod -tags sqlite,sqlite_omit_load_extension \
+     -o "$BIN/hydra" .) >"$LOGS/hydra.log" 2>&1 \
+    || { cat "$LOGS/hydra.log" >&2; exit 1; }
+  echo "$HYDRA_VERSION" >"$BIN/hydra.version"
 fi
 
 # vegeta: the HTTP load generator of bench/ (fixed-rate open loop and closed loop).
@@ -166,6 +184,7 @@ ln -sf "$BIN/vegeta" "$VENV/bin/vegeta"
 ln -sf "$BIN/ghz" "$VENV/bin/ghz"
 ln -sf "$BIN/kube-apiserver" "$VENV/bin/kube-apiserver"
 ln -sf "$BIN/kine" "$VENV/bin/kine"
+ln -sf "$BIN/hydra" "$VENV/bin/hydra"
 [ -x "$BIN/opa-envoy-plugin" ] && ln -sf "$BIN/opa-envoy-plugin" "$VENV/bin/opa-envoy-plugin"
 "$VENV/bin/envoy" --version >/dev/null
 log "ready: $VENV (envoy, opa, jaeger, redis-server on PATH once activated)"

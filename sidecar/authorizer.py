@@ -1,4 +1,9 @@
-"""One check, end to end: input -> identity -> decision -> rate limits -> response.
+"""One check, end to end: input -> identity -> (prompt count) -> decision -> rate limits -> response.
+
+With settlement on (``ratelimit.settle``), the rate-limit step reserves rather than
+charges: prompt (counted by the inference server when ``ratelimit.count_url`` is set) plus the
+completion allowance, weighted, under the decision id the upstream receives; ``settlement.py``
+settles it when the server reports what was used.
 
 This module only strings the steps together and records what happened (decision
 log, metrics, span attributes); each step lives in its own module. It knows
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -30,10 +36,19 @@ from sidecar.ratelimit import (
     RateLimiter,
     RateLimitResult,
     RateLimitUnavailable,
-    budgets_for,
-    estimate_tokens,
+    Reservation,
     rate_limit_headers,
     upstream_rate_limit_headers,
+)
+from sidecar.ratelimit.base import weighted_cost
+from sidecar.ratelimit.count import PromptCounter
+from sidecar.ratelimit.descriptors import (
+    Limits,
+    RequestTokens,
+    budgets_of,
+    limits_for,
+    request_tokens,
+    reservation_for,
 )
 
 log = logging.getLogger("kernelgate.authz")
@@ -58,7 +73,11 @@ class CheckResult:
     input: CheckInput | None = None
     identity: Identity | None = None
     decision: Decision | None = None
-    rate_limit: RateLimitResult | None = None
+    admission: Admission | None = None
+
+    @property
+    def rate_limit(self) -> RateLimitResult | None:
+        return self.admission.result if self.admission is not None else None
 
     @property
     def cache_hit(self) -> bool:
@@ -73,16 +92,54 @@ class CheckResult:
         r = self.rate_limit
         if r is None:
             return {}
-        return {"backend": r.backend, "degraded": r.degraded,
-                "budgets": {s.kind: {"limit": s.limit, "remaining": s.remaining} for s in r.states}}
+        record = {"backend": r.backend, "degraded": r.degraded,
+                  "budgets": {s.kind: {"limit": s.limit, "remaining": s.remaining} for s in r.states}}
+        if self.admission is not None:
+            record.update(self.admission.record())
+        return record
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the rate-limit step took: the limiter's verdict and, when settlement is on, the
+    reservation (to settle later) and the completion tokens granted when mid-stream
+    enforcement caps the response."""
+
+    result: RateLimitResult
+    tokens: RequestTokens
+    reservation: Reservation | None = None
+    max_tokens: int | None = None
+    cost: int = 0  # settlement off: the token cost charged at admission, for good
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens": self.tokens.prompt, "prompt_counted": self.tokens.counted}
+        if self.reservation is not None and self.result.allowed:
+            out["reserved"] = self.reservation.reserved_cost
+        elif self.reservation is None and self.result.allowed:
+            out["charged"] = self.cost
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
+        return out
+
+
+def _completion_that_fits(denied: RateLimitResult, tokens: RequestTokens, limits: Limits) -> int | None:
+    """The most completion tokens (>= 1) the token budgets have room for now, if only they denied."""
+    if any(s.retry_after_s > 0 for s in denied.states if s.kind != "tokens"):
+        return None  # requests or concurrency said no: a smaller completion does not help
+    room = min((s.remaining for s in denied.states if s.kind == "tokens"), default=0)
+    grant = math.floor((room - tokens.prompt * limits.input_weight) / limits.output_weight)
+    while grant >= 1 and weighted_cost(tokens.prompt, grant, limits.input_weight, limits.output_weight) > room:
+        grant -= 1
+    return min(grant, tokens.completion) if grant >= 1 else None
 
 
 class Refusal(Exception):
     """A step ends the check with this answer (401, the policy's deny, 429, 503)."""
 
-    def __init__(self, http_status: int, reason: str, response: Any) -> None:
+    def __init__(self, http_status: int, reason: str, response: Any, identity: Identity | None = None) -> None:
         super().__init__(reason)
         self.http_status, self.reason, self.response = http_status, reason, response
+        self.identity = identity  # a refused credential: which method (and issuer) refused it
 
 
 def _unavailable(reason: str, message: str) -> Refusal:
@@ -95,9 +152,12 @@ class Authorizer:
     def __init__(self, config: SidecarConfig, authenticator: Authenticator, decider: Decider,
                  rate_limiter: RateLimiter | None, decision_log: DecisionLogger,
                  metrics: SidecarMetrics, tracer: trace.Tracer | None = None,
-                 saturation: SaturationView | None = None):
+                 saturation: SaturationView | None = None, prompt_counter: PromptCounter | None = None):
         """``rate_limiter`` None: rate limits are off (``build_rate_limiter`` decides); ``saturation``
-        None: the policy is told of no saturated model."""
+        None: the policy is told of no saturated model; ``prompt_counter`` None: prompts are
+        estimated (no ``ratelimit.count_url``)."""
+        self._prompt_counter = prompt_counter
+        self._reserve = config.ratelimit.settle
         self._config = config
         self._authenticator = authenticator
         self._decider = decider
@@ -137,14 +197,16 @@ class Authorizer:
         check_input = build_input(check_request, self._limits)
         identity: Identity | None = None
         decision: Decision | None = None
-        limited: RateLimitResult | None = None
+        admission: Admission | None = None
         try:
-            identity = self._authenticate(check_input)
+            identity = await self._authenticate(check_input)
             body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None
-            estimated = estimate_tokens(body, self._config.ratelimit)
+            counted = await self._count_prompt(check_input, body)
+            estimated = request_tokens(body, self._config.ratelimit, counted).total
             saturated = self._saturation.saturated_models() if self._saturation is not None else []
             decision = await self._decide(policy_document(check_input, identity.to_input(), estimated, saturated))
-            limited = await self._rate_limit(check_input, identity, decision, estimated)
+            admission = await self._rate_limit(check_input, identity, decision, counted, decision_id)
+            limited = admission.result if admission is not None else None
             client_headers = {**decision.response_headers_to_add, **self._rate_limit_client_headers(limited)}
             if limited is not None and not limited.allowed and not self._config.ratelimit.shadow:
                 raise Refusal(429, "rate_limited", response.deny(429, response.error_body(
@@ -153,23 +215,26 @@ class Authorizer:
                     "rate_limit_error", "rate_limited"), client_headers))
         except Refusal as refusal:
             return CheckResult(decision_id, refusal.response, "deny", refusal.http_status, refusal.reason,
-                               check_input, identity, decision, limited)
+                               check_input, identity or refusal.identity, decision, admission)
         upstream_headers = {**decision.headers, **self._rate_limit_upstream_headers(limited),
                             **self._identity_headers(identity, decision_id)}
+        if admission is not None and admission.max_tokens is not None:
+            upstream_headers[f"{self._prefix}max-tokens"] = str(admission.max_tokens)
         allowed = response.allow(upstream_headers, self._headers_to_remove(check_input.headers, upstream_headers,
                                                                            decision),
                                  client_headers, decision.dynamic_metadata)
         return CheckResult(decision_id, allowed, "allow", 200, decision.reason, check_input, identity, decision,
-                           limited)
+                           admission)
 
-    def _authenticate(self, check_input: CheckInput) -> Identity:
+    async def _authenticate(self, check_input: CheckInput) -> Identity:
         with self._child_span(names.IDENTITY_SPAN):
             try:
-                return self._authenticator.authenticate(check_input.headers)
+                return await self._authenticator.authenticate(
+                    check_input.headers, check_input.peer_principal, check_input.peer_certificate)
             except AuthError as exc:
-                raise Refusal(401, exc.reason, response.deny(
-                    401, response.error_body(exc.message, "authentication_error", exc.reason),
-                    {"www-authenticate": exc.www_authenticate})) from None
+                raise Refusal(exc.http_status, exc.reason, response.deny(
+                    exc.http_status, response.error_body(exc.message, "authentication_error", exc.reason),
+                    exc.response_headers), exc.identity) from None
 
     async def _decide(self, document: Mapping[str, Any]) -> Decision:
         """The policy's decision; a deny becomes a Refusal carrying the policy's answer."""
@@ -189,32 +254,68 @@ class Authorizer:
                 decision.dynamic_metadata))
         return decision
 
+    async def _count_prompt(self, check_input: CheckInput, body: Mapping[str, Any] | None) -> int | None:
+        """The prompt's tokens by the served model's tokenizer; None: estimate instead."""
+        if self._prompt_counter is None or body is None or self._rate_limiter is None:
+            return None
+        raw = check_input.document["attributes"]["request"]["http"].get("body", "")
+        with self._child_span(names.PROMPT_COUNT_SPAN):
+            counted = await self._prompt_counter.count(raw, body)
+        self._metrics.prompt_counts.labels("server" if counted is not None else "estimate").inc()
+        return counted
+
     async def _rate_limit(self, check_input: CheckInput, identity: Identity, decision: Decision,
-                          estimated: int) -> RateLimitResult | None:
-        """The charge's result; None when rate limits are off or no budget applies."""
+                          counted_prompt: int | None, decision_id: str) -> Admission | None:
+        """What the limiter took; None when rate limits are off or no limit applies."""
         if self._rate_limiter is None:
             return None
         body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else {}
         model = body.get("model") if isinstance(body.get("model"), str) else None
+        tenant = identity.tenant or ""
         try:
-            budgets = budgets_for(identity.tenant, model, check_input.route, decision.rate_limit,
-                                  self._config.ratelimit.rules, estimated)
+            limits = limits_for(tenant, model, check_input.route, decision.rate_limit, self._config.ratelimit.rules)
         except ValueError as exc:  # a policy bug must not mean "no limit"
             log.error("policy returned an invalid rate_limit: %s", exc)
             raise _unavailable("invalid_rate_limit", "rate limits for this request are misconfigured") from None
-        if not budgets:
+        if limits is None or (limits.requests is None and limits.tokens is None and limits.concurrency is None):
             return None
+        tokens = request_tokens(body, self._config.ratelimit, counted_prompt, limits.default_max_tokens)
         with self._child_span(names.RATELIMIT_SPAN) as span:
             try:
-                result = await self._rate_limiter.charge(budgets)
+                admission = await self._admit(limits, tenant, model or "", check_input.route, tokens, decision_id)
             except RateLimitUnavailable:
                 span.set_status(trace.StatusCode.ERROR, "rate-limit backend unavailable")
                 self._metrics.ratelimit.labels("unavailable", self._config.ratelimit.backend).inc()
                 raise _unavailable("ratelimit_unavailable", "rate limiting is temporarily unavailable") from None
-            span.set_attribute(names.RATELIMIT_BACKEND, result.backend)
-            span.set_attribute(names.RATELIMIT_DEGRADED, result.degraded)
+            span.set_attribute(names.RATELIMIT_BACKEND, admission.result.backend)
+            span.set_attribute(names.RATELIMIT_DEGRADED, admission.result.degraded)
+        result = admission.result
         self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
-        return result
+        if result.allowed and admission.reservation is not None and limits.tokens is not None:
+            self._metrics.tokens.labels(tenant or "none", "reserved").inc(admission.reservation.reserved_cost)
+        return admission
+
+    async def _admit(self, limits: Limits, tenant: str, model: str, route: str, tokens: RequestTokens,
+                     decision_id: str) -> Admission:
+        """Charge the estimate (settlement off), or reserve; with mid-stream enforcement, a request the
+        budget cannot hold in full is admitted with what is left, as a cap on its completion."""
+        if not self._reserve:
+            cost = weighted_cost(tokens.prompt, tokens.completion, limits.input_weight, limits.output_weight)
+            result = await self._rate_limiter.charge(budgets_of(limits, tenant, model, route, cost))
+            return Admission(result, tokens, cost=cost if limits.tokens is not None else 0)
+        ttl = self._config.ratelimit.reservation_ttl_s
+        reservation = reservation_for(decision_id, limits, tenant, model, route, tokens, ttl)
+        result = await self._rate_limiter.reserve(reservation)
+        if not limits.enforce_midstream or limits.tokens is None:
+            return Admission(result, tokens, reservation)
+        if result.allowed:
+            return Admission(result, tokens, reservation, tokens.completion)
+        grant = _completion_that_fits(result, tokens, limits)
+        if grant is None:
+            return Admission(result, tokens, reservation)
+        capped = RequestTokens(tokens.prompt, grant, tokens.counted)
+        reservation = reservation_for(decision_id, limits, tenant, model, route, capped, ttl)
+        return Admission(await self._rate_limiter.reserve(reservation), capped, reservation, grant)
 
     @staticmethod
     def _rate_limit_client_headers(result: RateLimitResult | None) -> dict[str, str]:
@@ -286,6 +387,7 @@ class Authorizer:
             request_id=request_id,
             tenant=tenant,
             identity_method=identity.method if identity else "invalid",
+            identity_issuer=identity.issuer if identity else None,
             method=check_input.method if check_input else "",
             path=check_input.path if check_input else "",
             outcome=result.outcome,

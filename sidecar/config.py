@@ -60,6 +60,144 @@ class JwtConfig:
     scopes_claim: str = "scope"
 
 
+# A claim is named by a string (a top-level claim, taken whole: "https://example.com/tenant" and
+# "kubernetes.io" are single claims) or by a list of names, a path into nested objects
+# (["kubernetes.io", "namespace"]).
+ClaimPath = str | list[str]
+
+# Signature algorithms an identity provider may use; HMAC is never accepted from a remote JWKS.
+REMOTE_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+
+
+@dataclass(frozen=True)
+class ClaimMapping:
+    """Which claims of a token (or introspection answer) fill the Identity."""
+
+    tenant: ClaimPath = "tenant"
+    tier: ClaimPath | None = "tier"
+    scopes: ClaimPath | None = "scope"  # a space-separated string or a list of strings
+    subject: ClaimPath | None = "sub"
+
+
+# What a Kubernetes service-account token carries: the namespace is the tenant.
+KUBERNETES_CLAIMS = ClaimMapping(tenant=["kubernetes.io", "namespace"], tier=None, scopes=None, subject="sub")
+
+
+@dataclass(frozen=True)
+class OidcIssuerConfig:
+    """One identity provider whose signed JWTs are accepted, its keys fetched from its JWKS URL.
+
+    ``kind: kubernetes`` is the cluster's service-account issuer (``/openid/v1/jwks``): its
+    claims default to KUBERNETES_CLAIMS and the identity's method is ``service_account``.
+    """
+
+    issuer: str = ""  # must equal the token's ``iss`` and the discovery document's ``issuer``
+    audiences: list[str] = field(default_factory=list)  # the token's ``aud`` must name one
+    kind: Literal["oidc", "kubernetes"] = "oidc"
+    # Default: ``{issuer}/.well-known/openid-configuration``. ``jwks_uri`` set skips discovery.
+    discovery_url: str | None = None
+    jwks_uri: str | None = None
+    algorithms: list[str] = field(default_factory=lambda: list(REMOTE_ALGORITHMS))
+    claims: ClaimMapping | None = None  # None: ClaimMapping() (oidc) or KUBERNETES_CLAIMS
+    leeway_s: float = 5.0
+    # Scheduled refresh of the keys; an unknown ``kid`` refreshes sooner, at most once per
+    # ``min_refresh_interval_s`` (a flood of forged kids cannot hammer the provider).
+    refresh_interval_s: float = 300.0
+    min_refresh_interval_s: float = 10.0
+    # After a failed fetch, retry after this (doubling up to refresh_interval_s).
+    retry_interval_s: float = 2.0
+    fetch_timeout_s: float = 2.0
+    # The longest a check waits for a fetch it needs (no keys yet, or an unknown kid); the
+    # fetch goes on in the background. Keep it under Envoy's ext_authz timeout.
+    check_wait_s: float = 0.5
+    # TLS trust for the provider (the cluster CA for kind kubernetes); None: the system's.
+    ca_file: str | None = None
+    # Sent as ``Authorization: Bearer`` to discovery and JWKS (the API server may require it);
+    # read at every fetch, as projected tokens rotate.
+    bearer_token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.issuer:
+            raise ValueError("issuer: must be set (the exact iss of the tokens)")
+        if not self.audiences:
+            raise ValueError(f"audiences: issuer {self.issuer} needs at least one accepted audience")
+        bad = [a for a in self.algorithms if a not in REMOTE_ALGORITHMS]
+        if bad or not self.algorithms:
+            raise ValueError(f"algorithms: {bad[0] if bad else '[]'!s} is not one of {', '.join(REMOTE_ALGORITHMS)}")
+        for name in ("refresh_interval_s", "min_refresh_interval_s", "retry_interval_s", "fetch_timeout_s",
+                     "check_wait_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive")
+
+    @property
+    def method(self) -> str:
+        return "service_account" if self.kind == "kubernetes" else "oidc"
+
+    @property
+    def claim_mapping(self) -> ClaimMapping:
+        if self.claims is not None:
+            return self.claims
+        return KUBERNETES_CLAIMS if self.kind == "kubernetes" else ClaimMapping()
+
+    @property
+    def discovery(self) -> str:
+        return self.discovery_url or self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+@dataclass(frozen=True)
+class IntrospectionConfig:
+    """OAuth2 token introspection (RFC 7662) for opaque bearer tokens."""
+
+    url: str | None = None  # the introspection endpoint; None: opaque tokens are not introspected
+    # Name in the decision log and metrics; default: the URL.
+    name: str | None = None
+    # Client authentication (HTTP Basic); the secret is read from a file, never from the config.
+    client_id: str | None = None
+    client_secret_file: str | None = None
+    audiences: list[str] = field(default_factory=list)  # if set, the answer's aud must name one
+    claims: ClaimMapping = field(default_factory=ClaimMapping)
+    # Answers are cached by sha256 of the token: active ones until min(exp, cache_ttl_s),
+    # inactive ones for negative_cache_ttl_s. A revoked token is refused within cache_ttl_s.
+    cache_size: int = 10_000
+    cache_ttl_s: float = 30.0
+    negative_cache_ttl_s: float = 5.0
+    timeout_s: float = 2.0
+    ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url: must be an http(s) URL")
+        if (self.client_id is None) != (self.client_secret_file is None):
+            raise ValueError("client_id and client_secret_file: set both or neither")
+        if self.cache_size < 0 or self.cache_ttl_s < 0 or self.negative_cache_ttl_s < 0 or self.timeout_s <= 0:
+            raise ValueError("cache_size, cache_ttl_s, negative_cache_ttl_s must be >= 0 and timeout_s > 0")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or (self.url or "")
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    tenant: str = ""
+    tier: str | None = None
+    scopes: list[str] = field(default_factory=list)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tenant:
+            raise ValueError("tenant: must be a non-empty string")
+
+
+@dataclass(frozen=True)
+class MtlsConfig:
+    """Identity from the client certificate Envoy verified (mutual TLS on its listener)."""
+
+    enabled: bool = False
+    # URI SAN (a SPIFFE ID such as spiffe://cluster.local/ns/acme/sa/client) -> who that is.
+    identities: dict[str, PeerIdentity] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class IdentityConfig:
     # False: kernelgate authenticates nobody; every caller is anonymous to it and the policy reads
@@ -70,6 +208,19 @@ class IdentityConfig:
     api_key_header: str = "x-api-key"
     jwt: JwtConfig = field(default_factory=JwtConfig)
     reload_interval_s: float = 1.0
+    # Identity providers whose JWTs are accepted (chosen by the token's ``iss``).
+    issuers: list[OidcIssuerConfig] = field(default_factory=list)
+    introspection: IntrospectionConfig = field(default_factory=IntrospectionConfig)
+    mtls: MtlsConfig = field(default_factory=MtlsConfig)
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for index, issuer in enumerate(self.issuers):
+            if issuer.issuer in seen:
+                raise ValueError(f"issuers[{index}].issuer: {issuer.issuer} is configured twice")
+            seen.add(issuer.issuer)
+        if self.jwt.jwks_file and self.jwt.issuer in seen:
+            raise ValueError(f"jwt.issuer: {self.jwt.issuer} is also one of issuers[]")
 
 
 @dataclass(frozen=True)
@@ -82,6 +233,22 @@ class LimitRule:
     requests: int | None = None
     tokens: int | None = None
     unit: Unit = "minute"
+    # Requests in flight at once for this (tenant, model, route); released when the response ends.
+    concurrency: int | None = None
+    # A token costs this much of the ``tokens`` budget: prompt (prefilled) and completion (generated)
+    # tokens apart, since generated tokens cost more GPU time.
+    input_weight: float = 1.0
+    output_weight: float = 1.0
+    # Completion tokens to reserve when the client sends no max_tokens (None: ratelimit.default_max_tokens).
+    default_max_tokens: int | None = None
+    # Admit with what is left of the budget and end the stream there ("length") rather than 429.
+    enforce_midstream: bool = False
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.input_weight < 0 or self.output_weight <= 0:
+            raise ValueError("input_weight must be >= 0 and output_weight > 0")
 
 
 @dataclass(frozen=True)
@@ -100,6 +267,21 @@ class RateLimitConfig:
     # Token estimate when the body gives no max_tokens (OpenAI's default for completions).
     default_max_tokens: int = 16
     chars_per_token: float = 4.0
+    # Reserve at admission and settle to the usage the inference server reports (gRPC
+    # kernelgate.settlement.v1.Settlement on ``listen``) when a response ends; false: charge the
+    # estimate at admission and never settle.
+    settle: bool = True
+    # An unsettled reservation (report lost, server killed) expires after this long and stays
+    # charged at its reserved amount; longer than the inference server's request timeout.
+    reservation_ttl_s: float = 330.0
+    # The inference server's /tokenize, which counts a prompt with the served model's tokenizer and
+    # chat template ("" = estimate at chars_per_token); on failure the estimate is used.
+    count_url: str = ""
+    count_timeout_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.reservation_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s must be positive")
 
 
 @dataclass(frozen=True)

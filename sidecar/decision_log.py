@@ -1,4 +1,5 @@
-"""One structured JSON line per decision.
+"""One structured JSON line per decision (``kind: decision``) and per settlement of its token
+reservation (``kind: settlement``), joined by ``decision_id``.
 
 Only what an operator needs to audit a decision goes in: ids, tenant, method, path
 without its query string, outcome and why. Headers, bodies, keys and tokens never
@@ -32,6 +33,24 @@ class DecisionRecord:
     policy_revision: str
     shadow_denied: bool = False
     rate_limit: dict[str, Any] = field(default_factory=dict)
+    # Who vouched for the caller (token issuer, introspection endpoint, client CA); None for API keys.
+    identity_issuer: str | None = None
+
+
+@dataclass(frozen=True)
+class SettlementRecord:
+    """A reservation closed: settled to the reported usage, or expired at its reserved amount."""
+
+    decision_id: str
+    tenant: str
+    outcome: str  # "settled" | "expired"
+    ending: str  # how the response ended ("stop", "length", "disconnect", ...) or "unreported"
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    reserved: int  # budget units taken at admission
+    charged: int  # what the budget keeps
+    refunded: int
+    backend: str
 
 
 class DecisionLogger:
@@ -46,12 +65,12 @@ class DecisionLogger:
             self._stream = open(config.output_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
             self._owned = True
 
-    def write(self, record: DecisionRecord) -> None:
+    def write(self, record: DecisionRecord | SettlementRecord) -> None:
         if not self._enabled:
             return
         line = asdict(record)
         line["ts"] = round(time.time(), 6)
-        line["kind"] = "decision"
+        line["kind"] = "settlement" if isinstance(record, SettlementRecord) else "decision"
         self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._stream.flush()
 

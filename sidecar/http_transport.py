@@ -2,8 +2,9 @@
 
 In: Envoy's authorization request over HTTP/1.1 (the client's method, ``PATH_PREFIX`` + path,
 all the client's headers, the buffered body) plus the attributes only gRPC carries (peer
-addresses, principals, scheme, protocol), which Envoy adds as ``CARRIED`` headers with its
-command operators (``kernelgate/envoy_config.py`` writes both from the constants here).
+addresses, scheme, protocol; with TLS the peers' principals, with mutual TLS the client's
+certificate), which Envoy adds as ``CARRIED*`` headers with its command operators
+(``kernelgate/envoy_config.py`` writes both from ``carried_headers`` here).
 Out: 200 with the headers for the upstream, the client and ``x-envoy-auth-headers-to-remove``,
 or the deny's status, headers and body.
 
@@ -32,15 +33,33 @@ log = logging.getLogger("kernelgate.authz.http")
 # Envoy sends /<PATH_PREFIX><client path>; stripped here.
 PATH_PREFIX = "/kernelgate-authz"
 # Envoy's command operators -> headers on the authorization request -> CheckRequest attributes.
-# Envoy overwrites a client's copy of these (OVERWRITE_IF_EXISTS_OR_ADD), so a client cannot forge them.
+# A client's headers starting with CARRIED_PREFIX never reach the sidecar (the Envoy config's
+# allowed_headers leaves them out), so only Envoy sets these: a client cannot forge them.
+CARRIED_PREFIX = "x-kernelgate-authz-"
 CARRIED = {
     "x-kernelgate-authz-source": "%DOWNSTREAM_REMOTE_ADDRESS%",
     "x-kernelgate-authz-destination": "%DOWNSTREAM_LOCAL_ADDRESS%",
-    "x-kernelgate-authz-source-principal": "%DOWNSTREAM_PEER_URI_SAN%",
-    "x-kernelgate-authz-destination-principal": "%DOWNSTREAM_LOCAL_URI_SAN%",
     "x-kernelgate-authz-scheme": "%REQ(:SCHEME)%",
     "x-kernelgate-authz-protocol": "%PROTOCOL%",
 }
+# With TLS at Envoy: what gRPC's ``source.principal``/``destination.principal`` are made of (the
+# first URI SAN, else the first DNS SAN, else the subject, as Envoy's ext_authz picks them).
+CARRIED_TLS = {
+    f"x-kernelgate-authz-{side}-{part}": f"%DOWNSTREAM_{peer}_{operator}%"
+    for side, peer in (("source", "PEER"), ("destination", "LOCAL"))
+    for part, operator in (("uri-san", "URI_SAN"), ("dns-san", "DNS_SAN"), ("subject", "SUBJECT"))
+}
+# With mutual TLS (ext_authz include_peer_certificate): the client's URL-encoded PEM, gRPC's
+# ``source.certificate`` (identity.mtls reads it).
+CARRIED_CERTIFICATE = {"x-kernelgate-authz-source-certificate": "%DOWNSTREAM_PEER_CERT%"}
+CARRIED_NAMES = (*CARRIED, *CARRIED_TLS, *CARRIED_CERTIFICATE)
+
+
+def carried_headers(tls: bool, peer_certificate: bool) -> dict[str, str]:
+    """The headers Envoy's http_service adds: name -> command operator."""
+    return {**CARRIED, **(CARRIED_TLS if tls else {}), **(CARRIED_CERTIFICATE if peer_certificate else {})}
+
+
 # Which headers of an allowed answer Envoy copies where (ListStringMatcher prefixes in the Envoy
 # config). Upstream: every "x-" header (ours are x-kernelgate-*); client: the RateLimit-* family.
 UPSTREAM_HEADER_PREFIXES = ("x-",)
@@ -59,12 +78,25 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 Check = Callable[[Any, Mapping[str, str] | None], Awaitable[Any]]
 
 
+def _given(value: str) -> str:
+    """A command operator's value; Envoy writes "-" (or nothing) for one it has no value for."""
+    return "" if value == "-" else value
+
+
+def _principal(carried: dict[str, str], side: str) -> str:
+    for part in ("uri-san", "dns-san"):
+        sans = _given(carried.get(f"x-kernelgate-authz-{side}-{part}", ""))
+        if sans:
+            return sans.split(",", 1)[0]
+    return _given(carried.get(f"x-kernelgate-authz-{side}-subject", ""))
+
+
 def check_request(method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
     """The CheckRequest Envoy's gRPC client would have sent for this authorization request."""
-    carried = {name: headers.pop(name, "") for name in CARRIED}
+    carried = {name: headers.pop(name) for name in CARRIED_NAMES if name in headers}
     path = target[len(PATH_PREFIX):] if target.startswith(PATH_PREFIX) else target
     host = headers.pop("host", "")
-    scheme = carried["x-kernelgate-authz-scheme"] or "http"
+    scheme = _given(carried.get("x-kernelgate-authz-scheme", "")) or "http"
     # Envoy's header map as gRPC sends it: pseudo-headers first, no Host (it is :authority).
     full = {":authority": host, ":path": path, ":method": method, ":scheme": scheme, **headers}
     request = external_auth_pb2.CheckRequest()
@@ -75,22 +107,25 @@ def check_request(method: str, target: str, headers: dict[str, str], body: bytes
     http.path = path
     http.host = host
     http.scheme = scheme
-    http.protocol = carried["x-kernelgate-authz-protocol"]
+    http.protocol = _given(carried.get("x-kernelgate-authz-protocol", ""))
     http.headers.update(full)
     if body:
         http.size = len(body)
         http.raw_body = body
     else:
         http.size = int(headers.get("content-length") or 0) if headers.get("content-length", "").isdigit() else 0
-    for peer, key in ((attrs.source, "source"), (attrs.destination, "destination")):
-        address = carried[f"x-kernelgate-authz-{key}"]
+    for peer, side in ((attrs.source, "source"), (attrs.destination, "destination")):
+        address = _given(carried.get(f"x-kernelgate-authz-{side}", ""))
         host_part, _, port = address.rpartition(":")
         if host_part and port.isdigit():
             peer.address.socket_address.address = host_part.strip("[]")
             peer.address.socket_address.port_value = int(port)
-        principal = carried[f"x-kernelgate-authz-{key}-principal"]
-        if principal and principal != "-":
+        principal = _principal(carried, side)
+        if principal:
             peer.principal = principal
+    certificate = _given(carried.get("x-kernelgate-authz-source-certificate", ""))
+    if certificate:
+        attrs.source.certificate = certificate
     return request
 
 

@@ -47,6 +47,10 @@ class CheckInput:
     route: str
     headers: dict[str, str]
     parsed_body: Any
+    # What Envoy reports of the downstream TLS peer (mTLS): ``source.principal`` and, with
+    # ext_authz ``include_peer_certificate``, the URL-encoded PEM ``source.certificate``.
+    peer_principal: str = ""
+    peer_certificate: str = ""
 
 
 def build_input(check_request: Any, limits: InputLimits = InputLimits()) -> CheckInput:
@@ -102,6 +106,8 @@ def build_input(check_request: Any, limits: InputLimits = InputLimits()) -> Chec
         route="/" + "/".join(parsed_path),
         headers=headers,
         parsed_body=parsed_body,
+        peer_principal=attrs.source.principal,
+        peer_certificate=attrs.source.certificate,
     )
 
 

@@ -1,4 +1,5 @@
-"""gRPC wiring: Authorization/Check, grpc.health.v1, reflection; SIGTERM drains.
+"""gRPC wiring: Authorization/Check, the settlement channel, grpc.health.v1, reflection;
+SIGTERM drains.
 
 ``run(config)`` is what ``kernelgate authz`` calls. Everything the Check handler
 needs is built here, once, and passed in.
@@ -28,12 +29,17 @@ from sidecar.identity import Authenticator
 from sidecar.metrics import SidecarMetrics
 from sidecar.opa import OpaPolicyClient
 from sidecar.opa_wasm import WasmPolicyClient
+from sidecar import settle_grpc
 from sidecar.ratelimit import build_rate_limiter
+from sidecar.ratelimit.count import ServerPromptCounter
+from sidecar.settlement import Settlement
 from sidecar.replicas import ReplicaWatcher
 
 log = logging.getLogger("kernelgate.authz")
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+# Health service name that reports whether every identity provider is reachable.
+IDENTITY_HEALTH_SERVICE = "kernelgate.identity"
 
 
 class MethodAwareReflection(reflection.aio.ReflectionServicer):
@@ -84,23 +90,31 @@ async def start(config: SidecarConfig) -> Sidecar:
         start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
 
     authenticator = Authenticator(config.identity)
+    metrics.watch_identity_providers(authenticator.provider_status)
     opa_client = WasmPolicyClient(config.opa) if config.opa.mode == "wasm" else OpaPolicyClient(config.opa)
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
     rate_limiter = build_rate_limiter(config.ratelimit)
     decision_log = DecisionLogger(config.decision_log)
     replicas = ReplicaWatcher(config.replicas, metrics)
+    counter = (ServerPromptCounter(config.ratelimit.count_url, config.ratelimit.count_timeout_s)
+               if rate_limiter is not None and config.ratelimit.count_url else None)
     authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics,
-                            saturation=replicas)
+                            saturation=replicas, prompt_counter=counter)
+    settlement = (Settlement(rate_limiter, metrics, decision_log)
+                  if rate_limiter is not None and config.ratelimit.settle else None)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0),
                                       ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
+    services = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    if settlement is not None:
+        # not listed for reflection: its messages are google.protobuf.Struct, no descriptor of its own
+        server.add_generic_rpc_handlers((settle_grpc.handler(settlement),))
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):  # known from the first moment: NOT_SERVING, never NOT_FOUND
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)), server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(tuple(services)), server)
     port = server.add_insecure_port(config.listen)
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"cannot listen on {config.listen}")
@@ -118,11 +132,17 @@ async def start(config: SidecarConfig) -> Sidecar:
             await decider.refresh_revision()
     background = [asyncio.create_task(decider.watch_revision(stop_event), name="opa-revision"),
                   asyncio.create_task(authenticator.watch(stop_event), name="credential-reload"),
+                  asyncio.create_task(_report_identity_health(health_servicer, authenticator, stop_event),
+                                      name="identity-health"),
                   asyncio.create_task(replicas.run(stop_event), name="replica-load")]
+    if settlement is not None:
+        background.append(asyncio.create_task(settlement.run(stop_event), name="reservation-expiry"))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     freeze_startup_objects()
-    closers = [opa_client.close, decision_log.close]
+    closers = [opa_client.close, decision_log.close, authenticator.close]
+    if counter is not None:
+        closers.append(counter.close)
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
     policy_source = config.opa.url if config.opa.mode == "server" else f"in process from {config.opa.wasm_bundle_file}"
@@ -131,6 +151,26 @@ async def start(config: SidecarConfig) -> Sidecar:
              config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
                    stop_event, port, http_server)
+
+
+async def _report_identity_health(health_servicer: health.aio.HealthServicer, authenticator: Authenticator,
+                                  stop_event: asyncio.Event, interval_s: float = 1.0) -> None:
+    """``kernelgate.identity``: NOT_SERVING while an identity provider is unreachable.
+
+    The sidecar itself stays SERVING (cached keys and answers keep working); this service
+    says that it is degraded, and the metrics say which provider and since when.
+    """
+    serving: bool | None = None
+    while not stop_event.is_set():
+        now_serving = not any(s.degraded for s in authenticator.provider_status())
+        if now_serving != serving:
+            serving = now_serving
+            await health_servicer.set(IDENTITY_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING if serving
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            await asyncio.wait_for(stop_event.wait(), timeout=interval_s)
+        except TimeoutError:
+            pass
 
 
 async def stop(sidecar: Sidecar, grace_s: float) -> None:

@@ -1,7 +1,10 @@
-"""Envoy -> kernelgate sidecar -> OPA (and Redis), in front of the echo upstream, on loopback.
+"""Envoy -> kernelgate sidecar -> OPA (and Redis), in front of the echo upstream or (``inference=True``)
+the real inference server on CPU (tiny random-weight model), on loopback.
 
 ``AuthzStack`` starts the real programs with the same Envoy bootstrap that
-``kernelgate envoy-config`` prints; tests restart, kill or slow any of them.
+``kernelgate envoy-config`` prints; tests restart, kill or slow any of them. With the
+inference server, the two close the loop as in the pod: the sidecar counts prompts with the
+server's ``/tokenize`` and the server reports each decision's usage to the sidecar.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class AuthzStack:
     redis_url: str | None = None
     # How Envoy asks the sidecar: "grpc" (Check) or "http" (http_service, sidecar/http_transport.py).
     transport: str = "grpc"
+    inference: bool = False
+    inference_overrides: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,7 +97,18 @@ class AuthzStack:
                  "authz_address": f"127.0.0.1:{self.authz_http_port if self.transport == 'http' else self.authz_port}",
                  "authz_transport": self.transport,
                  "upstream_address": f"127.0.0.1:{self.upstream_port}"}
-        return {"authz": deep_merge(authz, self.authz_overrides), "envoy": deep_merge(envoy, self.envoy_overrides)}
+        if self.inference:
+            authz = deep_merge(authz, {"ratelimit": {
+                "count_url": f"http://127.0.0.1:{self.upstream_port}/tokenize", "count_timeout_s": 2.0}})
+        config = {"authz": deep_merge(authz, self.authz_overrides), "envoy": deep_merge(envoy, self.envoy_overrides)}
+        if self.inference:
+            config["inference"] = deep_merge({
+                "listen": {"host": "127.0.0.1", "port": self.upstream_port},
+                "model": {"name": "tiny-gpt2", "random_config": "tiny-gpt2", "device": "cpu", "use_deepspeed": False},
+                "batching": {"max_batch_size": 16, "max_queue": 256},
+                "usage_report": {"address": f"127.0.0.1:{self.authz_port}"},
+            }, self.inference_overrides)
+        return config
 
     def write_config(self) -> Path:
         path = self.workdir / "kernelgate.yaml"
@@ -102,12 +118,25 @@ class AuthzStack:
     # --- processes -------------------------------------------------------------
     def start(self) -> "AuthzStack":
         self.start_opa()
-        self.procs["upstream"] = procs.start("upstream", [sys.executable, "-m", "tests.echo_upstream",
-                                                          str(self.upstream_port)], self.logs)
+        if self.inference:
+            self.start_inference()
+        else:
+            self.procs["upstream"] = procs.start("upstream", [sys.executable, "-m", "tests.echo_upstream",
+                                                              str(self.upstream_port)], self.logs)
         self.start_sidecar()
         self.start_envoy()
-        procs.wait_tcp(self.upstream_port, proc=self.procs["upstream"])
+        if self.inference:
+            procs.wait_http(f"http://127.0.0.1:{self.upstream_port}/readyz", proc=self.procs["upstream"], timeout=300)
+        else:
+            procs.wait_tcp(self.upstream_port, proc=self.procs["upstream"])
         return self
+
+    def start_inference(self) -> Proc:
+        config = self.write_config()
+        self.procs["upstream"] = procs.start("inference", [sys.executable, "-m", "kernelgate.cli", "serve",
+                                                           "--config", str(config)], self.logs,
+                                             env={"DS_ACCELERATOR": "cpu"})
+        return self.procs["upstream"]
 
     def start_opa(self) -> Proc:
         self.procs["opa"] = procs.start_opa(self.logs, self.policy_dir, port=self.opa_port)
@@ -137,12 +166,18 @@ class AuthzStack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.envoy_port}"
 
-    def decisions(self) -> list[dict[str, Any]]:
+    def log_lines(self) -> list[dict[str, Any]]:
         import json
 
         if not self.decision_log.exists():
             return []
         return [json.loads(line) for line in self.decision_log.read_text().splitlines() if line.strip()]
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("kind", "decision") == "decision"]
+
+    def settlements(self) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("kind") == "settlement"]
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):

@@ -17,7 +17,9 @@ Flow (see docs/tracing.md), one file per step:
   NVIDIA's ``cupti-python``, on a GPU when that is installed: half the engine-thread cost) and
   ``torch_capture.py`` (torch's profiler: without ``cupti-python``, and for CPU operators);
   ``factory.py`` builds the one the config names.
-* ``plan.py`` -- the pure part: clock mapping, folding, caps, on plain data.
+* ``plan.py`` -- the pure part: clock mapping, folding, caps, on plain data; and each request's
+  share of a pass's GPU time (divided by the tokens each sequence put through the pass), which
+  the tracer puts on ``gpu.forward`` and, summed, on the request's span before it ends.
 
 Span names and attribute keys come from :mod:`otel.names`. The pure parts are tested without a
 GPU; the recorders are the only code that touches torch or CUPTI.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 @dataclass(frozen=True)
 class KernelEvent:
@@ -133,3 +134,31 @@ def plan_kernel_spans(events: Iterable[KernelEvent], anchor: ClockAnchor, window
                       gpu_time_ns=sum(e - s for s, e, _ in mapped),
                       first_ns=mapped[0][0] if mapped else lo, last_ns=max((e for _, e, _ in mapped), default=lo))
 
+
+
+def gpu_shares(total_ns: int, tokens: Sequence[int]) -> list[int]:
+    """``total_ns`` of a pass divided among its sequences by the tokens each put through it.
+
+    Largest remainder: the integer shares always sum to ``total_ns`` exactly. A pass with no
+    tokens at all (cannot happen in the engine) splits evenly.
+    """
+    if not tokens:
+        return []
+    weights = list(tokens) if sum(tokens) > 0 else [1] * len(tokens)
+    whole = sum(weights)
+    exact = [total_ns * w for w in weights]
+    shares = [e // whole for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] % whole, reverse=True)
+    for i in by_remainder[:total_ns - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def request_share(step: Any, span_id: int, total_ns: int) -> int:
+    """The GPU time of ``step`` that falls to the request whose server span is ``span_id``."""
+    contexts: Sequence[Any] = getattr(step, "trace_contexts", ()) or ()
+    tokens: Sequence[int] = getattr(step, "tokens_per_sequence", ()) or ()
+    if len(tokens) != len(contexts):
+        tokens = [1] * len(contexts)
+    shares = gpu_shares(total_ns, tokens)
+    return sum(share for ctx, share in zip(contexts, shares) if ctx is not None and ctx.span_id == span_id)

@@ -24,7 +24,7 @@ from otel import names
 from otel.config import KernelTraceConfig
 from otel.kernels.budget import StallBudget
 from otel.kernels.capture import YIELD_EVERY_SPANS, Capture, RawCapture, yield_gil
-from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans
+from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans, request_share
 from otel.kernels.selection import CaptureSampler, is_forced
 
 log = logging.getLogger("kernelgate.otel.kernels")
@@ -39,6 +39,11 @@ class _Selected:
     steps_left: int
     spans_left: int
     budget_ns: int = 0  # stall the budget set aside for its capture, until settled
+    span: Any = None  # the live request span: its GPU share goes on it before it ends
+    share_ns: int = 0  # its share of the GPU time of its captured passes, exported so far
+    passes: int = 0  # captured passes exported
+    pending: int = 0  # captured passes not yet exported
+    end_ns: int | None = None  # set when the request is done and its span waits for pending passes
 
 
 @dataclass
@@ -96,6 +101,7 @@ class KernelTracer:
         self._active: list[_Selected] | None = None  # engine thread only
         self._active_ns = 0  # engine-thread time of the active capture so far
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_pending)
+        self._ending: list[_Selected] = []  # done requests whose spans wait for their passes' export
         self.stats = KernelStats()
         self._worker = threading.Thread(target=self._work, name="kernelgate-kernel-spans", daemon=True)
         self._worker.start()
@@ -124,7 +130,7 @@ class KernelTracer:
                 self.stats.budget_refused = self.budget.refused
                 return None
             self._requests[ctx.span_id] = _Selected(ctx, reason, self._config.steps_per_request,
-                                                    self._config.max_spans_per_trace, taken)
+                                                    self._config.max_spans_per_trace, taken, span)
             self._waiting += 1
             self.stats.selected += 1
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
@@ -132,17 +138,28 @@ class KernelTracer:
         span.set_attribute(names.KERNELS_CAPTURE, reason)
         return reason
 
-    def on_request_end(self, span_context: SpanContext) -> None:
-        if self._requests:
-            with self._lock:
-                selected = self._requests.pop(span_context.span_id, None)
-                unspent = selected.budget_ns if selected is not None else 0
-                if selected is not None:
-                    selected.budget_ns = 0
-                    if selected.steps_left > 0:
-                        self._waiting -= 1
-            if unspent:
-                self.budget.refund(unspent)  # ended before a pass of it was captured
+    def on_request_end(self, span: trace.Span, end_ns: int) -> bool:
+        """The request is done. A captured one's span gets its GPU share and is ended here, or by the
+        worker once its pending passes are exported (True: this tracer ends ``span``)."""
+        if not self._requests:
+            return False
+        waits = False
+        with self._lock:
+            selected = self._requests.pop(span.get_span_context().span_id, None)
+            if selected is None:
+                return False
+            unspent, selected.budget_ns = selected.budget_ns, 0
+            if selected.steps_left > 0:
+                self._waiting -= 1
+            if selected.pending:
+                selected.end_ns = end_ns
+                self._ending.append(selected)
+                waits = True
+        if unspent:
+            self.budget.refund(unspent)  # ended before a pass of it was captured
+        if not waits:
+            _end_with_share(selected, end_ns)
+        return True
 
     # -- engine side (ForwardObserver) -------------------------------------------------------------------
     def start(self, step: Any) -> None:
@@ -201,10 +218,14 @@ class KernelTracer:
             if self._preparer is not None:
                 self._wake.set()  # another selected request may be waiting for the recorder
         self.stats.captures += 1
+        with self._lock:
+            for target in targets:
+                target.pending += 1
         try:
             self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, raw))
         except queue.Full:
             self.stats.dropped_captures += 1
+            self._exported(targets)
 
     def _settle(self, targets: list[_Selected], stall_ns: int) -> None:
         """Charge the budget what one capture (of ``targets``' pass) stalled the engine thread."""
@@ -255,8 +276,12 @@ class KernelTracer:
             self._jobs.put(None, timeout=timeout)
         except queue.Full:
             log.warning("kernel span worker still busy; pending captures dropped")
-            return
-        self._worker.join(timeout)
+        else:
+            self._worker.join(timeout)
+        with self._lock:
+            ending, self._ending = self._ending, []
+        for selected in ending:  # spans still waiting end now, with what was exported
+            _end_with_share(selected, selected.end_ns or self._clock())
 
     def _work(self) -> None:
         while True:
@@ -269,14 +294,31 @@ class KernelTracer:
             except Exception:  # noqa: BLE001 - a bad profile loses its spans, nothing else
                 self.stats.failures += 1
                 log.exception("kernel spans of step %s not exported", getattr(job.step, "index", "?"))
+            finally:
+                self._exported(job.targets)
             self.stats.worker_ns += self._timer() - began
+
+    def _exported(self, targets: list[_Selected]) -> None:
+        """One pass of each target is exported (or lost); a done request with none left gets its span ended."""
+        done = []
+        with self._lock:
+            for target in targets:
+                target.pending -= 1
+                if target.pending == 0 and target in self._ending:
+                    self._ending.remove(target)
+                    done.append(target)
+        for target in done:
+            _end_with_share(target, target.end_ns or self._clock())
 
     def _export(self, job: _Job) -> None:
         events, anchor = self._capture.events(job.raw)
         for target in job.targets:
+            plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after,
+                                     max(target.spans_left - 1, 0))
+            target.share_ns += request_share(job.step, target.span_context.span_id, plan.gpu_time_ns)
+            target.passes += 1
             if target.spans_left <= 1:
                 continue
-            plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after, target.spans_left - 1)
             target.spans_left -= 1 + len(plan.spans)
             self.stats.exported_spans += 1 + len(plan.spans)
             self._emit(job, target, plan, anchor)
@@ -303,6 +345,9 @@ class KernelTracer:
                 names.KERNELS_DROPPED: plan.dropped,
                 names.KERNELS_CLAMPED: plan.clamped,
                 names.KERNELS_GPU_TIME_NS: plan.gpu_time_ns,
+                # this request's part of the pass's GPU time (by tokens: the shares of a pass sum to it)
+                names.GPU_REQUEST_SHARE_NS: request_share(step, target.span_context.span_id, plan.gpu_time_ns),
+                names.STEP_NUM_TOKENS: getattr(step, "num_tokens", 0),
                 names.KERNELS_FIRST_START_NS: plan.first_ns,
                 names.KERNELS_LAST_END_NS: plan.last_ns,
                 names.CLOCK_UNCERTAINTY_NS: anchor.uncertainty_ns,
@@ -320,3 +365,13 @@ class KernelTracer:
                                     attributes=attributes).end(end_time=k.end_ns)
         # Ends with its last kernel, so it stays inside the step span (which ends before finish() runs).
         forward.end(end_time=plan.last_ns if plan.spans else job.window[1])
+
+
+def _end_with_share(selected: _Selected, end_ns: int) -> None:
+    """End a captured request's span with its share of the GPU time of its captured passes."""
+    span = selected.span
+    if span is None:
+        return
+    if selected.passes:  # none: selected, but no pass was captured (the recorder was busy)
+        span.set_attribute(names.GPU_REQUEST_SHARE_NS, selected.share_ns)
+    span.end(end_time=end_ns)

@@ -66,7 +66,11 @@ class KeySet:
 
 def parse_jwks(data: bytes) -> KeySet:
     """Parse ``{"keys": [...]}``; skips encryption keys and key types we do not verify."""
-    doc = json.loads(data.decode("utf-8"))
+    return parse_jwks_document(json.loads(data.decode("utf-8")))
+
+
+def parse_jwks_document(doc: Any) -> KeySet:
+    """The same, from the decoded JSON (an identity provider's JWKS answer)."""
     if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list):
         raise CredentialFileError('must be a JSON object {"keys": [...]}')
     keys = []

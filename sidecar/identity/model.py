@@ -18,12 +18,16 @@ class Identity:
     """The authenticated (or anonymous) caller; policies see it as ``input.identity``."""
 
     authenticated: bool
-    method: str  # "api_key" | "jwt" | "anonymous"
+    # "api_key" | "jwt" (JWKS file) | "oidc" | "service_account" | "introspection" | "mtls" | "anonymous"
+    method: str
     tenant: str | None
     tier: str | None
     scopes: tuple[str, ...]
     subject: str | None
     key_name: str | None
+    # Who vouched for the caller: the token's issuer, the introspection endpoint's name, or
+    # "envoy" for a client certificate; None for API keys and anonymous callers.
+    issuer: str | None = None
 
     def to_input(self) -> dict[str, Any]:
         """JSON-able form for the OPA input document (``key_name`` stays out: it is for logs)."""
@@ -34,6 +38,7 @@ class Identity:
             "tier": self.tier,
             "scopes": list(self.scopes),
             "subject": self.subject,
+            "issuer": self.issuer,
         }
 
 
@@ -49,10 +54,32 @@ class AuthError(Exception):
     ever holds the presented key or token.
     """
 
+    http_status = 401
+
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        # Which method refused, and on whose behalf (for the decision log); set by ``tag``.
+        self.method: str | None = None
+        self.issuer: str | None = None
+
+    def tag(self, method: str, issuer: str | None = None) -> AuthError:
+        """Name the method (and issuer) that refused, unless a deeper step already did."""
+        if self.method is None:
+            self.method, self.issuer = method, issuer
+        return self
+
+    @property
+    def identity(self) -> Identity:
+        """The refused caller as the decision log records it: not authenticated, which method."""
+        return Identity(authenticated=False, method=self.method or "invalid", tenant=None, tier=None,
+                        scopes=(), subject=None, key_name=None, issuer=self.issuer)
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        """Headers of the refusal sent to the client."""
+        return {"www-authenticate": self.www_authenticate}
 
     @property
     def www_authenticate(self) -> str:
@@ -60,3 +87,14 @@ class AuthError(Exception):
         error = _BEARER_ERROR.get(self.reason, "invalid_token")
         description = self.message.replace("\\", "").replace('"', "'")
         return f'Bearer error="{error}", error_description="{description}"'
+
+
+class IdentityUnavailable(AuthError):
+    """The credential cannot be checked right now (its identity provider is unreachable and no
+    cached answer covers it): answer 503, so the client retries instead of dropping its token."""
+
+    http_status = 503
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        return {"retry-after": "1"}

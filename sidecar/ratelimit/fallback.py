@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sidecar.config import RateLimitConfig
 from sidecar.ratelimit.base import (
     BackendUnavailable,
     Budget,
+    BudgetState,
+    Claimed,
+    Reservation,
     RateLimiter,
     RateLimitResult,
     RateLimitUnavailable,
@@ -52,25 +55,62 @@ class FallbackRateLimiter:
         return self._down_until is not None
 
     async def charge(self, budgets: Sequence[Budget]) -> RateLimitResult:
+        return await self._shared_or_fail(lambda: self._shared.charge(budgets), lambda: self._fail(budgets))
+
+    async def reserve(self, reservation: Reservation) -> RateLimitResult:
+        return await self._shared_or_fail(lambda: self._shared.reserve(reservation),
+                                          lambda: self._fail(reservation.budgets, reservation))
+
+    async def _shared_or_fail(self, shared: Callable[[], Awaitable[RateLimitResult]],
+                              fail: Callable[[], RateLimitResult]) -> RateLimitResult:
         if self._down_until is not None and self._clock() < self._down_until:
-            return self._fail(budgets)
+            return fail()
         try:
-            result = await self._shared.charge(budgets)
+            result = await shared()
         except BackendUnavailable as exc:
             if self._down_until is None:
                 log.warning("rate limit backend unavailable (%s); failure mode %s", exc, self._failure_mode)
             self._down_until = self._clock() + self._retry_interval_s
-            return self._fail(budgets)
+            return fail()
         if self._down_until is not None:
             log.info("rate limit backend is back")
             self._down_until = None
         return result
 
-    def _fail(self, budgets: Sequence[Budget]) -> RateLimitResult:
+    async def claim(self, reservation_id: str) -> Claimed | None:
+        """A reservation lives where it was made: here if Redis was down then, else in Redis.
+        Redis not answering now raises BackendUnavailable, so the reporter tries again later (a
+        claim that did run before the timeout makes the retry find nothing: charged as reserved)."""
+        local = self._local.claim_now(reservation_id)
+        if local is not None:
+            return local
+        return await self._shared.claim(reservation_id)
+
+    async def claim_expired(self) -> list[Claimed]:
+        expired = self._local.claim_expired_now()
+        try:
+            expired += await self._shared.claim_expired()
+        except BackendUnavailable:
+            pass  # the next sweep finds them
+        return expired
+
+    async def adjust(self, claimed: Claimed, delta: int) -> tuple[BudgetState, ...]:
+        """Where the reservation was charged: ``claimed.backend``."""
+        if claimed.backend == self._local.backend:
+            return self._local.adjust_now(claimed, delta)
+        try:
+            return await self._shared.adjust(claimed, delta)
+        except BackendUnavailable as exc:
+            log.warning("settlement adjustment lost (%s): charged at the reserved amount", exc)
+            return ()
+
+    def _fail(self, budgets: Sequence[Budget], reservation: Reservation | None = None) -> RateLimitResult:
         if self._failure_mode == "deny":
             raise RateLimitUnavailable("rate limit backend unavailable")
         if self._failure_mode == "allow":
             return RateLimitResult(True, (), getattr(self._shared, "backend", "shared"), degraded=True)
+        if reservation is not None:
+            return dataclasses.replace(self._local.reserve_now(reservation), degraded=True)
         return dataclasses.replace(self._local.charge_now(budgets), degraded=True)
 
     async def close(self) -> None:

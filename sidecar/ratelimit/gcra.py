@@ -48,3 +48,15 @@ def decide(now: float, tat: float | None, limit: int, period_s: float, cost: int
 
 def _units_left(period_s: float, debt: float, interval: float, limit: int) -> int:
     return max(0, min(limit, math.floor((period_s - debt) / interval + SLACK_UNITS)))
+
+
+def adjust(now: float, tat: float | None, limit: int, period_s: float, delta: int) -> float:
+    """The TAT after moving a budget by ``delta`` units already spent (settlement).
+
+    A positive delta adds debt with no check (the tokens were generated; the budget may go past
+    its burst, and later requests wait it off); a negative one refunds, down to a full budget.
+    """
+    interval = period_s / limit
+    base = max(tat, now) if tat is not None else now
+    return max(now, base + delta * interval)
+

@@ -6,6 +6,13 @@ skewed clocks agree. TATs are stored in microseconds; each key expires when its 
 full again (at most one period), so idle keys vanish. The script is loaded once and run by
 SHA (redis-py's Script reloads it after a Redis restart).
 
+Reservations: ``RESERVE_SCRIPT`` is the charge plus, in the same atomic step, a slot in each
+concurrency sorted set (member: the reservation id, score: its expiry; expired members are
+dropped before counting, so a lost reservation frees its slot on its own), the reservation's
+record (JSON, kept ``ttl`` + 60 s) and its entry in the expiry index. ``CLAIM_SCRIPT`` deletes
+the record and frees its slots and returns it once; a second claim finds nothing. The scripts
+touch keys they read from the record, so they need a single Redis (not Redis Cluster).
+
 Any Redis error or a reply slower than ``timeout_s`` raises BackendUnavailable. After a
 timeout the script may still have run in Redis; the caller's fallback then charges the
 request locally too, erring on the side of counting it twice rather than not at all.
@@ -14,32 +21,42 @@ request locally too, erring on the side of counting it twice rather than not at 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from sidecar.ratelimit.base import BackendUnavailable, Budget, RateLimitResult
+from sidecar.ratelimit.base import BackendUnavailable, Budget, BudgetState, Claimed, RateLimitResult, Reservation
 from sidecar.ratelimit.gcra import SLACK_UNITS
 from sidecar.ratelimit.settle import settle
 
-# KEYS: budget keys. ARGV[1]: slack in units of T; then limit, period (us), cost per key.
-# Returns {allowed (1/0), stored debt in us of each key as a string}.
+# KEYS: budget keys, then concurrency slot keys, then (when reserving) the record and the expiry
+# index. ARGV: slack in units of T, #budgets, #slots, ttl (us), reservation id ("" = a plain charge:
+# no record), record JSON, then limit, period (us), cost per budget, then the limit per slot.
+# Returns {allowed (1/0), stored debt in us of each budget as a string, in-flight count per slot}.
 # Same decision as gcra.decide + settle.settle, relative to Redis's TIME.
-CHARGE_SCRIPT = """
+RESERVE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local slack = tonumber(ARGV[1])
+local nb = tonumber(ARGV[2])
+local ns = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local rid = ARGV[5]
+local record = ARGV[6]
 local pending = {}
 local debts = {}
+local counts = {}
 local allowed = 1
-for i = 1, #KEYS do
+for i = 1, nb do
   local key = KEYS[i]
-  local limit = tonumber(ARGV[3 * i - 1])
-  local period = tonumber(ARGV[3 * i])
-  local cost = tonumber(ARGV[3 * i + 1])
+  local limit = tonumber(ARGV[6 + 3 * i - 2])
+  local period = tonumber(ARGV[6 + 3 * i - 1])
+  local cost = tonumber(ARGV[6 + 3 * i])
   local stored = tonumber(redis.call('GET', key))
   local stored_debt = 0
   if stored and stored > now then stored_debt = stored - now end
@@ -53,17 +70,88 @@ for i = 1, #KEYS do
     allowed = 0
   end
 end
+for j = 1, ns do
+  local key = KEYS[nb + j]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local n = redis.call('ZCARD', key)
+  counts[j] = n
+  if n >= tonumber(ARGV[6 + 3 * nb + j]) then allowed = 0 end
+end
 if allowed == 1 then
   for key, debt in pairs(pending) do
     if debt > 0 then
       redis.call('SET', key, string.format('%.17g', now + debt), 'PX', math.max(1, math.ceil(debt / 1000)))
     end
   end
+  if rid ~= '' then
+    local ttl_ms = math.ceil(ttl / 1000)
+    for j = 1, ns do
+      redis.call('ZADD', KEYS[nb + j], now + ttl, rid)
+      redis.call('PEXPIRE', KEYS[nb + j], ttl_ms + 1000)
+    end
+    redis.call('SET', KEYS[nb + ns + 1], record, 'PX', ttl_ms + 60000)
+    redis.call('ZADD', KEYS[nb + ns + 2], now + ttl, rid)
+  end
 end
 local out = {allowed}
-for i = 1, #debts do out[i + 1] = debts[i] end
+for i = 1, nb do out[#out + 1] = debts[i] end
+for j = 1, ns do out[#out + 1] = counts[j] end
 return out
 """
+
+# KEYS[1]: the record, KEYS[2]: the expiry index; ARGV[1]: the reservation id.
+CLAIM_SCRIPT = """
+local record = redis.call('GET', KEYS[1])
+if not record then return false end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+for _, key in ipairs(cjson.decode(record)['slots']) do redis.call('ZREM', key, ARGV[1]) end
+return record
+"""
+
+# KEYS[1]: the expiry index; ARGV[1]: the record key prefix, ARGV[2]: how many at most.
+CLAIM_EXPIRED_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
+  redis.call('ZREM', KEYS[1], rid)
+  local key = ARGV[1] .. rid
+  local record = redis.call('GET', key)
+  if record then
+    redis.call('DEL', key)
+    for _, slot in ipairs(cjson.decode(record)['slots']) do redis.call('ZREM', slot, rid) end
+    out[#out + 1] = record
+  end
+end
+return out
+"""
+
+# KEYS: budget keys; ARGV[1]: delta (units); then limit, period (us) per key. Same as gcra.adjust.
+ADJUST_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local delta = tonumber(ARGV[1])
+local debts = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local interval = tonumber(ARGV[2 * i + 1]) / tonumber(ARGV[2 * i])
+  local stored = tonumber(redis.call('GET', key))
+  local base = now
+  if stored and stored > now then base = stored end
+  local tat = base + delta * interval
+  if tat > now then
+    redis.call('SET', key, string.format('%.17g', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+    debts[i] = string.format('%.17g', tat - now)
+  else
+    redis.call('DEL', key)
+    debts[i] = '0'
+  end
+end
+return debts
+"""
+
+EXPIRED_BATCH = 500
 
 
 class RedisRateLimiter:
@@ -78,26 +166,88 @@ class RedisRateLimiter:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1), health_check_interval=0,
         )
-        self._script = self._client.register_script(CHARGE_SCRIPT)
+        self._reserve = self._client.register_script(RESERVE_SCRIPT)
+        self._claim = self._client.register_script(CLAIM_SCRIPT)
+        self._claim_expired = self._client.register_script(CLAIM_EXPIRED_SCRIPT)
+        self._adjust = self._client.register_script(ADJUST_SCRIPT)
+        self._records = key_prefix + "res:"
+        self._index = key_prefix + "res:index"
 
     async def charge(self, budgets: Sequence[Budget]) -> RateLimitResult:
+        """A reservation that is never claimed: the same script, with no record and no slots."""
         if not budgets:
             return RateLimitResult(True, (), self.backend)
-        keys = [self._key_prefix + b.key for b in budgets]
-        args: list[str | int] = [repr(SLACK_UNITS)]
+        return await self.reserve(Reservation("", "", tuple(budgets)))
+
+    async def reserve(self, reservation: Reservation) -> RateLimitResult:
+        budgets, slots = reservation.budgets, reservation.slots
+        keys = [self._key_prefix + b.key for b in budgets] + [self._key_prefix + s.key for s in slots]
+        if reservation.reservation_id:
+            keys += [self._records + reservation.reservation_id, self._index]
+        record = json.dumps({**_record_fields(reservation), "slots": keys[len(budgets):len(budgets) + len(slots)]},
+                            separators=(",", ":"))
+        args: list[str | int] = [repr(SLACK_UNITS), len(budgets), len(slots), repr(reservation.ttl_s * 1e6),
+                                 reservation.reservation_id, record]
         for b in budgets:
             args += [b.limit, repr(b.period_s * 1e6), b.cost]
+        args += [s.limit for s in slots]
+        reply = await self._run(self._reserve, keys, args)
+        allowed = reply[0] == 1
+        debts = {b.key: float(d) / 1e6 for b, d in zip(budgets, reply[1:1 + len(budgets)])}
+        charged = settle(0.0, budgets, debts.__getitem__)
+        # denied for a slot alone: nothing was charged, show the budgets uncharged
+        states = (charged.states if allowed or not charged.allowed
+                  else settle(0.0, [_uncharged(b) for b in budgets], debts.__getitem__).states)
+        counts = [int(c) for c in reply[1 + len(budgets):]]
+        slot_states = tuple(BudgetState(s.key, "concurrency", s.limit, max(0, s.limit - n - (1 if allowed else 0)),
+                                        0.0, 1.0 if not allowed and n >= s.limit else 0.0)
+                            for s, n in zip(slots, counts))
+        return RateLimitResult(allowed, states + slot_states, self.backend)
+
+    async def claim(self, reservation_id: str) -> Claimed | None:
+        record = await self._run(self._claim, [self._records + reservation_id, self._index], [reservation_id])
+        return _claimed(reservation_id, record, self.backend) if record else None
+
+    async def claim_expired(self) -> list[Claimed]:
+        records = await self._run(self._claim_expired, [self._index], [self._records, EXPIRED_BATCH])
+        out = []
+        for raw in records:
+            fields = json.loads(raw)
+            out.append(_claimed(fields["id"], raw, self.backend))
+        return out
+
+    async def adjust(self, claimed: Claimed, delta: int) -> tuple[BudgetState, ...]:
+        budgets = claimed.token_budgets
+        args: list[str | int] = [delta]
+        for b in budgets:
+            args += [b.limit, repr(b.period_s * 1e6)]
+        reply = await self._run(self._adjust, [self._key_prefix + b.key for b in budgets], args)
+        debts = {b.key: float(d) / 1e6 for b, d in zip(budgets, reply)}
+        return settle(0.0, [_uncharged(b) for b in budgets], debts.__getitem__).states
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply = await self._script(keys=keys, args=args)
+                return await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:  # TimeoutError (the deadline) is an OSError
             raise BackendUnavailable(f"redis: {type(exc).__name__}") from exc
-        lua_allowed = reply[0] == 1
-        debts = {b.key: float(d) / 1e6 for b, d in zip(budgets, reply[1:])}
-        # The script decided and committed; settle() at "now = 0" turns the debts it saw
-        # into the same states the memory backend reports.
-        result = settle(0.0, budgets, debts.__getitem__)
-        return RateLimitResult(lua_allowed, result.states, self.backend)
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _uncharged(budget: Budget) -> Budget:
+    return Budget(budget.key, budget.limit, budget.period_s, 0, budget.kind)
+
+
+def _record_fields(reservation: Reservation) -> dict[str, Any]:
+    return {"id": reservation.reservation_id, "tenant": reservation.tenant,
+            "budgets": [[b.key, b.limit, b.period_s, b.cost] for b in reservation.budgets if b.kind == "tokens"],
+            "reserved": reservation.reserved_cost, "wi": reservation.input_weight, "wo": reservation.output_weight}
+
+
+def _claimed(reservation_id: str, raw: bytes | str, backend: str) -> Claimed:
+    fields = json.loads(raw)
+    return Claimed(reservation_id, fields["tenant"],
+                   tuple(Budget(k, limit, period, cost, "tokens") for k, limit, period, cost in fields["budgets"]),
+                   fields["reserved"], fields["wi"], fields["wo"], backend)

@@ -262,6 +262,10 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
         step = trace.parent(forward)
         assert step.start_ns <= forward.start_ns
     assert forwards[0].attributes["kernelgate.step.phase"] == "prefill"
+    # what the request cost on the GPU: its share of each profiled pass, summed on its own span
+    shares = [f.attributes["kernelgate.gpu.request_share_ns"] for f in forwards]
+    assert shares == [f.attributes["kernelgate.kernels.gpu_time_ns"] for f in forwards]  # alone in its passes
+    assert a["kernelgate.gpu.request_share_ns"] == sum(shares) > 0
     # the same server, a request not granted the header: its steps are traced, its forward passes are not
     status, _, body = await post(stack.url, body={**COMPLETION, "max_tokens": 2},
                                  headers={"x-api-key": GLOBEX_KEY, FORCE_HEADER: "1"})

@@ -131,10 +131,10 @@ async def test_models_health_and_metrics_endpoints(serve, shared_engine) -> None
     ({"model": MODEL, "prompt": "x", "max_tokens": "3"}, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "temperature": 2.5}, "temperature"),
     ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": MODEL, "prompt": "x", "seed": 1.5}, "seed"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": MODEL, "prompt": [1, 2, 999999]}, "prompt"),
 ])
 async def test_invalid_fields_are_400_naming_the_param(serve, shared_engine, body: dict, param: str) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from common.settings import ConfigError, build
-from inference import protocol
 from inference.config import BatchingConfig, InferenceConfig
 from inference.demo_tokenizer import build_demo_tokenizer
 from inference.detokenize import IncrementalDetokenizer, StopStringFilter
 from inference.generation import GenerationRequest, QueueFullError, SamplingParams
 from inference.runner import batch_buckets, kv_bucket
+from inference.openai import protocol
+from inference.openai.chat.protocol import parse_chat_request
+from inference.openai.completion.protocol import DEFAULT_MAX_TOKENS, parse_completion_request
 from inference.scheduler import Scheduler, Sequence
 
 
@@ -27,15 +29,15 @@ def test_config_builds_from_yaml_data_and_names_bad_keys() -> None:
 
 
 def test_protocol_parsing() -> None:
-    parsed = protocol.parse_completion_request({"model": "m", "prompt": ["a", "b"], "stop": "x", "n": 1,
+    parsed = parse_completion_request({"model": "m", "prompt": ["a", "b"], "stop": "x", "n": 1,
                                                 "user": "ignored", "presence_penalty": 0})
     assert parsed.prompts == ("a", "b") and parsed.sampling.stop == ("x",)
-    assert parsed.sampling.max_tokens == protocol.DEFAULT_COMPLETION_MAX_TOKENS
-    chat = protocol.parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+    assert parsed.sampling.max_tokens == DEFAULT_MAX_TOKENS
+    chat = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                                         "max_completion_tokens": 5})
     assert chat.sampling.max_tokens == 5
     with pytest.raises(protocol.RequestError) as err:
-        protocol.parse_completion_request({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}})
+        parse_completion_request({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}})
     assert err.value.param == "stream_options"
     with pytest.raises(protocol.RequestError) as err:
         protocol.parse_json(b"[1, 2]")
@@ -74,9 +76,9 @@ def test_scheduler_admission_bounds_and_dense_slots() -> None:
                           max_prefill_tokens=1000)
     seqs = [_seq(str(i), 10, 20) for i in range(5)]
     for seq in seqs:
-        scheduler.add(seq)
+        scheduler.add([seq])
     with pytest.raises(QueueFullError):
-        scheduler.add(_seq("x", 1, 1))
+        scheduler.add([_seq("x", 1, 1)])
     admitted = scheduler.admit(now_ns=1)
     assert [s.request_id for s in admitted] == ["0", "1", "2"] and [s.slot for s in admitted] == [0, 1, 2]
     assert scheduler.tokens_in_flight == 90
@@ -89,7 +91,7 @@ def test_scheduler_admission_bounds_and_dense_slots() -> None:
 
 def test_scheduler_waits_briefly_to_batch_a_burst() -> None:
     scheduler = Scheduler(BatchingConfig(max_batch_size=4, max_wait_ms=5, max_queue=4), max_prefill_tokens=1000)
-    scheduler.add(_seq("a", 3, 3))
+    scheduler.add([_seq("a", 3, 3)])
     assert scheduler.admit(now_ns=1_000_000) == []
     assert 0 < scheduler.wait_timeout_s(now_ns=1_000_000) <= 0.005
     assert len(scheduler.admit(now_ns=6_000_000)) == 1
@@ -104,7 +106,7 @@ def test_buckets() -> None:
 def test_nan_and_infinity_are_rejected_as_invalid_json() -> None:
     import pytest
 
-    from inference.protocol import RequestError, parse_json
+    from inference.openai.protocol import RequestError, parse_json
 
     for body in (b'{"max_tokens": NaN}', b'{"temperature": Infinity}', b'{"top_p": -Infinity}', b'{"seed": 1e400}'):
         with pytest.raises(RequestError, match="not valid JSON"):

@@ -199,6 +199,10 @@ def test_pod_addresses_fit_the_container_ports(rendered):
     assert config.envoy.replicas == [f"kernelgate-inference:{service_port['port']}"]
     assert config.authz.replicas.targets == config.envoy.replicas
     assert config.inference.listen.port == port_number(inference, "inference")
+    # the loop between them: usage reports to the sidecar's gRPC port, prompt counts from the server
+    assert host_port(config.inference.usage_report.address) == ("127.0.0.1", port_number(authz, "authz-grpc"))
+    assert host_port(config.authz.ratelimit.count_url.rsplit("/", 1)[0]) == (
+        "127.0.0.1", port_number(inference, "inference"))
     opa_args = container(spec, "opa")["args"]
     assert host_port(opa_args[opa_args.index("--addr") + 1]) == host_port(config.authz.opa.url) == ("127.0.0.1", 8181)
     assert config.envoy.otlp_address == config.telemetry.otlp_endpoint == "jaeger:4317"

@@ -97,6 +97,9 @@ class _Span:
     def set_attribute(self, key, value) -> None:
         pass
 
+    def end(self, end_time: int | None = None) -> None:
+        pass
+
 
 class _Step:
     def __init__(self, index: int, ctx: SpanContext) -> None:
@@ -126,7 +129,7 @@ def test_tracer_admits_captures_by_the_stall_they_measured() -> None:
             step = _Step(i, ctx)
             tracer.start(step)
             tracer.finish(step, None)
-        tracer.on_request_end(ctx)
+        tracer.on_request_end(_Span(ctx), time.time_ns())
     assert admitted == [True, True, False, False, False]
     assert tracer.stats.captures == 2 and tracer.stats.budget_refused == 3
     assert tracer.stats.engine_thread_ns == 40 * MS
@@ -142,6 +145,6 @@ def test_a_selected_request_that_ends_uncaptured_gives_its_share_back() -> None:
                           budget=budget)
     assert tracer.on_request(_Span(_context(1)), {}) == "ratio"
     assert tracer.on_request(_Span(_context(2)), {}) is None
-    tracer.on_request_end(_context(1))
+    tracer.on_request_end(_Span(_context(1)), time.time_ns())
     assert tracer.on_request(_Span(_context(3)), {}) == "ratio"
     tracer.close()

@@ -10,7 +10,10 @@ from sidecar import http_transport, response
 def test_request_becomes_the_check_request_envoy_would_send_over_grpc() -> None:
     headers = {"host": "api.local", "x-api-key": "k", "x-request-id": "r1", "content-length": "2",
                "x-kernelgate-authz-source": "10.0.0.7:4242", "x-kernelgate-authz-destination": "[::1]:8080",
-               "x-kernelgate-authz-source-principal": "spiffe://a/b", "x-kernelgate-authz-destination-principal": "-",
+               "x-kernelgate-authz-source-uri-san": "spiffe://a/b,spiffe://a/c", "x-kernelgate-authz-source-dns-san": "a",
+               "x-kernelgate-authz-destination-uri-san": "-", "x-kernelgate-authz-destination-dns-san": "-",
+               "x-kernelgate-authz-destination-subject": "CN=envoy,O=kg",
+               "x-kernelgate-authz-source-certificate": "-----BEGIN%20CERTIFICATE-----%0A",
                "x-kernelgate-authz-scheme": "https", "x-kernelgate-authz-protocol": "HTTP/2"}
     req = http_transport.check_request("POST", http_transport.PATH_PREFIX + "/v1/completions?x=1", headers, b"{}")
     attrs = req.attributes
@@ -22,7 +25,9 @@ def test_request_becomes_the_check_request_envoy_would_send_over_grpc() -> None:
                                   ":scheme": "https", "x-api-key": "k", "x-request-id": "r1", "content-length": "2"}
     assert (attrs.source.address.socket_address.address, attrs.source.address.socket_address.port_value) == (
         "10.0.0.7", 4242)
-    assert attrs.source.principal == "spiffe://a/b" and attrs.destination.principal == ""
+    # principals as Envoy's gRPC client picks them: first URI SAN, else first DNS SAN, else subject
+    assert attrs.source.principal == "spiffe://a/b" and attrs.destination.principal == "CN=envoy,O=kg"
+    assert attrs.source.certificate == "-----BEGIN%20CERTIFICATE-----%0A" and attrs.destination.certificate == ""
     assert attrs.destination.address.socket_address.address == "::1"
 
 

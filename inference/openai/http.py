@@ -1,0 +1,145 @@
+"""HTTP framing shared by the routers: body limits, the tenant header, JSON or SSE out.
+
+In: an aiohttp request, and what a serving object returned (a response object, or an async
+iterator of chunks). Out: an aiohttp response. A stream is written as ``data: {...}`` events
+and a final ``data: [DONE]``; an error or the request deadline mid-stream becomes one error
+event in OpenAI's shape before ``[DONE]``. Nothing here knows what the objects mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from aiohttp import web
+from opentelemetry.trace import Span
+
+from inference.config import LimitsConfig
+from inference.openai.protocol import RequestError
+from inference.tracing import Tracing
+from inference.usage import UsageTracker, grant_of
+from otel import names
+
+TENANT_HEADER = "x-kernelgate-tenant"
+# The model the gateway routed this request to (the policy may degrade to a fallback model).
+ROUTED_MODEL_HEADER = "x-kernelgate-model"
+# What this request spent, reported to the sidecar when its response ends (set by the app's middleware).
+USAGE = web.RequestKey("kernelgate_usage", UsageTracker)
+_TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+Result = dict[str, Any] | AsyncIterator[dict[str, Any]]
+T = TypeVar("T")
+
+
+def tenant_of(headers: Mapping[str, str]) -> str:
+    """The tenant the sidecar vouched for, as a safe label value ('none' when absent)."""
+    value = headers.get(TENANT_HEADER)
+    if not value:
+        return "none"
+    return value if _TENANT_RE.match(value) else "invalid"
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, or a 413 when it is larger than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError(413, f"request body is {request.content_length} bytes; the limit is {limit}",
+                           code="request_too_large")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestError(413, f"request body is larger than the limit of {limit} bytes",
+                           code="request_too_large") from None
+
+
+def timeout_error(timeout_s: float) -> RequestError:
+    return RequestError(504, f"request did not finish within {timeout_s:g}s", type="timeout", code="request_timeout")
+
+
+async def before(deadline: float, timeout_s: float, call: Awaitable[T]) -> T:
+    """``await call``, or a 504 once the loop's clock passes ``deadline``."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await call
+    except TimeoutError:
+        raise timeout_error(timeout_s) from None
+
+
+async def respond(request: web.Request, result: Result, deadline: float, timeout_s: float) -> web.StreamResponse:
+    """A JSON response for an object; a server-sent event stream for an async iterator."""
+    if isinstance(result, dict):
+        return web.json_response(result)
+    return await _send_sse(request, result, deadline, timeout_s)
+
+
+async def _send_sse(request: web.Request, chunks: Any, deadline: float,
+                    timeout_s: float) -> web.StreamResponse:
+    """Write ``data: {...}`` events, then ``data: [DONE]``; a vanished client ends it early."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    try:
+        async with aclosing(chunks) as events:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    async for chunk in events:
+                        await response.write(sse_event(chunk))
+            except TimeoutError:
+                await response.write(sse_event(timeout_error(timeout_s).body()))
+            except RequestError as err:
+                await response.write(sse_event(err.body()))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        response["client_closed"] = True
+    return response
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What the gateway vouched for about a request: the tenant, and the model it routed the request to."""
+
+    tenant: str
+    routed_model: str | None = None
+    # The sidecar's token grant (mid-stream enforcement caps max_tokens at it), or None.
+    grant: int | None = None
+    # Where the engine streams this request starts are registered, for the usage report.
+    usage: UsageTracker | None = None
+
+
+class Create(Protocol):
+    """A serving object's one call: the raw body, the caller, the request span -> a result."""
+
+    def __call__(self, body: bytes, caller: Caller, span: Span) -> Awaitable[Result]: ...
+
+
+def traced_handler(operation: str, create: Create, tracing: Tracing, limits: LimitsConfig,
+                   replica_id: str = "") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of one endpoint: read the body, make the one call, frame what comes back.
+
+    The request's server span (continuing the caller's ``traceparent``) covers the whole
+    response, streamed ones included; ``limits.request_timeout_s`` bounds it (504).
+    """
+    timeout_s = limits.request_timeout_s
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        caller = Caller(tenant_of(request.headers), request.headers.get(ROUTED_MODEL_HEADER),
+                        grant_of(request.headers), request.get(USAGE))
+        attributes = {names.GEN_AI_OPERATION_NAME: operation, names.TENANT: caller.tenant,
+                      names.REPLICA_ID: replica_id}
+        with tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
+                                  attributes) as span:
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            body = await read_body(request, limits.max_body_bytes)
+            result = await before(deadline, timeout_s, create(body, caller, span))
+            return await respond(request, result, deadline, timeout_s)
+
+    return handle

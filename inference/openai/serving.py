@@ -1,0 +1,408 @@
+"""What completions and chat share on the way to the engine and back (no HTTP, no torch).
+
+In: parsed requests from the endpoints' ``serving`` modules. Out: engine requests (through
+the ``GenerationEngine`` Protocol), the merged output streams of a request's prompts, and
+:meth:`GenerationServing.finish`, the one place where every generation response ends (usage
+and finish reasons on the request span). Engine errors become OpenAI-shaped
+:class:`RequestError` here, so the routers only frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from opentelemetry.trace import Span
+
+from common.replicas import NOT_STARTED_HEADER
+from inference.genai_metrics import GenAIMetrics
+from inference.generation import (EngineDeadError, EngineError, EngineNotReadyError, GenerationEngine, GenerationOutput,
+                                  GenerationRequest, QueueFullError, RequestStream, TokenLogprobs)
+from inference.openai.http import Caller
+from inference.openai.preprocess import PreparedPrompt, Preprocessor
+from inference.openai.protocol import RequestError, SamplingFields, usage
+from inference.tracing import Tracing
+from otel import names
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    """The names this server answers to (the embeddings model, when one is configured)."""
+
+    generation: str
+    embeddings: str | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A request's prompts, queued on the engine (``n`` choices each)."""
+
+    request_id: str
+    created: int
+    model: str
+    prompt_tokens: int
+    streams: tuple[RequestStream, ...]
+    n: int = 1
+    echoes: tuple[str, ...] = ()
+    started: float = 0.0  # time.monotonic() when the request arrived
+    metric_attributes: dict[str, str] | None = None
+
+    @property
+    def choices(self) -> int:
+        return len(self.streams) * self.n
+
+
+class Stream:
+    """The chunks of a streamed response; closing it (even unstarted) cancels its engine requests."""
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], streams: Sequence[RequestStream]) -> None:
+        self._chunks = chunks
+        self._streams = streams
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            for stream in self._streams:
+                stream.cancel()
+
+
+@dataclass(frozen=True)
+class LogprobEntry:
+    """One token's log-probability as the client sees it (None: the prompt's first token)."""
+
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] | None
+
+
+@dataclass
+class Choice:
+    """One choice of a response as it accumulates; ``delta`` is what arrived with the last output."""
+
+    index: int
+    prefix: str = ""
+    text: str = ""
+    logprobs: list[LogprobEntry] | None = None
+    finish_reason: str | None = None
+    started: bool = False
+    tokens: int = 0
+    delta: str = ""
+    delta_logprobs: list[LogprobEntry] | None = None
+    delta_offset: int = 0
+
+
+@dataclass
+class Outcome:
+    """Tallies of one response while it is produced, handed to :meth:`GenerationServing.finish`."""
+
+    choices: list[Choice]
+    completion_tokens: int = 0
+    first_token: float | None = None  # time.monotonic() of the first output
+    error: str | None = None
+
+    @property
+    def reasons(self) -> list[str | None]:
+        return [c.finish_reason for c in self.choices]
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [r or "stop" for r in self.reasons]
+
+
+class TokenTexts:
+    """Token ids to the strings logprobs show (one decode per id, cached; the vocabulary bounds it)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        text = self._cache.get(token)
+        if text is None:
+            text = self._cache[token] = self._tokenizer.decode([token])
+        return text
+
+    def entry(self, item: TokenLogprobs) -> LogprobEntry:
+        token, logprob, top = item
+        if logprob is None:  # a prompt's first token
+            return LogprobEntry(self(token), None, None)
+        return LogprobEntry(self(token), _finite(logprob), tuple((self(t), _finite(lp)) for t, lp in top))
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -Infinity: a token the model rules out gets -9999.0 (as vLLM reports it)."""
+    return max(logprob, -9999.0)
+
+
+class ResponseShapes(Protocol):
+    """How one endpoint shapes its objects (``text_completion`` or ``chat.completion``)."""
+
+    def whole(self, submitted: Submitted, choices: list[Choice], usage: dict[str, int]) -> dict[str, Any]: ...
+
+    def opening(self, submitted: Submitted) -> list[dict[str, Any]]: ...
+
+    def chunk(self, submitted: Submitted, choice: Choice) -> dict[str, Any]: ...
+
+    def usage_chunk(self, submitted: Submitted, usage: dict[str, int]) -> dict[str, Any]: ...
+
+
+class GenerationServing:
+    """Readiness, model checks, preprocessing, submission and stream merging for the one generative model."""
+
+    def __init__(self, engine: GenerationEngine, executor: Executor, tracing: Tracing, models: ServedModels,
+                 retry_after_s: int, genai: GenAIMetrics | None = None) -> None:
+        self._engine = engine
+        self._genai = genai or GenAIMetrics()
+        self._executor = executor
+        self._tracing = tracing
+        self._models = models
+        self._not_started = not_started(retry_after_s)
+        self._preprocessor: Preprocessor | None = None
+        self._texts: TokenTexts | None = None
+
+    def served_model(self, requested: str, routed: str | None) -> str:
+        """The model that serves the request: ours, when the body or the gateway's routing names it
+        (the policy may degrade a request to a fallback model: Envoy routes it here with the header)."""
+        ours = self._models.generation
+        if requested == ours or routed == ours:
+            return ours
+        self.check_model(requested)
+        return requested
+
+    def check_model(self, model: str) -> None:
+        if model == self._models.generation:
+            return
+        if model == self._models.embeddings:
+            raise RequestError(400, f"model '{model}' is an embeddings model; use /v1/embeddings", "model")
+        raise RequestError(404, f"model '{model}' does not exist", "model", code="model_not_found")
+
+    def describe(self, span: Span, model: str, sampling: SamplingFields) -> None:
+        """The request's GenAI attributes on its span."""
+        span.set_attribute(names.GEN_AI_REQUEST_MODEL, model)
+        span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, sampling.temperature)
+        span.set_attribute(names.GEN_AI_REQUEST_TOP_P, sampling.top_p)
+        if sampling.max_tokens is not None:
+            span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, sampling.max_tokens)
+        if sampling.seed is not None:
+            span.set_attribute(names.GEN_AI_REQUEST_SEED, sampling.seed)
+
+    def check_ready(self) -> None:
+        if not self._engine.ready:
+            raise RequestError(503, "model is still loading", type="service_unavailable", code="not_ready",
+                               headers=self._not_started)
+
+    async def prepare(self, tokenize: Callable[[Preprocessor], T]) -> T:
+        """Run ``tokenize`` on the worker thread, inside a ``preprocess`` span."""
+        preprocessor = self._preprocessor_of_model()
+        loop = asyncio.get_running_loop()
+        with self._tracing.child_span(names.PREPROCESS_SPAN):
+            return await loop.run_in_executor(self._executor, tokenize, preprocessor)
+
+    def submit(self, request_id: str, model: str, caller: Caller, span: Span, prompts: Sequence[PreparedPrompt],
+               n: int = 1, *, operation: str, started: float, requested_model: str | None = None) -> Submitted:
+        """Queue every prompt; if one is refused, cancel those already queued (429/503 for the client)."""
+        trace_context = span.get_span_context()
+        streams: list[RequestStream] = []
+        try:
+            for index, prompt in enumerate(prompts):
+                streams.append(self._engine.submit(GenerationRequest(
+                    request_id=f"{request_id}-{index}", prompt_token_ids=prompt.token_ids, params=prompt.params,
+                    tenant=caller.tenant, trace_context=trace_context)))
+        except BaseException as exc:
+            for stream in streams:
+                stream.cancel()
+            if isinstance(exc, EngineError):
+                raise self._engine_error(exc) from None
+            raise
+        span.set_attribute(names.GEN_AI_RESPONSE_ID, request_id)
+        return Submitted(request_id=request_id, created=int(time.time()), model=model,
+                         prompt_tokens=sum(len(p.token_ids) for p in prompts), streams=tuple(streams), n=n,
+                         echoes=tuple(p.echo for p in prompts), started=started,
+                         metric_attributes=self._genai.attributes(operation, requested_model or model, model,
+                                                                  caller.tenant))
+
+    async def merged(self, submitted: Submitted) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        """Outputs of the request's prompts as they come, tagged with the prompt's index."""
+        try:
+            async for item in _merged(submitted.streams):
+                yield item
+        except EngineDeadError as exc:
+            raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
+
+    async def generate(self, model: str, sampling: SamplingFields,
+                       tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, caller: Caller, span: Span,
+                       started: float, operation: str, id_prefix: str,
+                       shapes: ResponseShapes) -> dict[str, Any] | Stream:
+        """A parsed generation request, from model check to its response object or stream."""
+        served = self.served_model(model, caller.routed_model)
+        self.describe(span, model, sampling)
+        span.set_attribute(names.GEN_AI_RESPONSE_MODEL, served)
+        self.check_ready()
+        prompts = await self.prepare(tokenize)
+        submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", served, caller, span, prompts, sampling.n,
+                                operation=operation, started=started, requested_model=model)
+        if caller.usage is not None:
+            caller.usage.watch(submitted.streams)
+        return await self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage)
+
+    async def respond(self, span: Span, submitted: Submitted, shapes: ResponseShapes, stream: bool,
+                      include_usage: bool) -> dict[str, Any] | Stream:
+        """The whole response object, or the stream of its chunks."""
+        if stream:
+            return Stream(self._chunks(span, submitted, shapes, include_usage), submitted.streams)
+        outcome = self._outcome(submitted)
+        try:
+            async for _ in self._follow(submitted, outcome):
+                pass
+        except BaseException as exc:
+            outcome.error = _error_type(exc)
+            raise
+        finally:
+            self.finish(span, submitted, outcome)
+        return shapes.whole(submitted, outcome.choices, usage(submitted.prompt_tokens, outcome.completion_tokens))
+
+    async def _chunks(self, span: Span, submitted: Submitted, shapes: ResponseShapes,
+                      include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        for chunk in shapes.opening(submitted):
+            yield chunk
+        outcome = self._outcome(submitted)
+        try:
+            async for choice in self._follow(submitted, outcome):
+                if choice.delta or choice.finish_reason or choice.delta_logprobs:
+                    yield shapes.chunk(submitted, choice)
+        except BaseException as exc:
+            outcome.error = _error_type(exc)
+            raise
+        finally:
+            self.finish(span, submitted, outcome)
+        if include_usage:
+            yield shapes.usage_chunk(submitted, usage(submitted.prompt_tokens, outcome.completion_tokens))
+
+    def _outcome(self, submitted: Submitted) -> Outcome:
+        echoes = submitted.echoes or ("",) * len(submitted.streams)
+        return Outcome([Choice(index=i, prefix=echoes[i // submitted.n]) for i in range(submitted.choices)])
+
+    async def _follow(self, submitted: Submitted, outcome: Outcome) -> AsyncIterator[Choice]:
+        """Fold each engine output into its choice; yield the choice with that output as its delta."""
+        texts = self._token_texts()
+        async for prompt_index, output in self.merged(submitted):
+            if outcome.first_token is None:
+                outcome.first_token = time.monotonic()
+                if submitted.metric_attributes is not None:
+                    self._genai.first_token(submitted.metric_attributes, outcome.first_token - submitted.started)
+            choice = outcome.choices[prompt_index * submitted.n + output.index]
+            choice.tokens += len(output.token_ids)
+            choice.delta_offset = len(choice.prefix) + len(choice.text) if choice.started else 0
+            choice.delta = output.text if choice.started else choice.prefix + output.text
+            entries: list[LogprobEntry] | None = None
+            if output.prompt_logprobs is not None and not choice.started:
+                entries = [texts.entry(item) for item in output.prompt_logprobs]
+            if output.logprobs is not None:
+                entries = (entries or []) + [texts.entry(item) for item in output.logprobs]
+            choice.delta_logprobs = entries
+            if entries is not None:
+                choice.logprobs = (choice.logprobs or []) + entries
+            choice.started = True
+            choice.text += output.text
+            if output.finished:
+                choice.finish_reason = output.finish_reason
+                outcome.completion_tokens += output.completion_tokens
+            yield choice
+
+    def _token_texts(self) -> TokenTexts:
+        if self._texts is None:
+            info = self._engine.info
+            assert info is not None, "token texts asked for before the engine is ready"
+            self._texts = TokenTexts(info.tokenizer)
+        return self._texts
+
+    def finish(self, span: Span, submitted: Submitted, outcome: Outcome) -> None:
+        """Where every generation response ends, whole or cut short: usage and finish reasons."""
+        span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, submitted.prompt_tokens)
+        span.set_attribute(names.GEN_AI_USAGE_OUTPUT_TOKENS, outcome.completion_tokens)
+        if any(outcome.reasons):
+            span.set_attribute(names.GEN_AI_RESPONSE_FINISH_REASONS, outcome.finish_reasons)
+        if submitted.metric_attributes is not None:
+            now = time.monotonic()
+            self._genai.response(submitted.metric_attributes, now - submitted.started, submitted.prompt_tokens,
+                                 outcome.completion_tokens,
+                                 None if outcome.first_token is None else now - outcome.first_token,
+                                 max((c.tokens for c in outcome.choices), default=0), outcome.error)
+
+    def _engine_error(self, exc: EngineError) -> RequestError:
+        if isinstance(exc, QueueFullError):
+            return RequestError(429, f"{exc}; retry later", type="rate_limit_error", code="queue_full",
+                                headers=self._not_started)
+        if isinstance(exc, EngineNotReadyError):
+            return RequestError(503, str(exc), type="service_unavailable", code="not_ready",
+                                headers=self._not_started)
+        return RequestError(503, str(exc), type="server_error", code="engine_failed", headers=self._not_started)
+
+    def _preprocessor_of_model(self) -> Preprocessor:
+        if self._preprocessor is None:
+            info = self._engine.info
+            assert info is not None, "preprocessor asked for before the engine is ready"
+            self._preprocessor = Preprocessor(info.tokenizer, info.max_model_len, info.vocab_size,
+                                              info.max_sequences, info.grammars)
+        return self._preprocessor
+
+
+def not_started(retry_after_s: int) -> dict[str, str]:
+    """Headers of a refusal answered before any work started: Envoy may retry it on another replica."""
+    return {"Retry-After": str(retry_after_s), NOT_STARTED_HEADER: "1"}
+
+
+def _error_type(exc: BaseException) -> str:
+    """``error.type`` of a response that did not complete: the status code, or what cut it short."""
+    if isinstance(exc, RequestError):
+        return str(exc.status)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"
+    return type(exc).__qualname__
+
+
+async def _merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index; cancels all on exit."""
+    try:
+        if len(streams) == 1:
+            async for output in streams[0]:
+                yield 0, output
+            return
+        queue: asyncio.Queue[tuple[int, GenerationOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    await queue.put((index, output))
+            except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+                await queue.put((index, exc))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+    finally:
+        for stream in streams:
+            stream.cancel()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from common import strict_json
 from sidecar.config import OpaConfig
 
 log = logging.getLogger("kernelgate.decision")
@@ -103,9 +104,8 @@ def cache_key(document: Mapping[str, Any], ignore_headers: frozenset[str]) -> st
     stable = {k: v for k, v in document.items() if k != "attributes"}
     attributes = {k: v for k, v in document["attributes"].items() if k not in ("request", "source")}
     source = document["attributes"].get("source", {}).get("address", {}).get("socketAddress", {})
-    payload = json.dumps([stable, attributes, stable_http, headers, source.get("address")],
-                         sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+    payload = strict_json.dumps([stable, attributes, stable_http, headers, source.get("address")], sort_keys=True)
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
 class DecisionCache:

@@ -22,6 +22,7 @@ from typing import Any
 
 from opapywasm import UNDEFINED, OpaWasmPolicy, PolicyConfig
 
+from common import strict_json
 from sidecar import wasm_fastcall
 from sidecar.config import OpaConfig
 
@@ -77,6 +78,8 @@ class WasmPolicyClient:
         wasm, data, digest = read_bundle(self._path)
         policy = OpaWasmPolicy.from_wasm_bytes(wasm, config=PolicyConfig(
             pool_size=1, default_entrypoint=self._entrypoint,
+            # evaluate() hands it JSON bytes strict_json.dumps wrote: nothing to re-validate
+            parse_raw_json_input=False,
             eval_timeout_seconds=max(self._config.timeout_s, 0.05)))
         wasm_fastcall.accelerate(policy)
         if self._entrypoint not in policy.entrypoints:
@@ -98,8 +101,9 @@ class WasmPolicyClient:
         return True
 
     async def evaluate(self, document: Mapping[str, Any]) -> Any:
-        # Synchronous and short (~0.2 ms): cheaper inline than a hop to a thread.
-        result = self._bundle.policy.evaluate(document)
+        # Synchronous and short (~0.1 ms): cheaper inline than a hop to a thread. The document
+        # is encoded here with orjson (opa-py-wasm would use json.dumps).
+        result = self._bundle.policy.evaluate(strict_json.dumps(document))
         return None if result is UNDEFINED else result
 
     async def revision(self) -> str:

@@ -252,8 +252,6 @@ def main() -> None:
     parser.add_argument("--checks", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=1, help="checks in flight at once (pipelined)")
     parser.add_argument("--top", type=int, default=0, help="also print the N functions with most own time")
-    parser.add_argument("--no-profile", dest="profile", action="store_false",
-                        help="only the unprofiled CPU per check (A/B comparisons)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="kernelgate-check-cost-"))
     procs = []

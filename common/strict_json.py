@@ -24,9 +24,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One decoder for every call: json.loads with these hooks would build a new one each time.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def loads(text: str | bytes) -> Any:
     """``json.loads`` that refuses NaN/Infinity; raises ValueError (or RecursionError when nested too deeply)."""
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    return _DECODER.decode(text)
 
 
 def dumps(value: Any, sort_keys: bool = False) -> bytes:

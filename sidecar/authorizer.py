@@ -178,7 +178,8 @@ class Authorizer:
         started = time.perf_counter()
         decision_id = f"{self._ids.getrandbits(128):032x}"
         headers = check_request.attributes.request.http.headers
-        carrier = call_metadata if call_metadata and "traceparent" in call_metadata else dict(headers)
+        # the header map itself (no copy): the propagators only call get() and keys()
+        carrier = call_metadata if call_metadata and "traceparent" in call_metadata else headers
         with self._tracer.start_as_current_span(names.AUTHZ_CHECK_SPAN, context=propagate.extract(carrier),
                                                 kind=trace.SpanKind.SERVER) as span:
             try:
@@ -382,6 +383,8 @@ class Authorizer:
                 span.set_attribute(names.ratelimit_remaining(state.kind), state.remaining)
             if result.outcome != "allow":
                 span.set_attribute(names.DENY_REASON, result.reason)
+        if not self._decision_log.enabled:
+            return
         self._decision_log.write(DecisionRecord(
             decision_id=result.decision_id,
             request_id=request_id,

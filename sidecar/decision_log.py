@@ -8,12 +8,12 @@ do, so there is nothing to redact after the fact.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from common import strict_json
 from sidecar.config import DecisionLogConfig
 
 
@@ -65,13 +65,18 @@ class DecisionLogger:
             self._stream = open(config.output_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
             self._owned = True
 
+    @property
+    def enabled(self) -> bool:
+        """False: ``write`` drops every record (callers may skip building one)."""
+        return self._enabled
+
     def write(self, record: DecisionRecord | SettlementRecord) -> None:
         if not self._enabled:
             return
-        line = asdict(record)
-        line["ts"] = round(time.time(), 6)
-        line["kind"] = "settlement" if isinstance(record, SettlementRecord) else "decision"
-        self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        # the record's fields in order (values are already JSON-able), then ts and kind
+        line = {**vars(record), "ts": round(time.time(), 6),
+                "kind": "settlement" if isinstance(record, SettlementRecord) else "decision"}
+        self._stream.write(strict_json.dumps(line).decode() + "\n")
         self._stream.flush()
 
     def close(self) -> None:

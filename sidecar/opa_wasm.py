@@ -62,6 +62,10 @@ def read_bundle(path: str) -> tuple[bytes, Any, str]:
 class WasmPolicyClient:
     """Same interface as OpaPolicyClient (evaluate, revision, close); no server involved."""
 
+    # evaluate() never yields; an evaluation past eval_timeout_seconds (opa.timeout_s) is
+    # interrupted by wasmtime's epoch deadline and raises, which the Decider reports as unavailable.
+    in_process = True
+
     def __init__(self, config: OpaConfig):
         assert config.wasm_bundle_file
         self._config = config

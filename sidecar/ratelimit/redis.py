@@ -36,6 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from common import strict_json
 from sidecar.ratelimit.base import BackendUnavailable, Budget, BudgetState, Claimed, RateLimitResult, Reservation
 from sidecar.ratelimit.gcra import SLACK_UNITS
 from sidecar.ratelimit.settle import settle
@@ -193,8 +194,9 @@ class RedisRateLimiter:
         keys = [self._key_prefix + b.key for b in budgets] + [self._key_prefix + s.key for s in slots]
         if reservation.reservation_id:
             keys += [self._records + reservation.reservation_id, self._index]
-        record = json.dumps({**_record_fields(reservation), "slots": keys[len(budgets):len(budgets) + len(slots)]},
-                            separators=(",", ":"))
+        # the record is only stored for a reservation (a plain charge passes "")
+        record = strict_json.dumps({**_record_fields(reservation), "slots": keys[len(budgets):len(budgets) + len(slots)]}
+                                   ) if reservation.reservation_id else b""
         args: list[str | int] = [repr(SLACK_UNITS), len(budgets), len(slots), repr(reservation.ttl_s * 1e6),
                                  reservation.reservation_id, record]
         for b in budgets:

@@ -42,10 +42,8 @@ from sidecar import http_transport  # noqa: E402
 from sidecar.config import OpaConfig, SidecarConfig  # noqa: E402
 from sidecar.identity import hash_api_key  # noqa: E402
 
-POLICIES = ROOT / "bench/gateway_policies"
-TENANTS = {f"kg-bench-{t}-0123456789": t for t in ("acme", "globex", "initech")}
-MODELS = ["tiny-gpt2", "gpt2", "gpt2-medium", "opt-125m"]
-ROUTES = ["/v1/completions", "/v1/chat/completions"]
+from bench.gateway import POLICIES, TENANTS, request_body  # noqa: E402  (the same policies, keys and bodies)
+
 def requests(workload: str, gate: bool, count: int, first: int = 0) -> list[bytes]:
     """The authorization requests Envoy's http_service sends (bench/gateway.py's targets); distinct
     bodies are numbered from ``first``, so sets made with different ``first`` never repeat."""
@@ -53,10 +51,8 @@ def requests(workload: str, gate: bool, count: int, first: int = 0) -> list[byte
     keys = list(TENANTS)
     out = []
     for i in range(first, first + count):
-        model, route = MODELS[i % len(MODELS)], ROUTES[(i // len(MODELS)) % len(ROUTES)]
-        prompt = f"benchmark prompt number {i}" if workload == "distinct" else f"prompt {rng.randrange(4)}"
-        body = json.dumps({"model": model, "max_tokens": 16, **(
-            {"messages": [{"role": "user", "content": prompt}]} if "chat" in route else {"prompt": prompt})}).encode()
+        route, fields = request_body(i, workload, rng)
+        body = json.dumps(fields).encode()
         headers = {"host": "127.0.0.1:10000", "user-agent": "Go-http-client/1.1", "content-type": "application/json",
                    "x-forwarded-proto": "http", "x-request-id": f"{rng.getrandbits(64):016x}-req",
                    "x-envoy-expected-rq-timeout-ms": "15000", "content-length": str(len(body)),

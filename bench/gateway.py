@@ -14,12 +14,15 @@ Systems (``--systems``):
   evaluating ``gateway_policies/policy_only.rego`` (a header, the path and the body decide).
 - ``kg_<transport>_<mode>[_w2]``: Envoy + kernelgate with the same policy; transport ``grpc``
   (Check) or ``http`` (http_service, sidecar/http_transport.py); policy ``server`` (OPA) or
-  ``wasm`` (in process); ``_w2``: two worker processes on one port.
+  ``wasm`` (in process); ``_w2``: two worker processes on one port (SO_REUSEPORT). Any such
+  name can be asked for; the default list has the HTTP transport in both policy modes, gRPC
+  with Wasm, and the best mode with two workers.
 - ``anchor``: the whole gate as people build it today: Envoy + OPA-Envoy (``anchor_gate.rego``
   checks the API key and returns the tenant) + Envoy's ``ratelimit`` filter calling
-  envoyproxy/ratelimit on Redis (per-tenant and model limits, never reached).
+  envoyproxy/ratelimit on Redis (per-tenant and model limits, never reached; failure_mode_deny).
 - ``kg_gate_<transport>_<mode>[_w2]``: Envoy + kernelgate doing API-key identity, the same
-  allow rule (``kernelgate_gate.rego``) and Redis budgets, never reached.
+  allow rule (``kernelgate_gate.rego``) and Redis budgets, never reached (a Redis reply slower
+  than 1 s is a 503, as the anchor's filter denies: no quiet fall back to local budgets).
 - ``grpc_noop``: a gRPC Check server that does nothing (``bench/noop_authz.py``): the floor.
 
 Workloads (``--workloads``): ``distinct`` (every request body differs: no cache can help) and
@@ -298,16 +301,21 @@ def start_system(name: str, workdir: Path, upstream_port: int) -> System:
 
 
 # --- load -----------------------------------------------------------------------------------
+def request_body(i: int, workload: str, rng: random.Random) -> tuple[str, dict]:
+    """The ``i``-th request's route and body: ``distinct`` (its own prompt) or ``realistic`` (one of four)."""
+    model, route = MODELS[i % len(MODELS)], ROUTES[(i // len(MODELS)) % len(ROUTES)]
+    prompt = f"benchmark prompt number {i}" if workload == "distinct" else f"prompt {rng.randrange(4)}"
+    return route, {"model": model, "max_tokens": 16,
+                   **({"messages": [{"role": "user", "content": prompt}]} if "chat" in route else {"prompt": prompt})}
+
+
 def write_targets(path: Path, url: str, workload: str, gate: bool, count: int) -> None:
     """vegeta targets: ``distinct`` (every body differs) or ``realistic`` (few, repeating)."""
     rng = random.Random(7)
     keys = list(TENANTS)
     with path.open("w") as fh:
         for i in range(count if workload == "distinct" else 48):
-            model, route = MODELS[i % len(MODELS)], ROUTES[(i // len(MODELS)) % len(ROUTES)]
-            prompt = f"benchmark prompt number {i}" if workload == "distinct" else f"prompt {rng.randrange(4)}"
-            body = {"model": model, "max_tokens": 16,
-                    **({"messages": [{"role": "user", "content": prompt}]} if "chat" in route else {"prompt": prompt})}
+            route, body = request_body(i, workload, rng)
             header = {"content-type": ["application/json"]}
             if gate:
                 header["x-api-key"] = [keys[i % len(keys)]]

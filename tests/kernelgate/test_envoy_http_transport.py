@@ -3,16 +3,13 @@ request (sidecar/http_transport.py's carried attributes) and what a client canno
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-import yaml
-
-from common.processes import find_binary
 from common.settings import build
 from kernelgate.envoy_config import EnvoyConfig, render
 from sidecar import http_transport
 from tests.certs import issue, make_ca
+from tests.procs import envoy_validate
 
 
 def http_service(envoy: dict) -> dict:
@@ -52,8 +49,5 @@ def test_envoy_accepts_the_http_transport_with_mutual_tls(tmp_path: Path) -> Non
     cert, key = issue(ca, "envoy", server=True).write(tmp_path, "envoy")
     cfg = build(EnvoyConfig, {"authz_transport": "http", "tls_cert_file": str(cert), "tls_key_file": str(key),
                               "tls_client_ca_file": str(tmp_path / "ca.crt")}, "envoy")
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(render(cfg)))
-    out = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path)], capture_output=True,
-                         text=True, timeout=60)
+    out = envoy_validate(render(cfg), tmp_path / "envoy.yaml")
     assert out.returncode == 0, out.stdout + out.stderr

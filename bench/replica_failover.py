@@ -190,11 +190,19 @@ def start_envoy(ports: list[int], log_dir: Path, envoy_binary: str):
     return proc, listen
 
 
-def generated_tokens(port: int) -> float:
+def replica_counters(port: int) -> dict[str, float]:
+    """A replica's generated tokens, engine steps and sequences summed over its steps (from /metrics)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    match = re.search(r"^kernelgate_inference_generated_tokens_total (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+
+    def value(name: str) -> float:
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    return {"tokens": value("kernelgate_inference_generated_tokens_total"),
+            "steps": value('kernelgate_inference_batch_size_count{phase="decode"}'),
+            "sequences": value('kernelgate_inference_batch_size_sum{phase="decode"}'),
+            "prefills": value('kernelgate_inference_batch_size_count{phase="prefill"}')}
 
 
 async def drive(url: str, args: argparse.Namespace, vocab: int, seconds: float) -> collections.Counter:
@@ -239,18 +247,26 @@ def measure_arm(gpus: list[str], args: argparse.Namespace, log_dir: Path, envoy_
         procs.append(envoy)
         url = f"http://127.0.0.1:{listen}/v1/completions"
         asyncio.run(drive(url, args, vocab, args.warmup_s))
-        before = [generated_tokens(p) for p in ports]
+        before = [replica_counters(p) for p in ports]
         t0 = time.perf_counter()
         served = asyncio.run(drive(url, args, vocab, args.measure_s))
         seconds = time.perf_counter() - t0
-        tokens = sum(generated_tokens(p) for p in ports) - sum(before)
+        after = [replica_counters(p) for p in ports]
+        tokens = sum(a["tokens"] - b["tokens"] for a, b in zip(after, before))
+        # Why a replica makes the tokens it does: decode steps per second, sequences per decode step, prefills.
+        engines = {gpu: {"decode_steps_per_s": round((a["steps"] - b["steps"]) / seconds, 1),
+                         "prefills_per_s": round((a["prefills"] - b["prefills"]) / seconds, 1),
+                         "mean_batch": round((a["sequences"] - b["sequences"]) / max(1.0, a["steps"] - b["steps"]), 2),
+                         "tokens_per_s": round((a["tokens"] - b["tokens"]) / seconds, 1)}
+                   for gpu, a, b in zip(gpus, after, before)}
     finally:
         for proc in reversed(procs):
             proc.stop(timeout=20)
     row = {"replicas": len(gpus), "gpus": gpus, "concurrency": args.concurrency, "seconds": round(seconds, 2),
            "generated_tokens": int(tokens), "tokens_per_s": round(tokens / seconds, 1),
-           "served_by": dict(sorted(served.items()))}
-    print(f"[gpu] {len(gpus)} replica(s): {row['tokens_per_s']} tok/s, served by {row['served_by']}", flush=True)
+           "served_by": dict(sorted(served.items())), "engines": engines}
+    print(f"[gpu] {len(gpus)} replica(s): {row['tokens_per_s']} tok/s, served by {row['served_by']}, "
+          f"engines {engines}", flush=True)
     return row
 
 

@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-with", nargs="*", default=[], metavar="RESULT",
                    help="earlier results of this script (same model and load) whose runs count as runs of this one: "
                         "each mode's loss is pooled over every run that measured it, and all runs are written")
+    p.add_argument("--earlier", metavar="RESULT",
+                   help="an earlier result of this script measured on other code: its cost curve and per-mode "
+                        "losses are written beside this run's under earlier_code (labelled, never pooled)")
     p.add_argument("--pool-only", action="store_true",
                    help="measure nothing: pool the --pool-with results (the traced example: the last one's)")
     p.add_argument("--window-s", type=float, default=3.0)
@@ -632,6 +635,19 @@ def main() -> int:
                         round(time.monotonic() - began, 1))
 
 
+def earlier_code(path: str) -> dict[str, Any]:
+    """An earlier result's curve and losses, kept beside this one's (``--earlier``): the rows this run
+    did not measure, from the code it ran, labelled with the command that made them."""
+    prior = json.loads(Path(path).read_text())
+    keep = ("description", "kernel_ratio", "overhead_pct", "interval90", "halfwidth", "rounds")
+    return {"file": path, "command": prior["command"], "device": prior["device"],
+            "note": "measured before engine.step/queue spans were built off the engine thread (otel/deferred.py); "
+                    "not pooled with this run",
+            "cost_curve": prior.get("cost_curve"),
+            "cost_by_mode": {m: {k: v for k, v in row.items() if k in keep}
+                             for m, row in prior.get("cost_by_mode", {}).items()}}
+
+
 # What the traced example request and the device are, taken as a whole from one run (--pool-only: the last).
 EXAMPLE_KEYS = ("backend", "cuda_graphs", "kernel_spans", "kernel_recorder", "kernel_spans_by_forward",
                 "kernel_spans_inside_parent", "spans_outside_parent", "example_trace_id", "example_trace",
@@ -743,6 +759,7 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
                            "steps_per_request": args.steps_per_request or config.steps_per_request,
                            "capture": args.capture},
         "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay",
+        **({"earlier_code": earlier_code(args.earlier)} if args.earlier else {}),
         "runs": runs,
     }
     out = Path(args.out)

@@ -28,7 +28,7 @@ from inference.generation import (EngineDeadError, EngineNotReadyError, EngineSt
 from inference.metrics import InferenceMetrics
 from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
-from inference.sampling import Pick, RequestSampler, SamplingBuffers, next_tokens, prompt_logprobs
+from inference.sampling import Pick, RequestSampler, SlotSampling, prompt_logprobs
 from inference.scheduler import Scheduler, Sequence
 from inference.structured import Grammars
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
@@ -73,7 +73,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._model: LoadedModel | None = None
         self._runner: ModelRunner | None = None
-        self._buffers: SamplingBuffers | None = None
+        self._sampling: SlotSampling | None = None
         self._guides: Grammars | None = None
         self._steps = 0
         self.info: ModelInfo | None = None
@@ -115,6 +115,7 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._tracing.flush(timeout)  # the engine's spans are built on the span thread: let them out
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -165,8 +166,8 @@ class Engine:
                     self._runner = self._wrap_runner(self._runner)
                 self._warm_up()
                 freeze_startup_objects()
-                self._buffers = SamplingBuffers(self._batching.max_batch_size, self._model.vocab_size,
-                                                self._model.device)
+                self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
+                                              self._model.device)
                 self._guides = _grammars(self._model)
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
                                       vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
@@ -253,7 +254,8 @@ class Engine:
                 logits = logits[torch.tensor([row_of[id(s.leader or s)] for s in seqs], device=logits.device)]
         else:
             logits = runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
-        picks = next_tokens(logits, [s.state.sampler for s in seqs], self._buffers)
+        assert self._sampling is not None
+        picks = self._sampling.pick(logits, seqs[0].slot, [s.state.sampler for s in seqs])
         echoes = {id(leaders[row]): prompt_logprobs(full_logits, leaders[row].token_ids,
                                                     leaders[row].request.params.prompt_logprobs or 0)
                   for row, full_logits in prompt_logits.items()}
@@ -289,8 +291,9 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                        else frozenset(model.eos_token_ids))
         guide = self._guides.matcher(params.guide) if params.guide is not None and self._guides else None
-        counts = self._buffers.counts if self._buffers is not None else None
-        sampler = RequestSampler(params, model.device, seed_offset=seq.index, counts=counts, guide=guide)
+        sampler = RequestSampler(params, model.device, seed_offset=seq.index, guide=guide)
+        if self._sampling is not None:
+            self._sampling.admit(seq.slot, sampler)
         seq.state = _DecodeState(sampler=sampler, detokenizer=IncrementalDetokenizer(backend, len(model.tokenizer)),
                                  stop_filter=StopStringFilter(params.stop), stop_token_ids=stop_ids)
         if seq.index == 0:
@@ -334,11 +337,15 @@ class Engine:
 
     def _retire(self, seq: Sequence) -> None:
         """Free a running sequence's slot (caller holds the lock)."""
+        slot = seq.slot
         move = self._scheduler.finish(seq)
-        if move is not None and self._runner is not None:
-            self._runner.move(move.src, move.dst, move.length)
-        if seq.state is not None:
-            seq.state.sampler.close()
+        if self._sampling is not None and seq.state is not None:
+            self._sampling.release(slot)
+        if move is not None:
+            if self._runner is not None:
+                self._runner.move(move.src, move.dst, move.length)
+            if self._sampling is not None:
+                self._sampling.move(move.src, move.dst)
         seqs = self._by_id.get(seq.request_id, [])
         if seq in seqs:
             seqs.remove(seq)

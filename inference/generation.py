@@ -48,12 +48,6 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     guide: Guide | None = None
 
-    @property
-    def plain(self) -> bool:
-        """Nothing but temperature/top-p: the sampler's fast path."""
-        return (self.logprobs is None and not self.presence_penalty and not self.frequency_penalty
-                and not self.logit_bias and self.guide is None)
-
 
 TokenLogprobs = tuple[int, float | None, tuple[tuple[int, float], ...]]
 """A token id, its log-probability (None: a prompt's first token), and the most likely (id,

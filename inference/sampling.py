@@ -1,70 +1,60 @@
 """Choosing the next token of each row, and the log-probabilities the client asked for.
 
-In: a step's logits ``[rows, vocab]`` and one :class:`RequestSampler` per row. Out: one
-:class:`Pick` per row (the token, and its log-probability and top alternatives when asked).
+In: a step's logits ``[rows, vocab]`` (row ``i`` = KV-cache slot ``first_slot + i``) and one
+:class:`RequestSampler` per row. Out: one :class:`Pick` per row (the token, and its
+log-probability and top alternatives when asked).
 
 Per row, in order: OpenAI's presence/frequency penalties over the tokens the sequence
 generated so far, ``logit_bias``, the grammar mask of constrained decoding (llguidance),
 then greedy argmax, or temperature + top-p with the request's own ``torch.Generator``
 (seeded from ``seed`` when given), so a row's tokens do not depend on which other requests
-share the batch. Rows with none of these options take the fast path of before: one argmax
-over the batch, untouched logits (so greedy stays identical to Hugging Face ``generate``).
-Log-probabilities are those of the model: log-softmax of the raw logits in fp32, before
-any of the adjustments (as vLLM reports them by default). Everything the host needs comes
-back in one device sync per step.
+share the batch. Log-probabilities are those of the model: log-softmax of the raw logits in
+fp32, before any of the adjustments (as vLLM reports them by default).
+
+Cost by design (#20: the options must not slow decoding down): what a request asks for is
+written ONCE, when it gets its slot, into per-slot device tensors of :class:`SlotSampling`
+(penalty coefficients, a dense ``logit_bias`` row, and the counts of generated tokens, which
+every step updates in place with one scatter-add of the step's tokens). A step then applies
+penalties, bias and log-probabilities to the whole batch at once (a row without the option
+has zero coefficients and a zero bias row, so it is untouched: greedy stays identical to
+Hugging Face ``generate``), with the same handful of kernels whatever the batch size, no
+index list built from Python and no host-to-device copy; the step's tokens, chosen
+log-probabilities and top-k alternatives come back in ONE device-to-host copy into a pinned
+buffer (one wait, with the GIL released). Token ids become text on the event loop, not here.
+Only temperature sampling (a generator per request) and grammar masks (llguidance, on the
+host) still work row by row, and only for the rows that use them.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from typing import Any, NamedTuple
 
 import torch
 
 from inference.generation import SamplingParams, TokenLogprobs
 from inference.structured import allowed
 
+EXACT_IDS = 2 ** 24  # token ids below this are exact in fp32, so one fp32 table carries ids and values
 
-@dataclass(frozen=True)
-class Pick:
+
+class Pick(NamedTuple):
+    """What a step chose for one row (a named tuple: 16 a step are made on the engine thread)."""
+
     token: int
     logprobs: TokenLogprobs | None = None
 
 
-class PenaltyCounts:
-    """How often each sequence generated each token: one row of ``[rows, vocab]`` per penalized sequence.
-
-    Rows are leased to sequences (not tied to batch slots, which move), with the sequence's
-    two coefficients beside them, so one gather reads a step's counts and coefficients and
-    one scatter-add updates the counts: a handful of kernels per step, however many rows.
-    """
-
-    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
-        self.table = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
-        self.coefficients = torch.zeros(rows, 2, dtype=torch.float32, device=device)  # frequency, presence
-        self._free = list(range(rows - 1, -1, -1))
-
-    def lease(self, frequency: float, presence: float) -> int:
-        row = self._free.pop()
-        self.table[row].zero_()
-        self.coefficients[row] = torch.tensor([frequency, presence])
-        return row
-
-    def release(self, row: int) -> None:
-        self._free.append(row)
-
-
 class RequestSampler:
-    """Sampling state of one sequence."""
+    """Sampling options of one sequence, as the host needs them (its device state lives in :class:`SlotSampling`)."""
 
     def __init__(self, params: SamplingParams, device: torch.device, *, seed_offset: int = 0,
-                 counts: PenaltyCounts | None = None, guide: Any = None) -> None:
+                 guide: Any = None) -> None:
         self.greedy = params.temperature == 0.0
         self.temperature = params.temperature
         self.top_p = params.top_p
         self.logprobs = params.logprobs
-        self.plain = params.plain
         self.generator: torch.Generator | None = None
         if not self.greedy:
             self.generator = torch.Generator(device=device)
@@ -72,42 +62,188 @@ class RequestSampler:
             self.generator.manual_seed(seed)
         self.presence = params.presence_penalty
         self.frequency = params.frequency_penalty
-        self._counts = counts if (self.presence or self.frequency) else None
-        self.counts_row = self._counts.lease(self.frequency, self.presence) if self._counts is not None else -1
-        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
-        if params.logit_bias:
-            ids, values = zip(*params.logit_bias)
-            self.bias = (torch.tensor(ids, dtype=torch.long, device=device),
-                         torch.tensor(values, dtype=torch.float32, device=device))
+        self.logit_bias = params.logit_bias
         self.guide = guide  # a GrammarMatcher (inference.structured), or None
 
     @property
     def penalized(self) -> bool:
-        return self.counts_row >= 0
-
-    def close(self) -> None:
-        """Give back the penalty row (the sequence left the batch)."""
-        if self._counts is not None and self.counts_row >= 0:
-            self._counts.release(self.counts_row)
-            self.counts_row = -1
+        return bool(self.presence or self.frequency)
 
 
-class SamplingBuffers:
-    """What the sampler keeps on the device across steps: the penalty counts, and a pinned buffer
-    that carries a step's row indices to the device in one asynchronous copy (a tensor built
-    from a Python list would be a blocking copy that waits for the step's forward pass)."""
+class SlotSampling:
+    """The sampler's state on the device, one row per KV-cache slot, and the host's tally of it.
 
-    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
-        self.counts = PenaltyCounts(rows, vocab_size, device)
+    The engine calls :meth:`admit` when a sequence gets a slot, :meth:`release` when it leaves
+    and :meth:`move` when the scheduler moves a sequence to another slot (as it moves the KV
+    cache); :meth:`pick` chooses a step's tokens. The tallies (how many running sequences are
+    penalized, biased, guided, sampled, and which ``logprobs`` they want) tell a step which
+    kernels to run without looking at its rows. ``counts`` and ``bias`` (``[slots, vocab]``
+    fp32 each) are allocated the first time a request uses them.
+    """
+
+    def __init__(self, slots: int, vocab_size: int, device: torch.device) -> None:
         self.device = device
-        self._staging = torch.zeros(5 * rows, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.vocab_size = vocab_size
+        self._slots: list[RequestSampler | None] = [None] * slots
+        self._counts: torch.Tensor | None = None   # [slots, vocab]: tokens generated so far
+        self._penalty: torch.Tensor | None = None  # [slots, 2]: frequency, presence
+        self._bias: torch.Tensor | None = None     # [slots, vocab]: logit_bias, dense
+        self._penalty_rows: set[int] = set()       # slots whose device penalty row is not zero
+        self._bias_rows: set[int] = set()          # slots whose device bias row is not zero
+        self._ones = torch.ones(slots, 1, dtype=torch.float32, device=device)
+        self._penalized = self._biased = self._guided = self._sampled = 0
+        self._logprobs: Counter[int] = Counter()   # logprobs (alternatives wanted) -> running sequences
+        if vocab_size > EXACT_IDS:
+            raise ValueError(f"a vocabulary of {vocab_size} tokens: ids above 2^24 do not fit the fp32 result table")
+        self._pin = device.type == "cuda"
+        self._host: dict[torch.dtype, torch.Tensor] = {}  # pinned buffers the step's results are copied into
+        self._copied = torch.cuda.Event() if self._pin else None
+        self._staging = torch.zeros(2 * slots, dtype=torch.long, pin_memory=self._pin)
+        self.host_syncs = 0  # device-to-host waits so far (one per step; tests count them)
 
-    def stage(self, *lists: list[int]) -> list[torch.Tensor]:
-        """The lists as device tensors. The buffer is reused at the next step, after the step's
-        results were copied back (which waits for this copy too)."""
+    # -- membership (engine thread, between steps) -------------------------------------------
+
+    def admit(self, slot: int, sampler: RequestSampler) -> None:
+        """Write ``sampler``'s options into ``slot``'s rows (a few small kernels, no host copy but the bias)."""
+        self._slots[slot] = sampler
+        self._tally(sampler, 1)
+        if sampler.penalized:
+            counts, penalty = self._penalty_tensors()
+            counts[slot].zero_()
+            penalty[slot, 0].fill_(sampler.frequency)
+            penalty[slot, 1].fill_(sampler.presence)
+            self._penalty_rows.add(slot)
+        elif slot in self._penalty_rows:
+            assert self._penalty is not None
+            self._penalty[slot].zero_()
+            self._penalty_rows.discard(slot)
+        if sampler.logit_bias:
+            bias = self._bias_tensor()
+            ids, values = zip(*sampler.logit_bias)
+            bias[slot].zero_()
+            bias[slot].index_add_(0, torch.tensor(ids, dtype=torch.long).to(self.device),
+                                  torch.tensor(values, dtype=torch.float32).to(self.device))
+            self._bias_rows.add(slot)
+        elif slot in self._bias_rows:
+            assert self._bias is not None
+            self._bias[slot].zero_()
+            self._bias_rows.discard(slot)
+
+    def release(self, slot: int) -> None:
+        """The sequence in ``slot`` left the batch (its device rows are cleared by the next admit)."""
+        sampler = self._slots[slot]
+        if sampler is not None:
+            self._tally(sampler, -1)
+            self._slots[slot] = None
+
+    def move(self, src: int, dst: int) -> None:
+        """The sequence in slot ``src`` now runs in slot ``dst`` (which was released)."""
+        self._slots[dst], self._slots[src] = self._slots[src], None
+        for rows, tensors in ((self._penalty_rows, (self._penalty, self._counts)), (self._bias_rows, (self._bias,))):
+            if src in rows:
+                for tensor in tensors:
+                    assert tensor is not None
+                    tensor[dst].copy_(tensor[src])
+                rows.add(dst)
+            elif dst in rows:
+                tensors[0][dst].zero_()  # type: ignore[index]
+                rows.discard(dst)
+
+    def _tally(self, sampler: RequestSampler, sign: int) -> None:
+        self._penalized += sign * sampler.penalized
+        self._biased += sign * bool(sampler.logit_bias)
+        self._guided += sign * (sampler.guide is not None)
+        self._sampled += sign * (not sampler.greedy)
+        if sampler.logprobs is not None:
+            self._logprobs[sampler.logprobs] += sign
+            if not self._logprobs[sampler.logprobs]:
+                del self._logprobs[sampler.logprobs]
+
+    def _penalty_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._counts is None or self._penalty is None:
+            slots = len(self._slots)
+            self._counts = torch.zeros(slots, self.vocab_size, dtype=torch.float32, device=self.device)
+            self._penalty = torch.zeros(slots, 2, dtype=torch.float32, device=self.device)
+        return self._counts, self._penalty
+
+    def _bias_tensor(self) -> torch.Tensor:
+        if self._bias is None:
+            self._bias = torch.zeros(len(self._slots), self.vocab_size, dtype=torch.float32, device=self.device)
+        return self._bias
+
+    # -- a step --------------------------------------------------------------------------------
+
+    def pick(self, logits: torch.Tensor, first_slot: int, samplers: list[RequestSampler]) -> list[Pick]:
+        """One token per row of ``logits`` ``[rows, vocab]`` (row i = slot ``first_slot + i``); one host sync."""
+        rows = logits.shape[0]
+        top_k = max(self._logprobs) if self._logprobs else None
+        adjusted = self._adjusted(logits, slice(first_slot, first_slot + rows))
+        guided: list[int] = []
+        sampled: list[int] = []
+        if self._guided or self._sampled:  # the options that work row by row, for their rows only
+            guided = [row for row, s in enumerate(samplers) if s.guide is not None]
+            sampled = [row for row, s in enumerate(samplers) if not s.greedy]
+        guided_index, sampled_index = self._stage(guided, sampled)
+        if guided:
+            adjusted = self._masked(adjusted, logits, [samplers[row] for row in guided], guided_index)
+        choices = adjusted.argmax(dim=-1)
+        if sampled:
+            choices = choices.clone()
+            choices[sampled_index] = torch.stack([_sample_row(adjusted[row], samplers[row]) for row in sampled])
+        if self._penalized:  # each row's count of its new token, in place (a plain row's counts are unused)
+            assert self._counts is not None
+            self._counts[first_slot:first_slot + rows].scatter_add_(1, choices.view(-1, 1), self._ones[:rows])
+        if top_k is None:
+            return [Pick(token) for token in self._to_host(choices).tolist()]
+        raw = logits.log_softmax(dim=-1, dtype=torch.float32)  # the cast fused into the kernel
+        parts = [choices.view(-1, 1).float(), raw.gather(1, choices.view(-1, 1))]
+        if top_k:
+            top_values, top_ids = raw.topk(top_k, dim=-1)
+            parts += [top_values, top_ids.float()]  # ids < 2^24: exact in fp32
+        table = self._to_host(torch.cat(parts, dim=1)).tolist()
+        picks = []
+        for sampler, (token, logprob, *top) in zip(samplers, table):
+            token = int(token)
+            want = sampler.logprobs
+            if want is None:
+                picks.append(Pick(token))
+            else:
+                pairs = tuple(zip(map(int, top[top_k:top_k + want]), top[:want]))
+                picks.append(Pick(token, (token, logprob, pairs)))
+        return picks
+
+    def _adjusted(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Penalties and bias over the whole batch (out of place: ``logits`` stays the model's)."""
+        adjusted = logits
+        if self._penalized:
+            assert self._counts is not None and self._penalty is not None
+            counts, penalty = self._counts[rows], self._penalty[rows]
+            # fp16 logits minus the fp32 penalty is fp32 (type promotion: no separate cast kernel)
+            adjusted = adjusted - torch.addcmul(counts * penalty[:, :1], counts.sign(), penalty[:, 1:])
+        if self._biased:
+            assert self._bias is not None
+            adjusted = adjusted + self._bias[rows]
+        return adjusted
+
+    def _masked(self, adjusted: torch.Tensor, logits: torch.Tensor, guided: list[RequestSampler],
+                index: torch.Tensor) -> torch.Tensor:
+        """The grammar masks of the guided rows (llguidance computes them on the host, row by row)."""
+        adjusted = adjusted.float()
+        if adjusted is logits:
+            adjusted = adjusted.clone()
+        masks = allowed([sampler.guide for sampler in guided], adjusted.shape[1], logits.device)
+        adjusted[index] = adjusted[index].masked_fill(~masks, float("-inf"))
+        return adjusted
+
+    def _stage(self, *lists: list[int]) -> list[torch.Tensor]:
+        """Short lists of row indices on the device, in one copy through a pinned buffer (not a
+        blocking copy). The buffer is rewritten next step, after this step's results came back
+        (the wait in :meth:`_to_host` covers this copy, enqueued before it)."""
         flat = [i for values in lists for i in values]
+        if not flat:
+            return [self._staging[:0]] * len(lists)
         if len(flat) > self._staging.numel():
-            self._staging = torch.zeros(2 * len(flat), dtype=torch.long, pin_memory=self.device.type == "cuda")
+            self._staging = torch.zeros(2 * len(flat), dtype=torch.long, pin_memory=self._pin)
         self._staging[:len(flat)] = torch.tensor(flat, dtype=torch.long)
         staged = self._staging[:len(flat)].to(self.device, non_blocking=True)
         out, start = [], 0
@@ -116,64 +252,23 @@ class SamplingBuffers:
             start += len(values)
         return out
 
-
-def next_tokens(logits: torch.Tensor, samplers: list[RequestSampler],
-                buffers: SamplingBuffers | None = None) -> list[Pick]:
-    """Pick one token per row of ``logits`` ``[rows, vocab]``; one device sync in all."""
-    if all(s.plain for s in samplers):
-        return [Pick(t) for t in _choose(logits, samplers).tolist()]
-    if buffers is None:
-        buffers = SamplingBuffers(len(samplers), logits.shape[1], logits.device)
-    rows = len(samplers)
-    raw_rows = [row for row, s in enumerate(samplers) if s.logprobs is not None]
-    penalized = [row for row, s in enumerate(samplers) if s.penalized]
-    guided = [row for row, s in enumerate(samplers) if s.guide is not None]
-    sampled = [row for row, s in enumerate(samplers) if not s.greedy]
-    partial_raw = raw_rows if 0 < len(raw_rows) < rows else []
-    raw_index, pen_index, pen_table, guided_index, sampled_index = buffers.stage(
-        partial_raw, penalized, [samplers[r].counts_row for r in penalized], guided, sampled)
-    raw = None
-    if raw_rows:
-        raw = (logits[raw_index] if partial_raw else logits).float().log_softmax(dim=-1)
-    adjusted = logits
-    if penalized or guided or any(s.bias is not None for s in samplers):
-        adjusted = logits.float().clone()
-        if penalized:
-            table = buffers.counts.table[pen_table]
-            coefficients = buffers.counts.coefficients[pen_table]
-            adjusted[pen_index] -= coefficients[:, :1] * table + coefficients[:, 1:] * (table > 0).float()
-        for row, sampler in enumerate(samplers):
-            if sampler.bias is not None:
-                ids, values = sampler.bias
-                adjusted[row].index_add_(0, ids, values)
-        if guided:
-            masks = allowed([samplers[r].guide for r in guided], adjusted.shape[1], logits.device)
-            adjusted[guided_index] = adjusted[guided_index].masked_fill(~masks, float("-inf"))
-    choices = _choose(adjusted, samplers, sampled_index)
-    if penalized:  # each row once: a scatter-add into the flat table, no sort
-        vocab = buffers.counts.table.shape[1]
-        buffers.counts.table.view(-1).scatter_add_(
-            0, pen_table * vocab + choices[pen_index], torch.ones(len(penalized), device=logits.device))
-    if raw is None:
-        return [Pick(t) for t in choices.tolist()]
-    k = max(samplers[r].logprobs or 0 for r in raw_rows)
-    raw_choices = choices[raw_index] if partial_raw else choices
-    chosen = raw.gather(1, raw_choices.view(-1, 1)).view(-1)
-    top_values, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
-    # One copy to the host: tokens, chosen log-probabilities, top values and ids (ids < 2^53 in fp64).
-    packed = torch.cat([choices.double(), chosen.double(), top_values.double().flatten(),
-                        top_ids.double().flatten()]).tolist()
-    n = len(raw_rows)
-    tokens = [int(t) for t in packed[:rows]]
-    chosen_l = packed[rows:rows + n]
-    top_v = packed[rows + n:rows + n + n * k]
-    top_i = packed[rows + n + n * k:]
-    picks = [Pick(t) for t in tokens]
-    for j, row in enumerate(raw_rows):
-        want = samplers[row].logprobs or 0
-        top = tuple((int(top_i[j * k + c]), top_v[j * k + c]) for c in range(want))
-        picks[row] = Pick(tokens[row], (tokens[row], chosen_l[j], top))
-    return picks
+    def _to_host(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` on the host: one asynchronous copy into a pinned buffer, one wait (the GIL
+        released while the device finishes the step). The buffer is reused next step: the caller
+        reads it (``tolist``) before returning. On the CPU the values are already there."""
+        self.host_syncs += 1
+        if values.device.type == "cpu":
+            return values
+        buffer = self._host.get(values.dtype)
+        if buffer is None or buffer.numel() < values.numel():
+            buffer = self._host[values.dtype] = torch.empty(max(values.numel(), 64), dtype=values.dtype,
+                                                            pin_memory=self._pin)
+        host = buffer[:values.numel()].view(values.shape)
+        host.copy_(values, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+            self._copied.synchronize()
+        return host
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[TokenLogprobs, ...]:
@@ -188,19 +283,6 @@ def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[To
     for i, token in enumerate(prompt[1:]):
         out.append((token, chosen[i], tuple(zip(top_i_l[i], top_v_l[i]))))
     return tuple(out)
-
-
-def _choose(logits: torch.Tensor, samplers: list[RequestSampler],
-            sampled_index: torch.Tensor | None = None) -> torch.Tensor:
-    choices = logits.argmax(dim=-1)
-    sampled_rows = [row for row, sampler in enumerate(samplers) if not sampler.greedy]
-    if sampled_rows:
-        picks = [_sample_row(logits[row], samplers[row]) for row in sampled_rows]
-        choices = choices.clone()
-        if sampled_index is None:
-            sampled_index = torch.tensor(sampled_rows, device=logits.device)
-        choices[sampled_index] = torch.stack(picks)
-    return choices
 
 
 def _sample_row(logits: torch.Tensor, sampler: RequestSampler) -> torch.Tensor:

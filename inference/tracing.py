@@ -5,7 +5,8 @@ The tracer is obtained here, once, and passed to the API layer and the engine in
 request that continues the caller's W3C ``traceparent``; ``preprocess`` and ``queue``
 child spans; and one ``engine.step`` span per forward pass, linked to the span of every
 request in that batch. Engine-side spans are created after the fact from recorded
-timestamps, so nothing is added to the forward pass itself.
+timestamps, so nothing is added to the forward pass itself; and they are built on a thread of
+their own (``otel.deferred``): the engine thread only queues an immutable record per span.
 
 :class:`ForwardObserver` is the hook for kernel-level tracing (``otel/kernels/``).
 """
@@ -23,6 +24,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from otel import names
+from otel.deferred import DeferredSpans, PendingSpan
 
 TRACER_NAME = names.INFERENCE_TRACER
 
@@ -57,15 +59,16 @@ class ForwardObserver(Protocol):
     """Called by the engine thread around every forward pass (prefill or decode step).
 
     ``start(step)`` runs right before the forward pass is launched and ``finish(step,
-    span_context)`` right after the step's sampled tokens are on the host (so the GPU work
-    of the step is complete). ``span_context`` is that of the ``engine.step`` span (None
-    when tracing is off), so captured kernels can be attached to it. Both run on the
+    span)`` right after the step's sampled tokens are on the host (so the GPU work
+    of the step is complete). ``span`` is the ``engine.step`` span still being built
+    (``otel.deferred.resolve(span)`` gives its SpanContext, None when tracing is off; resolve
+    it off the engine thread), so captured kernels can be attached to it. Both run on the
     engine thread: keep them cheap, and never raise (errors are logged and ignored).
     """
 
     def start(self, step: StepInfo) -> None: ...
 
-    def finish(self, step: StepInfo, span_context: SpanContext | None) -> None: ...
+    def finish(self, step: StepInfo, span: PendingSpan | SpanContext | None) -> None: ...
 
 
 class RequestObserver(Protocol):
@@ -85,6 +88,10 @@ class Tracing:
     def __init__(self, tracer: trace.Tracer | None = None, request_observer: RequestObserver | None = None) -> None:
         self.tracer = tracer or trace.get_tracer(TRACER_NAME)
         self._request_observer = request_observer
+        # Engine-side spans (engine.step, queue) are built on a thread of their own.
+        self._deferred = DeferredSpans()
+        self._build_step = self._build_step_span
+        self._build_child = self._build_child_span
 
     @contextmanager
     def request_span(self, name: str, headers: Mapping[str, str],
@@ -120,22 +127,47 @@ class Tracing:
 
     def record_child(self, name: str, parent: SpanContext | None, start_ns: int, end_ns: int,
                      attributes: Mapping[str, Any] | None = None) -> None:
-        """A finished span under ``parent``, from recorded wall-clock timestamps."""
+        """A finished span under ``parent``, from recorded wall-clock timestamps (built on the span thread)."""
         if parent is None or not parent.is_valid:
             return
+        self._deferred.submit(self._build_child, (name, parent, start_ns, end_ns, attributes))
+
+    def record_step(self, step: StepInfo, end_ns: int, request_contexts: Sequence[SpanContext | None],
+                    attributes: Mapping[str, Any]) -> PendingSpan | None:
+        """The ``engine.step`` span of a finished forward pass, linked to its requests' spans; its
+        step attributes (the ones the step-thinning sampler reads) come from ``step``.
+
+        The engine thread only queues an immutable record (``step`` is frozen); the span is built on
+        the span thread (otel/deferred.py), where the sampler decides. The returned
+        :class:`PendingSpan` gives its ``SpanContext`` once built (None when not recorded).
+
+        It belongs to the trace of the batch's first head-sampled request (so that request's
+        trace shows its steps, and a step is recorded exactly when one of its requests is);
+        the other requests reach it through their link. A step none of whose requests is traced
+        (telemetry off: their contexts are invalid) records nothing and returns None.
+        """
+        if not any(c is not None and c.is_valid for c in request_contexts):
+            return None
+        return self._deferred.submit(self._build_step, (step, end_ns, tuple(request_contexts), attributes))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every span recorded so far is built (call before the tracer provider shuts down)."""
+        return self._deferred.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Build what is recorded, then stop the span thread."""
+        self._deferred.close(timeout)
+
+    # -- the span thread ----------------------------------------------------------------------------
+    def _build_child_span(self, record: tuple[str, SpanContext, int, int, Mapping[str, Any] | None]) -> None:
+        name, parent, start_ns, end_ns, attributes = record
         ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent))
         span = self.tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes)
         span.end(end_time=end_ns)
 
-    def record_step(self, step: StepInfo, end_ns: int, request_contexts: Sequence[SpanContext | None],
-                    attributes: Mapping[str, Any]) -> SpanContext | None:
-        """The ``engine.step`` span of a finished forward pass, linked to its requests' spans; its
-        step attributes (the ones the step-thinning sampler reads) come from ``step``.
-
-        It belongs to the trace of the batch's first head-sampled request (so that request's
-        trace shows its steps, and a step is recorded exactly when one of its requests is);
-        the other requests reach it through their link.
-        """
+    def _build_step_span(self, record: tuple[StepInfo, int, tuple[SpanContext | None, ...], Mapping[str, Any]]
+                         ) -> SpanContext | None:
+        step, end_ns, request_contexts, attributes = record
         valid = [c for c in request_contexts if c is not None and c.is_valid]
         owner = next((c for c in valid if c.trace_flags.sampled), valid[0] if valid else None)
         parent = trace.set_span_in_context(trace.NonRecordingSpan(owner)) if owner else otel_context.Context()

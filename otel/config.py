@@ -75,6 +75,9 @@ class TelemetryConfig:
     # How long finished spans wait in the batch before export (seconds).
     export_delay_s: float = 2.0
     max_queue_size: int = 8192
+    # Each batch is exported in chunks of at most this weight (a span weighs 1 + its links), with a
+    # pause between, so encoding never holds the GIL for long (otel/paced_export.py); 0: whole batches.
+    export_chunk_weight: int = 32
     # GenAI metrics (gen_ai.server.*) exported over the same OTLP endpoint every this many seconds (0: off).
     metrics_interval_s: float = 10.0
     resource_attributes: dict[str, str] = field(default_factory=dict)
@@ -84,5 +87,6 @@ class TelemetryConfig:
         require(0.0 <= self.sampling_ratio <= 1.0,
                 f"telemetry.sampling_ratio must be within 0..1, got {self.sampling_ratio}")
         require(self.export_delay_s > 0, "telemetry.export_delay_s must be > 0")
+        require(self.export_chunk_weight >= 0, "telemetry.export_chunk_weight must be >= 0 (0: whole batches)")
         require(self.decode_step_spans_every >= 1, "telemetry.decode_step_spans_every must be >= 1")
         require(self.metrics_interval_s >= 0, "telemetry.metrics_interval_s must be >= 0 (0: no metrics)")

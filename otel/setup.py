@@ -62,6 +62,10 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
         endpoint = config.otlp_endpoint.rstrip("/")
         exporter = OTLPSpanExporter(endpoint=endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces",
                                     timeout=config.export_timeout_s)
+    if config.export_chunk_weight:
+        from otel.paced_export import PacedSpanExporter
+
+        exporter = PacedSpanExporter(exporter, config.export_chunk_weight)
     sampler = StepThinningSampler(ParentBased(TraceIdRatioBased(config.sampling_ratio)), config.decode_step_spans_every)
     provider = TracerProvider(resource=build_resource(config, service_name), sampler=sampler)
     # Batched and off the request path: a full queue drops spans, never blocks a request.

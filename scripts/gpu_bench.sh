@@ -10,7 +10,7 @@
 #   scripts/gpu_bench.sh llama-tp2             # the same with model.tp_size 2 (2 GPUs): fills its "tp2" section
 #   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
 #   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
-#   scripts/gpu_bench.sh sampling              # bench/sampling_overhead.py: #20's options on vs off, c=16 (~2 min)
+#   scripts/gpu_bench.sh sampling              # bench/sampling_step.py + sampling_overhead.py: #20's options on vs off, c=16 (~3 min)
 #   scripts/gpu_bench.sh replicas              # 2 GPUs: two replicas behind Envoy vs one (bench/replica_failover.py gpu);
 #                                              # needs scripts/replica_gpu_wheels.sh here first and carry .gpu/replicas-envoy
 #
@@ -58,7 +58,9 @@ case "$MODE" in
     python3 bench/tracing_gpu.py --out "$OUT/tracing_gpu.json" --log-dir "$OUT" "$@"
     ;;
   sampling)
-    python3 bench/sampling_overhead.py --window-s 6 --rounds 2 --out "$OUT/sampling_overhead.json" --log-dir "$OUT" "$@"
+    python3 -c "import orjson, llguidance" || { echo "gpu_bench.sh: wheels missing: re-run scripts/gpu_wheels.sh here" >&2; exit 1; }
+    python3 bench/sampling_step.py --device cuda --out "$OUT/sampling_step_gpu.json"
+    python3 bench/sampling_overhead.py --window-s 6 --rounds 3 --out "$OUT/sampling_overhead.json" --log-dir "$OUT" "$@"
     ;;
   replicas)
     python3 -c "import lzma, os, shutil; shutil.copyfileobj(lzma.open('.gpu/replicas-envoy/envoy.xz'), open('/tmp/envoy', 'wb')); os.chmod('/tmp/envoy', 0o755)"

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from opentelemetry.trace import Span
 
@@ -77,9 +77,11 @@ class Stream:
                 stream.cancel()
 
 
-@dataclass(frozen=True)
-class LogprobEntry:
-    """One token's log-probability as the client sees it (None: the prompt's first token)."""
+class LogprobEntry(NamedTuple):
+    """One token's log-probability as the client sees it (None: the prompt's first token).
+
+    A named tuple: one is made per generated token on the event loop (a frozen dataclass costs
+    several times more to build)."""
 
     token: str
     logprob: float | None
@@ -137,12 +139,13 @@ class TokenTexts:
         token, logprob, top = item
         if logprob is None:  # a prompt's first token
             return LogprobEntry(self(token), None, None)
-        return LogprobEntry(self(token), _finite(logprob), tuple((self(t), _finite(lp)) for t, lp in top))
+        text = self.__call__
+        return LogprobEntry(text(token), max(logprob, LOGPROB_FLOOR),
+                            tuple([(text(t), max(lp, LOGPROB_FLOOR)) for t, lp in top]))
 
 
-def _finite(logprob: float) -> float:
-    """JSON has no -Infinity: a token the model rules out gets -9999.0 (as vLLM reports it)."""
-    return max(logprob, -9999.0)
+LOGPROB_FLOOR = -9999.0
+"""JSON has no -Infinity: a token the model rules out gets -9999.0 (as vLLM reports it)."""
 
 
 class ResponseShapes(Protocol):
@@ -311,8 +314,10 @@ class GenerationServing:
             if output.logprobs is not None:
                 entries = (entries or []) + [texts.entry(item) for item in output.logprobs]
             choice.delta_logprobs = entries
-            if entries is not None:
-                choice.logprobs = (choice.logprobs or []) + entries
+            if entries is not None:  # extended in place: a long answer's list is not copied per token
+                if choice.logprobs is None:
+                    choice.logprobs = []
+                choice.logprobs.extend(entries)
             choice.started = True
             choice.text += output.text
             if output.finished:

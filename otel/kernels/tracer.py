@@ -22,6 +22,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from otel import names
 from otel.config import KernelTraceConfig
+from otel.deferred import PendingSpan, resolve
 from otel.kernels.budget import StallBudget
 from otel.kernels.capture import YIELD_EVERY_SPANS, Capture, RawCapture, yield_gil
 from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans, request_share
@@ -49,7 +50,7 @@ class _Selected:
 @dataclass
 class _Job:
     step: Any
-    step_span: SpanContext | None
+    step_span: PendingSpan | SpanContext | None  # resolved on the worker (otel/deferred.py)
     window: tuple[int, int]
     targets: list[_Selected]
     raw: RawCapture
@@ -198,8 +199,9 @@ class KernelTracer:
             self.stats.engine_start_ns += took
         self._active, self._active_ns = targets, took
 
-    def finish(self, step: Any, span_context: SpanContext | None) -> None:
-        """After the pass (its outputs are on the host, so its kernels are done): stop, hand off."""
+    def finish(self, step: Any, span_context: PendingSpan | SpanContext | None) -> None:
+        """After the pass (its outputs are on the host, so its kernels are done): stop, hand off
+        (``span_context``, the step span's, is resolved on the worker)."""
         targets, self._active = self._active, None
         if targets is None:
             return
@@ -312,6 +314,7 @@ class KernelTracer:
 
     def _export(self, job: _Job) -> None:
         events, anchor = self._capture.events(job.raw)
+        step_span = resolve(job.step_span)
         for target in job.targets:
             plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after,
                                      max(target.spans_left - 1, 0))
@@ -321,10 +324,11 @@ class KernelTracer:
                 continue
             target.spans_left -= 1 + len(plan.spans)
             self.stats.exported_spans += 1 + len(plan.spans)
-            self._emit(job, target, plan, anchor)
+            self._emit(job, step_span, target, plan, anchor)
 
-    def _emit(self, job: _Job, target: _Selected, plan: KernelPlan, anchor: ClockAnchor) -> None:
-        step, step_span = job.step, job.step_span
+    def _emit(self, job: _Job, step_span: SpanContext | None, target: _Selected, plan: KernelPlan,
+              anchor: ClockAnchor) -> None:
+        step = job.step
         # Under the step span when it is recorded in this request's trace, else under the request span.
         recorded = step_span is not None and step_span.trace_flags.sampled
         same_trace = recorded and step_span.trace_id == target.span_context.trace_id

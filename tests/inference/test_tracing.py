@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from inference.tracing import TRACER_NAME, Tracing
+from otel.deferred import resolve
 from tests.inference.helpers import SlowSteps, started_engine, tiny_config, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -64,5 +65,6 @@ async def test_request_and_step_spans(serve) -> None:
         assert step.attributes["kernelgate.step.batch_size"] == 1
         assert [link.context.span_id for link in step.links] == [request.context.span_id]
         assert step.start_time <= step.end_time
-    # The forward observer got each step's span context.
-    assert [ctx.span_id for _, ctx in observer.finished][-len(steps):] == [s.context.span_id for s in steps]
+    # The forward observer got each step's span, whose context resolves (off the engine thread) once built.
+    assert [resolve(span).span_id for _, span in observer.finished][-len(steps):] == [
+        s.context.span_id for s in steps]

@@ -37,6 +37,7 @@ def test_the_sampler_thins_the_step_spans_the_inference_server_records() -> None
             step = StepInfo(index, "prefill" if index in (0, 5) else "decode", 1, 1, ("r",), time.time_ns(), (ctx,))
             # what inference/engine.py passes: the step's own attributes come from record_step
             tracing.record_step(step, time.time_ns(), [ctx], {names.GEN_AI_REQUEST_MODEL: "m"})
+    tracing.close()  # built on the span thread: done before the provider shuts down
     provider.shutdown()
     steps = [s for s in exporter.get_finished_spans() if s.name == "engine.step"]
     assert [(s.attributes["kernelgate.step.index"], s.attributes["kernelgate.step.phase"]) for s in steps] == [

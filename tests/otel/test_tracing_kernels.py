@@ -392,6 +392,7 @@ def test_kernels_of_a_thinned_step_hang_off_the_request() -> None:
                                                                           "kernelgate.step.index": index})
             kernels.finish(step, step_ctx)
     kernels.close()
+    tracing.close()
     provider.shutdown()
     spans = exporter.get_finished_spans()
     steps = [s for s in spans if s.name == "engine.step"]

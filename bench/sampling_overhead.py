@@ -23,8 +23,8 @@ the ``off`` window of the same round). Targets: logprobs and penalties <= 10 %.
 So that it cannot measure the wrong thing quietly, every response is checked (logprobs present with
 ``logprobs`` alternatives for every token, n choices, JSON that parses, every token generated), the
 server must report CUDA graphs on when ``--device cuda``, each window records the mean decode batch
-the engine ran (from its Prometheus histogram: it must be the concurrency), and a probe prompt shows
-that penalties change greedy output. Writes ``--out`` with the per-window rows, the checks, the
+the engine ran (from its Prometheus histogram: it must be the concurrency), and a probe prompt must
+show that penalties change greedy choices, token by token (:func:`probe`; the bench fails if not). Writes ``--out`` with the per-window rows, the checks, the
 command, the device, torch and the git commit.
 """
 
@@ -190,22 +190,64 @@ async def decode_batches(metrics_url: str) -> tuple[float, float]:
     return values.get("_count", 0.0), values.get("_sum", 0.0)
 
 
+PROBE_PENALTY = 2.0  # presence and frequency: a random model's greedy output repeats tokens, so this must change it
+
+
 async def probe(url: str, args: argparse.Namespace, prompt: list[int]) -> dict:
-    """One prompt greedy with and without penalties: penalties must change a random model's output."""
+    """Do penalties change what greedy decoding chooses? Compared by token, not by text: the demo
+    tokenizer has 259 tokens, so a random gpt2-medium's ids above 258 all decode to "" and two
+    different outputs read the same (that made the previous text probe blind). Every request
+    asks ``logprobs: 1``, which reports the model's own log-probabilities before the penalties:
+    without penalties every chosen token must be the top-1 (greedy is argmax); with them, a step
+    that chose anything but the model's top-1 is a step the penalties changed. With
+    ``PROBE_PENALTY`` none such is an error: the bench stops rather than measure an option that
+    does not run. The measured setting (0.5) is probed too, and recorded."""
     import aiohttp
 
-    texts = {}
+    async def departures(session: aiohttp.ClientSession, penalty: float) -> int:
+        body = {**body_for("off", args.model, prompt, args.new_tokens), "logprobs": 1,
+                "presence_penalty": penalty, "frequency_penalty": penalty}
+        async with session.post(url, json=body) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"probe request failed: {resp.status} {data}")
+        lp = data["choices"][0]["logprobs"]
+        chosen, top = lp["token_logprobs"], [max(alternatives.values()) for alternatives in lp["top_logprobs"]]
+        if len(chosen) != args.new_tokens:
+            raise RuntimeError(f"probe: {len(chosen)} tokens, asked for {args.new_tokens}")
+        return sum(1 for c, t in zip(chosen, top) if c < t - 1e-6)
+
     async with aiohttp.ClientSession() as session:
-        for mode in ("off", "penalties"):
-            async with session.post(url, json=body_for(mode, args.model, prompt, args.new_tokens)) as resp:
-                texts[mode] = (await resp.json())["choices"][0]["text"]
-    return {"penalties_change_greedy_output": texts["off"] != texts["penalties"]}
+        plain = await departures(session, 0.0)
+        strong = await departures(session, PROBE_PENALTY)
+        measured = await departures(session, 0.5)
+    if plain:
+        raise RuntimeError(f"probe: greedy without penalties chose a token other than the top-1 at {plain} steps")
+    if not strong:
+        raise RuntimeError(f"penalties {PROBE_PENALTY} did not change a single greedy choice in "
+                           f"{args.new_tokens} tokens: penalties are not applied on this path")
+    return {"penalties_change_greedy_output": True,
+            "penalty_probe_steps_changed": {"0.0": plain, str(PROBE_PENALTY): strong, "0.5": measured},
+            "penalty_probe_tokens": args.new_tokens}
+
+
+def start_inference_alone(name: str, config: dict, log_dir: Path, env: dict[str, str]):
+    """The inference server alone, from ``config`` (a kernelgate config dict with an ``inference``
+    section): kernelgate.cli would load every section and need Envoy's config libraries, which the
+    GPU image lacks. Returns the process (common.processes.Proc); its log is ``log_dir/name.log``."""
+    import yaml
+
+    config_path = log_dir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    serve = ("import sys, yaml; from common.settings import build; from inference.config import InferenceConfig; "
+             "from inference.server import run; "
+             "run(build(InferenceConfig, yaml.safe_load(open(sys.argv[1]))['inference'], 'inference'))")
+    return start(name, [sys.executable, "-c", serve, str(config_path)], log_dir, env=env)
 
 
 def main() -> int:
     args = parse_args()
     import torch
-    import yaml
 
     modes = [m for m in args.modes.split(",") if m]
     port = free_port()
@@ -219,14 +261,7 @@ def main() -> int:
         "limits": {"request_timeout_s": 600, "drain_timeout_s": 30}}}
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    config_path = log_dir / "sampling-overhead-server.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    # The inference server alone (kernelgate.cli would load every section and need Envoy's config libraries).
-    serve = ("import sys, yaml; from common.settings import build; from inference.config import InferenceConfig; "
-             "from inference.server import run; "
-             "run(build(InferenceConfig, yaml.safe_load(open(sys.argv[1]))['inference'], 'inference'))")
-    server = start("sampling-overhead-server", [sys.executable, "-c", serve, str(config_path)], log_dir,
-                   env={"PYTHONUNBUFFERED": "1"})
+    server = start_inference_alone("sampling-overhead-server", config, log_dir, {"PYTHONUNBUFFERED": "1"})
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, 256, (256, args.prompt_tokens), generator=gen).tolist()  # the demo tokenizer's bytes
     url = f"http://127.0.0.1:{port}/v1/completions"
@@ -234,14 +269,17 @@ def main() -> int:
     checks: dict = {}
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
-        ready_line = next((line for line in server.log_path.read_text(errors="replace").splitlines()
-                           if " ready (" in line), "")
+        log_lines = server.log_path.read_text(errors="replace").splitlines()  # appended to: this run's are last
+        ready_line = next((line for line in reversed(log_lines) if " ready (" in line), "")
         checks["server"] = ready_line.split(" - ")[-1].strip() or None
         if args.device == "cuda" and "CUDA graphs on" not in ready_line:
             raise RuntimeError(f"the server is not decoding with CUDA graphs: {ready_line or server.log_tail()}")
-        checks.update(asyncio.run(probe(url, args, prompts[0])))
-        if not checks["penalties_change_greedy_output"]:
-            print("WARNING: penalties did not change the probe's greedy output", flush=True)
+        path_line = next((line for line in reversed(log_lines) if "log-probabilities: " in line), "")
+        checks["logprobs_path"] = path_line.rsplit("log-probabilities: ", 1)[-1].strip() or None
+        if args.device == "cuda" and checks["logprobs_path"] != "Triton kernels":
+            raise RuntimeError(f"the server computes logprobs with {checks['logprobs_path']}, not the Triton kernels")
+        checks.update(asyncio.run(probe(url, args, prompts[0])))  # raises if penalties change nothing
+        print("penalty probe:", json.dumps(checks["penalty_probe_steps_changed"]), flush=True)
         for mode in modes:  # warm-up: first requests of each mode (grammar compile, allocations)
             asyncio.run(window(url, mode, argparse.Namespace(**{**vars(args), "window_s": 1.0}), prompts))
         for round_ in range(args.rounds):

@@ -17,6 +17,7 @@ AUTHZ_METRICS_PORT = 9192      # its Prometheus /metrics
 OPA_PORT = 8181                # OPA's REST API (loopback only)
 OPA_DIAGNOSTIC_PORT = 8282     # OPA's /health for the kubelet
 INFERENCE_PORT = 8000          # the inference server (HTTP, OpenAI-style)
+INFERENCE_ADMIN_PORT = 8001    # its model-lifecycle admin API (loopback only, never routed by Envoy)
 OTLP_GRPC_PORT = 4317          # an OTLP collector (Jaeger v2)
 OTLP_HTTP_PORT = 4318
 JAEGER_UI_PORT = 16686

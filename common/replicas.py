@@ -37,6 +37,16 @@ class LoadReport:
     waiting: int
     max_batch_size: int
     max_queue: int
+    # The replica's other models (#15: several models per server), one report each, in the same
+    # shape without ``models``; the fields above are the first model's.
+    models: tuple[LoadReport, ...] = ()
+    # Versions of this model the server rolled back (a failing canary, #15): the sidecar sets
+    # their rollout weight to 0 in the policy's data.
+    rolled_back: tuple[str, ...] = ()
+
+    def per_model(self) -> tuple[LoadReport, ...]:
+        """One report per model the replica serves, the first model's first."""
+        return (self, *self.models)
 
     @property
     def capacity(self) -> int:
@@ -51,7 +61,10 @@ class LoadReport:
         return self.ready and not self.saturated
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "capacity": self.capacity, "saturated": self.saturated}
+        out = {**asdict(self), "capacity": self.capacity, "saturated": self.saturated}
+        out["models"] = [m.to_json() for m in self.models]
+        out["rolled_back"] = list(self.rolled_back)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> "LoadReport":
@@ -65,4 +78,18 @@ class LoadReport:
             if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
                 raise ValueError(f"load report field '{name}' must be a {'non-negative integer' if kind is int else kind.__name__}, got {value!r}")
             values[name] = value
-        return cls(**values)
+        others = data.get("models", [])
+        if not isinstance(others, list):
+            raise ValueError(f"load report field 'models' must be a list, got {others!r}")
+        nested = []
+        for index, other in enumerate(others):
+            if not isinstance(other, dict):
+                raise ValueError(f"load report field 'models[{index}]' must be a JSON object, got {other!r}")
+            try:
+                nested.append(cls.from_json({**other, "models": []}))
+            except ValueError as exc:
+                raise ValueError(f"load report field 'models[{index}]': {exc}") from None
+        rolled_back = data.get("rolled_back", [])
+        if not isinstance(rolled_back, list) or not all(isinstance(v, str) for v in rolled_back):
+            raise ValueError(f"load report field 'rolled_back' must be a list of versions, got {rolled_back!r}")
+        return cls(**values, models=tuple(nested), rolled_back=tuple(rolled_back))

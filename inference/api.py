@@ -1,8 +1,9 @@
 """The HTTP application: the endpoints' routers mounted, middleware, health, readiness, metrics.
 
-In: a :class:`ServerState` (config, the engine behind the ``GenerationEngine`` Protocol, the
-encoder, metrics, tracing). Out: an aiohttp application. Each OpenAI endpoint is one folder of
-``inference/openai/`` (protocol, serving, router); this module only mounts their routes and
+In: a :class:`ServerState` (config, the served models' registry behind :class:`ServedRegistry`,
+one engine per loaded version; the encoder, metrics, tracing). Out: an aiohttp application.
+Each OpenAI endpoint is one folder of ``inference/openai/`` (protocol, serving, router); this
+module only mounts their routes and
 wraps them in the middleware that counts every request by route/status/tenant, tracks
 in-flight work for draining, and turns every failure into ``{"error": {message, type, param, code}}``.
 Knows nothing of torch.
@@ -15,15 +16,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.models import MODEL_VERSION_HEADER, ROUTED_MODEL_HEADER
 from common.replicas import LOAD_PATH, REPLICA_HEADER, LoadReport
 from common.routes import MODEL_PATHS
 from inference.config import InferenceConfig
-from inference.generation import GenerationEngine
+from inference.generation import EngineStats
 from inference.metrics import InferenceMetrics
 from inference.openai import protocol
 from inference.openai.chat import router as chat_router
@@ -36,7 +39,7 @@ from inference.openai.embeddings import router as embeddings_router
 from inference.openai.embeddings.serving import EmbeddingBackend, EmbeddingServing
 from inference.openai.http import USAGE, read_body, tenant_of
 from inference.openai.protocol import RequestError
-from inference.openai.serving import GenerationServing, ServedModels, not_started
+from inference.openai.serving import GenerationModels, ModelVersions, ServedModels, not_started
 from inference.tracing import Tracing
 from inference.usage import UsageReporter, UsageTracker, ending_of, finish_usage
 from otel import names
@@ -46,12 +49,30 @@ log = logging.getLogger("kernelgate.inference.api")
 CLIENT_CLOSED = 499
 
 
+class ServedRegistry(ModelVersions, Protocol):
+    """The served models and their versions (``inference.models.registry.ModelRegistry``)."""
+
+    def names(self) -> list[str]: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def failure(self) -> BaseException | None: ...
+
+    def routed_stats(self, model: str) -> list[EngineStats]:
+        """The load of each version of ``model`` that new requests go to (active, canary)."""
+        ...
+
+    def rolled_back(self, model: str) -> list[str]: ...
+
+
 @dataclass
 class ServerState:
     """Everything the application holds; one per application."""
 
     config: InferenceConfig
-    engine: GenerationEngine
+    registry: ServedRegistry
     encoder: EmbeddingBackend | None
     metrics: InferenceMetrics
     tracing: Tracing
@@ -65,7 +86,7 @@ class ServerState:
 
     @property
     def models(self) -> ServedModels:
-        return ServedModels(self.config.model.name, self.encoder.name if self.encoder is not None else None)
+        return ServedModels(tuple(self.registry.names()), self.encoder.name if self.encoder is not None else None)
 
 
 STATE = web.AppKey("kernelgate_inference_state", ServerState)
@@ -79,8 +100,7 @@ def create_app(state: ServerState) -> web.Application:
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[_observe])
     app[STATE] = state
     state.idle.set()
-    generation = GenerationServing(state.engine, state.preprocess_executor, state.tracing, state.models,
-                                   config.limits.retry_after_s)
+    generation = GenerationModels(state.registry, state.models, config.limits.retry_after_s)
     embeddings = EmbeddingServing(state.encoder, state.models, config.embeddings.max_inputs,
                                   config.limits.retry_after_s)
     replica = state.replica_id
@@ -88,7 +108,7 @@ def create_app(state: ServerState) -> web.Application:
     app.add_routes(chat_router.routes(ChatServing(generation), state.tracing, config.limits, replica))
     app.add_routes(embeddings_router.routes(embeddings, state.tracing, config.limits, replica))
     app.router.add_get("/v1/models", _models)
-    app.router.add_post("/tokenize", _tokenize(generation, state.engine, config.limits.max_body_bytes))
+    app.router.add_post("/tokenize", _tokenize(generation, config.limits.max_body_bytes))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -172,17 +192,16 @@ def _from_http_exception(exc: web.HTTPException) -> RequestError:
 
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    models = [(state.config.model.name, state.started)]
+    models = [(name, state.started) for name in state.registry.names()]
     if state.encoder is not None:
         models.append((state.encoder.name, state.started))
     return web.json_response(protocol.model_list(models))
 
 
-def _tokenize(generation: GenerationServing, engine: GenerationEngine,
-              limit: int) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _tokenize(generation: GenerationModels, limit: int) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``POST /tokenize`` -> ``{"count": n, "max_model_len": m}``: the prompt of a completion or chat
-    body, tokenized as generation would (same tokenizer, chat template and checks); the sidecar
-    prices admission by it."""
+    body, tokenized as generation would (same tokenizer, chat template and checks, of the version
+    the request would be served by); the sidecar prices admission by it."""
 
     async def handle(request: web.Request) -> web.Response:
         data = protocol.parse_json(await read_body(request, limit))
@@ -192,18 +211,22 @@ def _tokenize(generation: GenerationServing, engine: GenerationEngine,
         else:
             completion = parse_completion_request(data)
             model, tokenize = completion.model, (lambda p: p.completion(completion))
-        generation.check_model(model)
-        generation.check_ready()
-        prompts = await generation.prepare(tokenize)
-        info = engine.info
-        return web.json_response({"count": sum(len(p.token_ids) for p in prompts),
-                                  "max_model_len": info.max_model_len if info is not None else None})
+        lease = generation.lease(generation.served_model(model, request.headers.get(ROUTED_MODEL_HEADER)),
+                                 request.headers.get(MODEL_VERSION_HEADER))
+        try:
+            serving = lease.serving
+            serving.check_ready()
+            prompts = await serving.prepare(tokenize)
+            return web.json_response({"count": sum(len(p.token_ids) for p in prompts),
+                                      "max_model_len": serving.max_model_len})
+        finally:
+            lease.release()
 
     return handle
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    failure = request.app[STATE].engine.failure
+    failure = request.app[STATE].registry.failure
     if failure is not None:
         return web.json_response({"status": "failed", "error": str(failure)}, status=503)
     return web.json_response({"status": "ok"})
@@ -211,7 +234,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    checks = {"model": state.engine.ready, "draining": not state.draining}
+    checks = {"model": state.registry.ready, "draining": not state.draining}
     if state.encoder is not None:
         checks["embeddings"] = state.encoder.ready
     ready = all(checks.values())
@@ -220,13 +243,20 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _load(request: web.Request) -> web.Response:
-    """This replica's load (common.replicas.LoadReport): the sidecar polls it to learn saturation."""
+    """This replica's load (common.replicas.LoadReport), one report per served model: the sidecar
+    polls it to learn saturation, and which canaries this server rolled back. A model's load is
+    that of the versions new requests go to."""
     state = request.app[STATE]
-    stats = state.engine.stats()
-    batching = state.config.batching
-    report = LoadReport(replica=state.replica_id, model=state.config.model.name,
-                        ready=bool(state.engine.ready) and not state.draining, running=stats.running,
-                        waiting=stats.waiting, max_batch_size=batching.max_batch_size, max_queue=batching.max_queue)
+    reports = []
+    for served in state.config.served_models:
+        stats = state.registry.routed_stats(served.name)
+        reports.append(LoadReport(replica=state.replica_id, model=served.name,
+                                  ready=bool(stats) and not state.draining,
+                                  running=sum(s.running for s in stats), waiting=sum(s.waiting for s in stats),
+                                  max_batch_size=served.batching.max_batch_size * max(len(stats), 1),
+                                  max_queue=served.batching.max_queue * max(len(stats), 1),
+                                  rolled_back=tuple(state.registry.rolled_back(served.name))))
+    report = replace(reports[0], models=tuple(reports[1:]))
     return web.json_response(report.to_json())
 
 

@@ -167,7 +167,7 @@ class Engine:
                 self._warm_up()
                 freeze_startup_objects()
                 self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
-                                              self._model.device)
+                                              self._model.device, logits_dtype=self._model.dtype)
                 self._guides = _grammars(self._model)
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
                                       vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,

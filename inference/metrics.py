@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -47,6 +50,49 @@ class InferenceMetrics:
         self.ready = Gauge("kernelgate_inference_ready", "1 once the model is loaded and warmed up",
                            registry=registry)
 
+    def watch_models(self, read_status: Callable[[], dict[str, Any]]) -> None:
+        """Report every model version's state and requests from ``read_status`` (the registry's) at each scrape."""
+        self.registry.register(_ModelVersions(read_status))
+
     def watch_gpu_memory(self, read_bytes: Callable[[], float]) -> None:
         """Report GPU memory from ``read_bytes`` at each scrape."""
         self.gpu_memory.set_function(read_bytes)
+
+
+class _ModelVersions:
+    """Collector: ``kernelgate_inference_model_version_state{model,version,state}`` (1 per version),
+    ``kernelgate_inference_model_version_requests_total``, ``..._rollbacks_total``, and the
+    rollback window's ``..._error_rate`` and ``..._ttft_p50_seconds`` (all ``{model,version}``)."""
+
+    def __init__(self, read_status: Callable[[], dict[str, Any]]) -> None:
+        self._read = read_status
+
+    def collect(self) -> Any:
+        state = GaugeMetricFamily("kernelgate_inference_model_version_state",
+                                  "Model versions by state (1 for the version's current state)",
+                                  labels=["model", "version", "state"])
+        served = CounterMetricFamily("kernelgate_inference_model_version_requests",
+                                     "Generation requests served by each model version", labels=["model", "version"])
+        rollbacks = CounterMetricFamily("kernelgate_inference_model_version_rollbacks",
+                                        "Automatic rollbacks of a canary version", labels=["model", "version"])
+        errors = GaugeMetricFamily("kernelgate_inference_model_version_error_rate",
+                                   "Share of a version's responses that failed (rollback window)",
+                                   labels=["model", "version"])
+        ttft = GaugeMetricFamily("kernelgate_inference_model_version_ttft_p50_seconds",
+                                 "A version's median time to first token (rollback window)", labels=["model", "version"])
+        for model in self._read()["models"]:
+            for version in model["versions"]:
+                labels = [model["name"], version["version"]]
+                state.add_metric([*labels, version["state"]], 1)
+                served.add_metric(labels, version["served"])
+                rollbacks.add_metric(labels, version.get("rollbacks", 0))
+                health = version.get("health")
+                if health and health["requests"]:
+                    errors.add_metric(labels, health["error_rate"])
+                    if health["ttft_p50_ms"] is not None:
+                        ttft.add_metric(labels, health["ttft_p50_ms"] / 1e3)
+        yield state
+        yield served
+        yield rollbacks
+        yield errors
+        yield ttft

@@ -200,7 +200,10 @@ class ModelRunner:
             self._decode_logits(tokens, positions, kv_len)  # warm-up outside the graph
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: a version loading beside a serving one (#15 hot swap) captures on its engine
+        # thread while the other engine's thread allocates and synchronizes; "global" (torch's
+        # default) would make those calls fail in the serving thread, or void this capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             logits = self._decode_logits(tokens, positions, kv_len)
         return _DecodeGraph(graph=graph, logits=logits)
 

@@ -20,13 +20,17 @@ has zero coefficients and a zero bias row, so it is untouched: greedy stays iden
 Hugging Face ``generate``), with the same handful of kernels whatever the batch size, no
 index list built from Python and no host-to-device copy; the step's tokens, chosen
 log-probabilities and top-k alternatives come back in ONE device-to-host copy into a pinned
-buffer (one wait, with the GIL released). Token ids become text on the event loop, not here.
+buffer (one wait, with the GIL released); on CUDA the log-probabilities and top-k are two Triton
+launches that never write the vocabulary-wide log-softmax (:mod:`inference.triton_logprobs`).
+Token ids become text on the event loop, not here.
 Only temperature sampling (a generator per request) and grammar masks (llguidance, on the
 host) still work row by row, and only for the rows that use them.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import secrets
 from collections import Counter
 from typing import Any, NamedTuple
@@ -35,6 +39,8 @@ import torch
 
 from inference.generation import SamplingParams, TokenLogprobs
 from inference.structured import allowed
+
+log = logging.getLogger(__name__)
 
 EXACT_IDS = 2 ** 24  # token ids below this are exact in fp32, so one fp32 table carries ids and values
 
@@ -81,7 +87,8 @@ class SlotSampling:
     fp32 each) are allocated the first time a request uses them.
     """
 
-    def __init__(self, slots: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, slots: int, vocab_size: int, device: torch.device, *, logits_dtype: torch.dtype = torch.float32,
+                 fused_logprobs: bool | None = None) -> None:
         self.device = device
         self.vocab_size = vocab_size
         self._slots: list[RequestSampler | None] = [None] * slots
@@ -100,6 +107,19 @@ class SlotSampling:
         self._copied = torch.cuda.Event() if self._pin else None
         self._staging = torch.zeros(2 * slots, dtype=torch.long, pin_memory=self._pin)
         self.host_syncs = 0  # device-to-host waits so far (one per step; tests count them)
+        # log-probabilities through the Triton kernels: by default on CUDA where Triton is installed
+        self.fused_logprobs = (device.type == "cuda" and importlib.util.find_spec("triton") is not None
+                               if fused_logprobs is None else fused_logprobs)
+        if self.fused_logprobs:  # compiled now, not on the first request that asks for logprobs
+            try:
+                self._logprob_table(torch.zeros(1, vocab_size, dtype=logits_dtype, device=device),
+                                    torch.zeros(1, dtype=torch.long, device=device), 1)
+            except Exception:
+                if fused_logprobs:
+                    raise
+                log.exception("the Triton logprobs kernels failed to compile: log-probabilities op by op in torch")
+                self.fused_logprobs = False
+        log.info("log-probabilities: %s", "Triton kernels" if self.fused_logprobs else "torch ops")
 
     # -- membership (engine thread, between steps) -------------------------------------------
 
@@ -195,12 +215,7 @@ class SlotSampling:
             self._counts[first_slot:first_slot + rows].scatter_add_(1, choices.view(-1, 1), self._ones[:rows])
         if top_k is None:
             return [Pick(token) for token in self._to_host(choices).tolist()]
-        raw = logits.log_softmax(dim=-1, dtype=torch.float32)  # the cast fused into the kernel
-        parts = [choices.view(-1, 1).float(), raw.gather(1, choices.view(-1, 1))]
-        if top_k:
-            top_values, top_ids = raw.topk(top_k, dim=-1)
-            parts += [top_values, top_ids.float()]  # ids < 2^24: exact in fp32
-        table = self._to_host(torch.cat(parts, dim=1)).tolist()
+        table = self._to_host(self._logprob_table(logits, choices, top_k)).tolist()
         picks = []
         for sampler, (token, logprob, *top) in zip(samplers, table):
             token = int(token)
@@ -211,6 +226,22 @@ class SlotSampling:
                 pairs = tuple(zip(map(int, top[top_k:top_k + want]), top[:want]))
                 picks.append(Pick(token, (token, logprob, pairs)))
         return picks
+
+    def _logprob_table(self, logits: torch.Tensor, choices: torch.Tensor, k: int) -> torch.Tensor:
+        """``[rows, 2 + 2k]`` fp32: each row's token, its log-probability, the top ``k`` log-probabilities
+        and their ids. The top k of the logits are the top k of the log-probabilities (log-softmax
+        subtracts one logsumexp per row), so on CUDA two Triton launches (:mod:`inference.triton_logprobs`)
+        do it without writing the vocabulary-wide log-softmax; elsewhere (CPU) torch op by op."""
+        if self.fused_logprobs:
+            from inference.triton_logprobs import logprob_table
+
+            return logprob_table(logits, choices, k)
+        raw = logits.log_softmax(dim=-1, dtype=torch.float32)  # the cast fused into the kernel
+        parts = [choices.view(-1, 1).float(), raw.gather(1, choices.view(-1, 1))]
+        if k:
+            top_values, top_ids = raw.topk(k, dim=-1)
+            parts += [top_values, top_ids.float()]  # ids < 2^24: exact in fp32
+        return torch.cat(parts, dim=1)
 
     def _adjusted(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         """Penalties and bias over the whole batch (out of place: ``logits`` stays the model's)."""

@@ -20,62 +20,88 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from inference.api import STATE, ServerState, create_app
+from inference.config import BatchingConfig, InferenceConfig, ModelConfig, VersionConfig
+from inference.genai_metrics import GenAIMetrics
+from inference.openai.serving import GenerationServing
 from inference.usage import UsageReporter
-from inference.config import InferenceConfig
 from inference.metrics import InferenceMetrics
 from inference.tracing import ForwardObserver, Tracing
 
 log = logging.getLogger("kernelgate.inference.server")
+
+REGISTRY = web.AppKey("kernelgate_model_registry", object)
 
 
 def build_app(config: InferenceConfig, engine: object | None = None, *, encoder: object | None = None,
               tracing: Tracing | None = None, forward_observer: ForwardObserver | None = None) -> web.Application:
     """The application for ``config``; pass ``engine`` (and its metrics) to share one across apps.
 
-    An engine passed in is started if needed but never stopped here (its owner does that);
-    one built here is started at application start-up and stopped at clean-up.
+    The served models live in a ``ModelRegistry`` (one engine per loaded version; the serving
+    layer leases the active one per request). An engine passed in is served as version ``v1``
+    of ``config.model.name``, started if needed but never stopped here (its owner does that);
+    engines built here are started at application start-up and stopped at clean-up.
     """
+    from inference.models.registry import ModelRegistry
+
     tracing = tracing or Tracing()
-    owns_engine = engine is None
     group = None
-    if engine is None:
+    preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
+    metrics = engine.metrics if engine is not None else InferenceMetrics(CollectorRegistry())  # type: ignore[attr-defined]
+
+    def build_engine(model: ModelConfig, batching: BatchingConfig) -> object:
         from inference.engine import Engine
 
-        metrics = InferenceMetrics(CollectorRegistry())
-        if config.model.tp_size > 1:
-            from inference.tensor_parallel import TensorParallelGroup
-            from common.processes import free_port
+        return Engine(model, batching, metrics, tracing, forward_observer=forward_observer)
 
-            group = TensorParallelGroup(config.model, config.batching, free_port())
-            engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer,
-                            load=group.load, wrap_runner=group.mirror)
-            group.on_follower_exit = engine.fail
-        else:
-            engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer)
+    genai = GenAIMetrics()
+
+    def build_service(model: str, version: VersionConfig, built: object) -> GenerationServing:
+        def observe(ttft_s: float | None, error: str | None) -> None:
+            registry.observe(model, version.version, ttft_s, error)
+
+        return GenerationServing(built, preprocess_executor, tracing, config.limits.retry_after_s,  # type: ignore[arg-type]
+                                 genai, record=lambda prompts: registry.record(model, prompts), outcomes=observe,
+                                 faults=version.faults)
+
+    registry = ModelRegistry(config, build_engine, build_service)  # type: ignore[arg-type]
+    metrics.watch_models(registry.status)
+    if engine is None and config.model.tp_size > 1:
+        from inference.engine import Engine
+        from inference.tensor_parallel import TensorParallelGroup
+        from common.processes import free_port
+
+        group = TensorParallelGroup(config.model, config.batching, free_port())
+        engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer,
+                        load=group.load, wrap_runner=group.mirror)
+        group.on_follower_exit = engine.fail
+        owned_tp_engine = engine
     else:
-        metrics = engine.metrics  # type: ignore[attr-defined]
+        owned_tp_engine = None
     if encoder is None and config.embeddings.enabled:
         from inference.embeddings import Encoder
 
         encoder = Encoder(config.embeddings)
-    preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
     reporter = (UsageReporter(config.usage_report.address, config.usage_report.timeout_s)
                 if config.usage_report.address else None)
-    state = ServerState(config=config, engine=engine, encoder=encoder, metrics=metrics,  # type: ignore[arg-type]
+    state = ServerState(config=config, registry=registry, encoder=encoder, metrics=metrics,  # type: ignore[arg-type]
                         tracing=tracing, preprocess_executor=preprocess_executor, usage=reporter,
                         replica_id=replica_id(config))
     app = create_app(state)
+    app[REGISTRY] = registry
 
     async def start_models(_: web.Application) -> None:
-        if not getattr(engine, "started", False):
-            engine.start()  # type: ignore[attr-defined]
+        if engine is not None:
+            registry.adopt(config.model.name, "v1", engine)  # type: ignore[arg-type]
+        else:
+            registry.start_in_background()
         if encoder is not None and not encoder.ready:
             encoder.start()  # type: ignore[attr-defined]
 
     async def stop_models(_: web.Application) -> None:
         loop = asyncio.get_running_loop()
-        if owns_engine:
-            await loop.run_in_executor(None, engine.shutdown, config.limits.drain_timeout_s)  # type: ignore[attr-defined]
+        await registry.close(config.limits.drain_timeout_s)
+        if owned_tp_engine is not None:
+            await loop.run_in_executor(None, owned_tp_engine.shutdown, config.limits.drain_timeout_s)
         if group is not None:
             await loop.run_in_executor(None, group.close)
         if encoder is not None and hasattr(encoder, "close"):
@@ -87,6 +113,23 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     app.on_startup.append(start_models)
     app.on_cleanup.append(stop_models)
     return app
+
+
+async def start_admin(app: web.Application, config: InferenceConfig) -> web.AppRunner | None:
+    """The model-lifecycle admin API on its own port (``inference.admin``); None when it has no token."""
+    from inference.models.admin import create_admin_app, read_token
+
+    if not config.admin.enabled:
+        return None
+    token = read_token(config.admin)
+    if token is None:
+        log.warning("admin API off: no token in inference.admin.token_file or $%s", config.admin.token_env)
+        return None
+    runner = web.AppRunner(create_admin_app(app[REGISTRY], token), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.admin.host, config.admin.port).start()
+    log.info("model admin API on http://%s:%d", config.admin.host, config.admin.port)
+    return runner
 
 
 def replica_id(config: InferenceConfig) -> str:
@@ -127,10 +170,13 @@ async def serve(config: InferenceConfig, tracing: Tracing | None = None,
         loop.add_signal_handler(sig, stop.set)
     app = build_app(config, tracing=tracing, forward_observer=forward_observer)
     runner = await start_listening(app, config.listen.host, config.listen.port, config.limits.drain_timeout_s)
-    log.info("inference server listening on http://%s:%d (model %s)", config.listen.host, config.listen.port,
-             config.model.name)
+    admin = await start_admin(app, config)
+    log.info("inference server listening on http://%s:%d (models %s)", config.listen.host, config.listen.port,
+             ", ".join(m.name for m in config.served_models))
     await stop.wait()
     log.info("shutdown signal received")
+    if admin is not None:
+        await admin.cleanup()
     await drain(runner, config.limits.drain_timeout_s)
 
 

@@ -7,6 +7,7 @@
     kernelgate inject       add the sidecar containers to a Kubernetes manifest
     kernelgate build-policy compile the policy to a Wasm bundle for in-process evaluation
     kernelgate hash-key     the stored form of an API key
+    kernelgate models       load / activate / unload / status of model versions (the admin API)
 """
 
 from __future__ import annotations
@@ -113,6 +114,56 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """One call to the inference server's admin API (address and token from the config)."""
+    import urllib.error
+    import urllib.request
+
+    from inference.models.admin import read_token
+
+    admin = _load(args).inference.admin
+    token = read_token(admin)
+    if token is None:
+        raise SystemExit(f"kernelgate: no admin token (inference.admin.token_file or ${admin.token_env})")
+    url = args.admin_url or f"http://{admin.host}:{admin.port}"
+    request = urllib.request.Request(f"{url}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import time
+
+    if args.action == "status":
+        status, body = _admin_call(args, "GET", "/admin/models")
+    elif args.action == "load":
+        spec: dict = {"version": args.version, "activate": args.activate, "seed": args.seed}
+        if args.path:
+            spec["path"] = args.path
+        else:
+            spec["random_config"] = args.random_config
+        status, body = _admin_call(args, "POST", f"/admin/models/{args.model}/versions", spec)
+        deadline = time.monotonic() + args.wait
+        while status == 202 and body.get("state") in ("loading", "validating") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            _, listing = _admin_call(args, "GET", "/admin/models")
+            body = next(v for m in listing["models"] if m["name"] == args.model for v in m["versions"]
+                        if v["version"] == args.version)
+        if body.get("state") == "failed":
+            status = 422
+    elif args.action == "activate":
+        status, body = _admin_call(args, "POST", f"/admin/models/{args.model}/versions/{args.version}/activate")
+    else:
+        status, body = _admin_call(args, "DELETE", f"/admin/models/{args.model}/versions/{args.version}")
+    print(json.dumps(body, indent=2))
+    return 0 if status < 300 else 1
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     _load(args)
     print(f"{args.config or '(defaults)'}: OK")
@@ -164,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hash_key)
     with_config(sub.add_parser("validate-config", help="load and validate a config file")
                 ).set_defaults(func=cmd_validate)
+    models = sub.add_parser("models", help="model versions: load, activate, unload, status (the admin API)")
+    actions = models.add_subparsers(dest="action", required=True)
+    for action in ("status", "load", "activate", "unload"):
+        p = with_config(actions.add_parser(action))
+        p.add_argument("--admin-url", help="admin API base URL (default: inference.admin host:port)")
+        if action != "status":
+            p.add_argument("model")
+            p.add_argument("version")
+        if action == "load":
+            p.add_argument("--path", help="a local Hugging Face directory")
+            p.add_argument("--random-config", default="tiny-gpt2", help="a named random-weight architecture")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--activate", action="store_true", help="activate once validated")
+            p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for validation (0: return)")
+        p.set_defaults(func=cmd_models)
     return parser
 
 

@@ -62,6 +62,7 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
+from common.models import ROUTED_MODEL_HEADER
 from common.ports import AUTHZ_ADDRESS, ENVOY_ADMIN_PORT, ENVOY_PORT, INFERENCE_ADDRESS, LOOPBACK
 from common.replicas import NOT_STARTED_HEADER
 from sidecar import http_transport
@@ -70,7 +71,7 @@ AUTHZ_CLUSTER = "kernelgate_authz"
 UPSTREAM_CLUSTER = "inference"
 OTLP_CLUSTER = "otel_collector"
 # The header the policy sets to the model that serves the request (a fallback when degraded).
-MODEL_HEADER = "x-kernelgate-model"
+MODEL_HEADER = ROUTED_MODEL_HEADER
 # Retry only what never reached a model: see the module docstring.
 RETRY_ON = "connect-failure,refused-stream,reset-before-request,retriable-headers"
 # One JSON line per request; upstream_host is the replica that served it.

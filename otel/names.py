@@ -67,6 +67,7 @@ METRIC_CLIENT_TOKEN_USAGE = "gen_ai.client.token.usage"
 
 # --- attributes: the sidecar's check ---------------------------------------------------------------------
 TENANT = "kernelgate.tenant"
+MODEL_VERSION = "kernelgate.model.version"  # the version of the served model that answered (#15)
 DECISION = "kernelgate.decision"
 DECISION_ID = "kernelgate.decision_id"
 REASON = "kernelgate.reason"

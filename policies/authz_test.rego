@@ -608,3 +608,66 @@ test_checks_come_before_degradation if {
 	r := authz.result with input as _saturated_input("gpt2-medium", ["gpt2-medium"], _globex)
 	_denied(r, 403, "model_not_allowed")
 }
+
+# ---------------------------------------------------------------------------
+# Canary: rollout weights pick the version (x-kernelgate-model-version)
+# ---------------------------------------------------------------------------
+
+_session(key) := object.union(_post(_chat, _chat_body("tiny-gpt2"), _acme), {
+	"attributes": {"request": {"http": {"headers": {"content-type": "application/json", "x-session-id": key}}}},
+})
+
+_picked(inp, rollout) := v if {
+	r := authz.result with input as inp with data.kernelgate.rollouts as {"tiny-gpt2": rollout}
+	r.allowed == true
+	v := object.get(r.headers, "x-kernelgate-model-version", "none")
+}
+
+test_no_rollout_no_version_header if {
+	r := authz.result with input as _session("s1")
+	r.allowed == true
+	not "x-kernelgate-model-version" in object.keys(r.headers)
+}
+
+test_all_weight_on_one_version_picks_it if {
+	_picked(_session("s1"), {"weights": {"v1": 0, "v2": 7}}) == "v2"
+	_picked(_session("s2"), {"weights": {"v1": 100}}) == "v1"
+}
+
+test_every_weight_zero_no_version_header if {
+	_picked(_session("s1"), {"weights": {"v1": 0, "v2": 0}}) == "none"
+}
+
+test_same_key_same_version_and_a_split_follows_the_weights if {
+	rollout := {"weights": {"v1": 80, "v2": 20}}
+	picks := [_picked(_session(sprintf("session-%d", [i])), rollout) | some i in numbers.range(1, 100)]
+	canary := count([p | some p in picks; p == "v2"])
+
+	# 100 keys at p = 0.2: mean 20, sd 4; 4.5 sd either side (tests/e2e/test_canary.py: more keys).
+	canary >= 2
+	canary <= 38
+	count([p | some p in picks; p == "v1"]) == 100 - canary
+	_picked(_session("session-7"), rollout) == picks[6]
+}
+
+test_tenant_weights_win_over_the_models if {
+	rollout := {"weights": {"v1": 100, "v2": 0}, "tenants": {"acme": {"v1": 0, "v2": 1}}}
+	_picked(_session("s1"), rollout) == "v2"
+	_picked(
+		object.union(_session("s1"), {"identity": _identity("hooli", _all_scopes), "parsed_body": {
+			"model": "tiny-gpt2",
+			"messages": [{"role": "user", "content": "hi"}],
+		}}),
+		rollout,
+	) == "v1"
+}
+
+test_without_a_session_the_user_field_then_the_tenant_is_the_key if {
+	rollout := {"weights": {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1, "f": 1, "g": 1, "h": 1}}
+	by_user := [_picked(_post(_chat, object.union(_chat_body("tiny-gpt2"), {"user": sprintf("u%d", [i])}), _acme), rollout) |
+		some i in numbers.range(1, 40)
+	]
+	count({p | some p in by_user}) > 1
+	by_tenant := {_picked(_post(_chat, _chat_body("tiny-gpt2"), _acme), rollout) | some _ in numbers.range(1, 5)}
+	count(by_tenant) == 1
+}

@@ -11,6 +11,8 @@
 #   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
 #   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
 #   scripts/gpu_bench.sh sampling              # bench/sampling_step.py + sampling_overhead.py: #20's options on vs off, c=16 (~3 min)
+#   scripts/gpu_bench.sh hot-swap              # bench/results/hot_swap_gpu.json: llama-3.2-1b v1 (seed 0) -> v2 (seed 1)
+#                                              # swapped under an open loop on one GPU, server alone (~3 min)
 #   scripts/gpu_bench.sh replicas              # 2 GPUs: two replicas behind Envoy vs one (bench/replica_failover.py gpu);
 #                                              # needs scripts/replica_gpu_wheels.sh here first and carry .gpu/replicas-envoy
 #
@@ -33,6 +35,11 @@ fi
 export PYTHONPATH="/tmp/site:$ROOT" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # DeepSpeed's op builder parses this as numbers ("9.0a" fails): the plain compute capability.
 export TORCH_CUDA_ARCH_LIST="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+
+# The wheels this checkout's serving path imports (an older .whl folder lacks them).
+check_wheels() {
+  python3 -c "import orjson, llguidance" || { echo "gpu_bench.sh: wheels missing: re-run scripts/gpu_wheels.sh here" >&2; exit 1; }
+}
 
 case "$MODE" in
   smoke)
@@ -58,9 +65,15 @@ case "$MODE" in
     python3 bench/tracing_gpu.py --out "$OUT/tracing_gpu.json" --log-dir "$OUT" "$@"
     ;;
   sampling)
-    python3 -c "import orjson, llguidance" || { echo "gpu_bench.sh: wheels missing: re-run scripts/gpu_wheels.sh here" >&2; exit 1; }
+    check_wheels
     python3 bench/sampling_step.py --device cuda --out "$OUT/sampling_step_gpu.json"
     python3 bench/sampling_overhead.py --window-s 6 --rounds 3 --out "$OUT/sampling_overhead.json" --log-dir "$OUT" "$@"
+    ;;
+  hot-swap)
+    check_wheels
+    python3 bench/hot_swap.py --direct --device cuda --model llama-3.2-1b --rate 20 --max-tokens 32 --slots 16 \
+      --window-s 10 --swap-allowance-s 40 --out "$OUT/hot_swap_gpu.json" \
+      --note "one GPU, the inference server alone (the GPU image has no Envoy/OPA): v2 (random weights, seed 1) loads, is validated and activated beside v1 (seed 0) on the same GPU while v1 serves the open loop" "$@"
     ;;
   replicas)
     python3 -c "import lzma, os, shutil; shutil.copyfileobj(lzma.open('.gpu/replicas-envoy/envoy.xz'), open('/tmp/envoy', 'wb')); os.chmod('/tmp/envoy', 0o755)"
@@ -69,7 +82,7 @@ case "$MODE" in
       || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
     ;;
   *)
-    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, replicas, sampling)" >&2
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, replicas, sampling, hot-swap)" >&2
     exit 2
     ;;
 esac

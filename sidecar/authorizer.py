@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from opentelemetry import propagate, trace
 
+from common.models import MODEL_VERSION_HEADER, ROUTED_MODEL_HEADER
 from otel import names
 
 from sidecar import response
@@ -87,6 +88,15 @@ class CheckResult:
     def shadow_denied(self) -> bool:
         """Rate limits would have denied, but ``ratelimit.shadow`` let it through."""
         return self.outcome == "allow" and self.rate_limit is not None and not self.rate_limit.allowed
+
+    @property
+    def routed(self) -> tuple[str | None, str | None]:
+        """(model, version) an allowed request goes to, as the policy's headers name them; the
+        version only when a canary rollout picked one (``MODEL_VERSION_HEADER``)."""
+        if self.outcome != "allow" or self.decision is None:
+            return None, None
+        headers = self.decision.headers
+        return headers.get(ROUTED_MODEL_HEADER), headers.get(MODEL_VERSION_HEADER)
 
     def rate_limit_record(self) -> dict[str, Any]:
         r = self.rate_limit
@@ -370,6 +380,9 @@ class Authorizer:
         self._metrics.latency.observe(latency)
         identity, check_input = result.identity, result.input
         tenant = identity.tenant if identity else None
+        model, version = result.routed
+        if version is not None:
+            self._metrics.model_versions.labels(model or "", version).inc()
         if span.is_recording():
             span.set_attribute(names.DECISION, result.outcome)
             span.set_attribute(names.DECISION_ID, result.decision_id)
@@ -379,6 +392,8 @@ class Authorizer:
             span.set_attribute(names.POLICY_REVISION, self._decider.revision[:16])
             if tenant:
                 span.set_attribute(names.TENANT, tenant)
+            if version is not None:
+                span.set_attribute(names.MODEL_VERSION, version)
             for state in result.rate_limit.states if result.rate_limit else ():
                 span.set_attribute(names.ratelimit_remaining(state.kind), state.remaining)
             if result.outcome != "allow":
@@ -401,4 +416,6 @@ class Authorizer:
             policy_revision=self._decider.revision[:16],
             shadow_denied=result.shadow_denied,
             rate_limit=result.rate_limit_record(),
+            model=model,
+            model_version=version,
         ))

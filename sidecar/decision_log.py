@@ -35,6 +35,9 @@ class DecisionRecord:
     rate_limit: dict[str, Any] = field(default_factory=dict)
     # Who vouched for the caller (token issuer, introspection endpoint, client CA); None for API keys.
     identity_issuer: str | None = None
+    # The model the request was routed to and the version the policy picked (canary), when it did.
+    model: str | None = None
+    model_version: str | None = None
 
 
 @dataclass(frozen=True)

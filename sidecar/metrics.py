@@ -45,6 +45,12 @@ class SidecarMetrics:
         self.replica_saturated = Gauge("kernelgate_replica_saturated",
                                        "1 when the replica's batch and queue are full", ["replica", "model"],
                                        registry=registry)
+        self.canary_rollbacks = Counter("kernelgate_authz_canary_rollbacks_total",
+                                        "Canaries an inference server rolled back whose weight the sidecar set "
+                                        "to 0 in the policy's data", ["model", "version"], registry=registry)
+        self.model_versions = Counter("kernelgate_authz_model_version_total",
+                                      "Allowed requests by the model version the policy picked (canary rollouts)",
+                                      ["model", "version"], registry=registry)
         self.saturated_models = Gauge("kernelgate_model_saturated",
                                       "1 when no replica of the model has room (the policy may degrade)",
                                       ["model"], registry=registry)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from opa_client.errors import PolicyNotFoundError
 from opa_client.opa_async import AsyncOpaClient
 
 from sidecar.config import OpaConfig
@@ -59,6 +60,19 @@ class OpaPolicyClient:
                 data = None
             digest.update(json.dumps(data, sort_keys=True, default=str).encode())
         return digest.hexdigest()
+
+    async def read_data(self, path: str) -> Any:
+        """The data document at ``path`` (``a/b`` for data.a.b); None when it is undefined."""
+        client = await self._session()
+        try:
+            return (await client.get_data(path.strip("/"))).get("result")
+        except PolicyNotFoundError:
+            return None
+
+    async def patch_data(self, path: str, patches: list[dict[str, Any]]) -> None:
+        """Apply JSON Patch operations (paths relative to ``path``) to OPA's data."""
+        client = await self._session()
+        await client.patch_data(path.strip("/"), patches)
 
     async def close(self) -> None:
         if self._started:

@@ -3,7 +3,8 @@
 In: ``ReplicasConfig`` (targets to poll), each replica's ``GET /load`` document
 (``common.replicas.LoadReport``). Out: :meth:`ReplicaWatcher.saturated_models`, the sorted
 models no replica has room for, which the authorizer puts in the policy input
-(``input.kernelgate.saturated_models``), and per-replica load gauges.
+(``input.kernelgate.saturated_models``), per-replica load gauges, and the canaries the
+replicas rolled back, handed to ``sidecar.rollouts.RollbackWriter`` at every poll.
 
 A model is saturated when replicas of it are known and none is reachable, ready and below
 its batch + queue capacity. A replica that stops answering keeps the model it last
@@ -18,7 +19,9 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
@@ -35,29 +38,52 @@ class ReplicaState:
 
     address: str
     name: str  # the replica id it last reported, else its address
-    model: str | None
+    model: str | None  # the first model it last reported
     report: LoadReport | None
+    others: tuple[str, ...] = ()  # the other models it last reported (several models per server)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return () if self.model is None else (self.model, *self.others)
 
     @property
     def has_room(self) -> bool:
         return self.report is not None and self.report.has_room
+
+    def room_for(self, model: str) -> bool:
+        if self.report is None:
+            return False
+        return any(r.model == model and r.has_room for r in self.report.per_model())
 
 
 def saturated(states: list[ReplicaState]) -> tuple[str, ...]:
     """Models with at least one known replica and no replica with room, sorted."""
     models: dict[str, bool] = {}
     for state in states:
-        if state.model is not None:
-            models[state.model] = models.get(state.model, False) or state.has_room
+        for model in state.models:
+            models[model] = models.get(model, False) or state.room_for(model)
     return tuple(sorted(model for model, room in models.items() if not room))
+
+
+class Rollbacks(Protocol):
+    """Where rolled-back canaries go (``sidecar.rollouts.RollbackWriter``)."""
+
+    async def apply(self, rolled_back: Iterable[tuple[str, str]]) -> None: ...
+
+
+def rolled_back(states: list[ReplicaState]) -> set[tuple[str, str]]:
+    """``(model, version)`` of every canary a reachable replica reports as rolled back."""
+    return {(report.model, version) for state in states if state.report is not None
+            for report in state.report.per_model() for version in report.rolled_back}
 
 
 class ReplicaWatcher:
     """Polls every target's load report; :meth:`saturated_models` reads the latest result."""
 
-    def __init__(self, config: ReplicasConfig, metrics: SidecarMetrics) -> None:
+    def __init__(self, config: ReplicasConfig, metrics: SidecarMetrics, rollbacks: Rollbacks | None = None) -> None:
         self._config = config
         self._metrics = metrics
+        self._rollbacks = rollbacks
         self._states: dict[str, ReplicaState] = {}
         self._saturated: tuple[str, ...] = ()
         self._addresses: list[str] = []
@@ -106,41 +132,44 @@ class ReplicaWatcher:
         for model in set(self._saturated) | set(models):
             self._metrics.saturated_models.labels(model).set(1 if model in models else 0)
         self._saturated = models
+        if self._rollbacks is not None:
+            await self._rollbacks.apply(rolled_back(list(states)))
 
     async def _poll_one(self, session: aiohttp.ClientSession, address: str) -> ReplicaState:
         previous = self._states.get(address)
-        model, name = (previous.model, previous.name) if previous else (None, address)
+        model, name, others = (previous.model, previous.name, previous.others) if previous else (None, address, ())
         try:
             async with session.get(f"http://{address}{LOAD_PATH}") as response:
                 report = LoadReport.from_json(await response.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             if previous is None or previous.report is not None:
                 log.warning("replica %s: no load report (%s)", address, exc or type(exc).__name__)
-            state = ReplicaState(address, name, model, None)
+            state = ReplicaState(address, name, model, None, others)
         else:
-            if previous is not None and previous.model is not None and (previous.name, previous.model) != (report.replica, report.model):
+            served = tuple(r.model for r in report.per_model())
+            if previous is not None and previous.model is not None and (previous.name, previous.models) != (report.replica, served):
                 self._forget(previous)
-            state = ReplicaState(address, report.replica, report.model, report)
+            state = ReplicaState(address, report.replica, report.model, report, served[1:])
         self._export(state)
         return state
 
     def _export(self, state: ReplicaState) -> None:
-        if state.model is None:
-            return
-        report, replica, m = state.report, state.name, self._metrics
-        m.replica_up.labels(replica, state.model).set(1 if report is not None and report.ready else 0)
-        m.replica_saturated.labels(replica, state.model).set(1 if report is not None and report.saturated else 0)
-        m.replica_requests.labels(replica, state.model, "running").set(report.running if report else 0)
-        m.replica_requests.labels(replica, state.model, "waiting").set(report.waiting if report else 0)
+        reports = {r.model: r for r in state.report.per_model()} if state.report is not None else {}
+        replica, m = state.name, self._metrics
+        for model in state.models:
+            report = reports.get(model)
+            m.replica_up.labels(replica, model).set(1 if report is not None and report.ready else 0)
+            m.replica_saturated.labels(replica, model).set(1 if report is not None and report.saturated else 0)
+            m.replica_requests.labels(replica, model, "running").set(report.running if report else 0)
+            m.replica_requests.labels(replica, model, "waiting").set(report.waiting if report else 0)
 
     def _forget(self, state: ReplicaState) -> None:
-        if state.model is None:
-            return
         replica, m = state.name, self._metrics
-        for gauge in (m.replica_up, m.replica_saturated):
-            gauge.remove(replica, state.model)
-        for kind in ("running", "waiting"):
-            m.replica_requests.remove(replica, state.model, kind)
+        for model in state.models:
+            for gauge in (m.replica_up, m.replica_saturated):
+                gauge.remove(replica, model)
+            for kind in ("running", "waiting"):
+                m.replica_requests.remove(replica, model, kind)
 
 
 async def _resolve(targets: list[str]) -> list[str]:

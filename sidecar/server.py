@@ -34,6 +34,7 @@ from sidecar.ratelimit import build_rate_limiter
 from sidecar.ratelimit.count import ServerPromptCounter
 from sidecar.settlement import Settlement
 from sidecar.replicas import ReplicaWatcher
+from sidecar.rollouts import RollbackWriter
 
 log = logging.getLogger("kernelgate.authz")
 
@@ -95,7 +96,9 @@ async def start(config: SidecarConfig) -> Sidecar:
     decider = Decider(config.opa, opa_client, DecisionCache(config.opa.cache_size, config.opa.cache_ttl_s))
     rate_limiter = build_rate_limiter(config.ratelimit)
     decision_log = DecisionLogger(config.decision_log)
-    replicas = ReplicaWatcher(config.replicas, metrics)
+    rollbacks = RollbackWriter(opa_client if isinstance(opa_client, OpaPolicyClient) else None,
+                               metrics.canary_rollbacks, decider.refresh_revision)
+    replicas = ReplicaWatcher(config.replicas, metrics, rollbacks)
     counter = (ServerPromptCounter(config.ratelimit.count_url, config.ratelimit.count_timeout_s)
                if rate_limiter is not None and config.ratelimit.count_url else None)
     authorizer = Authorizer(config, authenticator, decider, rate_limiter, decision_log, metrics,

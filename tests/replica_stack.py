@@ -23,6 +23,7 @@ import aiohttp
 import yaml
 
 from common.replicas import NOT_STARTED_HEADER, REPLICA_HEADER
+from common.models import MODEL_VERSION_HEADER
 from tests import procs
 from tests.procs import Proc, free_port
 from tests.stack import ACME_KEY, AuthzStack, deep_merge
@@ -166,6 +167,7 @@ class Outcome:
     attempts: int
     kind: str  # "ok", "failed_not_started", "failed_started"
     detail: str = ""
+    version: str = ""  # x-kernelgate-model-version: the model version that answered
 
 
 # Envoy's own answers when it never got a request to a replica (connection refused, no healthy
@@ -209,7 +211,8 @@ async def open_loop(url: str, body: dict[str, Any], rate: float, duration_s: flo
                 return
             kind, detail = classify(status, headers, text)
             outcomes.append(Outcome(sent_at, time.monotonic() - started, status, headers.get(REPLICA_HEADER, ""),
-                                    int(headers.get("x-envoy-attempt-count", "1")), kind, detail))
+                                    int(headers.get("x-envoy-attempt-count", "1")), kind, detail,
+                                    headers.get(MODEL_VERSION_HEADER, "")))
 
         tasks = []
         t0 = time.monotonic()

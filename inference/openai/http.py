@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from opentelemetry.trace import Span
 
+from common.models import MODEL_VERSION_HEADER, ROUTED_MODEL_HEADER
 from inference.config import LimitsConfig
 from inference.openai.protocol import RequestError
 from inference.tracing import Tracing
@@ -26,13 +27,21 @@ from inference.usage import UsageTracker, grant_of
 from otel import names
 
 TENANT_HEADER = "x-kernelgate-tenant"
-# The model the gateway routed this request to (the policy may degrade to a fallback model).
-ROUTED_MODEL_HEADER = "x-kernelgate-model"
 # What this request spent, reported to the sidecar when its response ends (set by the app's middleware).
 USAGE = web.RequestKey("kernelgate_usage", UsageTracker)
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
-Result = dict[str, Any] | AsyncIterator[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Framed:
+    """A result with headers for its response (the model version that answered)."""
+
+    body: dict[str, Any] | AsyncIterator[dict[str, Any]]
+    headers: Mapping[str, str]
+
+
+Result = dict[str, Any] | AsyncIterator[dict[str, Any]] | Framed
 T = TypeVar("T")
 
 
@@ -71,19 +80,23 @@ async def before(deadline: float, timeout_s: float, call: Awaitable[T]) -> T:
 
 async def respond(request: web.Request, result: Result, deadline: float, timeout_s: float) -> web.StreamResponse:
     """A JSON response for an object; a server-sent event stream for an async iterator."""
+    headers: Mapping[str, str] = {}
+    if isinstance(result, Framed):
+        result, headers = result.body, result.headers
     if isinstance(result, dict):
-        return web.Response(body=dumps(result), content_type="application/json")
-    return await _send_sse(request, result, deadline, timeout_s)
+        return web.Response(body=dumps(result), content_type="application/json", headers=headers)
+    return await _send_sse(request, result, deadline, timeout_s, headers)
 
 
-async def _send_sse(request: web.Request, chunks: Any, deadline: float,
-                    timeout_s: float) -> web.StreamResponse:
-    """Write ``data: {...}`` events, then ``data: [DONE]``; a vanished client ends it early."""
+async def _send_sse(request: web.Request, chunks: Any, deadline: float, timeout_s: float,
+                    headers: Mapping[str, str]) -> web.StreamResponse:
+    """Write ``data: {...}`` events, then ``data: [DONE]``; a vanished client ends it early. The
+    stream is closed however this ends (a client gone before the headers went out included)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-    await response.prepare(request)
+                                           "X-Accel-Buffering": "no", **headers})
     try:
         async with aclosing(chunks) as events:
+            await response.prepare(request)
             try:
                 async with asyncio.timeout_at(deadline):
                     async for chunk in events:
@@ -115,6 +128,8 @@ class Caller:
 
     tenant: str
     routed_model: str | None = None
+    # The version of the model the sidecar picked (a canary split), or None for the active one.
+    model_version: str | None = None
     # The sidecar's token grant (mid-stream enforcement caps max_tokens at it), or None.
     grant: int | None = None
     # Where the engine streams this request starts are registered, for the usage report.
@@ -138,7 +153,7 @@ def traced_handler(operation: str, create: Create, tracing: Tracing, limits: Lim
 
     async def handle(request: web.Request) -> web.StreamResponse:
         caller = Caller(tenant_of(request.headers), request.headers.get(ROUTED_MODEL_HEADER),
-                        grant_of(request.headers), request.get(USAGE))
+                        request.headers.get(MODEL_VERSION_HEADER), grant_of(request.headers), request.get(USAGE))
         attributes = {names.GEN_AI_OPERATION_NAME: operation, names.TENANT: caller.tenant,
                       names.REPLICA_ID: replica_id}
         with tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,

@@ -3,13 +3,22 @@
 In: parsed requests from the endpoints' ``serving`` modules. Out: engine requests (through
 the ``GenerationEngine`` Protocol), the merged output streams of a request's prompts, and
 :meth:`GenerationServing.finish`, the one place where every generation response ends (usage
-and finish reasons on the request span). Engine errors become OpenAI-shaped
-:class:`RequestError` here, so the routers only frame.
+and finish reasons on the request span, the outcome the version's health watch sees).
+Engine errors become OpenAI-shaped :class:`RequestError` here, so the routers only frame.
+
+Several models, several versions (#15): :class:`GenerationModels` answers for every served
+model. It resolves the model a request names (or the gateway routed it to), leases one of its
+versions from the registry (``inference.models.registry``, behind :class:`ModelVersions`) —
+the active one, or the one the sidecar picked for a canary — and hands the request to that
+version's own :class:`GenerationServing`. The lease is held until the response ends (a
+stream's end included), so a request finishes on the version it started on while another
+is activated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,11 +28,14 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from opentelemetry.trace import Span
 
+from common.models import MODEL_VERSION_HEADER
 from common.replicas import NOT_STARTED_HEADER
+from inference.config import FaultConfig
 from inference.genai_metrics import GenAIMetrics
 from inference.generation import (EngineDeadError, EngineError, EngineNotReadyError, GenerationEngine, GenerationOutput,
                                   GenerationRequest, QueueFullError, RequestStream, TokenLogprobs)
-from inference.openai.http import Caller
+from inference.models.errors import LifecycleError
+from inference.openai.http import Caller, Framed
 from inference.openai.preprocess import PreparedPrompt, Preprocessor
 from inference.openai.protocol import RequestError, SamplingFields, usage
 from inference.tracing import Tracing
@@ -34,10 +46,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ServedModels:
-    """The names this server answers to (the embeddings model, when one is configured)."""
+    """The names this server answers to: its generative models, and the embeddings model when
+    one is configured."""
 
-    generation: str
+    generation: tuple[str, ...]
     embeddings: str | None = None
+
+
+# What a version's health watch hears when a response ends: time to first token (None when
+# no token came) and the error type (None when it completed).
+OutcomeSink = Callable[[float | None, str | None], None]
 
 
 @dataclass(frozen=True)
@@ -60,14 +78,21 @@ class Submitted:
 
 
 class Stream:
-    """The chunks of a streamed response; closing it (even unstarted) cancels its engine requests."""
+    """The chunks of a streamed response; closing it (even unstarted) cancels its engine requests
+    and then calls ``on_close`` (the version lease's release)."""
 
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]], streams: Sequence[RequestStream]) -> None:
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], streams: Sequence[RequestStream],
+                 on_close: tuple[Callable[[], None], ...] = ()) -> None:
         self._chunks = chunks
         self._streams = streams
+        self._on_close = on_close
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._chunks
+
+    def closing(self, callback: Callable[[], None]) -> Stream:
+        """The same stream, calling ``callback`` too when it is closed."""
+        return Stream(self._chunks, self._streams, (*self._on_close, callback))
 
     async def aclose(self) -> None:
         try:
@@ -75,6 +100,8 @@ class Stream:
         finally:
             for stream in self._streams:
                 stream.cancel()
+            for callback in self._on_close:
+                callback()
 
 
 class LogprobEntry(NamedTuple):
@@ -160,35 +187,109 @@ class ResponseShapes(Protocol):
     def usage_chunk(self, submitted: Submitted, usage: dict[str, int]) -> dict[str, Any]: ...
 
 
-class GenerationServing:
-    """Readiness, model checks, preprocessing, submission and stream merging for the one generative model."""
+class VersionLease(Protocol):
+    """One version of a model, held for one request (``inference.models.registry.Lease``)."""
 
-    def __init__(self, engine: GenerationEngine, executor: Executor, tracing: Tracing, models: ServedModels,
-                 retry_after_s: int, genai: GenAIMetrics | None = None) -> None:
-        self._engine = engine
-        self._genai = genai or GenAIMetrics()
-        self._executor = executor
-        self._tracing = tracing
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def serving(self) -> GenerationServing: ...
+
+    def release(self) -> None: ...
+
+
+class ModelVersions(Protocol):
+    """The served models' versions (``inference.models.registry.ModelRegistry``)."""
+
+    def lease(self, model: str, version: str | None = None) -> VersionLease:
+        """``version`` of ``model`` (None: the active one); raises a LifecycleError saying why not."""
+        ...
+
+
+class GenerationModels:
+    """Every generative model the server serves: the model check, the lease on one of its versions,
+    and the hand-off to that version's :class:`GenerationServing` (see the module docstring)."""
+
+    def __init__(self, versions: ModelVersions, models: ServedModels, retry_after_s: int) -> None:
+        self._versions = versions
         self._models = models
         self._not_started = not_started(retry_after_s)
-        self._preprocessor: Preprocessor | None = None
-        self._texts: TokenTexts | None = None
 
     def served_model(self, requested: str, routed: str | None) -> str:
-        """The model that serves the request: ours, when the body or the gateway's routing names it
-        (the policy may degrade a request to a fallback model: Envoy routes it here with the header)."""
-        ours = self._models.generation
-        if requested == ours or routed == ours:
-            return ours
+        """The model that serves the request: the one the gateway routed it to when it is ours (the
+        policy may degrade a request to a fallback model: Envoy routes it here with the header),
+        else the one the body names."""
+        if routed is not None and routed in self._models.generation:
+            return routed
         self.check_model(requested)
         return requested
 
     def check_model(self, model: str) -> None:
-        if model == self._models.generation:
+        if model in self._models.generation:
             return
         if model == self._models.embeddings:
             raise RequestError(400, f"model '{model}' is an embeddings model; use /v1/embeddings", "model")
         raise RequestError(404, f"model '{model}' does not exist", "model", code="model_not_found")
+
+    def lease(self, model: str, version: str | None) -> VersionLease:
+        """A version of ``model`` for one request, or the OpenAI error that says why there is none."""
+        try:
+            return self._versions.lease(model, version)
+        except LifecycleError as exc:
+            if exc.status == 503:
+                raise RequestError(503, str(exc), type="service_unavailable", code="not_ready",
+                                   headers=self._not_started) from None
+            raise RequestError(exc.status, str(exc), "model", code=exc.code) from None
+
+    async def generate(self, model: str, sampling: SamplingFields,
+                       tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, caller: Caller, span: Span,
+                       started: float, operation: str, id_prefix: str, shapes: ResponseShapes) -> Framed:
+        """A parsed generation request on one version of its model: its response object or stream,
+        with the version that answered in the response headers."""
+        served = self.served_model(model, caller.routed_model)
+        lease = self.lease(served, caller.model_version)
+        headers = {MODEL_VERSION_HEADER: lease.version}
+        try:
+            span.set_attribute(names.MODEL_VERSION, lease.version)
+            result = await lease.serving.generate(model, served, sampling, tokenize, caller=caller, span=span,
+                                                  started=started, operation=operation, id_prefix=id_prefix,
+                                                  shapes=shapes)
+        except RequestError as err:
+            lease.release()
+            raise RequestError(err.status, err.message, err.param, err.type, err.code,
+                               {**err.headers, **headers}) from None
+        except BaseException:
+            lease.release()
+            raise
+        if isinstance(result, Stream):
+            return Framed(result.closing(lease.release), headers)
+        lease.release()
+        return Framed(result, headers)
+
+
+class GenerationServing:
+    """Readiness, preprocessing, submission and stream merging for one version of a generative model."""
+
+    def __init__(self, engine: GenerationEngine, executor: Executor, tracing: Tracing, retry_after_s: int,
+                 genai: GenAIMetrics | None = None, *,
+                 record: Callable[[Sequence[PreparedPrompt]], None] | None = None,
+                 outcomes: OutcomeSink | None = None, faults: FaultConfig | None = None) -> None:
+        self._engine = engine
+        self._genai = genai or GenAIMetrics()
+        self._executor = executor
+        self._tracing = tracing
+        self._record = record  # recent live prompts, for the shadow run of a new version
+        self._outcomes = outcomes  # the version's health watch (automatic rollback)
+        self._faults = faults if faults is not None and faults.any else None
+        self._not_started = not_started(retry_after_s)
+        self._preprocessor: Preprocessor | None = None
+        self._texts: TokenTexts | None = None
+
+    @property
+    def max_model_len(self) -> int | None:
+        info = self._engine.info
+        return info.max_model_len if info is not None else None
 
     def describe(self, span: Span, model: str, sampling: SamplingFields) -> None:
         """The request's GenAI attributes on its span."""
@@ -243,18 +344,27 @@ class GenerationServing:
         except EngineDeadError as exc:
             raise RequestError(503, str(exc), type="server_error", code="engine_failed") from None
 
-    async def generate(self, model: str, sampling: SamplingFields,
+    async def generate(self, model: str, served: str, sampling: SamplingFields,
                        tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, caller: Caller, span: Span,
                        started: float, operation: str, id_prefix: str,
                        shapes: ResponseShapes) -> dict[str, Any] | Stream:
-        """A parsed generation request, from model check to its response object or stream."""
-        served = self.served_model(model, caller.routed_model)
+        """A parsed generation request for ``model`` (served as ``served``), from the readiness check
+        to its response object or stream."""
         self.describe(span, model, sampling)
         span.set_attribute(names.GEN_AI_RESPONSE_MODEL, served)
         self.check_ready()
         prompts = await self.prepare(tokenize)
-        submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", served, caller, span, prompts, sampling.n,
-                                operation=operation, started=started, requested_model=model)
+        if self._record is not None:
+            self._record(prompts)
+        if self._faults is not None:
+            await self._inject(self._faults)
+        try:
+            submitted = self.submit(f"{id_prefix}-{uuid.uuid4().hex}", served, caller, span, prompts, sampling.n,
+                                    operation=operation, started=started, requested_model=model)
+        except RequestError as err:
+            if err.status >= 500 and self._outcomes is not None:
+                self._outcomes(None, str(err.status))
+            raise
         if caller.usage is not None:
             caller.usage.watch(submitted.streams)
         return await self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage)
@@ -344,6 +454,19 @@ class GenerationServing:
                                  outcome.completion_tokens,
                                  None if outcome.first_token is None else now - outcome.first_token,
                                  max((c.tokens for c in outcome.choices), default=0), outcome.error)
+        if self._outcomes is not None:
+            self._outcomes(None if outcome.first_token is None else outcome.first_token - submitted.started,
+                           outcome.error)
+
+    async def _inject(self, faults: FaultConfig) -> None:
+        """The version's configured faults (``FaultConfig``): a delay, then maybe a 500."""
+        if faults.first_token_delay_ms:
+            await asyncio.sleep(faults.first_token_delay_ms / 1e3)
+        if faults.error_rate and random.random() < faults.error_rate:
+            if self._outcomes is not None:
+                self._outcomes(None, "500")
+            raise RequestError(500, "injected fault (this version's faults.error_rate)", type="server_error",
+                               code="injected_fault")
 
     def _engine_error(self, exc: EngineError) -> RequestError:
         if isinstance(exc, QueueFullError):

@@ -20,6 +20,7 @@ from kernelgate.envoy_config import EnvoyConfig, render
 from tests import procs
 from tests.e2e.test_authz_e2e import COMPLETION, post
 from tests.jaeger import Jaeger, Span, Trace, pytest_jaeger
+from tests.replica_stack import write_policy_data
 from tests.stack import ACME_KEY, GLOBEX_KEY, AuthzStack
 
 jaeger = pytest.fixture(scope="module")(pytest_jaeger)
@@ -213,6 +214,8 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
                    "kernels": {"ratio": 0.0, "activities": "cpu", "steps_per_request": 2,
                                "max_spans_per_trace": 1000, "fold_after": 2}})
     stack.grant_kernel_traces()
+    # A rollout with one version: the policy names it, and both the check and the request span carry it.
+    write_policy_data(stack, lambda data: data["kernelgate"].update(rollouts={"tiny-gpt2": {"weights": {"v1": 1}}}))
     stack.start()
     status, _, body = await post(stack.url, body={**COMPLETION, "max_tokens": 4},
                                  headers={"x-api-key": ACME_KEY, FORCE_HEADER: "1"})
@@ -227,6 +230,7 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
     assert trace.services() == {ENVOY, AUTHZ, INFERENCE}
     ingress, check = check_under_envoy(trace)
     assert check.attributes["kernelgate.decision"] == "allow"
+    assert check.attributes["kernelgate.model.version"] == "v1"
     # Envoy's router span -> the inference server's request span
     request = trace.one(request_name, INFERENCE)
     assert request.kind == "server"
@@ -235,7 +239,7 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
     a = request.attributes
     assert a["gen_ai.request.model"] == "tiny-gpt2" and a["gen_ai.request.max_tokens"] == 4
     assert a["gen_ai.usage.output_tokens"] == 4 and a["gen_ai.usage.input_tokens"] > 0
-    assert a["kernelgate.tenant"] == "acme"
+    assert a["kernelgate.tenant"] == "acme" and a["kernelgate.model.version"] == "v1"
     assert a["kernelgate.kernels.capture"] == "forced"
     # Which replica served it: the server names itself, Envoy's upstream span names the host it chose.
     assert a["kernelgate.replica.id"].endswith(f":{stack.upstream_port}")

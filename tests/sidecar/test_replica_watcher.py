@@ -129,3 +129,34 @@ def test_saturation_rule() -> None:
     assert saturated([state("m", 1), state("m", 0, ready=False), state("n", 1)]) == ("m", "n")
     assert saturated([state("m", 0, reachable=False)]) == ("m",)
     assert saturated([state(None, 0, reachable=False)]) == ()
+
+
+async def test_a_replica_serving_several_models_reports_each_and_its_rollbacks(replicas) -> None:
+    a = await replicas("a", "chat")
+    a.raw = {"replica": "a", "model": "chat", "ready": True, "running": 2, "waiting": 1, "max_batch_size": 2,
+             "max_queue": 1, "rolled_back": ["v2"],
+             "models": [{"replica": "a", "model": "embed-ish", "ready": True, "running": 0, "waiting": 0,
+                         "max_batch_size": 2, "max_queue": 1, "rolled_back": []}]}
+    seen: list[set[tuple[str, str]]] = []
+
+    class Rollbacks:
+        async def apply(self, rolled_back) -> None:
+            seen.append(set(rolled_back))
+
+    registry = CollectorRegistry()
+    watcher = ReplicaWatcher(ReplicasConfig(targets=[a.url]), SidecarMetrics(registry), Rollbacks())
+    async with aiohttp.ClientSession() as session:
+        await watcher.poll(session)
+        assert watcher.saturated_models() == ["chat"], "each model has its own room"
+        assert registry.get_sample_value("kernelgate_replica_saturated", {"replica": "a", "model": "chat"}) == 1
+        assert registry.get_sample_value("kernelgate_replica_up", {"replica": "a", "model": "embed-ish"}) == 1
+        assert seen == [{("chat", "v2")}]
+        a.raw["models"][0]["running"], a.raw["models"][0]["waiting"] = 2, 1
+        a.raw["rolled_back"] = []
+        await watcher.poll(session)
+        assert watcher.saturated_models() == ["chat", "embed-ish"]
+        assert seen[-1] == set()
+        a.raw = {**a.raw, "models": [{"replica": "a", "model": "embed-ish", "running": "many"}]}
+        await watcher.poll(session)  # a bad nested report is a bad report: the replica knows nothing now
+        assert watcher.saturated_models() == ["chat", "embed-ish"]
+        assert [s.report for s in watcher.states()] == [None]

@@ -13,20 +13,20 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from inference.openai import protocol
-from inference.openai.http import Caller
+from inference.openai.http import Caller, Framed
 from inference.openai.completion.protocol import (completion_choice, completion_logprobs, completion_object,
                                                   parse_completion_request)
 from inference.usage import apply_grant
-from inference.openai.serving import Choice, GenerationServing, LogprobEntry, Stream, Submitted
+from inference.openai.serving import Choice, GenerationModels, LogprobEntry, Submitted
 
 OPERATION = "text_completion"  # gen_ai.operation.name
 
 
 class CompletionServing:
-    def __init__(self, generation: GenerationServing) -> None:
+    def __init__(self, generation: GenerationModels) -> None:
         self._generation = generation
 
-    async def create(self, body: bytes, caller: Caller, span: Span) -> dict[str, Any] | Stream:
+    async def create(self, body: bytes, caller: Caller, span: Span) -> Framed:
         started = time.monotonic()
         request = apply_grant(parse_completion_request(protocol.parse_json(body)), caller.grant)
         return await self._generation.generate(

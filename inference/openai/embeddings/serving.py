@@ -40,7 +40,7 @@ class EmbeddingServing:
         request = parse_embedding_request(protocol.parse_json(body), self._max_inputs)
         encoder = self._encoder
         if encoder is None or request.model != encoder.name:
-            if request.model == self._models.generation:
+            if request.model in self._models.generation:
                 raise RequestError(400, f"model '{request.model}' does not support embeddings", "model")
             raise RequestError(404, f"model '{request.model}' does not exist", "model", code="model_not_found")
         span.set_attribute(names.GEN_AI_REQUEST_MODEL, request.model)

@@ -398,12 +398,68 @@ _requests_only_allow := _allow(
 _limit_options := {"concurrency", "input_weight", "output_weight", "default_max_tokens", "enforce_midstream"}
 
 _inference_allow := _allow(
-	{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name, "x-kernelgate-model": _model_name},
+	object.union(
+		{"x-kernelgate-tenant": _tenant_name, "x-kernelgate-tier": _tier_name, "x-kernelgate-model": _model_name},
+		_version_header,
+	),
 	object.union(
 		{"requests": _model_limits.requests, "tokens": _model_limits.tokens, "unit": _unit(_model_limits)},
 		object.filter(_model_limits, _limit_options),
 	),
 )
+
+# ---------------------------------------------------------------------------
+# Canary: which version of the model serves the request (docs/models.md)
+# ---------------------------------------------------------------------------
+
+# data.kernelgate.rollouts[model] = {"weights": {"v1": 90, "v2": 10},
+# "tenants": {"acme": {"v1": 50, "v2": 50}}, "key_header": "x-session-id"}: the tenant's
+# weights when it has its own, else the model's. The version is picked from a stable key, so a
+# conversation stays on one version while the weights stay the same: the key_header's value
+# (default x-session-id), else the body's OpenAI `user`, else the tenant. sha256(model/key)'s
+# first 4 hex digits make a point in [0, 65536) scaled onto the weights' sum; the versions are
+# laid out in name order. No rollout, or every weight 0: no header, the active version serves.
+# The inference server rolls a failing canary back by asking the sidecar to write its weight 0
+# here (docs/models.md, "Automatic rollback").
+_rollout := data.kernelgate.rollouts[_model_name]
+
+_weights := _rollout.tenants[_tenant_name] if {
+	is_object(_rollout.tenants[_tenant_name])
+} else := _rollout.weights
+
+_rollout_versions := sort([v | some v, w in _weights; is_number(w); w > 0])
+
+_rollout_total := sum([_weights[v] | some v in _rollout_versions])
+
+_rollout_key := input.attributes.request.http.headers[lower(object.get(_rollout, "key_header", "x-session-id"))] if {
+	input.attributes.request.http.headers[lower(object.get(_rollout, "key_header", "x-session-id"))] != ""
+} else := input.parsed_body.user if {
+	is_string(input.parsed_body.user)
+	input.parsed_body.user != ""
+} else := _tenant_name
+
+_hex := {
+	"0": 0, "1": 1, "2": 2, "3": 3, "4": 4, "5": 5, "6": 6, "7": 7, "8": 8, "9": 9,
+	"a": 10, "b": 11, "c": 12, "d": 13, "e": 14, "f": 15,
+}
+
+_rollout_point := p if {
+	d := crypto.sha256(concat("/", [_model_name, _rollout_key]))
+	bucket := ((((_hex[substring(d, 0, 1)] * 16) + _hex[substring(d, 1, 1)]) * 16) + _hex[substring(d, 2, 1)]) * 16
+	p := ((bucket + _hex[substring(d, 3, 1)]) * _rollout_total) / 65536
+}
+
+# The one version whose interval [below, below + weight) holds the point.
+_picked_version := v if {
+	some i, v in _rollout_versions
+	below := sum([_weights[u] | some j, u in _rollout_versions; j < i])
+	below <= _rollout_point
+	_rollout_point < below + _weights[v]
+}
+
+_version_header := {"x-kernelgate-model-version": _picked_version} if {
+	_picked_version
+} else := {}
 
 # ---------------------------------------------------------------------------
 # Degradation: no replica of the model has room

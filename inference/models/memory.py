@@ -1,0 +1,87 @@
+"""Will a version fit? Estimate its weights + KV cache and compare with the device's free memory.
+
+In: the ``ModelConfig`` of a version and its batch slots. Out: a :class:`MemoryEstimate`, and
+:func:`check_fits`, which raises ``InsufficientMemory`` (saying both numbers) when the
+estimate exceeds ``headroom`` times what is free: ``torch.cuda.mem_get_info`` on a GPU,
+``MemAvailable`` of ``/proc/meminfo`` on CPU. The weights are counted exactly by building the
+architecture on the ``meta`` device (no memory, no download: a local directory's
+``config.json`` is enough); the KV cache is 2 x layers x KV heads x head size x slots x
+context, as ``kv_cache.SlotKVCache`` allocates it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from inference.config import ModelConfig
+from inference.model_configs import random_config
+from inference.model_loader import DEFAULT_MAX_MODEL_LEN, resolve_device, resolve_dtype
+from inference.models.errors import InsufficientMemory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    device: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+def _hf_config(config: ModelConfig):  # noqa: ANN202 - a transformers PretrainedConfig
+    if config.path is None:
+        return random_config(config.random_config)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config.path)
+
+
+def estimate(config: ModelConfig, slots: int) -> MemoryEstimate:
+    """Weights + KV cache of ``config`` with ``slots`` batch slots (raises if the config cannot be read)."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    hf = _hf_config(config)
+    with torch.device("meta"):
+        module = AutoModelForCausalLM.from_config(hf, dtype=dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() for p in module.parameters()) * element
+    hf_text = getattr(hf, "text_config", hf)
+    layers = int(getattr(hf_text, "num_hidden_layers", getattr(hf_text, "n_layer", 0)) or 0)
+    heads = int(getattr(hf_text, "num_attention_heads", getattr(hf_text, "n_head", 1)) or 1)
+    kv_heads = int(getattr(hf_text, "num_key_value_heads", None) or heads)
+    hidden = int(getattr(hf_text, "hidden_size", getattr(hf_text, "n_embd", 0)) or 0)
+    head_dim = int(getattr(hf_text, "head_dim", None) or (hidden // heads))
+    context = int(getattr(hf_text, "max_position_embeddings", getattr(hf_text, "n_positions", 0))
+                  or DEFAULT_MAX_MODEL_LEN)
+    context = min(context, config.max_model_len or DEFAULT_MAX_MODEL_LEN)
+    kv = 2 * layers * kv_heads * head_dim * slots * context * element
+    return MemoryEstimate(weights_bytes=weights, kv_cache_bytes=kv, device=device.type)
+
+
+def free_bytes(device: str) -> int:
+    """Free memory of the device a version would load on."""
+    if device == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(name: str, est: MemoryEstimate, headroom: float) -> None:
+    """Raise ``InsufficientMemory`` when ``est`` exceeds ``headroom`` x the device's free memory."""
+    free = free_bytes(est.device)
+    if est.total_bytes > headroom * free:
+        raise InsufficientMemory(
+            f"{name} needs about {est.total_bytes / 2**30:.2f} GiB on {est.device} (weights "
+            f"{est.weights_bytes / 2**30:.2f} GiB + KV cache {est.kv_cache_bytes / 2**30:.2f} GiB) but "
+            f"{free / 2**30:.2f} GiB is free ({headroom:.0%} usable); nothing was loaded")

@@ -129,8 +129,11 @@ def start_server(model_name: str, variant: str, max_batch: int, args: argparse.N
     server = start(log_path.stem, [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
-    except TimeoutError:
+    except Exception:
         server.popen.kill()
+        # Its log (every rank's lines) is in --log-dir; show the end here too.
+        print(f"server {model_name}/{variant} did not become ready; the end of {server.log_path}:\n"
+              + "\n".join(server.log_path.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr, flush=True)
         raise
     return server.popen, port, server.log_path
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shlex
 import statistics
@@ -62,27 +63,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--step-timeout", type=float, default=300.0,
+                        help="seconds a child step (a tensor-parallel greedy check) may take before it is killed")
+    parser.add_argument("--greedy-worker", metavar="MODEL",
+                        help="internal: write MODEL's greedy tokens with --tp ranks to --out and exit (a child "
+                             "process, so the bench itself never joins a process group)")
     parser.add_argument("--merge", nargs="+", metavar="RESULT",
                         help="no GPU: merge these result files (e.g. a later Qwen or tp2 run) into --out and exit")
     return parser.parse_args()
 
 
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy of 2 GiB, (read + write bytes) / median time of 10."""
+def copy_bandwidth_gbs(device: str) -> float:
+    """Device-to-device copy of 2 GiB (64 MiB on the CPU), (read + write bytes) / median time of 10."""
     import torch
 
-    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
+    count = 1 << 30 if device == "cuda" else 1 << 25
+    src = torch.empty(count, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
     times = []
     for _ in range(13):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        sync(device)
+        started = time.perf_counter()
         dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+        sync(device)
+        times.append(time.perf_counter() - started)
     del src, dst
-    return 2 * (1 << 31) / statistics.median(times[3:]) / 1e9
+    return 2 * 2 * count / statistics.median(times[3:]) / 1e9
 
 
 def hf_model(name: str, device: str):
@@ -193,7 +199,7 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
     from inference.model_loader import load_model
     from inference.runner import ModelRunner
 
-    config = ModelConfig(name=name, random_config=name, device=args.device, dtype="float16", ops=args.ops,
+    config = ModelConfig(name=name, random_config=name, device=args.device, dtype=_dtype(args.device), ops=args.ops,
                          tp_size=tp, max_model_len=256)
     group = None
     if tp > 1:
@@ -225,6 +231,32 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
     del loaded, runner
     torch.cuda.empty_cache()
     return out
+
+
+def greedy_prompts(name: str) -> list[list[int]]:
+    from inference.model_configs import random_config
+
+    return prompts_for(random_config(name).vocab_size, 3, 32, seed=3)
+
+
+def greedy_in_child(name: str, tp: int, args: argparse.Namespace) -> list[list[int]]:
+    """``greedy_fused`` with ``tp`` ranks in a child process, killed after ``--step-timeout``.
+
+    Rank 0 of the group is the child, not this process: a group formed and left per model in
+    one process is what hung the first two-GPU run (the follower exited without leaving the
+    NCCL group, and rank 0's ``destroy_process_group`` waited for it forever), and a child
+    can always be killed.
+    """
+    import subprocess
+
+    out = Path(args.log_dir) / f"greedy-{name}-tp{tp}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--greedy-worker", name, "--tp", str(tp),
+               "--device", args.device, "--ops", args.ops, "--out", str(out), "--log-dir", args.log_dir]
+    try:
+        subprocess.run(command, check=True, timeout=args.step_timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"greedy check of {name} with tp_size {tp} took more than {args.step_timeout:.0f}s") from exc
+    return json.loads(out.read_text())["tokens"]
 
 
 def step_times(name: str, model, args: argparse.Namespace) -> dict:
@@ -318,8 +350,9 @@ def write_result(args: argparse.Namespace, bandwidth: float, lengths: list[int],
     result = {
         "command": " ".join([f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}"] * bool(os.environ.get("PYTHONPATH"))
                             + ["python3"] + [shlex.quote(a) for a in sys.argv]),
-        "device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "versions": versions,
-        "dtype": "float16", "weights": "random (seeded), the same for both systems",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "gpus": torch.cuda.device_count() if args.device == "cuda" else 0, "versions": versions,
+        "dtype": _dtype(args.device), "weights": "random (seeded), the same for both systems",
         "prompt_tokens": lengths, "new_tokens": args.new_tokens, "ops": args.ops,
         "copy_bandwidth_gbs": round(bandwidth, 1),
         "targets": {"llama-3.1-8b": {"floor_ratio_bs1": "<= 1.3", "ratio_c64_over_hf": ">= 5"}},
@@ -359,13 +392,19 @@ def main() -> int:
     if args.merge:
         merge(Path(args.out), [Path(p) for p in args.merge])
         return 0
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s rank0 %(name)s: %(message)s")
+    if args.greedy_worker:
+        tokens = greedy_fused(args.greedy_worker, greedy_prompts(args.greedy_worker), 32, args.tp, args)
+        Path(args.out).write_text(json.dumps({"model": args.greedy_worker, "tp_size": args.tp, "tokens": tokens}))
+        return 0
     import torch
 
     models = [m for m in args.models.split(",") if m]
     lengths = [int(x) for x in args.prompt_tokens.split(",") if x]
     levels = [int(c) for c in args.concurrency.split(",") if c]
     skip = set(args.skip.split(","))
-    bandwidth = copy_bandwidth_gbs()
+    bandwidth = copy_bandwidth_gbs(args.device)
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows: list[dict] = []
     by_model: dict[str, dict] = {}
@@ -375,15 +414,16 @@ def main() -> int:
         model = hf_model(name, args.device)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
-        info: dict = {"weight_bytes": weight_bytes, "floor_ms_per_token_bs1": round(floor_ms, 3)}
+        info: dict = {"weight_bytes": weight_bytes, "copy_bandwidth_gbs": round(bandwidth, 1),
+                      "floor_ms_per_token_bs1": round(floor_ms, 3)}
         if name == args.check_model:
             checks.append(check_against_hf(name, model, args))
             print(f"[check] {checks[-1]}", flush=True)
         if "hf" not in skip:
             rows += bench_hf(name, model, lengths, levels, args)
-        greedy_prompts = prompts_for(model.config.vocab_size, 3, 32, seed=3)
+        prompts = greedy_prompts(name)
         if name == args.check_model:
-            want, got = greedy_tokens_hf(model, greedy_prompts, 32), greedy_fused(name, greedy_prompts, 32, 1, args)
+            want, got = greedy_tokens_hf(model, prompts, 32), greedy_fused(name, prompts, 32, 1, args)
             info["greedy_equal_hf"] = want == got
             info["greedy_common_prefix_hf"] = [_common_prefix(a, b) for a, b in zip(want, got)]
         if "step" not in skip and args.tp == 1:
@@ -391,20 +431,23 @@ def main() -> int:
         del model
         torch.cuda.empty_cache()
         if args.tp > 1:
-            want, got = greedy_fused(name, greedy_prompts, 32, 1, args), greedy_fused(name, greedy_prompts, 32, args.tp, args)
+            want, got = greedy_fused(name, prompts, 32, 1, args), greedy_in_child(name, args.tp, args)
             tp_section[name] = {"greedy_equal": want == got,
                                 "greedy_common_prefix": [_common_prefix(a, b) for a, b in zip(want, got)]}
+            print(f"[tp{args.tp}] {name} greedy_equal {want == got}", flush=True)
+            write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
         if "server" not in skip:
             server_rows, extra = bench_server(name, lengths, levels, args, args.tp)
             rows += server_rows
             info["backend"] = extra["backend"]
             if args.tp > 1:
-                one_rows, _ = bench_server(name, lengths[:1], [1, max(levels)], args, 1)
-                tp_section[name].update({
-                    f"tp{args.tp}": {"tokens_per_s_c1": _pick(server_rows, lengths[0], 1),
-                                     "tokens_per_s_c64": _pick(server_rows, lengths[0], max(levels))},
-                    "tp1": {"tokens_per_s_c1": _pick(one_rows, lengths[0], 1),
-                            "tokens_per_s_c64": _pick(one_rows, lengths[0], max(levels))}})
+                top = max(levels)
+                tp_section[name][f"tp{args.tp}"] = {"tokens_per_s_c1": _pick(server_rows, lengths[0], 1),
+                                                   f"tokens_per_s_c{top}": _pick(server_rows, lengths[0], top)}
+                write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+                one_rows, _ = bench_server(name, lengths[:1], [1, top], args, 1)
+                tp_section[name]["tp1"] = {"tokens_per_s_c1": _pick(one_rows, lengths[0], 1),
+                                           f"tokens_per_s_c{top}": _pick(one_rows, lengths[0], top)}
         ours = next((r for r in rows if r["model"] == name and r["system"] == "kernelgate"
                      and r["prompt_tokens"] == lengths[0] and r["concurrency"] == 1), None)
         if ours:
@@ -424,6 +467,10 @@ def main() -> int:
     result = write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     return 0
+
+
+def _dtype(device: str) -> str:
+    return "float16" if device == "cuda" else "float32"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

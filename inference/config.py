@@ -45,7 +45,9 @@ class ModelConfig:
     kernels (``inference/ops.py``): ``triton``, ``deepspeed`` (its transformer_inference
     kernels, JIT-built) or ``torch``; ``auto`` is Triton on CUDA, torch on CPU.
     ``tp_size`` > 1 shards the fused decoder over that many processes (one GPU each; the
-    server starts the other ranks itself).
+    server starts the other ranks itself). ``tp_timeout_s`` bounds every wait on the other
+    ranks (one step, the graph capture, the stop): past it the server logs which wait hung,
+    ends the other ranks and turns not ready.
     """
 
     name: str = "tiny-gpt2"
@@ -57,6 +59,7 @@ class ModelConfig:
     use_deepspeed: bool = True
     kernel_inject: bool = True
     tp_size: int = 1
+    tp_timeout_s: float = 120.0
     cuda_graphs: bool = True
     decoder: Decoder = "auto"
     ops: Ops = "auto"
@@ -67,6 +70,7 @@ class ModelConfig:
         require(bool(self.name), "model.name must not be empty")
         require(self.cpu_threads >= 0, f"model.cpu_threads must be >= 0 (0: torch's default), got {self.cpu_threads}")
         require(self.tp_size >= 1, f"model.tp_size must be >= 1, got {self.tp_size}")
+        require(self.tp_timeout_s > 0, f"model.tp_timeout_s must be > 0, got {self.tp_timeout_s}")
         require(self.max_model_len is None or self.max_model_len >= 2,
                 f"model.max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -48,6 +48,11 @@ class StopStringFilter:
         self._released = 0
         self.stopped = False
 
+    @property
+    def watching(self) -> bool:
+        """Whether there are stop strings to look for (else the text cannot end a sequence)."""
+        return bool(self._stop)
+
     def push(self, delta: str) -> str:
         """Add new text; return what can be shown now. Sets ``stopped`` when a stop string appears."""
         if self.stopped or not delta:

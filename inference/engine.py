@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,26 @@ from otel import names
 log = logging.getLogger("kernelgate.inference.engine")
 
 MAX_PREFILL_TOKENS = 8192
+
+
+@dataclass
+class _Held:
+    """A decode step's outputs and span, handed on after the next step's launch."""
+
+    deliveries: list[tuple[RequestStream, GenerationOutput]]
+    untexted: list[tuple[int, _DecodeState]]  # rows whose text is still to be detokenized
+    step: StepInfo | None  # None: already recorded
+    end_ns: int
+    contexts: list[Any]
+
+    def texted(self) -> list[tuple[RequestStream, GenerationOutput]]:
+        """The deliveries, every text filled in (each sequence's detokenizer sees its tokens in order)."""
+        for row, state in self.untexted:
+            sink, output = self.deliveries[row]
+            text = state.stop_filter.push(state.detokenizer.add(output.token_ids[0]))
+            self.deliveries[row] = (sink, replace(output, text=text))
+        self.untexted = []
+        return self.deliveries
 
 
 @dataclass
@@ -76,6 +96,10 @@ class Engine:
         self._sampling: SlotSampling | None = None
         self._guides: Grammars | None = None
         self._steps = 0
+        # A decode step's outputs (and its span) are handed on once the next step is launched:
+        # the GPU works meanwhile, instead of idling through them at batch 1. A step that
+        # finishes a sequence or prefills delivers at once.
+        self._held: _Held | None = None
         self.info: ModelInfo | None = None
         metrics.watch_gpu_memory(self._gpu_memory_bytes)
 
@@ -211,6 +235,7 @@ class Engine:
                 self.metrics.queue_depth.set(len(self._scheduler.waiting))
                 self.metrics.running.set(len(running))
                 if not running:
+                    self._release_held()
                     if self._stopping and not self._scheduler.waiting:
                         return
                     self._cond.wait(self._scheduler.wait_timeout_s(now))
@@ -254,6 +279,7 @@ class Engine:
                 logits = logits[torch.tensor([row_of[id(s.leader or s)] for s in seqs], device=logits.device)]
         else:
             logits = runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
+        self._release_held()  # the step is launched: the previous one's outputs go out meanwhile
         assert self._sampling is not None
         picks = self._sampling.pick(logits, seqs[0].slot, [s.state.sampler for s in seqs])
         echoes = {id(leaders[row]): prompt_logprobs(full_logits, leaders[row].token_ids,
@@ -263,9 +289,12 @@ class Engine:
         self._steps += 1
         deliveries: list[tuple[RequestStream, GenerationOutput]] = []
         done: list[Sequence] = []
-        for seq, pick in zip(seqs, picks):
-            output = self._append(seq, pick, now, echoes.get(id(seq.leader or seq)))
+        untexted: list[tuple[int, _DecodeState]] = []  # rows whose text is detokenized after the next launch
+        for row, (seq, pick) in enumerate(zip(seqs, picks)):
+            output, later = self._append(seq, pick, now, echoes.get(id(seq.leader or seq)), phase == "decode")
             deliveries.append((seq.sink, output))
+            if later:
+                untexted.append((row, seq.state))
             if output.finished:
                 done.append(seq)
         with self._cond:
@@ -276,10 +305,21 @@ class Engine:
         self.metrics.generated_tokens.inc(len(seqs))
         if phase == "prefill":
             self.metrics.prompt_tokens.inc(step.num_tokens)
-        self._deliver(deliveries)
-        span_context = self._tracing.record_step(
-            step, end_ns, [s.request.trace_context for s in seqs],
-            {names.GEN_AI_REQUEST_MODEL: self._model_config.name})
+        contexts = [s.request.trace_context for s in seqs]
+        held = _Held(deliveries, untexted, step, end_ns, contexts)
+        if done or phase == "prefill":
+            self._deliver(held.texted())
+        elif self._observer is None:  # the step's span can wait for the next launch too
+            self._held = held
+            return
+        else:  # a forward observer (kernel tracing) gets each step's finish before the next start
+            held.step = None
+            self._held = held
+        self._record_step(step, end_ns, contexts)
+
+    def _record_step(self, step: StepInfo, end_ns: int, contexts: list[Any]) -> None:
+        span_context = self._tracing.record_step(step, end_ns, contexts,
+                                                 {names.GEN_AI_REQUEST_MODEL: self._model_config.name})
         self._notify_observer("finish", step, span_context)
 
     def _begin(self, seq: Sequence) -> None:
@@ -301,9 +341,11 @@ class Engine:
             self._tracing.record_child(names.QUEUE_SPAN, seq.request.trace_context, seq.enqueued_wall_ns,
                                        admitted_wall, {names.QUEUE_SLOT: seq.slot})
 
-    def _append(self, seq: Sequence, pick: Pick, now: int,
-                echo: tuple[TokenLogprobs, ...] | None) -> GenerationOutput:
-        """Add one generated token; return the output that carries it."""
+    def _append(self, seq: Sequence, pick: Pick, now: int, echo: tuple[TokenLogprobs, ...] | None,
+                text_later: bool = False) -> tuple[GenerationOutput, bool]:
+        """Add one generated token; return the output that carries it, and whether its text is
+        still to be detokenized (``text_later``, allowed when the text cannot end the sequence:
+        no stop strings, no grammar; :meth:`_Held.texted` fills it in, in order)."""
         state: _DecodeState = seq.state
         token = pick.token
         seq.token_ids.append(token)
@@ -316,8 +358,11 @@ class Engine:
         guide = state.sampler.guide
         if guide is not None:
             guide.accept(token)
+        later = False
         if token in state.stop_token_ids:
             reason = "stop"
+        elif text_later and guide is None and not state.stop_filter.watching:
+            later = True
         else:
             text = state.stop_filter.push(state.detokenizer.add(token))
             if state.stop_filter.stopped or (guide is not None and guide.done):
@@ -325,6 +370,8 @@ class Engine:
         if reason is None and seq.generated >= seq.request.params.max_tokens:
             reason = "length"
         if reason is not None:
+            if later:
+                text, later = state.stop_filter.push(state.detokenizer.add(token)), False
             text += state.stop_filter.flush()
             if seq.generated > 1:
                 self.metrics.time_per_output_token.observe((now - seq.first_token_ns) / 1e9 / (seq.generated - 1))
@@ -333,7 +380,7 @@ class Engine:
                                 completion_tokens=seq.generated, finished=reason is not None,
                                 finish_reason=reason, index=seq.index,
                                 logprobs=(pick.logprobs,) if pick.logprobs is not None else None,
-                                prompt_logprobs=echo if seq.generated == 1 else None)
+                                prompt_logprobs=echo if seq.generated == 1 else None), later
 
     def _retire(self, seq: Sequence) -> None:
         """Free a running sequence's slot (caller holds the lock)."""
@@ -370,6 +417,13 @@ class Engine:
                 self.metrics.finished.labels("abort").inc()
                 log.info("request %s cancelled after %d tokens; slot freed", request_id,
                          sum(s.generated for s in seqs))
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._deliver(held.texted())
+            if held.step is not None:
+                self._record_step(held.step, held.end_ns, held.contexts)
 
     def _deliver(self, deliveries: list[tuple[RequestStream, GenerationOutput]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, GenerationOutput]]] = {}

@@ -105,11 +105,16 @@ class ModelRunner:
         self._columns = torch.arange(max_len, device=device)
         self._row_index = torch.arange(num_slots, device=device).view(-1, 1)
         self._use_graphs = use_cuda_graphs and device.type == "cuda"
+        self.use_cuda_graphs = self._use_graphs  # tensor-parallel followers build their runner the same
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._buckets = batch_buckets(num_slots)
-        self._static_tokens = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
-        self._static_positions = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
+        self._bucket_of = [next(b for b in self._buckets if b >= rows) for rows in range(num_slots + 1)]
+        # The graphs' inputs: tokens and positions, one device buffer filled by one copy per step
+        # from a pinned host buffer written in place through a numpy view (no tensor per step).
+        self._static_io = torch.zeros(2, num_slots, 1, dtype=torch.long, device=device)
+        self._static_tokens, self._static_positions = self._static_io[0], self._static_io[1]
         self._staging = torch.zeros(2, num_slots, 1, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._staging_np = self._staging.numpy()[:, :, 0]
         self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
 
     @property
@@ -154,7 +159,7 @@ class ModelRunner:
         rows = len(tokens)
         kv_len = kv_bucket(max(positions) + 1, self.max_len)
         if self._graphs:
-            size = next(b for b in self._buckets if b >= rows)
+            size = self._bucket_of[rows]
             graph = self._graphs.get((size, kv_len))
             if graph is not None:
                 self._stage(tokens, positions, size)
@@ -217,12 +222,11 @@ class ModelRunner:
         if self._staged is not None:
             self._staged.synchronize()
         rows = len(tokens)
-        staging = self._staging
-        staging[:, rows:size].zero_()
-        staging[0, :rows, 0] = torch.tensor(tokens, dtype=torch.long)
-        staging[1, :rows, 0] = torch.tensor(positions, dtype=torch.long)
-        self._static_tokens[:size].copy_(staging[0, :size], non_blocking=True)
-        self._static_positions[:size].copy_(staging[1, :size], non_blocking=True)
+        host = self._staging_np
+        host[0, :rows] = tokens
+        host[1, :rows] = positions
+        host[:, rows:size] = 0
+        self._static_io.copy_(self._staging, non_blocking=True)
         if self._staged is None:
             self._staged = torch.cuda.Event()
         self._staged.record()

@@ -73,7 +73,7 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
         group = TensorParallelGroup(config.model, config.batching, free_port())
         engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer,
                         load=group.load, wrap_runner=group.mirror)
-        group.on_follower_exit = engine.fail
+        group.on_failure = engine.fail
         owned_tp_engine = engine
     else:
         owned_tp_engine = None

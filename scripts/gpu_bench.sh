@@ -8,6 +8,9 @@
 #   scripts/gpu_bench.sh smoke                 # wheels import, GPU tests, 1B equality + step timings (~3 min)
 #   scripts/gpu_bench.sh llama                 # bench/results/inference_llama_gpu.json, three shapes (~7 min)
 #   scripts/gpu_bench.sh llama-tp2             # the same with model.tp_size 2 (2 GPUs): fills its "tp2" section
+#   scripts/gpu_bench.sh llama-pending         # 2 GPUs, one <= 400 s call: 8B batch-1 floor (GPU 1) and Qwen2.5-7B
+#                                              # at prompt 128 (GPU 0) side by side, then 8B tp_size 2 vs 1; each
+#                                              # part under its own timeout, its JSON in $OUT when it finishes
 #   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
 #   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
 #   scripts/gpu_bench.sh sampling              # bench/sampling_step.py + sampling_overhead.py: #20's options on vs off, c=16 (~3 min)
@@ -27,6 +30,9 @@ shift || true
 WHEELS="${KG_WHEELS:-$ROOT/.whl}"
 OUT="${OUT:-$ROOT/bench/results}"
 mkdir -p "$OUT"
+# Everything printed (this process, the servers' and every tensor-parallel rank's lines that reach
+# this output) also goes to the log folder.
+exec > >(tee -a "$OUT/gpu_bench-$MODE.log") 2>&1
 
 if [ ! -f /tmp/site/.kernelgate-wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
@@ -58,6 +64,24 @@ case "$MODE" in
     python3 bench/inference_llama_gpu.py --tp 2 --skip hf,step --concurrency 1,64 --prompt-tokens 128 --models llama-3.1-8b,qwen2.5-7b \
       --out "$OUT/inference_llama_gpu_tp2.json" --log-dir "$OUT" "$@"
     ;;
+  llama-pending)
+    budget="${KG_BUDGET_S:-390}"  # seconds for the whole call, wheels included
+    bench=(python3 bench/inference_llama_gpu.py --prompt-tokens 128 --check-model '' --ready-timeout 150)
+    ( rc=0; CUDA_VISIBLE_DEVICES=1 timeout 170 "${bench[@]}" --models llama-3.1-8b --concurrency 1 --skip hf \
+        --out "$OUT/inference_llama_gpu_8b_bs1.json" --log-dir "$OUT/8b_bs1" > "$OUT/8b_bs1.log" 2>&1 || rc=$?
+      echo "[llama-pending] 8B batch-1 floor: exit $rc" ) &
+    floor_job=$!
+    rc=0; CUDA_VISIBLE_DEVICES=0 timeout 200 "${bench[@]}" --models qwen2.5-7b \
+      --out "$OUT/inference_llama_gpu_qwen.json" --log-dir "$OUT/qwen" > "$OUT/qwen.log" 2>&1 || rc=$?
+    echo "[llama-pending] Qwen2.5-7B: exit $rc"
+    wait "$floor_job"  # (a bare wait would also wait for the tee above: forever)
+    tail -n 3 "$OUT/8b_bs1.log" "$OUT/qwen.log"
+    left=$((budget - SECONDS))
+    if [ "$left" -lt 90 ]; then echo "[llama-pending] tp2 skipped: ${left}s left"; exit 3; fi
+    rc=0; timeout "$left" "${bench[@]}" --tp 2 --skip hf,step --concurrency 1,64 --models llama-3.1-8b \
+      --step-timeout 150 --out "$OUT/inference_llama_gpu_tp2.json" --log-dir "$OUT/tp2" "$@" || rc=$?
+    echo "[llama-pending] tp2: exit $rc"
+    ;;
   history)
     python3 bench/inference_gpu.py --out "$OUT/inference_gpu.json" --log-dir "$OUT" "$@"
     ;;
@@ -82,7 +106,7 @@ case "$MODE" in
       || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
     ;;
   *)
-    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, history, tracing, replicas, sampling, hot-swap)" >&2
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, llama-pending, history, tracing, replicas, sampling, hot-swap)" >&2
     exit 2
     ;;
 esac

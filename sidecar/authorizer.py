@@ -212,11 +212,12 @@ class Authorizer:
         try:
             identity = await self._authenticate(check_input)
             body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else None
-            counted = await self._count_prompt(check_input, body)
-            estimated = request_tokens(body, self._config.ratelimit, counted).total
+            counted = await self._count_prompt(check_input, body) if self._prompt_counter is not None else None
+            estimate = request_tokens(body, self._config.ratelimit, counted)
             saturated = self._saturation.saturated_models() if self._saturation is not None else []
-            decision = await self._decide(policy_document(check_input, identity.to_input(), estimated, saturated))
-            admission = await self._rate_limit(check_input, identity, decision, counted, decision_id)
+            decision = await self._decide(policy_document(check_input, identity.to_input(), estimate.total, saturated))
+            admission = await self._rate_limit(check_input, identity, decision, counted, decision_id,
+                                               estimate if body is not None else None)
             limited = admission.result if admission is not None else None
             client_headers = {**decision.response_headers_to_add, **self._rate_limit_client_headers(limited)}
             if limited is not None and not limited.allowed and not self._config.ratelimit.shadow:
@@ -256,7 +257,7 @@ class Authorizer:
                 opa_span.set_status(trace.StatusCode.ERROR, str(exc))
                 decision = self._on_opa_failure(exc)
             opa_span.set_attribute(names.CACHE_HIT, decision.source == "cache")
-        self._metrics.cache.labels("hit" if decision.source == "cache" else "miss").inc()
+        self._metrics.count(self._metrics.cache, "hit" if decision.source == "cache" else "miss")
         if not decision.allowed:
             body = decision.body or response.error_body("request denied by policy", "permission_denied",
                                                         decision.reason)
@@ -276,8 +277,10 @@ class Authorizer:
         return counted
 
     async def _rate_limit(self, check_input: CheckInput, identity: Identity, decision: Decision,
-                          counted_prompt: int | None, decision_id: str) -> Admission | None:
-        """What the limiter took; None when rate limits are off or no limit applies."""
+                          counted_prompt: int | None, decision_id: str,
+                          estimate: RequestTokens | None = None) -> Admission | None:
+        """What the limiter took; None when rate limits are off or no limit applies. ``estimate``: the
+        JSON body's tokens with the config's completion default (what the policy was told)."""
         if self._rate_limiter is None:
             return None
         body = check_input.parsed_body if isinstance(check_input.parsed_body, Mapping) else {}
@@ -290,7 +293,8 @@ class Authorizer:
             raise _unavailable("invalid_rate_limit", "rate limits for this request are misconfigured") from None
         if limits is None or (limits.requests is None and limits.tokens is None and limits.concurrency is None):
             return None
-        tokens = request_tokens(body, self._config.ratelimit, counted_prompt, limits.default_max_tokens)
+        tokens = (estimate if estimate is not None and limits.default_max_tokens is None
+                  else request_tokens(body, self._config.ratelimit, counted_prompt, limits.default_max_tokens))
         with self._child_span(names.RATELIMIT_SPAN) as span:
             try:
                 admission = await self._admit(limits, tenant, model or "", check_input.route, tokens, decision_id)
@@ -301,9 +305,10 @@ class Authorizer:
             span.set_attribute(names.RATELIMIT_BACKEND, admission.result.backend)
             span.set_attribute(names.RATELIMIT_DEGRADED, admission.result.degraded)
         result = admission.result
-        self._metrics.ratelimit.labels("allow" if result.allowed else "deny", result.backend).inc()
+        self._metrics.count(self._metrics.ratelimit, "allow" if result.allowed else "deny", result.backend)
         if result.allowed and admission.reservation is not None and limits.tokens is not None:
-            self._metrics.tokens.labels(tenant or "none", "reserved").inc(admission.reservation.reserved_cost)
+            self._metrics.count(self._metrics.tokens, tenant or "none", "reserved",
+                                amount=admission.reservation.reserved_cost)
         return admission
 
     async def _admit(self, limits: Limits, tenant: str, model: str, route: str, tokens: RequestTokens,
@@ -376,7 +381,7 @@ class Authorizer:
 
     def _record(self, span: trace.Span, result: CheckResult, request_id: str, started: float) -> None:
         latency = time.perf_counter() - started
-        self._metrics.checks.labels(result.outcome, result.reason).inc()
+        self._metrics.count(self._metrics.checks, result.outcome, result.reason)
         self._metrics.latency.observe(latency)
         identity, check_input = result.identity, result.input
         tenant = identity.tenant if identity else None

@@ -8,12 +8,12 @@ do, so there is nothing to redact after the fact.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from common import strict_json
 from sidecar.config import DecisionLogConfig
 
 
@@ -70,16 +70,18 @@ class DecisionLogger:
 
     @property
     def enabled(self) -> bool:
-        """False: ``write`` drops every record (callers may skip building one)."""
+        """False: ``write`` drops every record (callers may skip building them)."""
         return self._enabled
 
     def write(self, record: DecisionRecord | SettlementRecord) -> None:
         if not self._enabled:
             return
-        # the record's fields in order (values are already JSON-able), then ts and kind
-        line = {**vars(record), "ts": round(time.time(), 6),
-                "kind": "settlement" if isinstance(record, SettlementRecord) else "decision"}
-        self._stream.write(strict_json.dumps(line).decode() + "\n")
+        # the fields in order, as asdict() gives them without its deep copy (~30 us a line): the values
+        # are plain JSON already and json.dumps only reads them
+        line = dict(vars(record))
+        line["ts"] = round(time.time(), 6)
+        line["kind"] = "settlement" if isinstance(record, SettlementRecord) else "decision"
+        self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._stream.flush()
 
     def close(self) -> None:

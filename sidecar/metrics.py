@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,6 +15,7 @@ from sidecar.identity.status import ProviderStatus
 class SidecarMetrics:
     def __init__(self, registry: CollectorRegistry):
         self._registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see count()
         self.checks = Counter("kernelgate_authz_checks_total", "Checks answered, by outcome and reason",
                               ["outcome", "reason"], registry=registry)
         self.opa_failures = Counter("kernelgate_authz_opa_failures_total",
@@ -54,6 +56,15 @@ class SidecarMetrics:
         self.saturated_models = Gauge("kernelgate_model_saturated",
                                       "1 when no replica of the model has room (the policy may degrade)",
                                       ["model"], registry=registry)
+
+    def count(self, counter: Counter, *labels: str, amount: float = 1) -> None:
+        """``counter.labels(*labels).inc(amount)`` for the per-check counters, the labelled child found in
+        a dict: prometheus_client validates the labels and takes a lock on every ``labels()`` call."""
+        key = (id(counter), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc(amount)
 
     def watch_identity_providers(self, status: Callable[[], Iterable[ProviderStatus]]) -> None:
         """Export the identity providers' state, read from ``status`` at each scrape."""

@@ -1,7 +1,8 @@
 """HTTP framing shared by the routers: body limits, the tenant header, JSON or SSE out.
 
-In: an aiohttp request, and what a serving object returned (a response object, or an async
-iterator of chunks). Out: an aiohttp response. A stream is written as ``data: {...}`` events
+In: an aiohttp request, and what a serving object returned (:class:`Served`: a response object,
+an async iterator of chunks or the wait for either, and what the request started on the engine).
+Out: an aiohttp response; what the request spent goes to its usage report from here. A stream is written as ``data: {...}`` events
 and a final ``data: [DONE]``; an error or the request deadline mid-stream becomes one error
 event in OpenAI's shape before ``[DONE]``. Nothing here knows what the objects mean.
 """
@@ -9,6 +10,7 @@ event in OpenAI's shape before ``[DONE]``. Nothing here knows what the objects m
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -21,13 +23,15 @@ from opentelemetry.trace import Span
 
 from common.models import MODEL_VERSION_HEADER, ROUTED_MODEL_HEADER
 from inference.config import LimitsConfig
+from inference.generation import RequestStream
 from inference.openai.protocol import RequestError
 from inference.tracing import Tracing
 from inference.usage import UsageTracker, grant_of
 from otel import names
 
 TENANT_HEADER = "x-kernelgate-tenant"
-# What this request spent, reported to the sidecar when its response ends (set by the app's middleware).
+# What this request spent, reported to the sidecar when its response ends (set by the app's middleware,
+# given what a serving call produced by traced_handler).
 USAGE = web.RequestKey("kernelgate_usage", UsageTracker)
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -132,14 +136,22 @@ class Caller:
     model_version: str | None = None
     # The sidecar's token grant (mid-stream enforcement caps max_tokens at it), or None.
     grant: int | None = None
-    # Where the engine streams this request starts are registered, for the usage report.
-    usage: UsageTracker | None = None
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a serving call produced: the response (or the wait for it), and what the request spent: the
+    engine streams it started (their final counts) and prompt tokens counted outside the engine (embeddings)."""
+
+    response: Result | Awaitable[Result]
+    streams: tuple[RequestStream, ...] = ()
+    prompt_tokens: int = 0
 
 
 class Create(Protocol):
-    """A serving object's one call: the raw body, the caller, the request span -> a result."""
+    """A serving object's one call: the raw body, the caller, the request span -> what it produced."""
 
-    def __call__(self, body: bytes, caller: Caller, span: Span) -> Awaitable[Result]: ...
+    def __call__(self, body: bytes, caller: Caller, span: Span) -> Awaitable[Served]: ...
 
 
 def traced_handler(operation: str, create: Create, tracing: Tracing, limits: LimitsConfig,
@@ -153,14 +165,21 @@ def traced_handler(operation: str, create: Create, tracing: Tracing, limits: Lim
 
     async def handle(request: web.Request) -> web.StreamResponse:
         caller = Caller(tenant_of(request.headers), request.headers.get(ROUTED_MODEL_HEADER),
-                        request.headers.get(MODEL_VERSION_HEADER), grant_of(request.headers), request.get(USAGE))
+                        request.headers.get(MODEL_VERSION_HEADER), grant_of(request.headers))
         attributes = {names.GEN_AI_OPERATION_NAME: operation, names.TENANT: caller.tenant,
                       names.REPLICA_ID: replica_id}
         with tracing.request_span(names.http_server_span_name("POST", request.path), request.headers,
                                   attributes) as span:
             deadline = asyncio.get_running_loop().time() + timeout_s
             body = await read_body(request, limits.max_body_bytes)
-            result = await before(deadline, timeout_s, create(body, caller, span))
+            served = await before(deadline, timeout_s, create(body, caller, span))
+            usage = request.get(USAGE)
+            if usage is not None:  # before waiting for the response: a request cut short still reports
+                usage.watch(served.streams)
+                usage.add(served.prompt_tokens, 0)
+            result = served.response
+            if inspect.isawaitable(result):
+                result = await before(deadline, timeout_s, result)
             return await respond(request, result, deadline, timeout_s)
 
     return handle

@@ -18,10 +18,11 @@ is activated.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -35,7 +36,7 @@ from inference.genai_metrics import GenAIMetrics
 from inference.generation import (EngineDeadError, EngineError, EngineNotReadyError, GenerationEngine, GenerationOutput,
                                   GenerationRequest, QueueFullError, RequestStream, TokenLogprobs)
 from inference.models.errors import LifecycleError
-from inference.openai.http import Caller, Framed
+from inference.openai.http import Caller, Framed, Result, Served
 from inference.openai.preprocess import PreparedPrompt, Preprocessor
 from inference.openai.protocol import RequestError, SamplingFields, usage
 from inference.tracing import Tracing
@@ -244,28 +245,46 @@ class GenerationModels:
 
     async def generate(self, model: str, sampling: SamplingFields,
                        tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, caller: Caller, span: Span,
-                       started: float, operation: str, id_prefix: str, shapes: ResponseShapes) -> Framed:
-        """A parsed generation request on one version of its model: its response object or stream,
-        with the version that answered in the response headers."""
+                       started: float, operation: str, id_prefix: str, shapes: ResponseShapes) -> Served:
+        """A parsed generation request on one version of its model: its engine streams, and the wait for
+        its response object or stream with the version that answered in the response headers."""
         served = self.served_model(model, caller.routed_model)
         lease = self.lease(served, caller.model_version)
         headers = {MODEL_VERSION_HEADER: lease.version}
         try:
             span.set_attribute(names.MODEL_VERSION, lease.version)
-            result = await lease.serving.generate(model, served, sampling, tokenize, caller=caller, span=span,
-                                                  started=started, operation=operation, id_prefix=id_prefix,
-                                                  shapes=shapes)
+            submitted = await lease.serving.generate(model, served, sampling, tokenize, caller=caller, span=span,
+                                                     started=started, operation=operation, id_prefix=id_prefix,
+                                                     shapes=shapes)
         except RequestError as err:
             lease.release()
-            raise RequestError(err.status, err.message, err.param, err.type, err.code,
-                               {**err.headers, **headers}) from None
+            raise _with_headers(err, headers) from None
         except BaseException:
             lease.release()
             raise
-        if isinstance(result, Stream):
-            return Framed(result.closing(lease.release), headers)
+        return Served(_on_version(submitted.response, lease, headers), submitted.streams)
+
+
+def _with_headers(err: RequestError, headers: Mapping[str, str]) -> RequestError:
+    """The error with ``headers`` added (the version that answered)."""
+    return RequestError(err.status, err.message, err.param, err.type, err.code, {**err.headers, **headers})
+
+
+async def _on_version(response: Result | Awaitable[Result], lease: VersionLease, headers: Mapping[str, str]) -> Framed:
+    """The response framed with the version that answered; the lease is held until it ends (a stream's:
+    until the stream is closed)."""
+    try:
+        result = await response if inspect.isawaitable(response) else response
+    except RequestError as err:
         lease.release()
-        return Framed(result, headers)
+        raise _with_headers(err, headers) from None
+    except BaseException:
+        lease.release()
+        raise
+    if isinstance(result, Stream):
+        return Framed(result.closing(lease.release), headers)
+    lease.release()
+    return Framed(result, headers)
 
 
 class GenerationServing:
@@ -347,9 +366,9 @@ class GenerationServing:
     async def generate(self, model: str, served: str, sampling: SamplingFields,
                        tokenize: Callable[[Preprocessor], list[PreparedPrompt]], *, caller: Caller, span: Span,
                        started: float, operation: str, id_prefix: str,
-                       shapes: ResponseShapes) -> dict[str, Any] | Stream:
+                       shapes: ResponseShapes) -> Served:
         """A parsed generation request for ``model`` (served as ``served``), from the readiness check
-        to its response object or stream."""
+        to its submitted engine streams and the wait for its response object or stream."""
         self.describe(span, model, sampling)
         span.set_attribute(names.GEN_AI_RESPONSE_MODEL, served)
         self.check_ready()
@@ -365,9 +384,7 @@ class GenerationServing:
             if err.status >= 500 and self._outcomes is not None:
                 self._outcomes(None, str(err.status))
             raise
-        if caller.usage is not None:
-            caller.usage.watch(submitted.streams)
-        return await self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage)
+        return Served(self.respond(span, submitted, shapes, sampling.stream, sampling.include_usage), submitted.streams)
 
     async def respond(self, span: Span, submitted: Submitted, shapes: ResponseShapes, stream: bool,
                       include_usage: bool) -> dict[str, Any] | Stream:

@@ -27,7 +27,7 @@ from sidecar.ratelimit.settle import settle
 
 @dataclass(frozen=True)
 class _Open:
-    claimed: Claimed
+    reservation: Reservation  # what claim_now hands out (as a Claimed) when it is settled or expires
     slot_keys: tuple[str, ...]
     expires: float
 
@@ -65,11 +65,11 @@ class MemoryRateLimiter:
         self._expire_slots(now)
         result = self._charge(now, reservation.budgets, reservation.slots)
         if result.allowed:
-            keys = tuple(s.key for s in reservation.slots)
+            keys = tuple(s.key for s in reservation.slots) if reservation.slots else ()
             for key in keys:
                 self._in_flight.setdefault(key, set()).add(reservation.reservation_id)
             expires = now + reservation.ttl_s
-            self._open[reservation.reservation_id] = _Open(_claimed(reservation, self.backend), keys, expires)
+            self._open[reservation.reservation_id] = _Open(reservation, keys, expires)
             heapq.heappush(self._expiries, (expires, reservation.reservation_id))
         return result
 
@@ -81,7 +81,7 @@ class MemoryRateLimiter:
         if entry is None:
             return None
         self._free(reservation_id, entry.slot_keys)
-        return entry.claimed
+        return _claimed(entry.reservation, self.backend)
 
     async def claim_expired(self) -> list[Claimed]:
         return self.claim_expired_now()
@@ -117,7 +117,8 @@ class MemoryRateLimiter:
 
     def _charge(self, now: float, budgets: Sequence[Budget], slots: Sequence[Slot]) -> RateLimitResult:
         result = settle(now, budgets, self._tats.get)
-        slot_states = tuple(_slot_state(s.key, s.limit, len(self._in_flight.get(s.key, ()))) for s in slots)
+        slot_states = (tuple(_slot_state(s.key, s.limit, len(self._in_flight.get(s.key, ()))) for s in slots)
+                       if slots else ())
         allowed = result.allowed and all(s.retry_after_s == 0 for s in slot_states)
         if allowed:
             for key, tat in result.new_tats.items():
@@ -125,6 +126,8 @@ class MemoryRateLimiter:
                 self._tats.move_to_end(key)
             if len(self._tats) > self._max_keys:
                 self._evict(now)
+            if not slots:
+                return RateLimitResult(True, result.states, self.backend)
             slot_states = tuple(_slot_state(s.key, s.limit, len(self._in_flight.get(s.key, ())) + 1, taking=True)
                                 for s in slots)
             return RateLimitResult(True, result.states + slot_states, self.backend)
@@ -146,7 +149,7 @@ class MemoryRateLimiter:
             if entry is None:
                 continue  # settled before it expired
             self._free(rid, entry.slot_keys)
-            self._open[rid] = _Open(entry.claimed, (), entry.expires)
+            self._open[rid] = _Open(entry.reservation, (), entry.expires)
             self._expired.append(rid)
 
     def _free(self, reservation_id: str, slot_keys: Sequence[str]) -> None:

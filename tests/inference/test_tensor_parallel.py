@@ -1,9 +1,14 @@
 """Tensor parallel on the CPU (gloo, two processes): one HTTP front end, same greedy tokens as one
-process, and a follower that dies takes the server to not-ready instead of hanging it."""
+process; a follower that dies, or one that stops answering (the hang), takes the server to
+not-ready with the reason logged instead of hanging it; the GPU bench's tensor-parallel flow
+(tp_size 1 then 2 in one run, group formed and left per model) finishes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -19,10 +24,10 @@ MODEL = {"name": "tiny-llama", "random_config": "tiny-llama", "device": "cpu", "
 PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 
-def _serve(tmp_path: Path, tp_size: int) -> tuple[procs.Proc, int]:
+def _serve(tmp_path: Path, tp_size: int, **model: object) -> tuple[procs.Proc, int]:
     port = procs.free_port()
     config = {"inference": {"listen": {"host": "127.0.0.1", "port": port},
-                            "model": {**MODEL, "tp_size": tp_size},
+                            "model": {**MODEL, "tp_size": tp_size, **model},
                             "batching": {"max_batch_size": 4},
                             "limits": {"drain_timeout_s": 5}}}
     path = tmp_path / f"tp{tp_size}.yaml"
@@ -95,3 +100,50 @@ def test_sigterm_stops_every_rank(tmp_path: Path) -> None:
     assert pair.stop() == 0, pair.log_tail()
     gone, alive = psutil.wait_procs(followers, timeout=10)
     assert not alive, f"follower still running after the server stopped: {alive}"
+
+
+def test_a_follower_that_stops_answering_takes_the_server_to_not_ready_within_the_timeout(tmp_path: Path) -> None:
+    """The hang: a rank alive but stuck (SIGSTOP) leaves rank 0 in the collective; the watchdog ends it."""
+    timeout_s = 8.0
+    pair, port = _serve(tmp_path, 2, tp_timeout_s=timeout_s)
+    followers = _followers(pair)
+    try:
+        assert _complete(port, PROMPTS[0])[0] == 200
+        time.sleep(timeout_s + 2)  # idle longer than the timeout: waiting for work is not a hang
+        assert _readyz(port) == 200
+        assert _complete(port, PROMPTS[0])[0] == 200
+        followers[0].send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        status, body = _complete(port, PROMPTS[1], max_tokens=8)
+        waited = time.monotonic() - started
+        assert status == 503, body
+        assert waited < timeout_s + 20, f"the request waited {waited:.0f}s"
+        assert _readyz(port) == 503
+        log = pair.log_tail(4000)
+        assert "waited more than 8s for the other ranks" in log, log
+        assert "not ready any more" in log
+        gone, alive = psutil.wait_procs(followers, timeout=10)
+        assert not alive, "the stuck follower was not ended"
+    finally:
+        for follower in followers:
+            if follower.is_running():
+                follower.kill()
+        pair.stop()
+
+
+def test_the_gpu_bench_tensor_parallel_flow_finishes_on_cpu_with_every_rank_logged(tmp_path: Path) -> None:
+    """bench/inference_llama_gpu.py --tp 2 as scripts/gpu_bench.sh llama-tp2 runs it (greedy check with
+    tp_size 1 in process, then 2 in a child), two models in a row: this is where the two-GPU run hung."""
+    out = tmp_path / "tp2.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, str(procs.ROOT / "bench" / "inference_llama_gpu.py"), "--device", "cpu",
+                          "--tp", "2", "--skip", "hf,step,server", "--check-model", "", "--step-timeout", "240",
+                          "--models", "tiny-llama,tiny-qwen2", "--out", str(out), "--log-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    result = json.loads(out.read_text())
+    assert {name: result["tp2"][name]["greedy_equal"] for name in ("tiny-llama", "tiny-qwen2")} == {
+        "tiny-llama": True, "tiny-qwen2": True}
+    assert "rank0 kernelgate.inference.tp: tensor parallel group of 2 ranks joined" in output
+    assert output.count("rank1 kernelgate.inference.tp: rank 1 stopped") == 2

@@ -1,6 +1,7 @@
 """``/v1/chat/completions`` served: one call from the request body to a response or a stream.
 
-In: the raw body, the tenant and the request span. Out: a ``chat.completion`` object, or a
+In: the raw body, the tenant and the request span. Out (in a :class:`~inference.openai.http.Served`, with
+the engine streams it started): a ``chat.completion`` object, or a
 :class:`~inference.openai.serving.Stream` of ``chat.completion.chunk`` objects; a
 :class:`RequestError` for anything the client must hear about.
 """
@@ -13,7 +14,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from inference.openai import protocol
-from inference.openai.http import Caller, Framed
+from inference.openai.http import Caller, Served
 from inference.openai.chat.protocol import (chat_choice, chat_delta_choice, chat_logprobs, chat_object,
                                             parse_chat_request)
 from inference.usage import apply_grant
@@ -26,7 +27,7 @@ class ChatServing:
     def __init__(self, generation: GenerationModels) -> None:
         self._generation = generation
 
-    async def create(self, body: bytes, caller: Caller, span: Span) -> Framed:
+    async def create(self, body: bytes, caller: Caller, span: Span) -> Served:
         started = time.monotonic()
         request = apply_grant(parse_chat_request(protocol.parse_json(body)), caller.grant)
         return await self._generation.generate(

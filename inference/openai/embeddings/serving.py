@@ -1,6 +1,7 @@
 """``/v1/embeddings`` served: one call from the request body to the response object.
 
-In: the raw body, the tenant and the request span. Out: the ``list`` of embeddings, or a
+In: the raw body, the tenant and the request span. Out: the ``list`` of embeddings with the prompt
+tokens it counted (a :class:`~inference.openai.http.Served`), or a
 :class:`RequestError` (bad input, unknown model, encoder not ready).
 """
 
@@ -13,7 +14,7 @@ from opentelemetry.trace import Span
 from inference.openai import protocol
 from inference.openai.embeddings.protocol import embedding_object, parse_embedding_request
 from inference.openai.protocol import RequestError
-from inference.openai.http import Caller
+from inference.openai.http import Caller, Served
 from inference.openai.serving import ServedModels, not_started
 from otel import names
 
@@ -36,7 +37,7 @@ class EmbeddingServing:
         self._max_inputs = max_inputs
         self._retry_after_s = retry_after_s
 
-    async def create(self, body: bytes, caller: Caller, span: Span) -> dict[str, Any]:
+    async def create(self, body: bytes, caller: Caller, span: Span) -> Served:
         request = parse_embedding_request(protocol.parse_json(body), self._max_inputs)
         encoder = self._encoder
         if encoder is None or request.model != encoder.name:
@@ -48,7 +49,6 @@ class EmbeddingServing:
             raise RequestError(503, "embeddings model is not ready", type="service_unavailable", code="not_ready",
                                headers=not_started(self._retry_after_s))
         result = await encoder.embed(list(request.inputs), request.encoding_format)
-        if caller.usage is not None:
-            caller.usage.add(result.prompt_tokens, 0)
         span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
-        return embedding_object(request.model, result.vectors, result.prompt_tokens)
+        return Served(embedding_object(request.model, result.vectors, result.prompt_tokens),
+                      prompt_tokens=result.prompt_tokens)

@@ -11,6 +11,12 @@ one second after activation. Writes ``sent``, ``failed`` (any non-200 or transpo
 ``failed_during_swap``, ``p99_ms_before/during/after``, ``activate_to_all_new_s`` (last request
 sent that v1 answered, minus the moment activation was seen: 0 when every request sent after it
 went to v2; the admin poll adds up to 20 ms), the versions seen, and the command and machine.
+``during_by_phase`` says where the swap's slow requests fell: the admin API is polled every
+20 ms for the versions' states, which split the swap into *load* (load call -> v2 validating:
+memory check, build, warm-up, CUDA-graph capture), *validate* (-> v2 active: probe, shadow run),
+*drain* (-> v1 unloaded: v1's last requests, then its engine stops) and *settled*; for each,
+the requests sent in it (count, p99, max) and how many requests slower than the before
+window's p99 were in flight during it.
 Targets (#15): 0 failed; p99 during <= 1.5 x before.
 
     python bench/hot_swap.py --out bench/results/hot_swap.json
@@ -26,6 +32,7 @@ import os
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.replica_failover import cpu_name  # noqa: E402
 from bench.sampling_overhead import start_inference_alone  # noqa: E402
 from common.processes import wait_http  # noqa: E402
-from tests.model_stack import VersionedReplica, load_and_activate  # noqa: E402
+from tests.model_stack import VersionedReplica, admin_call, load_and_activate  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 from tests.replica_stack import ReplicaStack, open_loop, p99  # noqa: E402
 
@@ -46,8 +53,9 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1e3, 2)
 
 
-def start_direct(replica: VersionedReplica, args: argparse.Namespace, workdir: Path) -> Callable[[], None]:
-    """The inference server alone on ``args.device``; returns its stop."""
+def start_direct(replica: VersionedReplica, args: argparse.Namespace,
+                 workdir: Path) -> tuple[Callable[[], None], Path]:
+    """The inference server alone on ``args.device``; returns its stop and its log."""
     config = replica.inference_config()
     config["model"].update(device=args.device, dtype="auto", use_deepspeed=False, cuda_graphs=args.device == "cuda",
                            max_model_len=args.max_model_len)
@@ -60,7 +68,55 @@ def start_direct(replica: VersionedReplica, args: argparse.Namespace, workdir: P
         print(proc.log_path.read_text()[-4000:], file=sys.stderr)
         proc.stop()
         raise
-    return proc.stop
+    return proc.stop, proc.log_path
+
+
+LOG_MARKS = ("captured", "capture failed", "warm-up done", " ready (", "active (was", "unloaded", "failed")
+
+
+def lifecycle_log(path: Path | None) -> list[str]:
+    """The server log's lines about loading, CUDA-graph capture and the swap (to check a GPU run)."""
+    if path is None or not path.exists():
+        return []
+    return [line.strip()[:300] for line in path.read_text(errors="replace").splitlines()
+            if any(mark in line for mark in LOG_MARKS)][:40]
+
+
+def watch_states(replica: VersionedReplica, model: str, stop: threading.Event) -> dict[str, float]:
+    """Poll the admin API every 20 ms; the first moment each ``version:state`` was seen."""
+    seen: dict[str, float] = {}
+    while not stop.is_set():
+        now = time.monotonic()
+        status, listing = admin_call(replica, "GET", "/admin/models")
+        if status == 200:
+            for entry in listing["models"]:
+                if entry["name"] == model:
+                    for version in entry["versions"]:
+                        seen.setdefault(f"{version['version']}:{version['state']}", now)
+        if "v1:unloaded" in seen:
+            break
+        stop.wait(0.02)
+    return seen
+
+
+def phases(seen: dict[str, float], load_at: float, end: float) -> dict[str, tuple[float, float]]:
+    """The swap's phases (monotonic bounds) from the states seen; a phase never seen is left out."""
+    marks = [("load", load_at), ("validate", seen.get("v2:validating")), ("drain", seen.get("v2:active")),
+             ("settled", seen.get("v1:unloaded"))]
+    known = [(name, at) for name, at in marks if at is not None]
+    return {name: (at, known[i + 1][1] if i + 1 < len(known) else end) for i, (name, at) in enumerate(known)}
+
+
+def by_phase(outcomes: list, bounds: dict[str, tuple[float, float]], slow_s: float | None) -> dict[str, dict]:
+    """Per phase: requests sent in it (count, p99, max) and slow requests in flight during it."""
+    out = {}
+    for name, (lo, hi) in bounds.items():
+        sent = [o.latency_s for o in outcomes if lo <= o.sent_at < hi and o.kind == "ok"]
+        in_flight = [o for o in outcomes if o.kind == "ok" and o.sent_at < hi and o.sent_at + o.latency_s > lo]
+        out[name] = {"start_s": round(lo, 3), "length_s": round(hi - lo, 3), "sent": len(sent),
+                     "p99_ms": ms(p99(sent)) if sent else None, "max_ms": ms(max(sent)) if sent else None,
+                     "slow_in_flight": None if slow_s is None else sum(o.latency_s > slow_s for o in in_flight)}
+    return out
 
 
 def device_name(args: argparse.Namespace) -> str:
@@ -77,8 +133,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
     replica = VersionedReplica("r0", model=args.model, random_config=args.model, max_batch_size=args.slots,
                                max_queue=1024, admin_port=free_port(), token_file=str(workdir / "token"),
                                token=token)
+    log_path = None
     if args.direct:
-        stop, url = start_direct(replica, args, workdir), f"http://{replica.address}"
+        (stop, log_path), url = start_direct(replica, args, workdir), f"http://{replica.address}"
     else:
         stack = ReplicaStack(workdir, replicas=[replica]).start()
         stop, url = stack.stop, stack.url
@@ -88,21 +145,27 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         marks: dict[str, float] = {}
         loop = asyncio.get_running_loop()
 
-        async def swap() -> dict:
+        stop_watch = threading.Event()
+
+        async def swap() -> tuple[dict, asyncio.Future]:
             await asyncio.sleep(args.window_s)
             marks["load"] = time.monotonic()
+            watch = loop.run_in_executor(None, watch_states, replica, args.model, stop_watch)
             version = await loop.run_in_executor(None, load_and_activate, replica, args.model,
                                                  {"version": "v2", "random_config": args.model,
                                                   "seed": args.v2_seed})
             marks["activated"] = time.monotonic()
-            return version
+            return version, watch
 
         # Long enough for: before, the swap (load + validation), and a full window after it.
         t0 = time.monotonic()
         swap_task = asyncio.create_task(swap())
         outcomes = await open_loop(url, body, args.rate, 3 * args.window_s + args.swap_allowance_s)
-        version = await swap_task
+        version, watch = await swap_task
+        stop_watch.set()
+        seen = await watch
     finally:
+        stop_watch.set()
         stop()
     load_at, activated_at = marks["load"] - t0, marks["activated"] - t0
     during_end = max(load_at + args.window_s, activated_at)
@@ -114,6 +177,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         return [o for o in outcomes if lo <= o.sent_at < hi]
 
     failed = [o for o in outcomes if o.kind != "ok"]
+    before_p99 = p99([o.latency_s for o in in_window("before")])
+    seen_at = {state: round(at - t0, 3) for state, at in sorted(seen.items(), key=lambda kv: kv[1])}
+    swap_phases = phases({k: v - t0 for k, v in seen.items()}, load_at, during_end)
     last_v1 = max((o.sent_at for o in outcomes if o.version == "v1"), default=0.0)
     after = in_window("after")
     return {
@@ -134,7 +200,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         "activate_to_all_new_s": round(max(0.0, last_v1 - activated_at), 3),
         "versions_seen": dict(Counter(o.version for o in outcomes)),
         "after_window_all_v2": all(o.version == "v2" for o in after),
+        "states_seen_at_s": seen_at,
+        "during_by_phase": by_phase(outcomes, swap_phases, before_p99),
         "validation": version.get("validation"),
+        "server_log": lifecycle_log(log_path),
         "host_load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 

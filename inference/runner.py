@@ -190,9 +190,9 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - a model whose kernels cannot be captured still serves
             log.exception("CUDA graph capture failed; decoding without CUDA graphs")
             self._graphs.clear()
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
             return 0
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()  # this thread's work only, not another engine's
         log.info("captured %d decode CUDA graphs (batch %s x key length %s) in %.1fs", len(self._graphs),
                  self._buckets, kv_lens, time.monotonic() - started)
         return len(self._graphs)
@@ -205,11 +205,19 @@ class ModelRunner:
             self._decode_logits(tokens, positions, kv_len)  # warm-up outside the graph
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a version loading beside a serving one (#15 hot swap) captures on its engine
-        # thread while the other engine's thread allocates and synchronizes; "global" (torch's
-        # default) would make those calls fail in the serving thread, or void this capture.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            logits = self._decode_logits(tokens, positions, kv_len)
+        # A version loading beside a serving one (#15 hot swap) captures on its engine thread while
+        # the other engine's thread decodes. thread_local: "global" (torch's default) would make the
+        # serving thread's allocations and syncs fail, or void this capture. capture_begin/end, not
+        # the ``torch.cuda.graph`` context: that one synchronizes the whole device and empties the
+        # caching allocator (cudaFree, an implicit device sync) before every capture, which stalled
+        # the serving version's steps 2 x 25 times during a swap.
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                logits = self._decode_logits(tokens, positions, kv_len)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
         return _DecodeGraph(graph=graph, logits=logits)
 
     def _stage(self, tokens: list[int], positions: list[int], size: int) -> None:

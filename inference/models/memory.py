@@ -2,10 +2,12 @@
 
 In: the ``ModelConfig`` of a version and its batch slots. Out: a :class:`MemoryEstimate`, and
 :func:`check_fits`, which raises ``InsufficientMemory`` (saying both numbers) when the
-estimate exceeds ``headroom`` times what is free: ``torch.cuda.mem_get_info`` on a GPU,
-``MemAvailable`` of ``/proc/meminfo`` on CPU. The weights are counted exactly by building the
-architecture on the ``meta`` device (no memory, no download: a local directory's
-``config.json`` is enough); the KV cache is 2 x layers x KV heads x head size x slots x
+estimate exceeds ``headroom`` times what is free: ``torch.cuda.mem_get_info`` on a GPU plus
+what torch's caching allocator holds unused (a retired version's memory stays there, since
+emptying the cache is a device-wide sync that stalls the serving version; an allocation that
+finds no cached block fitting makes torch free them and retry), ``MemAvailable`` of
+``/proc/meminfo`` on CPU. The weights are counted exactly by building the architecture on the
+``meta`` device (no memory, no download: a local directory's ``config.json`` is enough); the KV cache is 2 x layers x KV heads x head size x slots x
 context, as ``kv_cache.SlotKVCache`` allocates it.
 """
 
@@ -69,7 +71,7 @@ def free_bytes(device: str) -> int:
     """Free memory of the device a version would load on."""
     if device == "cuda":
         free, _total = torch.cuda.mem_get_info()
-        return int(free)
+        return int(free) + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     with open("/proc/meminfo", encoding="ascii") as meminfo:
         for line in meminfo:
             if line.startswith("MemAvailable:"):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -48,6 +49,13 @@ log = logging.getLogger("kernelgate.inference.models")
 
 SMALL_WINDOWS = 2048
 JUDGE_INTERVAL_S = 0.25
+# The interpreter's switch interval while a version loads beside serving ones (Python's default
+# is 5 ms). A loading thread runs long stretches of Python (building modules, tracing decode steps
+# for CUDA-graph capture); a serving engine thread that gave up the GIL (a kernel, a sync) may wait
+# the whole interval to get it back, step after step. On the 2-core CPU box the effect drowns in
+# other processes' CPU use (bench/hot_swap_gil.py); bench/hot_swap.py's during_by_phase on the GPU
+# says whether the load phase still stalls the serving version.
+LOADING_SWITCH_INTERVAL_S = 0.0005
 
 VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "rolled_back", "unloaded"]
 
@@ -173,6 +181,8 @@ class ModelRegistry:
         self._start_error: BaseException | None = None
         self._starting: asyncio.Task[None] | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=256)
+        self._loads = 0  # versions loading beside serving ones (the switch interval is lowered)
+        self._switch_interval = sys.getswitchinterval()
 
     # -- serving side -----------------------------------------------------------------------
 
@@ -307,7 +317,12 @@ class ModelRegistry:
         if existing is not None and existing.state not in ("failed", "unloaded"):
             raise VersionConflict(f"version '{version.version}' of model '{model}' is already {existing.state}")
         loop = asyncio.get_running_loop()
-        entry = await loop.run_in_executor(None, self._create, m, version)
+        self._loading(+1)
+        try:
+            entry = await loop.run_in_executor(None, self._create, m, version)
+        except BaseException:
+            self._loading(-1)
+            raise
         entry.activate_when_valid = activate
         task = asyncio.create_task(self._validate(m, entry), name=f"validate-{model}-{version.version}")
         self._tasks.add(task)
@@ -410,14 +425,18 @@ class ModelRegistry:
             assert engine is not None
             cfg = self._config.validation
             deadline = time.monotonic() + cfg.timeout_s
-            while not engine.ready:
-                if engine.failure is not None:
-                    raise RuntimeError(f"load failed: {engine.failure}")
-                if time.monotonic() > deadline or entry.state != "loading":
-                    raise RuntimeError(f"not loaded within {cfg.timeout_s:g}s" if entry.state == "loading"
-                                       else f"{entry.state} while loading")
-                await asyncio.sleep(0.05)
+            try:
+                while not engine.ready:
+                    if engine.failure is not None:
+                        raise RuntimeError(f"load failed: {engine.failure}")
+                    if time.monotonic() > deadline or entry.state != "loading":
+                        raise RuntimeError(f"not loaded within {cfg.timeout_s:g}s" if entry.state == "loading"
+                                           else f"{entry.state} while loading")
+                    await asyncio.sleep(0.05)
+            finally:
+                self._loading(-1)
             entry.state = "validating"
+            self._event(m.config.name, entry.version, "validating")
             active = m.active.engine if m.active is not None else None
             result = await validate(engine, active, list(m.recent), cfg)
             entry.validation = result
@@ -439,6 +458,15 @@ class ModelRegistry:
             log.warning("model %s: version %s failed: %s", m.config.name, entry.version, exc)
             self._event(m.config.name, entry.version, "failed", error=str(exc))
             await self._shutdown(entry, "failed")
+
+    def _loading(self, delta: int) -> None:
+        """Count a version's load in (+1) or out (-1): the switch interval is lowered while any loads."""
+        if delta > 0 and self._loads == 0:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, LOADING_SWITCH_INTERVAL_S))
+        self._loads += delta
+        if delta < 0 and self._loads == 0:
+            sys.setswitchinterval(self._switch_interval)
 
     def _release(self, entry: ModelVersion) -> None:
         entry.leases -= 1
@@ -468,15 +496,11 @@ class ModelRegistry:
 
 
 def _free(engine: LifecycleEngine, timeout: float) -> None:
-    """Stop the engine thread and give its memory back (the engine object is dropped by the caller)."""
+    """Stop the engine thread. Its memory goes back to torch's caching allocator when the caller
+    drops the engine; the next load reuses it (``memory.free_bytes`` counts it as free). Neither
+    ``gc.collect`` nor ``torch.cuda.empty_cache`` here, as there used to be: both ran while the new
+    version served, the first holding the GIL for its whole walk of the heap, the second a
+    device-wide sync (cudaFree) under the allocator's lock. The version's objects were frozen at
+    its start-up (a collection could not reach them), and the fused decoder's tensors are freed
+    by reference counting."""
     engine.shutdown(timeout)
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass

@@ -48,6 +48,11 @@ class KernelgateConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
+    def __post_init__(self) -> None:
+        if self.envoy.authz_enabled and self.envoy.authz_transport == "http" and not self.authz.http_listen:
+            raise ValueError("envoy.authz_transport 'http' needs authz.http_listen (the sidecar's HTTP ext_authz "
+                             "address; envoy.authz_address must point at it)")
+
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> KernelgateConfig:
     raw = load_file(path)

@@ -20,15 +20,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog, AccessLogFilter, AndFilter, ComparisonFilter, ComparisonFilterOp, ResponseFlagFilter, StatusCodeFilter,
+)
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers, CircuitBreakersThresholds, CircuitBreakersThresholdsRetryBudget, Cluster, ClusterDiscoveryType,
     ClusterLbPolicy, OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
-    Address, DataSource, GrpcService, GrpcServiceEnvoyGrpc, HealthCheck, HealthCheckHttpHealthCheck,
-    Http1ProtocolOptions, Http2ProtocolOptions, Pipe, SocketAddress, SubstitutionFormatString, TransportSocket,
+    Address, DataSource, GrpcService, GrpcServiceEnvoyGrpc, HeaderValue, HealthCheck, HealthCheckHttpHealthCheck,
+    Http1ProtocolOptions, Http2ProtocolOptions, HttpUri, Pipe, RuntimeUInt32, SocketAddress, SubstitutionFormatString,
+    TransportSocket,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
@@ -39,11 +42,13 @@ from envoy_data_plane.envoy.config.route.v3 import (
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig
 from envoy_data_plane.envoy.config.trace.v3 import TracingHttp as TracingProvider
 from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import BufferSettings, ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    AuthorizationRequest, AuthorizationResponse, BufferSettings, ExtAuthz, HttpService,
+)
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager, HttpConnectionManagerCodecType, HttpConnectionManagerPathWithEscapedSlashesAction,
-    HttpConnectionManagerTracing, HttpFilter,
+    HttpConnectionManagerTracing, HttpFilter, LocalReplyConfig, ResponseMapper,
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
@@ -52,15 +57,15 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions, HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
 from common.models import ROUTED_MODEL_HEADER
-from common.replicas import NOT_STARTED_HEADER
-
 from common.ports import AUTHZ_ADDRESS, ENVOY_ADMIN_PORT, ENVOY_PORT, INFERENCE_ADDRESS, LOOPBACK
+from common.replicas import NOT_STARTED_HEADER
+from sidecar import http_transport
 
 AUTHZ_CLUSTER = "kernelgate_authz"
 UPSTREAM_CLUSTER = "inference"
@@ -141,6 +146,9 @@ class EnvoyConfig:
     # False leaves ext_authz out (bench/ measures Envoy alone with it).
     authz_enabled: bool = True
     authz_timeout_s: float = 1.0
+    # "grpc": ext_authz grpc_service (Check); "http": http_service, the sidecar's http_listen
+    # (faster; see sidecar/http_transport.py for what it cannot carry).
+    authz_transport: Literal["grpc", "http"] = "grpc"
     # Envoy's answer when the sidecar itself cannot be reached: no request passes without an allow.
     failure_mode_allow: bool = False
     status_on_error: int = 503
@@ -219,6 +227,35 @@ def _cluster(name: str, targets: list[str], http2: bool, timeout_s: float = 1.0)
     )
 
 
+def _prefixes(prefixes: tuple[str, ...]) -> ListStringMatcher:
+    return ListStringMatcher(patterns=[StringMatcher(prefix=p) for p in prefixes])
+
+
+def _http_service(cfg: EnvoyConfig) -> HttpService:
+    """Envoy's HTTP ext_authz client, configured for sidecar/http_transport.py."""
+    return HttpService(
+        server_uri=HttpUri(uri=f"http://{AUTHZ_CLUSTER}", cluster=AUTHZ_CLUSTER, timeout=_seconds(cfg.authz_timeout_s)),
+        path_prefix=http_transport.PATH_PREFIX,
+        authorization_request=AuthorizationRequest(
+            headers_to_add=[HeaderValue(key=k, value=v) for k, v in http_transport.carried_headers(
+                tls=bool(cfg.tls_cert_file), peer_certificate=bool(cfg.tls_client_ca_file)).items()]),
+        authorization_response=AuthorizationResponse(
+            allowed_upstream_headers=_prefixes(http_transport.UPSTREAM_HEADER_PREFIXES),
+            allowed_client_headers_on_success=_prefixes(http_transport.CLIENT_HEADER_PREFIXES)),
+    )
+
+
+def _status_stand_ins() -> LocalReplyConfig:
+    """ext_authz replies with a stand-in status (http_transport.STATUS_STAND_INS) -> the real 5xx."""
+    return LocalReplyConfig(mappers=[ResponseMapper(
+        filter=AccessLogFilter(and_filter=AndFilter(filters=[
+            AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=ComparisonFilter(
+                op=ComparisonFilterOp.EQ,
+                value=RuntimeUInt32(default_value=stand_in, runtime_key=f"kernelgate.authz_status_{stand_in}")))),
+            AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UAEX"]))])),
+        status_code=status) for status, stand_in in http_transport.STATUS_STAND_INS.items()])
+
+
 def _downstream_tls(cfg: EnvoyConfig) -> TransportSocket | None:
     if not cfg.tls_cert_file:
         return None
@@ -281,14 +318,21 @@ def _access_log(path: str) -> AccessLog:
 
 
 def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
+    if cfg.authz_transport not in ("grpc", "http"):
+        raise ValueError(f"envoy.authz_transport must be 'grpc' or 'http', not {cfg.authz_transport!r}")
+    http_mode = cfg.authz_transport == "http"
     ext_authz = ExtAuthz(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
-                                 timeout=_seconds(cfg.authz_timeout_s)),
+        **({"http_service": _http_service(cfg)} if http_mode else {"grpc_service": GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER), timeout=_seconds(cfg.authz_timeout_s))}),
         transport_api_version=2,  # V3
         with_request_body=BufferSettings(max_request_bytes=cfg.max_request_bytes, allow_partial_message=True),
         failure_mode_allow=cfg.failure_mode_allow,
         status_on_error=HttpStatus(code=StatusCode(cfg.status_on_error)),
         include_peer_certificate=bool(cfg.tls_client_ca_file),
+        # Every client header reaches the sidecar (both transports) except the names of the
+        # attributes the HTTP transport carries: Envoy alone sets those, a client cannot forge them.
+        allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
+        disallowed_headers=_prefixes((http_transport.CARRIED_PREFIX,)),
         # The policy's x-kernelgate-model header picks the model's cluster.
         clear_route_cache=bool(cfg.model_upstreams),
     )
@@ -307,6 +351,7 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         use_remote_address=True,
         generate_request_id=True,
+        local_reply_config=_status_stand_ins() if http_mode and cfg.authz_enabled else None,
         access_log=[_access_log(cfg.access_log_path)] if cfg.access_log_path else [],
         http_filters=[
             *([HttpFilter(name="envoy.filters.http.ext_authz", typed_config=AnyMessage.pack(ext_authz))]
@@ -315,7 +360,7 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         ],
     )
     clusters = [
-        *([_cluster(AUTHZ_CLUSTER, [cfg.authz_address], http2=True)] if cfg.authz_enabled else []),
+        *([_cluster(AUTHZ_CLUSTER, [cfg.authz_address], http2=not http_mode)] if cfg.authz_enabled else []),
         _inference_cluster(UPSTREAM_CLUSTER, cfg.replicas, cfg.upstream),
         *(_inference_cluster(model_cluster(model), targets, cfg.upstream)
           for model, targets in cfg.model_upstreams.items()),

@@ -49,6 +49,17 @@ if [ ! -x "$BIN/opa-envoy-plugin" ] && [ -z "$(find "$BIN/opa-envoy-plugin.unava
     log "opa-envoy-plugin not available from the module proxy (see $LOGS/opa-envoy.log); bench/ skips the rival"
   fi
 fi
+# The rivals' source snapshots beside the clone (../shared/rivals): build OPA-Envoy and
+# envoyproxy/ratelimit from them (build.sh skips what is built from the same snapshot; ~3 min
+# the first time). Optional: KERNELGATE_BUILD_RIVALS=0 skips it; a failure only loses the rival
+# benchmarks and the OPA-Envoy compatibility test (they skip with the reason).
+RIVALS_DIR="$ROOT/../shared/rivals"
+if [ "${KERNELGATE_BUILD_RIVALS:-1}" != 0 ] && [ -x "$RIVALS_DIR/build.sh" ] \
+    && { [ ! -x "$BIN/opa-envoy-plugin" ] || [ ! -x "$BIN/ratelimit" ]; }; then
+  log "building the rivals (OPA-Envoy, envoyproxy/ratelimit) from $RIVALS_DIR"
+  KERNELGATE_HOME="$KG_HOME" "$RIVALS_DIR/build.sh" >"$LOGS/rivals.log" 2>&1 \
+    || log "rivals not built (see $LOGS/rivals.log); bench/ and the compatibility test skip them"
+fi
 # `go install` refuses a module whose go.mod has replace directives (Jaeger, Hydra): such a
 # module is built as the main module from a writable copy of its source, made here.
 module_source() {  # NAME MODULE@VERSION -> $KG_HOME/src/NAME

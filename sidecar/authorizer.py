@@ -188,7 +188,8 @@ class Authorizer:
         started = time.perf_counter()
         decision_id = f"{self._ids.getrandbits(128):032x}"
         headers = check_request.attributes.request.http.headers
-        carrier = call_metadata if call_metadata and "traceparent" in call_metadata else dict(headers)
+        # the header map itself (no copy): the propagators only call get() and keys()
+        carrier = call_metadata if call_metadata and "traceparent" in call_metadata else headers
         with self._tracer.start_as_current_span(names.AUTHZ_CHECK_SPAN, context=propagate.extract(carrier),
                                                 kind=trace.SpanKind.SERVER) as span:
             try:

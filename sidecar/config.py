@@ -200,6 +200,9 @@ class MtlsConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
+    # False: kernelgate authenticates nobody; every caller is anonymous to it and the policy reads
+    # the raw headers, as OPA-Envoy policies that verify JWTs themselves (io.jwt.decode_verify) do.
+    enabled: bool = True
     # YAML/JSON file of {sha256 hex of key: {tenant, tier, scopes, name}}; reloaded on change.
     api_keys_file: str | None = None
     api_key_header: str = "x-api-key"
@@ -315,6 +318,9 @@ class ReplicasConfig:
 class SidecarConfig:
     # host:port, or unix:/path/to.sock
     listen: str = AUTHZ_ADDRESS
+    # host:port for Envoy's HTTP ext_authz (http_service): the lean data path (sidecar/http_transport.py),
+    # same decisions as gRPC Check, which stays on ``listen``. "" = gRPC only.
+    http_listen: str = ""
     # Seconds SIGTERM waits for in-flight checks before exit.
     drain_s: float = 10.0
     # Worker processes sharing the port (SO_REUSEPORT); 1 = this process only. More than one

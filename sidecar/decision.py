@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from common import strict_json
 from sidecar.config import OpaConfig
 
 log = logging.getLogger("kernelgate.decision")
@@ -48,11 +49,11 @@ class Decision:
     revision: str = ""
 
 
-def parse_result(result: Any) -> Decision:
+def parse_result(result: Any, revision: str = "") -> Decision:
     """OPA's ``result`` (bool or object) -> Decision; anything else is an error, not a deny."""
     if isinstance(result, bool):
         return Decision(allowed=result, http_status=200 if result else 403,
-                        reason="ok" if result else "denied")
+                        reason="ok" if result else "denied", revision=revision)
     if not isinstance(result, Mapping):
         raise PolicyResultError(f"policy result must be a boolean or an object, got {type(result).__name__}")
     allowed = result.get("allowed")
@@ -78,6 +79,7 @@ def parse_result(result: Any) -> Decision:
         dynamic_metadata=dynamic_metadata,
         reason=str(result.get("reason") or ("ok" if allowed else "denied")),
         rate_limit=rate_limit if isinstance(rate_limit, Mapping) else None,
+        revision=revision,
     )
 
 
@@ -103,9 +105,8 @@ def cache_key(document: Mapping[str, Any], ignore_headers: frozenset[str]) -> st
     stable = {k: v for k, v in document.items() if k != "attributes"}
     attributes = {k: v for k, v in document["attributes"].items() if k not in ("request", "source")}
     source = document["attributes"].get("source", {}).get("address", {}).get("socketAddress", {})
-    payload = json.dumps([stable, attributes, stable_http, headers, source.get("address")],
-                         sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+    payload = strict_json.dumps([stable, attributes, stable_http, headers, source.get("address")], sort_keys=True)
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
 class DecisionCache:
@@ -150,6 +151,10 @@ class DecisionCache:
 
 
 class PolicyClient(Protocol):
+    # True: evaluate() runs to the end without yielding and enforces its own deadline (Wasm's
+    # epoch interruption), so the Decider sets no asyncio timer around it.
+    in_process: bool
+
     async def evaluate(self, document: Mapping[str, Any]) -> Any: ...
     async def revision(self) -> str: ...
     async def close(self) -> None: ...
@@ -175,8 +180,11 @@ class Decider:
             return replace(cached, source="cache")
         revision = self._cache.revision
         try:
-            async with asyncio.timeout(self._config.timeout_s):
+            if self._client.in_process:
                 result = await self._client.evaluate(document)
+            else:
+                async with asyncio.timeout(self._config.timeout_s):
+                    result = await self._client.evaluate(document)
         except TimeoutError:
             raise DecisionUnavailable(f"OPA did not answer within {self._config.timeout_s}s") from None
         except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot decide"
@@ -184,7 +192,7 @@ class Decider:
         if result is None:
             raise DecisionUnavailable(f"policy path '{self._config.policy_path}' is undefined")
         try:
-            decision = replace(parse_result(result), revision=revision)
+            decision = parse_result(result, revision)
         except PolicyResultError as exc:
             raise DecisionUnavailable(str(exc)) from None
         self._cache.put(key, decision, revision)

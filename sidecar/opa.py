@@ -19,6 +19,8 @@ from sidecar.config import OpaConfig
 
 
 class OpaPolicyClient:
+    in_process = False  # an HTTP call: the Decider bounds it with opa.timeout_s
+
     def __init__(self, config: OpaConfig):
         url = urlsplit(config.url)
         self._config = config

@@ -22,6 +22,8 @@ from typing import Any
 
 from opapywasm import UNDEFINED, OpaWasmPolicy, PolicyConfig
 
+from common import strict_json
+from sidecar import wasm_fastcall
 from sidecar.config import OpaConfig
 
 log = logging.getLogger("kernelgate.decision")
@@ -60,6 +62,10 @@ def read_bundle(path: str) -> tuple[bytes, Any, str]:
 class WasmPolicyClient:
     """Same interface as OpaPolicyClient (evaluate, revision, close); no server involved."""
 
+    # evaluate() never yields; an evaluation past eval_timeout_seconds (opa.timeout_s) is
+    # interrupted by wasmtime's epoch deadline and raises, which the Decider reports as unavailable.
+    in_process = True
+
     def __init__(self, config: OpaConfig):
         assert config.wasm_bundle_file
         self._config = config
@@ -76,7 +82,10 @@ class WasmPolicyClient:
         wasm, data, digest = read_bundle(self._path)
         policy = OpaWasmPolicy.from_wasm_bytes(wasm, config=PolicyConfig(
             pool_size=1, default_entrypoint=self._entrypoint,
+            # evaluate() hands it JSON bytes strict_json.dumps wrote: nothing to re-validate
+            parse_raw_json_input=False,
             eval_timeout_seconds=max(self._config.timeout_s, 0.05)))
+        wasm_fastcall.accelerate(policy)
         if self._entrypoint not in policy.entrypoints:
             raise BundleError(f"{self._path}: the bundle has no entrypoint '{self._entrypoint}' "
                               f"(it has {sorted(policy.entrypoints)})")
@@ -96,8 +105,9 @@ class WasmPolicyClient:
         return True
 
     async def evaluate(self, document: Mapping[str, Any]) -> Any:
-        # Synchronous and short (~0.2 ms): cheaper inline than a hop to a thread.
-        result = self._bundle.policy.evaluate(document)
+        # Synchronous and short (~0.1 ms): cheaper inline than a hop to a thread. The document
+        # is encoded here with orjson (opa-py-wasm would use json.dumps).
+        result = self._bundle.policy.evaluate(strict_json.dumps(document))
         return None if result is UNDEFINED else result
 
     async def revision(self) -> str:

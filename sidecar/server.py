@@ -23,6 +23,7 @@ from common.gc_freeze import freeze_startup_objects
 from sidecar.authorizer import Authorizer
 from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, DecisionCache
+from sidecar import http_transport
 from sidecar.decision_log import DecisionLogger
 from sidecar.identity import Authenticator
 from sidecar.metrics import SidecarMetrics
@@ -78,6 +79,8 @@ class Sidecar:
     background: list[asyncio.Task]
     stop_event: asyncio.Event
     port: int
+    # Envoy's HTTP ext_authz listener (authz.http_listen), or None.
+    http_server: http_transport.HttpAuthzServer | None = None
 
 
 async def start(config: SidecarConfig) -> Sidecar:
@@ -119,6 +122,11 @@ async def start(config: SidecarConfig) -> Sidecar:
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
+    http_server = None
+    if config.http_listen:
+        host, _, http_port = config.http_listen.rpartition(":")
+        http_server = await http_transport.serve(authorizer.check, host.strip("[]") or "127.0.0.1", int(http_port),
+                                                 reuse_port=config.workers > 1)
 
     stop_event = asyncio.Event()
     with contextlib.suppress(Exception):
@@ -141,10 +149,11 @@ async def start(config: SidecarConfig) -> Sidecar:
     if rate_limiter is not None:
         closers.append(rate_limiter.close)
     policy_source = config.opa.url if config.opa.mode == "server" else f"in process from {config.opa.wasm_bundle_file}"
-    log.info("kernelgate authz listening on %s (policy: %s, rate limits %s)", config.listen, policy_source,
+    log.info("kernelgate authz listening on %s%s (policy: %s, rate limits %s)", config.listen,
+             f" and HTTP ext_authz on {config.http_listen}" if config.http_listen else "", policy_source,
              config.ratelimit.backend if rate_limiter is not None else "off")
     return Sidecar(server, health_servicer, authorizer, decider, authenticator, closers, background,
-                   stop_event, port)
+                   stop_event, port, http_server)
 
 
 async def _report_identity_health(health_servicer: health.aio.HealthServicer, authenticator: Authenticator,
@@ -170,7 +179,10 @@ async def _report_identity_health(health_servicer: health.aio.HealthServicer, au
 async def stop(sidecar: Sidecar, grace_s: float) -> None:
     """Health goes NOT_SERVING, new checks are refused, in-flight ones finish (up to grace_s)."""
     await sidecar.health.enter_graceful_shutdown()
-    await sidecar.server.stop(grace_s)
+    if sidecar.http_server is not None:
+        await asyncio.gather(sidecar.server.stop(grace_s), sidecar.http_server.drain(grace_s))
+    else:
+        await sidecar.server.stop(grace_s)
     sidecar.stop_event.set()
     for task in sidecar.background:
         task.cancel()

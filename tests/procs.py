@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+import yaml
 
 from common.processes import ROOT, Proc, find_binary, free_port, start, wait_http, wait_tcp
 
-__all__ = ["ROOT", "Proc", "find_binary", "free_port", "start", "start_opa", "start_redis", "wait_http", "wait_tcp"]
+__all__ = ["ROOT", "Proc", "envoy_validate", "find_binary", "free_port", "start", "start_opa", "start_redis",
+           "wait_http", "wait_tcp"]
+
+
+def envoy_validate(bootstrap: dict, path: Path) -> subprocess.CompletedProcess:
+    """``envoy --mode validate`` on ``bootstrap`` (written to ``path``): Envoy's own verdict on a config."""
+    path.write_text(yaml.safe_dump(bootstrap))
+    return subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path)], capture_output=True,
+                          text=True, timeout=60)
 
 
 def start_redis(log_dir: Path, port: int | None = None) -> Proc:

@@ -53,6 +53,8 @@ class AuthzStack:
     authz_overrides: dict[str, Any] = field(default_factory=dict)
     envoy_overrides: dict[str, Any] = field(default_factory=dict)
     redis_url: str | None = None
+    # How Envoy asks the sidecar: "grpc" (Check) or "http" (http_service, sidecar/http_transport.py).
+    transport: str = "grpc"
     inference: bool = False
     inference_overrides: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -66,6 +68,7 @@ class AuthzStack:
         write_api_keys(self.keys_file)
         self.opa_port = free_port()
         self.authz_port = free_port()
+        self.authz_http_port = free_port()
         self.metrics_port = free_port()
         self.upstream_port = free_port()
         self.envoy_port = free_port()
@@ -84,12 +87,15 @@ class AuthzStack:
             # The echo upstream serves no load report (tests/e2e/ poll real inference replicas).
             "replicas": {"targets": []},
         }
+        if self.transport == "http":
+            authz["http_listen"] = f"127.0.0.1:{self.authz_http_port}"
         if self.redis_url:
             # 1 s, not the production 50 ms: the first call connects and loads the Lua script, which
             # on a busy 2-core CI machine can pass 50 ms and fall back to local budgets mid-test.
             authz["ratelimit"] = {"backend": "redis", "redis_url": self.redis_url, "redis_timeout_s": 1.0}
         envoy = {"listen_port": self.envoy_port, "admin_port": self.admin_port,
-                 "authz_address": f"127.0.0.1:{self.authz_port}",
+                 "authz_address": f"127.0.0.1:{self.authz_http_port if self.transport == 'http' else self.authz_port}",
+                 "authz_transport": self.transport,
                  "upstream_address": f"127.0.0.1:{self.upstream_port}"}
         if self.inference:
             authz = deep_merge(authz, {"ratelimit": {
@@ -141,6 +147,8 @@ class AuthzStack:
         proc = procs.start(name, [sys.executable, "-m", "kernelgate.cli", "authz", "--config", str(config)],
                            self.logs)
         procs.wait_tcp(self.authz_port, proc=proc)
+        if self.transport == "http":
+            procs.wait_tcp(self.authz_http_port, proc=proc)
         self.procs[name] = proc
         return proc
 

@@ -42,6 +42,7 @@ class Authenticator:
     def __init__(self, config: IdentityConfig, clock: Callable[[], float] = time.time,
                  jwt_cache_size: int = 10_000) -> None:
         self._config = config
+        self._enabled = config.enabled
         self._clock = clock
         self._api_key_header = config.api_key_header.lower()
         self._api_keys: WatchedFile[dict[str, Identity]] | None = (
@@ -60,7 +61,11 @@ class Authenticator:
     async def authenticate(self, headers: Mapping[str, str], peer_principal: str = "",
                            peer_certificate: str = "") -> Identity:
         """``headers`` has lowercase names (as in Envoy's CheckRequest); ``peer_*`` are the
-        CheckRequest's ``source.principal`` and ``source.certificate``."""
+        CheckRequest's ``source.principal`` and ``source.certificate``. With
+        ``identity.enabled: false`` nobody is authenticated (ANONYMOUS; the policy reads the
+        raw headers, as OPA-Envoy policies do)."""
+        if not self._enabled:
+            return ANONYMOUS
         api_key = headers.get(self._api_key_header)
         authorization = headers.get("authorization")
         if api_key is not None:

@@ -16,6 +16,12 @@ touch keys they read from the record, so they need a single Redis (not Redis Clu
 Any Redis error or a reply slower than ``timeout_s`` raises BackendUnavailable. After a
 timeout the script may still have run in Redis; the caller's fallback then charges the
 request locally too, erring on the side of counting it twice rather than not at all.
+
+Charges and reservations of concurrent checks share round trips (as envoyproxy/ratelimit
+pipelines): every reserve that arrives while the event loop is busy with one turn is queued,
+and the queue goes to Redis as one pipeline (EVALSHA per check, no MULTI: each script is
+atomic on its own) at the start of the next turn. Under load a round trip carries as many
+checks as arrived meanwhile; an idle sidecar sends each one as it comes.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from common import strict_json
 from sidecar.ratelimit.base import BackendUnavailable, Budget, BudgetState, Claimed, RateLimitResult, Reservation
 from sidecar.ratelimit.gcra import SLACK_UNITS
 from sidecar.ratelimit.settle import settle
@@ -172,6 +179,9 @@ class RedisRateLimiter:
         self._adjust = self._client.register_script(ADJUST_SCRIPT)
         self._records = key_prefix + "res:"
         self._index = key_prefix + "res:index"
+        # reserve calls waiting for the next pipeline: (keys, args, future of the reply)
+        self._queued: list[tuple[list[str], list[Any], asyncio.Future]] = []
+        self._sending: set[asyncio.Task] = set()
 
     async def charge(self, budgets: Sequence[Budget]) -> RateLimitResult:
         """A reservation that is never claimed: the same script, with no record and no slots."""
@@ -184,14 +194,15 @@ class RedisRateLimiter:
         keys = [self._key_prefix + b.key for b in budgets] + [self._key_prefix + s.key for s in slots]
         if reservation.reservation_id:
             keys += [self._records + reservation.reservation_id, self._index]
-        record = json.dumps({**_record_fields(reservation), "slots": keys[len(budgets):len(budgets) + len(slots)]},
-                            separators=(",", ":"))
+        # the record is only stored for a reservation (a plain charge passes "")
+        record = strict_json.dumps({**_record_fields(reservation), "slots": keys[len(budgets):len(budgets) + len(slots)]}
+                                   ) if reservation.reservation_id else b""
         args: list[str | int] = [repr(SLACK_UNITS), len(budgets), len(slots), repr(reservation.ttl_s * 1e6),
                                  reservation.reservation_id, record]
         for b in budgets:
             args += [b.limit, repr(b.period_s * 1e6), b.cost]
         args += [s.limit for s in slots]
-        reply = await self._run(self._reserve, keys, args)
+        reply = await self._queue(keys, args)
         allowed = reply[0] == 1
         debts = {b.key: float(d) / 1e6 for b, d in zip(budgets, reply[1:1 + len(budgets)])}
         charged = settle(0.0, budgets, debts.__getitem__)
@@ -232,7 +243,54 @@ class RedisRateLimiter:
         except (RedisError, OSError) as exc:  # TimeoutError (the deadline) is an OSError
             raise BackendUnavailable(f"redis: {type(exc).__name__}") from exc
 
+    async def _queue(self, keys: list[str], args: list[Any]) -> Any:
+        """RESERVE_SCRIPT's reply, sent in the next pipeline (module docstring)."""
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        # read even when its caller gave up (timeout), so asyncio never logs it as unretrieved
+        reply.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queued.append((keys, args, reply))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await asyncio.shield(reply)  # a late reply must not cancel the others' pipeline
+        except TimeoutError as exc:
+            raise BackendUnavailable("redis: TimeoutError") from exc
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> None:
+        try:
+            if len(batch) == 1:
+                keys, args, _ = batch[0]
+                replies = [await self._reserve(keys=keys, args=args)]
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for keys, args, _ in batch:
+                    pipe.evalsha(self._reserve.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+                for i, reply in enumerate(replies):
+                    if isinstance(reply, NoScriptError):  # Redis restarted: load it once, run again
+                        keys, args, _ = batch[i]
+                        replies[i] = await self._reserve(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            replies = [exc] * len(batch)
+        for (_, _, future), reply in zip(batch, replies):
+            if future.done():
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(BackendUnavailable(f"redis: {type(reply).__name__}"))
+            else:
+                future.set_result(reply)
+
     async def close(self) -> None:
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=self._timeout_s)
         await self._client.aclose()
 
 

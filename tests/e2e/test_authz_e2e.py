@@ -48,13 +48,13 @@ def set_limits(stack: AuthzStack, tier: str, **limits: int) -> None:
 
 
 @pytest.fixture
-def make_stack(tmp_path: Path, rsa_key) -> Iterator:
+def make_stack(tmp_path: Path, rsa_key, transport: str) -> Iterator:
     stacks: list[AuthzStack] = []
 
     def factory(**kwargs) -> AuthzStack:
         workdir = tmp_path / f"stack{len(stacks)}"
         workdir.mkdir()
-        stack = AuthzStack(workdir, **kwargs)
+        stack = AuthzStack(workdir, **{"transport": transport, **kwargs})
         jwks = workdir / "jwks.json"
         write_jwks(jwks, rsa_key)
         stack.authz_overrides.setdefault("identity", {})["jwt"] = {

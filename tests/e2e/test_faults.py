@@ -40,8 +40,8 @@ def unlimited_stack(tmp_path, **kwargs) -> AuthzStack:
     return stack.start()
 
 
-async def test_sidecar_killed_and_restarted_under_load(tmp_path):
-    stack = unlimited_stack(tmp_path)
+async def test_sidecar_killed_and_restarted_under_load(tmp_path, transport):
+    stack = unlimited_stack(tmp_path, transport=transport)
     try:
         stop, statuses = asyncio.Event(), []
         load = asyncio.create_task(drive(stack, stop, statuses))
@@ -64,8 +64,8 @@ async def test_sidecar_killed_and_restarted_under_load(tmp_path):
         stack.stop()
 
 
-async def test_opa_frozen_under_load_fails_closed_then_recovers(tmp_path):
-    stack = unlimited_stack(tmp_path)
+async def test_opa_frozen_under_load_fails_closed_then_recovers(tmp_path, transport):
+    stack = unlimited_stack(tmp_path, transport=transport)
     opa = stack.procs["opa"]
     try:
         stop, statuses = asyncio.Event(), []
@@ -89,10 +89,10 @@ async def test_opa_frozen_under_load_fails_closed_then_recovers(tmp_path):
         stack.stop()
 
 
-async def test_redis_killed_and_restarted_falls_back_then_shares_again(tmp_path, redis_server, redis_url):
+async def test_redis_killed_and_restarted_falls_back_then_shares_again(tmp_path, redis_server, redis_url, transport):
     from tests import procs
 
-    stack = unlimited_stack(tmp_path, redis_url=redis_url)
+    stack = unlimited_stack(tmp_path, redis_url=redis_url, transport=transport)
     try:
         stop, statuses = asyncio.Event(), []
         load = asyncio.create_task(drive(stack, stop, statuses))

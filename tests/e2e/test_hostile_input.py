@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernelgate.config import load
-from sidecar import server
+from sidecar import http_transport, server
+from tests.e2e.conftest import TRANSPORTS
 from tests.e2e.test_authz_e2e import post
 from tests.stack import ACME_KEY, AuthzStack
 
@@ -79,8 +80,14 @@ def test_fuzzed_checks_never_fail_with_500_or_leak(opa_stack: AuthzStack, method
         headers["authorization"] = "Bearer " + "x.y.z"
     elif credential == "bearer-huge":
         headers["authorization"] = "Bearer " + "a" * 20000 + ".b.c"
-    answers = asyncio.run(_check_all([check_request(method, path, headers, body)], opa_stack))
-    (response, log_text), = answers
+    grpc_request = check_request(method, path, headers, body)
+    # The HTTP data path: the same request as Envoy's http_service sends it, through the adapter.
+    http_request = http_transport.check_request(method, http_transport.PATH_PREFIX + path,
+                                                {**headers, "host": "localhost"}, body.encode("utf-8", "replace"))
+    answers = asyncio.run(_check_all([grpc_request, http_request], opa_stack))
+    (response, log_text), (http_response, _) = answers
+    assert _comparable(http_response) == _comparable(response), "the HTTP data path decided differently"
+    http_transport.frame(http_response)  # every answer can be framed as HTTP
     assert isinstance(response, external_auth_pb2.CheckResponse)
     if response.HasField("denied_response"):
         status = response.denied_response.status.code
@@ -90,6 +97,17 @@ def test_fuzzed_checks_never_fail_with_500_or_leak(opa_stack: AuthzStack, method
     else:
         assert response.status.code == 0
     assert SECRET not in log_text
+
+
+def _comparable(response: external_auth_pb2.CheckResponse) -> tuple:
+    """Status, headers and body of an answer, less the per-check decision id."""
+    def headers(options) -> dict:
+        return {o.header.key: o.header.value for o in options if not o.header.key.endswith("decision-id")}
+    if response.HasField("denied_response"):
+        d = response.denied_response
+        return ("deny", d.status.code, headers(d.headers), d.body)
+    ok = response.ok_response
+    return ("allow", headers(ok.headers), sorted(ok.headers_to_remove), headers(ok.response_headers_to_add))
 
 
 async def _check_all(requests, stack: AuthzStack):
@@ -107,9 +125,9 @@ async def _check_all(requests, stack: AuthzStack):
 
 
 # --- through Envoy: the path the policy sees is the path the upstream gets ----------------
-@pytest.fixture(scope="module")
-def envoy_stack(tmp_path_factory):
-    stack = AuthzStack(tmp_path_factory.mktemp("hostile")).start()
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def envoy_stack(tmp_path_factory, request):
+    stack = AuthzStack(tmp_path_factory.mktemp("hostile"), transport=request.param).start()
     yield stack
     stack.stop()
 

@@ -8,6 +8,7 @@ import json
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import grpc
@@ -56,7 +57,8 @@ def client_context(ca: Issued, client: Issued | None, directory: Path) -> ssl.SS
     return context
 
 
-async def test_client_certificate_identity_through_envoy(tmp_path: Path, stacks: list[AuthzStack]) -> None:
+async def test_client_certificate_identity_through_envoy(tmp_path: Path, stacks: list[AuthzStack],
+                                                         transport: str) -> None:
     ca = make_ca()
     certs = tmp_path / "certs"
     certs.mkdir()
@@ -64,7 +66,7 @@ async def test_client_certificate_identity_through_envoy(tmp_path: Path, stacks:
     server_cert, server_key = issue(ca, "envoy", server=True).write(certs, "envoy")
     workdir = tmp_path / "stack"
     workdir.mkdir()
-    stack = AuthzStack(workdir, envoy_overrides={
+    stack = AuthzStack(workdir, transport=transport, envoy_overrides={
         "tls_cert_file": str(server_cert), "tls_key_file": str(server_key), "tls_client_ca_file": str(certs / "ca.crt")},
         authz_overrides={"identity": {"mtls": {"enabled": True, "identities": {
             SPIFFE_ACME: {"tenant": "acme", "tier": "pro", "scopes": ["*"], "name": "acme-batch"}}}}})
@@ -90,6 +92,24 @@ async def test_client_certificate_identity_through_envoy(tmp_path: Path, stacks:
         with pytest.raises(aiohttp.ClientError):
             await post(url, ssl_context=client_context(ca, client, certs))
     assert len(stack.decisions()) == 2
+
+
+async def test_peer_attributes_cannot_be_forged_with_headers(tmp_path: Path, stacks: list[AuthzStack],
+                                                            transport: str) -> None:
+    """The HTTP transport carries what Envoy knows of the TLS peer in x-kernelgate-authz-* headers;
+    a client sending those itself (here over plain HTTP) must not become the certificate's tenant."""
+    ca = make_ca()
+    acme = issue(ca, "acme batch", uris=(SPIFFE_ACME,))
+    stack = AuthzStack(tmp_path, transport=transport, authz_overrides={"identity": {"mtls": {
+        "enabled": True, "identities": {SPIFFE_ACME: {"tenant": "acme", "tier": "pro", "scopes": ["*"]}}}}})
+    stacks.append(stack)
+    stack.start()
+    forged = {"x-kernelgate-authz-source-certificate": quote(acme.cert_pem.decode()),
+              "x-kernelgate-authz-source-uri-san": SPIFFE_ACME, "x-kernelgate-authz-source-subject": "CN=acme"}
+    status, body = await post(stack.url, headers=forged)
+    record = stack.decisions()[-1]
+    assert record["identity_method"] != "mtls" and record["tenant"] != "acme", record
+    assert status == 401 and body["error"]["code"] == "missing_credentials", body
 
 
 # --- a real identity provider, then its outage ---------------------------------------------------
@@ -118,7 +138,8 @@ async def metrics_text(port: int) -> str:
             return await resp.text()
 
 
-async def test_hydra_tokens_through_envoy_and_provider_outage(tmp_path: Path, stacks: list[AuthzStack]) -> None:
+async def test_hydra_tokens_through_envoy_and_provider_outage(tmp_path: Path, stacks: list[AuthzStack],
+                                                              transport: str) -> None:
     hydra: Hydra = start_hydra(tmp_path / "hydra")
     try:
         jwt_secret = hydra.create_client("acme", audience=[AUDIENCE])
@@ -126,7 +147,8 @@ async def test_hydra_tokens_through_envoy_and_provider_outage(tmp_path: Path, st
         workdir = tmp_path / "stack"
         workdir.mkdir()
         # Timeouts for a busy CI machine; the outage is seen through connection refusals anyway.
-        stack = AuthzStack(workdir, envoy_overrides={"authz_timeout_s": 5.0}, authz_overrides={"identity": {
+        stack = AuthzStack(workdir, transport=transport, envoy_overrides={"authz_timeout_s": 5.0},
+                           authz_overrides={"identity": {
             "issuers": [{"issuer": hydra.issuer, "audiences": [AUDIENCE], "refresh_interval_s": 0.5,
                          "retry_interval_s": 0.2, "fetch_timeout_s": 5, "check_wait_s": 5,
                          "claims": {"tenant": "client_id", "scopes": "scp", "tier": None}}],

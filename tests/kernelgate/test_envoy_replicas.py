@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,9 @@ import yaml
 from common.replicas import NOT_STARTED_HEADER
 from kernelgate.config import load
 from kernelgate.envoy_config import EnvoyConfig, render
-from common.processes import find_binary
 from common.settings import ConfigError, build
 from kernelgate.stack import replica_envs
+from tests.procs import envoy_validate
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -87,10 +86,7 @@ def test_envoy_accepts_the_bootstrap(tmp_path: Path) -> None:
     cfg = build(EnvoyConfig, {"upstream_addresses": ["127.0.0.1:8000", "localhost:8001"], "otlp_address": "x:4317",
                               "model_upstreams": {"tiny-gpt2": ["127.0.0.1:9000"]},
                               "access_log_path": str(tmp_path / "access.log")}, "envoy")
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(render(cfg)))
-    out = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path)], capture_output=True,
-                         text=True, timeout=60)
+    out = envoy_validate(render(cfg), tmp_path / "envoy.yaml")
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 import string
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from common.processes import ROOT
 from kernelgate.policy_bundle import build_wasm_bundle
 from sidecar.config import OpaConfig
+from sidecar.decision import DecisionCache, Decider, DecisionUnavailable
 from sidecar.input import build_input
 from sidecar.opa_wasm import BundleError, WasmPolicyClient
 from tests import procs
@@ -111,6 +113,32 @@ def test_bundle_reload_changes_revision_and_decision(policy_pair, tmp_path: Path
     revision = asyncio.run(client.revision())
     assert asyncio.run(client.evaluate(doc))["allowed"] is True
     assert revision == asyncio.run(client.revision())
+
+
+async def test_a_runaway_wasm_evaluation_is_cut_off_at_the_deadline(tmp_path: Path):
+    """In process, the Decider sets no asyncio timer (evaluate never yields): wasmtime's epoch
+    deadline (opa.timeout_s) interrupts the evaluation, and the check fails closed as unavailable."""
+    policies = tmp_path / "slow"
+    policies.mkdir()
+    (policies / "p.rego").write_text("package envoy.authz\n\nimport rego.v1\n\n"
+                                     "result := {\"allowed\": n > 0} if {\n"
+                                     "\tn := count([x | some x in numbers.range(1, input.parsed_body.n); x % 7 == 3])\n}\n")
+    bundle = build_wasm_bundle(policies, tmp_path / "slow.tar.gz", "envoy/authz/result")
+    config = OpaConfig(mode="wasm", wasm_bundle_file=str(bundle), timeout_s=0.2)
+    client = WasmPolicyClient(config)
+    decider = Decider(config, client, DecisionCache(0, 1))
+    def asking(n: int) -> dict:
+        return document("POST", "/v1/completions", json.dumps({"n": n}), IDENTITIES[0])
+
+    try:
+        assert client.in_process and (await decider.decide(asking(100))).allowed
+        started = time.monotonic()
+        with pytest.raises(DecisionUnavailable, match="time limit"):
+            await decider.decide(asking(10**9))
+        assert time.monotonic() - started < 5
+        assert (await decider.decide(asking(50))).allowed  # the next evaluation runs normally
+    finally:
+        await client.close()  # stops its epoch ticker thread
 
 
 def test_bad_bundles_are_refused_at_start(tmp_path: Path):

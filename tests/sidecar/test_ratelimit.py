@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import time
@@ -197,6 +198,30 @@ async def test_redis_replicas_share_one_budget(redis_url: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_concurrent_checks_share_round_trips_and_stay_exact(redis_limiter: RedisRateLimiter,
+                                                                   redis_url: str) -> None:
+    """Checks that reach Redis in one event-loop turn go as one pipeline; each script is still
+    atomic, so a budget of 10 admits exactly 10 of 40 concurrent checks, also right after the
+    scripts vanished from Redis (SCRIPT FLUSH, as after a restart: NOSCRIPT, loaded once again)."""
+    pipelines = []
+    make_pipeline = redis_limiter._client.pipeline
+
+    def counting_pipeline(*args, **kwargs):
+        pipelines.append(1)
+        return make_pipeline(*args, **kwargs)
+
+    redis_limiter._client.pipeline = counting_pipeline
+    for attempt, key in enumerate(("batched", "after-flush")):
+        if attempt:
+            client = aioredis.Redis.from_url(redis_url)
+            await client.script_flush()
+            await client.aclose()
+        results = await asyncio.gather(*(redis_limiter.charge([requests(key, limit=10)]) for _ in range(40)))
+        assert sum(r.allowed for r in results) == 10
+        assert sorted(r.states[0].remaining for r in results if r.allowed) == list(range(10))
+    assert 1 <= len(pipelines) <= 4  # 80 checks, a handful of round trips
 
 
 async def test_redis_keys_expire(redis_limiter: RedisRateLimiter, redis_url: str) -> None:

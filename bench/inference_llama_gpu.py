@@ -348,7 +348,7 @@ def write_result(args: argparse.Namespace, bandwidth: float, lengths: list[int],
         except Exception:  # noqa: BLE001 - report what is importable
             versions[module] = None
     result = {
-        "command": " ".join([f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}"] * bool(os.environ.get("PYTHONPATH"))
+        "command": " ".join(([f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}"] if os.environ.get("PYTHONPATH") else [])
                             + ["python3"] + [shlex.quote(a) for a in sys.argv]),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "gpus": torch.cuda.device_count() if args.device == "cuda" else 0, "versions": versions,

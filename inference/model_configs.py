@@ -21,6 +21,16 @@ def _tiny_gpt2() -> PretrainedConfig:
                       bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
 
 
+def _tiny_gpt2_sharp() -> PretrainedConfig:
+    """tiny-gpt2 with a wide initialisation (std 1 instead of 0.02): its random logits are far apart, so a
+    greedy choice is not a near-tie that rounding can flip. For checks that compare two versions' outputs
+    (the shadow run of a new version): at the default init the logits of a random tiny model differ by
+    ~1e-4, and the same weights in two engines can pick different tokens."""
+    config = _tiny_gpt2()
+    config.initializer_range = 1.0
+    return config
+
+
 def _tiny_opt() -> PretrainedConfig:
     return OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
                      max_position_embeddings=512, vocab_size=DEMO_VOCAB, word_embed_proj_dim=64,
@@ -101,6 +111,7 @@ def _opt_1_3b() -> PretrainedConfig:
 
 RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-gpt2": _tiny_gpt2,
+    "tiny-gpt2-sharp": _tiny_gpt2_sharp,
     "tiny-opt": _tiny_opt,
     "tiny-llama": _tiny_llama,
     "small-gpt2": _small_gpt2,

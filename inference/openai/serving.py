@@ -18,11 +18,12 @@ is activated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -301,17 +302,11 @@ class GenerationModels:
         served = self.served_model(model, caller.routed_model)
         lease = self.lease(served, caller.model_version)
         headers = {MODEL_VERSION_HEADER: lease.version}
-        try:
+        with _released_on_failure(lease, headers):
             span.set_attribute(names.MODEL_VERSION, lease.version)
             submitted = await lease.serving.generate(model, served, sampling, tokenize, caller=caller, span=span,
                                                      started=started, operation=operation, id_prefix=id_prefix,
                                                      shapes=shapes)
-        except RequestError as err:
-            lease.release()
-            raise _with_headers(err, headers) from None
-        except BaseException:
-            lease.release()
-            raise
         return Served(_on_version(submitted.response, lease, headers), submitted.streams)
 
 
@@ -320,17 +315,24 @@ def _with_headers(err: RequestError, headers: Mapping[str, str]) -> RequestError
     return RequestError(err.status, err.message, err.param, err.type, err.code, {**err.headers, **headers})
 
 
-async def _on_version(response: Result | Awaitable[Result], lease: VersionLease, headers: Mapping[str, str]) -> Framed:
-    """The response framed with the version that answered; the lease is held until it ends (a stream's:
-    until the stream is closed)."""
+@contextlib.contextmanager
+def _released_on_failure(lease: VersionLease, headers: Mapping[str, str]) -> Iterator[None]:
+    """Release ``lease`` if the block fails; a refusal leaves with the version's ``headers`` added."""
     try:
-        result = await response if inspect.isawaitable(response) else response
+        yield
     except RequestError as err:
         lease.release()
         raise _with_headers(err, headers) from None
     except BaseException:
         lease.release()
         raise
+
+
+async def _on_version(response: Result | Awaitable[Result], lease: VersionLease, headers: Mapping[str, str]) -> Framed:
+    """The response framed with the version that answered; the lease is held until it ends (a stream's:
+    until the stream is closed)."""
+    with _released_on_failure(lease, headers):
+        result = await response if inspect.isawaitable(response) else response
     if isinstance(result, Stream):
         return Framed(result.closing(lease.release), headers)
     lease.release()

@@ -11,10 +11,13 @@ of ``--new-tokens`` tokens on a tiny random-weight model, and a runner wrapper (
 * ``model_ms``: time inside ``runner.decode`` (the model on the CPU: not the GPU's number);
 * ``between_ms``: from one ``decode`` returning to the next one starting: all of the engine's
   own per-step work;
-* ``critical_ms``: from the sampled token being on the host (the sampler's ``pick`` returning: on the
-  GPU that is where the step's kernels have finished) to the next ``decode`` call: the part of
-  that work the GPU idles for at batch 1 (work done after the next step is launched, such as
-  handing the outputs to the event loop, overlaps the GPU's step and is not in it);
+* ``critical_ms``: from a step's sampled token being on the host (the sampler's pending picks
+  read: on the GPU that is where the step's kernels have finished) to the launch of the step that
+  takes that token as input, 0 when that step was launched before (pipelined decode,
+  ``batching.pipeline_decode``: the token is fed on the device): the part of the engine's work
+  the GPU idles for at batch 1 (work done after the next step is launched, such as handing the
+  outputs to the event loop, overlaps the GPU's step and is not in it); ``lead_ms``: the same
+  difference unclipped (negative: the next step was queued that long before the token was read);
 * with ``--breakdown``, the same gap split by engine function (wrapped with timers).
 
 Medians over the steps after ``--skip`` warm-up steps, best of ``--rounds`` requests.
@@ -56,6 +59,12 @@ class TimedRunner:
         self.calls.append((started, time.perf_counter()))
         return out
 
+    def decode_from(self, tokens: Any, positions: list[int]) -> Any:
+        started = time.perf_counter()
+        out = self._runner.decode_from(tokens, positions)
+        self.calls.append((started, time.perf_counter()))
+        return out
+
 
 def _timed(owner: Any, name: str, totals: dict[str, list[float]]) -> None:
     inner = getattr(owner, name)
@@ -89,6 +98,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip", type=int, default=8)
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--pipeline", choices=("on", "off"), default="on",
+                        help="batching.pipeline_decode: launch step N+1 before reading step N's token")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -97,7 +108,7 @@ def main() -> int:
     from inference import engine as engine_module
     from inference.config import BatchingConfig, ModelConfig
     from inference.metrics import InferenceMetrics
-    from inference.sampling import SlotSampling
+    from inference.sampling import PendingPicks
     from inference.tracing import Tracing
 
     holder: dict[str, TimedRunner] = {}
@@ -107,18 +118,21 @@ def main() -> int:
         return holder["runner"]
 
     model = ModelConfig(name=args.model, random_config=args.model, device="cpu", use_deepspeed=False)
-    engine = engine_module.Engine(model, BatchingConfig(max_batch_size=8, max_wait_ms=0.0),
+    batching = BatchingConfig(max_batch_size=8, max_wait_ms=0.0, pipeline_decode=args.pipeline == "on")
+    engine = engine_module.Engine(model, batching,
                                   InferenceMetrics(CollectorRegistry()), Tracing(), wrap_runner=wrap)
     parts: dict[str, list[float]] = defaultdict(list)
     sampled: list[float] = []
-    inner_pick = SlotSampling.pick
+    inner_result = PendingPicks.result
 
-    def pick(*a: Any, **k: Any) -> Any:
-        out = inner_pick(*a, **k)
-        sampled.append(time.perf_counter())
+    def result(self: Any) -> Any:  # when each step's tokens are first on the host
+        first = not self.read
+        out = inner_result(self)
+        if first:
+            sampled.append(time.perf_counter())
         return out
 
-    SlotSampling.pick = pick  # type: ignore[method-assign]
+    PendingPicks.result = result  # type: ignore[method-assign]
     if args.breakdown:
         for name in ("_append", "_deliver", "_notify_observer"):
             _timed(engine, name, parts)
@@ -143,11 +157,12 @@ def main() -> int:
             calls = runner.calls[args.skip:]
             model_ms = statistics.median(1000 * (end - start) for start, end in calls)
             between_ms = statistics.median(1000 * (b[0] - a[1]) for a, b in zip(calls, calls[1:]))
-            # sampled[0] is the prefill's token; sampled[i] follows decode call i - 1.
-            critical_ms = statistics.median(1000 * (runner.calls[i][0] - sampled[i])
-                                            for i in range(args.skip, len(runner.calls)))
+            # sampled[0] is the prefill's token; sampled[i] comes from decode call i - 1, and decode
+            # call i takes it as input (launched before it was read when pipelined).
+            leads = [1000 * (runner.calls[i][0] - sampled[i]) for i in range(args.skip, len(runner.calls))]
             row = {"model_ms": round(model_ms, 4), "between_ms": round(between_ms, 4),
-                   "critical_ms": round(critical_ms, 4)}
+                   "critical_ms": round(statistics.median(max(0.0, lead) for lead in leads), 4),
+                   "lead_ms": round(statistics.median(leads), 4)}
             if args.breakdown:
                 row["parts_us"] = {name: round(1e6 * statistics.median(v[args.skip:] or v), 1)
                                    for name, v in parts.items() if v}
@@ -155,9 +170,9 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     finally:
         engine.shutdown(10)
-    best = min(rounds, key=lambda r: r["critical_ms"])
+    best = min(rounds, key=lambda r: (r["critical_ms"], r["lead_ms"]))
     result = {"command": " ".join(["python3"] + [shlex.quote(a) for a in sys.argv]), "device": "cpu",
-              "model": args.model, "new_tokens": args.new_tokens, "best": best, "rounds": rounds}
+              "model": args.model, "pipeline_decode": args.pipeline == "on", "new_tokens": args.new_tokens, "best": best, "rounds": rounds}
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

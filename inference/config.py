@@ -77,12 +77,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Bounds of the continuous batch and of the waiting queue in front of it."""
+    """Bounds of the continuous batch and of the waiting queue in front of it.
+
+    ``pipeline_decode``: launch decode step N+1 before reading step N's tokens (they feed the
+    next step on the device), so the host's per-step work overlaps the device's step instead
+    of leaving it idle. Tokens are the same either way; steps that cannot be launched early
+    (a grammar-constrained sequence, a step that admits, retires or aborts a sequence, kernel
+    tracing attached) run one at a time. ``false``: always one at a time.
+    """
 
     max_batch_size: int = 16
     max_tokens_in_flight: int = 65536
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    pipeline_decode: bool = True
 
     def __post_init__(self) -> None:
         require(self.max_batch_size >= 1, f"batching.max_batch_size must be >= 1, got {self.max_batch_size}")

@@ -28,7 +28,7 @@ from inference.generation import (EngineDeadError, EngineNotReadyError, EngineSt
 from inference.metrics import InferenceMetrics
 from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
-from inference.sampling import Pick, RequestSampler, SlotSampling, prompt_logprobs
+from inference.sampling import PendingPicks, Pick, RequestSampler, SlotSampling, prompt_logprobs
 from inference.scheduler import Scheduler, Sequence
 from inference.structured import Grammars
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
@@ -57,6 +57,19 @@ class _Held:
             self.deliveries[row] = (sink, replace(output, text=text))
         self.untexted = []
         return self.deliveries
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose tokens are not read yet (its picks are pending)."""
+
+    phase: StepPhase
+    seqs: list[Sequence]  # row i = seqs[i], as launched (a row whose sequence left since is dropped)
+    step: StepInfo
+    picks: PendingPicks
+    positions: list[int]  # decode: each row's input position (a chained step's are these + 1)
+    leaders: list[Sequence]
+    prompt_logits: dict[int, torch.Tensor]
 
 
 @dataclass
@@ -96,6 +109,11 @@ class Engine:
         self._sampling: SlotSampling | None = None
         self._guides: Grammars | None = None
         self._steps = 0
+        self._launches = 0
+        # Pipelined decode (batching.pipeline_decode): decode step N+1 is launched with step N's
+        # tokens still on the device, before the host reads them. A forward observer (kernel
+        # tracing) brackets one step at a time, so with one attached steps run one at a time.
+        self._pipelined = batching.pipeline_decode and forward_observer is None
         # A decode step's outputs (and its span) are handed on once the next step is launched:
         # the GPU works meanwhile, instead of idling through them at batch 1. A step that
         # finishes a sequence or prefills delivers at once.
@@ -226,7 +244,18 @@ class Engine:
         log.info("warm-up done in %.1fs", time.monotonic() - started)
 
     def _loop(self) -> None:
+        launched: _Launched | None = None  # a decode step whose tokens are not read yet
         while True:
+            if launched is not None:
+                following = None
+                if self._pipelined:
+                    with self._cond:
+                        chain = self._can_chain(launched)
+                    if chain:  # queued behind ``launched`` on the device, fed its tokens there
+                        following = self._launch("decode", launched.seqs, after=launched)
+                self._finish(launched)
+                launched = following
+                continue
             with self._cond:
                 self._apply_aborts()
                 now = time.monotonic_ns()
@@ -241,13 +270,30 @@ class Engine:
                     self._cond.wait(self._scheduler.wait_timeout_s(now))
                     continue
             if admitted:
-                self._step("prefill", admitted)
+                self._finish(self._launch("prefill", admitted))
             else:
-                self._step("decode", running)
+                launched = self._launch("decode", running)
 
-    def _step(self, phase: StepPhase, seqs: list[Sequence]) -> None:
+    def _can_chain(self, launched: _Launched) -> bool:
+        """Whether the next decode step may be launched before ``launched``'s tokens are read (caller
+        holds the lock): same batch in the same slots, nothing to admit or abort first, no grammar
+        (it masks each step on the host), and a token left to generate for some row. A row whose
+        sequence ends with ``launched``'s token (stop token, stop string) has the early step's
+        result dropped."""
+        seqs = launched.seqs
+        runner, sampling = self._runner, self._sampling
+        assert runner is not None and sampling is not None
+        return (launched.phase == "decode" and not self._aborts and seqs == self._scheduler.running
+                and not sampling.host_bound
+                and any(s.generated + 1 < s.request.params.max_tokens for s in seqs)
+                and max(launched.positions) + 1 < runner.max_len
+                and not self._scheduler.can_admit(time.monotonic_ns(), draining=self._stopping))
+
+    def _launch(self, phase: StepPhase, seqs: list[Sequence], after: _Launched | None = None) -> _Launched:
+        """Queue a step and its token choice on the device (``after``: a decode step fed the tokens
+        of ``after``, still unread, on the device); the previous step's held outputs go out meanwhile."""
         runner = self._runner
-        assert runner is not None
+        assert runner is not None and self._sampling is not None
         prompt_logits: dict[int, torch.Tensor] = {}
         if phase == "prefill":
             for seq in seqs:
@@ -258,11 +304,13 @@ class Engine:
         else:
             leaders = seqs
             tokens = [1] * len(seqs)
-        step = StepInfo(index=self._steps, phase=phase, batch_size=len(seqs), num_tokens=sum(tokens),
+        step = StepInfo(index=self._launches, phase=phase, batch_size=len(seqs), num_tokens=sum(tokens),
                         request_ids=tuple(s.request_id for s in seqs), start_time_ns=time.time_ns(),
                         trace_contexts=tuple(s.request.trace_context for s in seqs),
                         tokens_per_sequence=tuple(tokens))
+        self._launches += 1
         self._notify_observer("start", step, None)
+        positions: list[int] = []
         if phase == "prefill":
             prompts = [s.token_ids for s in leaders]
             echo_rows = [i for i, s in enumerate(leaders) if s.request.params.prompt_logprobs is not None]
@@ -277,24 +325,37 @@ class Engine:
                 runner.move(fork.leader.slot, fork.slot, fork.prompt_len)
             if forks:
                 logits = logits[torch.tensor([row_of[id(s.leader or s)] for s in seqs], device=logits.device)]
+        elif after is None:
+            positions = [len(s.token_ids) - 1 for s in seqs]
+            logits = runner.decode([s.token_ids[-1] for s in seqs], positions)
         else:
-            logits = runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
-        self._release_held()  # the step is launched: the previous one's outputs go out meanwhile
-        assert self._sampling is not None
-        picks = self._sampling.pick(logits, seqs[0].slot, [s.state.sampler for s in seqs])
+            positions = [p + 1 for p in after.positions]
+            logits = runner.decode_from(after.picks.tokens, positions)
+            self.metrics.pipelined_steps.inc()
+        picks = self._sampling.launch(logits, seqs[0].slot, [s.state.sampler for s in seqs])
+        self._release_held()  # the step is queued: the previous one's outputs go out meanwhile
+        return _Launched(phase, seqs, step, picks, positions, leaders, prompt_logits)
+
+    def _finish(self, launched: _Launched) -> None:
+        """Read a launched step's tokens and apply them: append, stop checks, retire, deliver (or hold)."""
+        self._release_held()  # a step finished without a launch since (not chained): its outputs go first
+        phase, seqs, step, leaders = launched.phase, launched.seqs, launched.step, launched.leaders
+        picks = launched.picks.result()
         echoes = {id(leaders[row]): prompt_logprobs(full_logits, leaders[row].token_ids,
                                                     leaders[row].request.params.prompt_logprobs or 0)
-                  for row, full_logits in prompt_logits.items()}
+                  for row, full_logits in launched.prompt_logits.items()}
         end_ns, now = time.time_ns(), time.monotonic_ns()
         self._steps += 1
         deliveries: list[tuple[RequestStream, GenerationOutput]] = []
         done: list[Sequence] = []
         untexted: list[tuple[int, _DecodeState]] = []  # rows whose text is detokenized after the next launch
-        for row, (seq, pick) in enumerate(zip(seqs, picks)):
+        for seq, pick in zip(seqs, picks):
+            if seq.slot < 0:  # it ended with the step before (this step was launched before that was known)
+                continue
             output, later = self._append(seq, pick, now, echoes.get(id(seq.leader or seq)), phase == "decode")
-            deliveries.append((seq.sink, output))
             if later:
-                untexted.append((row, seq.state))
+                untexted.append((len(deliveries), seq.state))
+            deliveries.append((seq.sink, output))
             if output.finished:
                 done.append(seq)
         with self._cond:
@@ -302,7 +363,7 @@ class Engine:
                 self._retire(seq)
             self.metrics.running.set(len(self._scheduler.running))
         self.metrics.batch_size.labels(phase).observe(len(seqs))
-        self.metrics.generated_tokens.inc(len(seqs))
+        self.metrics.generated_tokens.inc(len(deliveries))
         if phase == "prefill":
             self.metrics.prompt_tokens.inc(step.num_tokens)
         contexts = [s.request.trace_context for s in seqs]

@@ -43,6 +43,9 @@ class InferenceMetrics:
                                         "Completion tokens generated", registry=registry)
         self.prompt_tokens = Counter("kernelgate_inference_prompt_tokens", "Prompt tokens prefilled",
                                      registry=registry)
+        self.pipelined_steps = Counter("kernelgate_inference_pipelined_decode_steps",
+                                       "Decode steps launched before the previous step's tokens were read "
+                                       "(batching.pipeline_decode)", registry=registry)
         self.finished = Counter("kernelgate_inference_finished_requests",
                                 "Generation requests by finish reason", ["reason"], registry=registry)
         self.gpu_memory = Gauge("kernelgate_inference_gpu_memory_bytes",

@@ -111,11 +111,15 @@ class ModelRunner:
         self._bucket_of = [next(b for b in self._buckets if b >= rows) for rows in range(num_slots + 1)]
         # The graphs' inputs: tokens and positions, one device buffer filled by one copy per step
         # from a pinned host buffer written in place through a numpy view (no tensor per step).
+        # Two host buffers, used in turn: a step may be launched while the previous one's copy
+        # has not run yet (pipelined decode launches before the previous step is read).
         self._static_io = torch.zeros(2, num_slots, 1, dtype=torch.long, device=device)
         self._static_tokens, self._static_positions = self._static_io[0], self._static_io[1]
-        self._staging = torch.zeros(2, num_slots, 1, dtype=torch.long, pin_memory=device.type == "cuda")
-        self._staging_np = self._staging.numpy()[:, :, 0]
-        self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
+        self._staging = [torch.zeros(2, num_slots, 1, dtype=torch.long, pin_memory=device.type == "cuda")
+                         for _ in range(2)]
+        self._staging_np = [buffer.numpy()[:, :, 0] for buffer in self._staging]
+        self._staged: list[torch.cuda.Event | None] = [None, None]  # the last copy out of each buffer
+        self._stage_turn = 0
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -169,6 +173,26 @@ class ModelRunner:
         position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
         return self._decode_logits(token_tensor, position_tensor, kv_len)
 
+    def decode_from(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """As :meth:`decode`, with the tokens already on the device (``[rows]`` int64: the previous
+        step's choices, not read back yet), so this step is queued before the host knows them.
+
+        On CUDA graphs: the positions go up with the usual pinned copy, then one device-to-device
+        copy puts the tokens into the graph's static input; nothing waits for the device.
+        """
+        rows = len(positions)
+        kv_len = kv_bucket(max(positions) + 1, self.max_len)
+        if self._graphs:
+            size = self._bucket_of[rows]
+            graph = self._graphs.get((size, kv_len))
+            if graph is not None:
+                self._stage(None, positions, size)
+                self._static_tokens[:rows].view(-1).copy_(tokens)
+                graph.graph.replay()
+                return graph.logits[:rows]
+        position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
+        return self._decode_logits(tokens.view(rows, 1), position_tensor, kv_len)
+
     def move(self, src: int, dst: int, length: int) -> None:
         self.kv.move(src, dst, length)
 
@@ -220,24 +244,28 @@ class ModelRunner:
         torch.cuda.current_stream().wait_stream(stream)
         return _DecodeGraph(graph=graph, logits=logits)
 
-    def _stage(self, tokens: list[int], positions: list[int], size: int) -> None:
+    def _stage(self, tokens: list[int] | None, positions: list[int], size: int) -> None:
         """Copy this step's tokens/positions into the graph's static inputs (pinned, asynchronous).
 
-        The pinned buffer is rewritten only once the previous step's copy out of it has run:
-        a caller that does not read the logits back (no sync) would otherwise change the
-        previous step's inputs under it.
+        ``tokens`` None: the caller copies them on the device afterwards. A pinned buffer is
+        rewritten only once its previous copy (two steps ago) has run: a caller that does not
+        read the logits back (no sync) would otherwise change that step's inputs under it.
         """
-        if self._staged is not None:
-            self._staged.synchronize()
-        rows = len(tokens)
-        host = self._staging_np
-        host[0, :rows] = tokens
+        turn = self._stage_turn
+        self._stage_turn ^= 1
+        staged = self._staged[turn]
+        if staged is not None:
+            staged.synchronize()
+        rows = len(positions)
+        host = self._staging_np[turn]
+        if tokens is not None:
+            host[0, :rows] = tokens
         host[1, :rows] = positions
         host[:, rows:size] = 0
-        self._static_io.copy_(self._staging, non_blocking=True)
-        if self._staged is None:
-            self._staged = torch.cuda.Event()
-        self._staged.record()
+        self._static_io.copy_(self._staging[turn], non_blocking=True)
+        if staged is None:
+            staged = self._staged[turn] = torch.cuda.Event()
+        staged.record()
 
     # -- forward ----------------------------------------------------------------------------
 

@@ -113,9 +113,10 @@ class SlotSampling:
         if vocab_size > EXACT_IDS:
             raise ValueError(f"a vocabulary of {vocab_size} tokens: ids above 2^24 do not fit the fp32 result table")
         self._pin = device.type == "cuda"
-        self._host: dict[torch.dtype, torch.Tensor] = {}  # pinned buffers the step's results are copied into
-        self._copied = torch.cuda.Event() if self._pin else None
-        self._staging = torch.zeros(2 * slots, dtype=torch.long, pin_memory=self._pin)
+        # Two sets of pinned host buffers, used by turns: a step may be launched while the one
+        # before it is still unread (pipelined decode), and neither may overwrite the other's.
+        self._turns = [_Turn(slots, self._pin), _Turn(slots, self._pin)]
+        self._turn = 0
         self.host_syncs = 0  # device-to-host waits so far (one per step; tests count them)
         # log-probabilities through the Triton kernels: by default on CUDA where Triton is installed
         self.fused_logprobs = (device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -207,8 +208,25 @@ class SlotSampling:
 
     # -- a step --------------------------------------------------------------------------------
 
+    @property
+    def host_bound(self) -> bool:
+        """Whether a running sequence's next choice needs the host to have read its previous one
+        (a grammar mask: llguidance accepts each token on the host before it masks the next step),
+        so a step may not be launched before the previous step's tokens are read."""
+        return bool(self._guided)
+
     def pick(self, logits: torch.Tensor, first_slot: int, samplers: list[RequestSampler]) -> list[Pick]:
         """One token per row of ``logits`` ``[rows, vocab]`` (row i = slot ``first_slot + i``); one host sync."""
+        return self.launch(logits, first_slot, samplers).result()
+
+    def launch(self, logits: torch.Tensor, first_slot: int, samplers: list[RequestSampler]) -> PendingPicks:
+        """Queue the choice of one token per row on the device, and its copy to the host, without
+        waiting: :attr:`PendingPicks.tokens` (on the device) can feed the next step before
+        :meth:`PendingPicks.result` reads them. At most two launches may be unread at a time."""
+        turn = self._turns[self._turn]
+        if turn.pending is not None and not turn.pending.read:
+            raise RuntimeError("a third step's choice launched before the first one's was read")
+        self._turn ^= 1
         rows = logits.shape[0]
         top_k = max(self._logprobs) if self._logprobs else None
         adjusted = self._adjusted(logits, slice(first_slot, first_slot + rows))
@@ -217,7 +235,7 @@ class SlotSampling:
         if self._guided or self._sampled:  # the options that work row by row, for their rows only
             guided = [row for row, s in enumerate(samplers) if s.guide is not None]
             sampled = [row for row, s in enumerate(samplers) if not s.greedy]
-        guided_index, sampled_index = self._stage(guided, sampled)
+        guided_index, sampled_index = self._stage(turn, guided, sampled)
         if guided:
             adjusted = self._masked(adjusted, logits, [samplers[row] for row in guided], guided_index)
         choices = adjusted.argmax(dim=-1)
@@ -227,10 +245,9 @@ class SlotSampling:
         if self._penalized:  # each row's count of its new token, in place (a plain row's counts are unused)
             assert self._counts is not None
             self._counts[first_slot:first_slot + rows].scatter_add_(1, choices.view(-1, 1), self._ones[:rows])
-        if top_k is None:
-            return [Pick(token) for token in self._to_host(choices).tolist()]
-        table = self._to_host(self._logprob_table(logits, choices, top_k)).numpy()
-        return self._picks(table, samplers, top_k)
+        values = choices if top_k is None else self._logprob_table(logits, choices, top_k)
+        turn.pending = PendingPicks(self, choices, turn.to_host(values), turn.copied, samplers, top_k)
+        return turn.pending
 
     def _picks(self, table: np.ndarray, samplers: list[RequestSampler], top_k: int) -> list[Pick]:
         """The step's picks from its host table ``[rows, 2 + 2 top_k]`` (the pinned buffer, reused
@@ -292,39 +309,82 @@ class SlotSampling:
         adjusted[index] = adjusted[index].masked_fill(~masks, float("-inf"))
         return adjusted
 
-    def _stage(self, *lists: list[int]) -> list[torch.Tensor]:
-        """Short lists of row indices on the device, in one copy through a pinned buffer (not a
-        blocking copy). The buffer is rewritten next step, after this step's results came back
-        (the wait in :meth:`_to_host` covers this copy, enqueued before it)."""
+    def _stage(self, turn: _Turn, *lists: list[int]) -> list[torch.Tensor]:
+        """Short lists of row indices on the device, in one copy through ``turn``'s pinned buffer (not
+        a blocking copy). The buffer is rewritten two launches later, after this step's results
+        came back (the wait in :meth:`PendingPicks.result` covers this copy, enqueued before it)."""
         flat = [i for values in lists for i in values]
         if not flat:
-            return [self._staging[:0]] * len(lists)
-        if len(flat) > self._staging.numel():
-            self._staging = torch.zeros(2 * len(flat), dtype=torch.long, pin_memory=self._pin)
-        self._staging[:len(flat)] = torch.tensor(flat, dtype=torch.long)
-        staged = self._staging[:len(flat)].to(self.device, non_blocking=True)
+            return [turn.staging[:0]] * len(lists)
+        if len(flat) > turn.staging.numel():
+            turn.staging = torch.zeros(2 * len(flat), dtype=torch.long, pin_memory=self._pin)
+        turn.staging[:len(flat)] = torch.tensor(flat, dtype=torch.long)
+        staged = turn.staging[:len(flat)].to(self.device, non_blocking=True)
         out, start = [], 0
         for values in lists:
             out.append(staged[start:start + len(values)])
             start += len(values)
         return out
 
-    def _to_host(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` on the host: one asynchronous copy into a pinned buffer, one wait (the GIL
-        released while the device finishes the step). The buffer is reused next step: the caller
-        reads it (``tolist``) before returning. On the CPU the values are already there."""
-        self.host_syncs += 1
+
+class PendingPicks:
+    """A step's choices, queued on the device and not read yet.
+
+    ``tokens`` (``[rows]`` int64, on the device) can be the next step's inputs at once;
+    :meth:`result` waits for the copy to the host (once) and returns the picks.
+    """
+
+    def __init__(self, sampling: SlotSampling, tokens: torch.Tensor, host: torch.Tensor,
+                 copied: torch.cuda.Event | None, samplers: list[RequestSampler], top_k: int | None) -> None:
+        self.tokens = tokens
+        self._sampling = sampling
+        self._host = host
+        self._copied = copied
+        self._samplers = samplers
+        self._top_k = top_k
+        self._picks: list[Pick] | None = None
+
+    @property
+    def read(self) -> bool:
+        return self._picks is not None
+
+    def result(self) -> list[Pick]:
+        """One wait (the GIL released while the device finishes the step), then the picks. The host
+        buffer is reused two launches later: it is read here, before that can happen."""
+        if self._picks is None:
+            self._sampling.host_syncs += 1
+            if self._copied is not None:
+                self._copied.synchronize()
+            if self._top_k is None:
+                self._picks = [Pick(token) for token in self._host.tolist()]
+            else:
+                self._picks = self._sampling._picks(self._host.numpy(), self._samplers, self._top_k)
+        return self._picks
+
+
+class _Turn:
+    """One set of the sampler's pinned host buffers (results, row indices) and the event of its copy."""
+
+    def __init__(self, slots: int, pin: bool) -> None:
+        self._pin = pin
+        self.host: dict[torch.dtype, torch.Tensor] = {}  # pinned buffers a step's results are copied into
+        self.copied = torch.cuda.Event() if pin else None
+        self.staging = torch.zeros(2 * slots, dtype=torch.long, pin_memory=pin)
+        self.pending: PendingPicks | None = None
+
+    def to_host(self, values: torch.Tensor) -> torch.Tensor:
+        """``values``' copy on the host, queued (asynchronous, into a pinned buffer) and not waited
+        for; on the CPU the values are already there."""
         if values.device.type == "cpu":
             return values
-        buffer = self._host.get(values.dtype)
+        buffer = self.host.get(values.dtype)
         if buffer is None or buffer.numel() < values.numel():
-            buffer = self._host[values.dtype] = torch.empty(max(values.numel(), 64), dtype=values.dtype,
-                                                            pin_memory=self._pin)
+            buffer = self.host[values.dtype] = torch.empty(max(values.numel(), 64), dtype=values.dtype,
+                                                           pin_memory=self._pin)
         host = buffer[:values.numel()].view(values.shape)
         host.copy_(values, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
-            self._copied.synchronize()
+        if self.copied is not None:
+            self.copied.record()
         return host
 
 

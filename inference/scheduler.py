@@ -112,6 +112,16 @@ class Scheduler:
             self.running.append(seq)
         return ordered
 
+    def can_admit(self, now_ns: int, draining: bool = False) -> bool:
+        """Whether :meth:`admit` would admit anything now (it changes nothing)."""
+        if not self.waiting or self._should_wait(now_ns, draining):
+            return False
+        group = self._head_group()
+        if len(self.running) + len(group) > self._batching.max_batch_size:
+            return False
+        reserved = sum(s.reserved_tokens for s in group)
+        return not (self.running and self.tokens_in_flight + reserved > self._batching.max_tokens_in_flight)
+
     def _head_group(self) -> list[Sequence]:
         """The first waiting sequence and the ones that share its prefill."""
         head = self.waiting[0]

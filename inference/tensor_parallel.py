@@ -16,7 +16,11 @@ int64 frames (op, payload length, payload): a pipe needs no timeout while the se
 a write to a dead follower fails at once, and a follower reads end-of-file when rank 0 is
 gone. The first command (``OP_SETUP``) carries rank 0's runner geometry (slots, context,
 CUDA graphs), so every rank builds the same runner and captures the same graphs. Sampling
-happens on rank 0 only; followers compute the same logits and drop them.
+happens on rank 0 only; followers compute the same logits and drop them. A pipelined decode
+step (``OP_DECODE_FROM``: launched before rank 0 read the previous step's tokens) carries only
+positions; its tokens reach the followers from rank 0's device by a broadcast over the group.
+Rank 0 still waits for each step inside the watchdog's bracket, so under tensor parallelism the
+pipelined step keeps its semantics but does not overlap the host's work yet.
 
 Stop: rank 0 sends ``OP_STOP`` and every rank leaves the group together (NCCL's
 ``destroy_process_group`` waits for every member: one rank leaving alone hangs the others).
@@ -56,8 +60,8 @@ from inference.runner import ModelRunner
 
 log = logging.getLogger("kernelgate.inference.tp")
 
-OP_SETUP, OP_PREFILL, OP_DECODE, OP_MOVE, OP_CAPTURE, OP_STOP = range(6)
-OP_NAMES = ("setup", "prefill", "decode", "move", "graph capture", "stop")
+OP_SETUP, OP_PREFILL, OP_DECODE, OP_MOVE, OP_CAPTURE, OP_STOP, OP_DECODE_FROM = range(7)
+OP_NAMES = ("setup", "prefill", "decode", "move", "graph capture", "stop", "decode")
 JOIN_TIMEOUT = timedelta(minutes=10)  # starting the followers' interpreters and the rendezvous
 _WORD = 8  # bytes of one int64
 
@@ -215,6 +219,13 @@ class MirroredRunner:
         with self._step(OP_DECODE, list(tokens) + list(positions)):
             return self._runner.decode(tokens, positions)
 
+    def decode_from(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """A pipelined decode step: rank 0's tokens are still on its device (not read back), so they
+        reach the followers by a broadcast over the group, queued before the step's collectives."""
+        with self._step(OP_DECODE_FROM, list(positions)):
+            torch.distributed.broadcast(tokens, src=0)
+            return self._runner.decode_from(tokens, positions)
+
     def move(self, src: int, dst: int, length: int) -> None:
         with self._step(OP_MOVE, [src, dst, length]):
             self._runner.move(src, dst, length)
@@ -248,6 +259,10 @@ def follow(runner: ModelRunner, commands: IO[bytes]) -> bool:
         elif op == OP_DECODE:
             half = len(payload) // 2
             runner.decode(payload[:half], payload[half:])
+        elif op == OP_DECODE_FROM:  # the tokens come from rank 0's device, by broadcast
+            tokens = torch.empty(len(payload), dtype=torch.long, device=runner.device)
+            torch.distributed.broadcast(tokens, src=0)
+            runner.decode_from(tokens, payload)
         elif op == OP_MOVE:
             runner.move(*payload)
         elif op == OP_CAPTURE:

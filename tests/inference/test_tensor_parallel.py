@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -24,11 +26,11 @@ MODEL = {"name": "tiny-llama", "random_config": "tiny-llama", "device": "cpu", "
 PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 
-def _serve(tmp_path: Path, tp_size: int, **model: object) -> tuple[procs.Proc, int]:
+def _serve(tmp_path: Path, tp_size: int, batching: dict | None = None, **model: object) -> tuple[procs.Proc, int]:
     port = procs.free_port()
     config = {"inference": {"listen": {"host": "127.0.0.1", "port": port},
                             "model": {**MODEL, "tp_size": tp_size, **model},
-                            "batching": {"max_batch_size": 4},
+                            "batching": {"max_batch_size": 4, **(batching or {})},
                             "limits": {"drain_timeout_s": 5}}}
     path = tmp_path / f"tp{tp_size}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -50,6 +52,13 @@ def _complete(port: int, prompt: list[int], max_tokens: int = 16) -> tuple[int, 
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def _pipelined_steps(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    match = re.search(r"^kernelgate_inference_pipelined_decode_steps_total (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def _readyz(port: int) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
@@ -64,9 +73,13 @@ def _followers(proc: procs.Proc) -> list[psutil.Process]:
 
 
 def test_two_ranks_give_the_same_greedy_text_and_a_dead_rank_means_not_ready(tmp_path: Path) -> None:
-    single, port1 = _serve(tmp_path, 1)
+    # The reference: one process, one decode step at a time. The pair pipelines its decode steps
+    # (the followers get those steps' tokens by broadcast); requests of different lengths at once
+    # end mid-batch while a step is already launched.
+    lengths = [16, 5, 11]
+    single, port1 = _serve(tmp_path, 1, batching={"pipeline_decode": False})
     try:
-        want = [_complete(port1, p) for p in PROMPTS]
+        want = [_complete(port1, p, n) for p, n in zip(PROMPTS, lengths)]
     finally:
         single.stop()
     assert all(status == 200 for status, _ in want)
@@ -76,8 +89,13 @@ def test_two_ranks_give_the_same_greedy_text_and_a_dead_rank_means_not_ready(tmp
         followers = _followers(pair)
         assert len(followers) == 1
         assert "tensor parallel group of 2 ranks joined (gloo)" in pair.log_tail(400)
-        got = [_complete(port2, p) for p in PROMPTS]
-        assert [b["choices"][0]["text"] for _, b in got] == [b["choices"][0]["text"] for _, b in want]
+        got = [_complete(port2, p, n) for p, n in zip(PROMPTS, lengths)]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(_complete, [port2] * len(PROMPTS), PROMPTS, lengths))
+        texts = [b["choices"][0]["text"] for _, b in want]
+        assert [b["choices"][0]["text"] for _, b in got] == texts
+        assert [b["choices"][0]["text"] for _, b in together] == texts
+        assert _pipelined_steps(port2) > 0
 
         followers[0].kill()
         deadline = time.monotonic() + 10

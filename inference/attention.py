@@ -62,6 +62,20 @@ class SlotAttention:
         return _grouped_attention(query, keys, values, batch.mask, scaling)
 
 
+    def attend_decode(self, layer: int, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor,
+                      sin: torch.Tensor, scaling: float, kernel: Any) -> torch.Tensor:
+        """A decode step (one token per row) in one ``kernel`` call (``DecoderOps.decode_attention``):
+        rotary on the fused projection ``qkv`` ``[rows, (heads + 2 kv_heads) * head_dim]``, its key and
+        value stored at the batch's write positions, attention over each row's columns up to its
+        own. Returns the context ``[rows, heads * head_dim]``."""
+        cache, batch = self.cache, self.batch
+        if cache is None or batch is None:
+            raise RuntimeError("SlotAttention used outside a runner step")
+        rows = slice(batch.first_slot, batch.first_slot + batch.num_rows)
+        return kernel(qkv, cache.keys(layer)[rows], cache.values(layer)[rows], batch.write_positions.view(-1),
+                      cos, sin, heads, kv_heads, scaling, batch.kv_len)
+
+
 def _grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                        scaling: float | None) -> torch.Tensor:
     """Attention with fewer key/value heads than query heads, without repeating keys and values.

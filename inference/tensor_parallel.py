@@ -36,6 +36,7 @@ import array
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -183,6 +184,7 @@ class Watchdog:
             return
         self.failed = RuntimeError(reason)
         log.error("%s: the model is not ready any more", reason)
+        dump_stacks(self._followers)
         for proc in self._followers:
             if proc.poll() is None:
                 proc.kill()
@@ -338,6 +340,7 @@ class TensorParallelGroup:
         leaving.join(self.watchdog.timeout_s)
         if leaving.is_alive():
             log.error("leaving the tensor-parallel group took more than %.0fs; abandoning it", self.watchdog.timeout_s)
+            dump_stacks(self._followers)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the followers (``stop`` if not done yet), close their pipes, wait for them or kill them.
@@ -360,6 +363,19 @@ class TensorParallelGroup:
                 proc.wait()
 
 
+def dump_stacks(followers: list[subprocess.Popen]) -> None:
+    """Every rank's Python stacks into the server's log: where a stuck wait on the group sits.
+
+    Rank 0 writes its own; each live follower writes its own on SIGUSR1 (registered in ``main``).
+    """
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    for proc in followers:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)  # let them write before they are killed
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the parent (rank 0) dies, even if it could not say stop."""
     try:
@@ -378,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with_parent()
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank{args.rank} %(name)s: %(message)s")
     model = ModelConfig(**json.loads(args.model))

@@ -173,7 +173,6 @@ def decode_attention_error(kernel: Callable[..., torch.Tensor], ops: DecoderOps,
     the cache contents the two leave behind are compared too."""
     from inference.attention import AttentionBatch, SlotAttention
     from inference.kv_cache import KVGeometry, SlotKVCache
-    from inference.runner import additive_mask
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows, heads, kv_heads, dim, max_len = 3, 8, 2, 64, 192
@@ -196,7 +195,8 @@ def decode_attention_error(kernel: Callable[..., torch.Tensor], ops: DecoderOps,
     attention.batch = AttentionBatch(first_slot=0, num_rows=rows, kv_len=max_len,
                                      row_index=torch.arange(rows, device=device).view(-1, 1),
                                      write_positions=positions,
-                                     mask=additive_mask(columns.view(1, 1, 1, -1) <= positions.view(rows, 1, 1, 1), dtype))
+                                     mask=torch.zeros(rows, 1, 1, max_len, dtype=dtype, device=device).masked_fill_(
+                                         columns.view(1, 1, 1, -1) > positions.view(rows, 1, 1, 1), float("-inf")))
     view = qkv.clone().view(rows, 1, heads + 2 * kv_heads, dim)
     query, key = ops.rotary(view[:, :, :heads], view[:, :, heads:heads + kv_heads], cos.view(rows, 1, dim),
                             sin.view(rows, 1, dim))

@@ -160,18 +160,7 @@ class ModelRunner:
 
         ``positions[i]`` is the cache column (= sequence position) of ``tokens[i]``.
         """
-        rows = len(tokens)
-        kv_len = kv_bucket(max(positions) + 1, self.max_len)
-        if self._graphs:
-            size = self._bucket_of[rows]
-            graph = self._graphs.get((size, kv_len))
-            if graph is not None:
-                self._stage(tokens, positions, size)
-                graph.graph.replay()
-                return graph.logits[:rows]
-        token_tensor = torch.tensor(tokens, dtype=torch.long).view(rows, 1).to(self.device)
-        position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
-        return self._decode_logits(token_tensor, position_tensor, kv_len)
+        return self._decode(tokens, positions)
 
     def decode_from(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """As :meth:`decode`, with the tokens already on the device (``[rows]`` int64: the previous
@@ -180,18 +169,24 @@ class ModelRunner:
         On CUDA graphs: the positions go up with the usual pinned copy, then one device-to-device
         copy puts the tokens into the graph's static input; nothing waits for the device.
         """
+        return self._decode(tokens, positions)
+
+    def _decode(self, tokens: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
         rows = len(positions)
+        on_device = isinstance(tokens, torch.Tensor)
         kv_len = kv_bucket(max(positions) + 1, self.max_len)
         if self._graphs:
             size = self._bucket_of[rows]
             graph = self._graphs.get((size, kv_len))
             if graph is not None:
-                self._stage(None, positions, size)
-                self._static_tokens[:rows].view(-1).copy_(tokens)
+                self._stage(None if on_device else tokens, positions, size)
+                if on_device:
+                    self._static_tokens[:rows].view(-1).copy_(tokens)
                 graph.graph.replay()
                 return graph.logits[:rows]
+        token_tensor = (tokens if on_device else torch.tensor(tokens, dtype=torch.long)).view(rows, 1).to(self.device)
         position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
-        return self._decode_logits(tokens.view(rows, 1), position_tensor, kv_len)
+        return self._decode_logits(token_tensor, position_tensor, kv_len)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.kv.move(src, dst, length)

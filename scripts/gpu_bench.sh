@@ -11,6 +11,9 @@
 #   scripts/gpu_bench.sh llama-pending         # 2 GPUs, one <= 400 s call: 8B batch-1 floor (GPU 1) and Qwen2.5-7B
 #                                              # at prompt 128 (GPU 0) side by side, then 8B tp_size 2 vs 1; each
 #                                              # part under its own timeout, its JSON in $OUT when it finishes
+#   scripts/gpu_bench.sh pipeline              # 1 GPU, <= 420 s: 8B batch-1 floor after pipelined decode + the fused
+#                                              # decode attention (c 1/64, 8B HF check), pipelining on vs off (tokens
+#                                              # equal, ms/token), the 8B step's kernel profile
 #   scripts/gpu_bench.sh history               # GPT-2-medium / OPT-1.3B rows (bench/inference_gpu.py)
 #   scripts/gpu_bench.sh tracing               # bench/tracing_gpu.py (CUPTI kernel spans)
 #   scripts/gpu_bench.sh sampling              # bench/sampling_step.py + sampling_overhead.py: #20's options on vs off, c=16 (~3 min),
@@ -83,6 +86,26 @@ case "$MODE" in
       --step-timeout 150 --out "$OUT/inference_llama_gpu_tp2.json" --log-dir "$OUT/tp2" "$@" || rc=$?
     echo "[llama-pending] tp2: exit $rc"
     ;;
+  pipeline)
+    # #19's batch-1 floor after pipelined decode and the one-kernel decode attention, one GPU, ~6 min:
+    # 1. the 8B server (c=1 and 64, step alone, copy bandwidth; fused-vs-HF logits/argmax and greedy at 8B)
+    # 2. pipelined decode on vs off in one process (greedy tokens equal; batch-1 ms/token side by side)
+    # 3. the 8B decode step's kernels (bench/decode_step_profile.py), with what time is left
+    check_wheels
+    budget="${KG_BUDGET_S:-420}"
+    rc=0; timeout 240 python3 bench/inference_llama_gpu.py --prompt-tokens 128 --check-model llama-3.1-8b \
+      --ready-timeout 150 --models llama-3.1-8b --concurrency 1,64 --skip hf \
+      --out "$OUT/inference_llama_gpu_8b_bs1.json" --log-dir "$OUT/8b_bs1" > "$OUT/8b_bs1.log" 2>&1 || rc=$?
+    echo "[pipeline] 8B floor: exit $rc"; tail -n 4 "$OUT/8b_bs1.log"
+    rc=0; timeout 150 python3 bench/pipeline_gpu.py --model llama-3.1-8b --rounds 3 \
+      --out "$OUT/pipeline_gpu.json" > "$OUT/pipeline_gpu.log" 2>&1 || rc=$?
+    echo "[pipeline] on vs off: exit $rc"; tail -n 3 "$OUT/pipeline_gpu.log"
+    left=$((budget - SECONDS))
+    if [ "$left" -lt 60 ]; then echo "[pipeline] step profile skipped: ${left}s left"; exit 0; fi
+    rc=0; timeout "$left" python3 bench/decode_step_profile.py --model llama-3.1-8b \
+      --out "$OUT/decode_step_profile_8b.json" > "$OUT/decode_step_profile.log" 2>&1 || rc=$?
+    echo "[pipeline] step profile: exit $rc"; head -n 20 "$OUT/decode_step_profile.log"
+    ;;
   history)
     python3 bench/inference_gpu.py --out "$OUT/inference_gpu.json" --log-dir "$OUT" "$@"
     ;;
@@ -109,7 +132,7 @@ case "$MODE" in
       || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
     ;;
   *)
-    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, llama-pending, history, tracing, replicas, sampling, hot-swap)" >&2
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, llama-pending, pipeline, history, tracing, replicas, sampling, hot-swap)" >&2
     exit 2
     ;;
 esac

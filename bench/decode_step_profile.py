@@ -5,7 +5,8 @@ Out: JSON (``--out``) with the CUDA-graph step time (events, median of 30), the 
 per-kernel table of one profiled eager step (name, launches, total µs, bytes read where the kernel is a
 weight GEMV/GEMM and its achieved GB/s), the sum of kernel times, and the copy bandwidth of the device —
 so ``graph step - sum(kernels)`` is the time between kernels and ``weight bytes / sum(GEMM times)`` is how
-close the matrix kernels run to the bandwidth.
+close the matrix kernels run to the bandwidth. Where the op set has the one-kernel decode attention
+(``ops.decode_attention``), the graph step is also timed with attention op by op, interleaved with the fused one.
 
 Run on the GPU (after the wheel install of scripts/gpu_bench.sh):
     python3 bench/decode_step_profile.py --model llama-3.1-8b --out $OUT/decode_step_profile.json
@@ -48,7 +49,9 @@ def main() -> int:
     bandwidth = copy_bandwidth_gbs("cuda")
     model = hf_model(args.model, "cuda")
     attention = SlotAttention()
-    fused = FusedLlama(model, attention, select_ops(args.ops, device), 2048)
+    ops = select_ops(args.ops, device)
+    fused_kernel = getattr(ops, "decode_attention", None)
+    fused = FusedLlama(model, attention, ops, 2048)
     del model
     torch.cuda.empty_cache()
     batch = args.batch
@@ -90,6 +93,18 @@ def main() -> int:
             graphed.decode(tokens, positions)
         torch.cuda.synchronize()
         result["graph_step_ms_back_to_back"] = round((time.perf_counter() - started) * 1000 / 50, 4)
+        result["fused_decode_attention"] = fused_kernel is not None
+        if fused_kernel is not None:  # the same step with attention op by op (graphs captured so), side by side
+            ops.decode_attention = None
+            unfused = ModelRunner(fused, attention, num_slots=batch, max_len=512, dtype=torch.float16,
+                                  device=device, use_cuda_graphs=True)
+            unfused.capture_decode_graphs()
+            ops.decode_attention = fused_kernel
+            pairs = [(timed(graphed, 15), timed(unfused, 15)) for _ in range(4)]
+            result["graph_step_ms_fused_vs_op_by_op"] = [[round(a, 4), round(b, 4)] for a, b in pairs]
+            result["graph_step_ms_attention_op_by_op"] = round(statistics.median(b for _, b in pairs), 4)
+            result["attention_op_by_op_over_fused"] = round(
+                statistics.median(b for _, b in pairs) / statistics.median(a for a, _ in pairs), 4)
 
     kernels: dict[str, dict] = {}
     for event in prof.events():

@@ -150,8 +150,8 @@ class FusedLlama(torch.nn.Module):
         self.cos, self.sin = rotary_tables(config, max_len, self.embed.device, self.embed.dtype)
         # A decode step's rotary + cache write + attention as one kernel, where the op set has one
         # and the head size suits it (a power of two, at least 32).
-        kernel = getattr(ops, "decode_attention", None)
-        self._fused_decode = kernel if kernel is not None and d >= 32 and not d & (d - 1) else None
+        # (``ops.decode_attention`` is read at each step: None there means op by op from then on.)
+        self._fused_decode_fits = d >= 32 and not d & (d - 1)
 
     # -- what the runner calls ----------------------------------------------------------------
 
@@ -166,8 +166,8 @@ class FusedLlama(torch.nn.Module):
         hidden = F.embedding(tokens, self.embed)
         cos, sin = self.cos[positions], self.sin[positions]  # [rows, q_len, head_dim]
         batch = self._attention.batch
-        fused_decode = (self._fused_decode if q_len == 1 and batch is not None
-                        and batch.kv_len <= FUSED_DECODE_MAX_KV else None)
+        fused_decode = (getattr(ops, "decode_attention", None) if self._fused_decode_fits and q_len == 1
+                        and batch is not None and batch.kv_len <= FUSED_DECODE_MAX_KV else None)
         if fused_decode is not None:
             cos2d, sin2d = cos.view(rows, d), sin.view(rows, d)
         residual: torch.Tensor | None = None

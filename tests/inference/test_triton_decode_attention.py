@@ -53,15 +53,19 @@ def check_decoder() -> None:
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     prompts = [[5, 17, 99, 3], list(range(40, 166)), [200, 1, 2]]
-    outputs = []
+    outputs, calls = [], []
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return triton_kernels.decode_attention(*args)
+
     with torch.inference_mode():
-        for kernel in (None, triton_kernels.decode_attention):
+        for kernel in (None, counted):
             torch.manual_seed(0)
             attention = SlotAttention()
             ops = TorchOps()
             ops.decode_attention = kernel
             model = FusedLlama(LlamaForCausalLM(config).eval(), attention, ops, 256)
-            assert (model._fused_decode is None) == (kernel is None)
             runner = ModelRunner(model, attention, num_slots=3, max_len=256, dtype=torch.float32,
                                  device=torch.device("cpu"), use_cuda_graphs=False)
             logits = runner.prefill(0, prompts)
@@ -71,6 +75,7 @@ def check_decoder() -> None:
                 steps.append(logits)
                 tokens, positions = logits.argmax(-1), [p + 1 for p in positions]
             outputs.append(torch.stack(steps))
+    assert calls == [3] * 6 * 2  # every decode step of both layers went through the kernel, none of the prefill
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(outputs[1].argmax(-1), outputs[0].argmax(-1))
 

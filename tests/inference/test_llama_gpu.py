@@ -118,3 +118,26 @@ def test_fused_decoder_logits_match_hf_on_gpu(name: str, ops_name: str, graphs: 
     errors = [float((g - want[:, half - 1 + i]).norm() / want[:, half - 1 + i].norm()) for i, g in enumerate(got)]
     print(name, ops_name, "graphs" if graphs else "eager", [round(e, 5) for e in errors])
     assert max(errors) < 2e-2, errors
+
+
+def test_the_fused_decode_attention_is_on_and_matches_the_op_by_op_path() -> None:
+    from inference import triton_kernels
+    from inference.ops import decode_attention_error
+
+    ops = select_ops("triton", torch.device("cuda"))
+    assert ops.decode_attention is not None  # the start-up probe passed on this GPU
+    for dtype in (torch.float16, torch.bfloat16):
+        assert decode_attention_error(triton_kernels.decode_attention, REF, torch.device("cuda"), dtype) < 2e-2
+
+
+def test_pipelined_decode_gives_the_tokens_of_one_step_at_a_time_with_cuda_graphs() -> None:
+    """bench/pipeline_gpu.py's equality part at the tiny-llama3 shape (fp16, CUDA graphs, fused attention)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "bench/pipeline_gpu.py"), "--model", "tiny-llama3", "--rounds", "1",
+                           "--new-tokens", "16", "--prompt-tokens", "16"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "greedy_equal True" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

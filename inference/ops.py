@@ -99,11 +99,11 @@ class TritonOps:
         self._k = triton_kernels
         self.decode_attention: Callable[..., torch.Tensor] | None = None
 
-    def enable_decode_attention(self, device: torch.device) -> bool:
+    def enable_decode_attention(self, device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
         """Use the one-kernel decode attention if it compiles here and matches the op-by-op path on a
-        probe (GQA, rows at different positions); otherwise keep op by op (logged)."""
+        probe in the model's ``dtype`` (GQA, rows at different positions); otherwise keep op by op (logged)."""
         try:
-            error = decode_attention_error(self._k.decode_attention, self, device)
+            error = decode_attention_error(self._k.decode_attention, self, device, dtype)
         except Exception:  # noqa: BLE001 - a kernel that does not build must not stop serving
             log.exception("the fused decode-attention kernel failed; decoding attention op by op")
             return False
@@ -206,8 +206,8 @@ def decode_attention_error(kernel: Callable[..., torch.Tensor], ops: DecoderOps,
     return max(error, (caches[0].storage.float() - caches[1].storage.float()).abs().max().item())
 
 
-def select_ops(name: OpsName, device: torch.device) -> DecoderOps:
-    """The op set ``name`` (``auto``: Triton on CUDA when importable, torch otherwise)."""
+def select_ops(name: OpsName, device: torch.device, dtype: torch.dtype = torch.float16) -> DecoderOps:
+    """The op set ``name`` (``auto``: Triton on CUDA when importable, torch otherwise), for a model in ``dtype``."""
     if name == "auto":
         if device.type != "cuda":
             return TorchOps()
@@ -220,5 +220,5 @@ def select_ops(name: OpsName, device: torch.device) -> DecoderOps:
     else:
         ops = {"torch": TorchOps, "triton": TritonOps, "deepspeed": DeepSpeedOps}[name]()
     if isinstance(ops, TritonOps):
-        ops.enable_decode_attention(device)
+        ops.enable_decode_attention(device, dtype)
     return ops

@@ -253,6 +253,9 @@ class Engine:
                         chain = self._can_chain(launched)
                     if chain:  # queued behind ``launched`` on the device, fed its tokens there
                         following = self._launch("decode", launched.seqs, after=launched)
+                if following is None:
+                    assert self._runner is not None
+                    self._runner.wait_queued()
                 self._finish(launched)
                 launched = following
                 continue

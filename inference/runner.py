@@ -188,6 +188,11 @@ class ModelRunner:
         position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
         return self._decode_logits(token_tensor, position_tensor, kv_len)
 
+    def wait_queued(self) -> None:
+        """Wait for the steps already queued (the engine calls it before reading the tokens of a
+        pipelined step that nothing follows). Nothing to do in one process: reading the tokens
+        waits for them; tensor parallel puts its watchdog's deadline on this wait."""
+
     def move(self, src: int, dst: int, length: int) -> None:
         self.kv.move(src, dst, length)
 

@@ -19,8 +19,9 @@ CUDA graphs), so every rank builds the same runner and captures the same graphs.
 happens on rank 0 only; followers compute the same logits and drop them. A pipelined decode
 step (``OP_DECODE_FROM``: launched before rank 0 read the previous step's tokens) carries only
 positions; its tokens reach the followers from rank 0's device by a broadcast over the group.
-Rank 0 still waits for each step inside the watchdog's bracket, so under tensor parallelism the
-pipelined step keeps its semantics but does not overlap the host's work yet.
+Rank 0 waits for each step inside the watchdog's bracket; for a pipelined step that is the wait
+for the step queued before it (and ``wait_queued`` for the last one), so the host's work still
+overlaps the device's step.
 
 Stop: rank 0 sends ``OP_STOP`` and every rank leaves the group together (gloo's
 ``destroy_process_group`` waits for every member; NCCL's communicators are aborted after a
@@ -207,6 +208,7 @@ class MirroredRunner:
     def __init__(self, runner: ModelRunner, group: TensorParallelGroup) -> None:
         self._runner = runner
         self._group = group
+        self._queued: torch.cuda.Event | None = None  # recorded after the last pipelined step, not yet waited for
         group.send(OP_SETUP, [runner.num_slots, runner.max_len, int(runner.use_cuda_graphs)])
 
     def __getattr__(self, name: str) -> Any:
@@ -219,6 +221,7 @@ class MirroredRunner:
             yield
             if self._runner.device.type == "cuda":
                 torch.cuda.current_stream(self._runner.device).synchronize()
+                self._queued = None
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
         return self.prefill_full(first_slot, prompts, [])[0]
@@ -237,10 +240,30 @@ class MirroredRunner:
 
     def decode_from(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """A pipelined decode step: rank 0's tokens are still on its device (not read back), so they
-        reach the followers by a broadcast over the group, queued before the step's collectives."""
-        with self._step(OP_DECODE_FROM, list(positions)):
+        reach the followers by a broadcast over the group, queued before the step's collectives.
+
+        It does not wait for itself (that would undo the pipelining): it waits, inside the
+        watchdog's bracket, for the step queued before it, whose tokens the engine reads next. The
+        last one of a run is waited for by :meth:`wait_queued`.
+        """
+        with self._group.watchdog.waiting(OP_NAMES[OP_DECODE_FROM] + " step"):
+            self._group.send(OP_DECODE_FROM, list(positions))
             torch.distributed.broadcast(tokens, src=0)
-            return self._runner.decode_from(tokens, positions)
+            logits = self._runner.decode_from(tokens, positions)
+            if self._runner.device.type == "cuda":
+                before, self._queued = self._queued, torch.cuda.Event()
+                self._queued.record()
+                if before is not None:
+                    before.synchronize()
+        return logits
+
+    def wait_queued(self) -> None:
+        """Wait for the last pipelined step, under the watchdog (a stuck rank fails the engine here
+        instead of hanging the engine's read of that step's tokens)."""
+        if self._queued is not None:
+            with self._group.watchdog.waiting(OP_NAMES[OP_DECODE_FROM] + " step"):
+                self._queued.synchronize()
+            self._queued = None
 
     def move(self, src: int, dst: int, length: int) -> None:
         with self._step(OP_MOVE, [src, dst, length]):

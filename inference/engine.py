@@ -6,6 +6,12 @@ decode steps (prefilling them into free slots), decodes every running sequence o
 per step, applies stop conditions, and hands each step's outputs back to the event loop in
 one ``call_soon_threadsafe``. Torch releases the GIL inside kernels, so the event loop keeps
 serving while a step runs.
+
+Decode is pipelined (``batching.pipeline_decode``): while the batch stays the same, step N+1 is
+launched with step N's tokens still on the device (``runner.decode_from``), then step N's tokens
+are read and applied, so this thread's per-step work overlaps the device's next step. A row whose
+sequence ended with step N has its step N+1 result dropped; admissions, aborts, retirements,
+grammar-guided rows and a forward observer make the next step wait for the host (one at a time).
 """
 
 from __future__ import annotations

@@ -87,24 +87,34 @@ case "$MODE" in
     echo "[llama-pending] tp2: exit $rc"
     ;;
   pipeline)
-    # #19's batch-1 floor after pipelined decode and the one-kernel decode attention, one GPU, ~6 min:
-    # 1. the 8B server (c=1 and 64, step alone, copy bandwidth; fused-vs-HF logits/argmax and greedy at 8B)
-    # 2. pipelined decode on vs off in one process (greedy tokens equal; batch-1 ms/token side by side)
-    # 3. the 8B decode step's kernels (bench/decode_step_profile.py), with what time is left
+    # #19's batch-1 floor after pipelined decode and the one-kernel decode attention, one GPU, <= KG_BUDGET_S
+    # (480 s), most important first, each part under its own timeout and only if the time left allows:
+    # 1. the 8B server at c=1 and 64, the step alone, the copy bandwidth (floor_ratio_bs1)
+    # 2. the 8B fused decoder against HF: teacher-forced logits/argmax, greedy tokens (the new kernel's check)
+    # 3. pipelined decode on vs off in one process (greedy tokens equal; batch-1 ms/token side by side)
+    # 4. the 8B decode step's kernels (bench/decode_step_profile.py), fused attention vs op by op
     check_wheels
-    budget="${KG_BUDGET_S:-420}"
-    rc=0; timeout 240 python3 bench/inference_llama_gpu.py --prompt-tokens 128 --check-model llama-3.1-8b \
-      --ready-timeout 150 --models llama-3.1-8b --concurrency 1,64 --skip hf \
+    budget="${KG_BUDGET_S:-480}"
+    left() { echo $((budget - SECONDS)); }
+    bench=(python3 bench/inference_llama_gpu.py --prompt-tokens 128 --models llama-3.1-8b --ready-timeout 150)
+    rc=0; timeout 240 "${bench[@]}" --check-model '' --concurrency 1,64 --skip hf \
       --out "$OUT/inference_llama_gpu_8b_bs1.json" --log-dir "$OUT/8b_bs1" > "$OUT/8b_bs1.log" 2>&1 || rc=$?
     echo "[pipeline] 8B floor: exit $rc"; tail -n 4 "$OUT/8b_bs1.log"
-    rc=0; timeout 150 python3 bench/pipeline_gpu.py --model llama-3.1-8b --rounds 3 \
-      --out "$OUT/pipeline_gpu.json" > "$OUT/pipeline_gpu.log" 2>&1 || rc=$?
-    echo "[pipeline] on vs off: exit $rc"; tail -n 3 "$OUT/pipeline_gpu.log"
-    left=$((budget - SECONDS))
-    if [ "$left" -lt 60 ]; then echo "[pipeline] step profile skipped: ${left}s left"; exit 0; fi
-    rc=0; timeout "$left" python3 bench/decode_step_profile.py --model llama-3.1-8b \
-      --out "$OUT/decode_step_profile_8b.json" > "$OUT/decode_step_profile.log" 2>&1 || rc=$?
-    echo "[pipeline] step profile: exit $rc"; head -n 20 "$OUT/decode_step_profile.log"
+    if [ "$(left)" -ge 100 ]; then
+      rc=0; timeout $(( $(left) < 150 ? $(left) : 150 )) "${bench[@]}" --check-model llama-3.1-8b --skip hf,server,step \
+        --out "$OUT/inference_llama_gpu_8b_check.json" --log-dir "$OUT/8b_check" > "$OUT/8b_check.log" 2>&1 || rc=$?
+      echo "[pipeline] 8B vs HF: exit $rc"; grep -E "\[check\]|greedy" "$OUT/8b_check.log" | tail -n 3
+    else echo "[pipeline] 8B vs HF skipped: $(left)s left"; fi
+    if [ "$(left)" -ge 90 ]; then
+      rc=0; timeout $(( $(left) < 150 ? $(left) : 150 )) python3 bench/pipeline_gpu.py --model llama-3.1-8b --rounds 3 \
+        --out "$OUT/pipeline_gpu.json" > "$OUT/pipeline_gpu.log" 2>&1 || rc=$?
+      echo "[pipeline] on vs off: exit $rc"; tail -n 3 "$OUT/pipeline_gpu.log"
+    else echo "[pipeline] on vs off skipped: $(left)s left"; fi
+    if [ "$(left)" -ge 60 ]; then
+      rc=0; timeout "$(left)" python3 bench/decode_step_profile.py --model llama-3.1-8b \
+        --out "$OUT/decode_step_profile_8b.json" > "$OUT/decode_step_profile.log" 2>&1 || rc=$?
+      echo "[pipeline] step profile: exit $rc"; head -n 24 "$OUT/decode_step_profile.log"
+    else echo "[pipeline] step profile skipped: $(left)s left"; fi
     ;;
   history)
     python3 bench/inference_gpu.py --out "$OUT/inference_gpu.json" --log-dir "$OUT" "$@"

@@ -47,6 +47,12 @@ class StepInfo:
     # prefill, 0 for a sequence that copies another's prefill, 1 in a decode): how a pass's GPU
     # time is divided among its requests.
     tokens_per_sequence: tuple[int, ...] = ()
+    # The fixed work a decode step runs (inference.runner.ModelRunner.decode_key: the CUDA graph it
+    # replays), None for a prefill or an eager GPU pass; set only when a forward observer listens.
+    graph_key: tuple[int, ...] | None = None
+    # On the step handed to ``finish`` when ``start`` asked for it: the runner's timing of that work
+    # (inference.runner.DecodeTiming), None otherwise.
+    replay: Any = None
 
 
 def step_attributes(step: StepInfo) -> dict[str, Any]:
@@ -58,15 +64,16 @@ def step_attributes(step: StepInfo) -> dict[str, Any]:
 class ForwardObserver(Protocol):
     """Called by the engine thread around every forward pass (prefill or decode step).
 
-    ``start(step)`` runs right before the forward pass is launched and ``finish(step,
-    span)`` right after the step's sampled tokens are on the host (so the GPU work
+    ``start(step)`` runs right before the forward pass is launched; when it returns True and the
+    step has a ``graph_key``, the engine has the runner time that work and the step given to
+    ``finish`` carries it as ``replay``. ``finish(step, span)`` runs right after the step's sampled tokens are on the host (so the GPU work
     of the step is complete). ``span`` is the ``engine.step`` span still being built
     (``otel.deferred.resolve(span)`` gives its SpanContext, None when tracing is off; resolve
     it off the engine thread), so captured kernels can be attached to it. Both run on the
     engine thread: keep them cheap, and never raise (errors are logged and ignored).
     """
 
-    def start(self, step: StepInfo) -> None: ...
+    def start(self, step: StepInfo) -> bool | None: ...
 
     def finish(self, step: StepInfo, span: PendingSpan | SpanContext | None) -> None: ...
 

@@ -85,6 +85,7 @@ class KernelStats:
     # Derived passes (no recorder: kernels placed from a recorded replay of the same graph), the spans
     # they exported (kernel spans and gpu.forward), and the graphs' templates recorded.
     derived: int = 0
+    derived_engine_ns: int = 0  # the engine thread's part of engine_thread_ns for derived passes
     derived_spans: int = 0
     templates: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -316,6 +317,7 @@ class KernelTracer:
             self._exported(targets)
         took = self._timer() - began
         self.stats.engine_thread_ns += took
+        self.stats.derived_engine_ns += took
         self._settle(targets, took)
 
     def _exported_none(self, targets: list[_Selected]) -> None:

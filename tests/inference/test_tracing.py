@@ -12,9 +12,8 @@ from inference.tracing import TRACER_NAME, Tracing
 from otel.config import KernelTraceConfig
 from otel.deferred import resolve
 from otel.kernels.torch_capture import TorchProfilerCapture
-from otel.kernels.tracer import KernelTracer
 from otel.names import FORWARD_SPAN
-from tests.inference.helpers import SlowSteps, started_engine, tiny_config, wait_until
+from tests.inference.helpers import SlowSteps, kernel_traced_completion, started_engine, tiny_config, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -80,28 +79,9 @@ async def test_decode_passes_of_one_shape_are_recorded_once_then_derived_inside_
     shape, ``decode_key``) and times it when asked; the first captured pass of a key is recorded,
     later ones are derived from it, every kernel span inside its ``gpu.forward`` and that inside
     its ``engine.step``."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    kernels = KernelTracer(KernelTraceConfig(ratio=1.0, steps_per_request=8, max_captures_per_minute=1000,
-                                             max_spans_per_trace=100_000, stall_budget_pct=0, activities="cpu",
-                                             capture="torch"),
-                           provider.get_tracer("k"), TorchProfilerCapture("cpu"))
-    tracing = Tracing(provider.get_tracer(TRACER_NAME), request_observer=kernels)
-    engine = started_engine(tiny_config(), observer=kernels, tracing=tracing)
-    try:
-        served = await serve(engine=engine, tracing=tracing)
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{served.url}/v1/completions",
-                              json={"model": "tiny-gpt2", "prompt": "trace my kernels", "max_tokens": 24,
-                                    "ignore_eos": True},
-                              headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}) as resp:
-                assert resp.status == 200
-    finally:
-        engine.shutdown(10)
-        kernels.close()
-        provider.shutdown()
-    spans = exporter.get_finished_spans()
+    config = KernelTraceConfig(ratio=1.0, steps_per_request=8, max_captures_per_minute=1000,
+                               max_spans_per_trace=100_000, stall_budget_pct=0, activities="cpu", capture="torch")
+    spans, kernels = await kernel_traced_completion(serve, tiny_config(), config, TorchProfilerCapture("cpu"), 24)
     by_id = {s.context.span_id: s for s in spans}
     forwards = sorted((s for s in spans if s.name == FORWARD_SPAN), key=lambda s: s.start_time)
     source = [(f.attributes["kernelgate.step.phase"], f.attributes["kernelgate.kernels.source"]) for f in forwards]

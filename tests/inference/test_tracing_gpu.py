@@ -8,13 +8,9 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import replace
 
-import aiohttp
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.inference.helpers import TINY, started_engine, tiny_config
+from tests.inference.helpers import TINY, kernel_traced_completion, tiny_config
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -25,35 +21,14 @@ pytestmark = [
 
 
 async def test_graph_replays_are_recorded_once_then_derived_inside_their_step(serve) -> None:
-    from inference.tracing import TRACER_NAME, Tracing
     from otel.config import KernelTraceConfig
     from otel.kernels.factory import make_capture
-    from otel.kernels.tracer import KernelTracer
     from otel.names import FORWARD_SPAN
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
     config = KernelTraceConfig(ratio=1.0, steps_per_request=12, max_captures_per_minute=1000,
                                max_spans_per_trace=100_000, stall_budget_pct=0, activities="cuda", capture="cupti")
-    kernels = KernelTracer(config, provider.get_tracer("k"), make_capture(config))
-    tracing = Tracing(provider.get_tracer(TRACER_NAME), request_observer=kernels)
-    engine = started_engine(tiny_config(model=replace(TINY, device="cuda", cuda_graphs=True)), observer=kernels,
-                            tracing=tracing)
-    try:
-        served = await serve(engine=engine, tracing=tracing)
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{served.url}/v1/completions",
-                              json={"model": "tiny-gpt2", "prompt": "trace my kernels", "max_tokens": 48,
-                                    "ignore_eos": True},
-                              headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
-                              ) as resp:
-                assert resp.status == 200
-    finally:
-        engine.shutdown(10)
-        kernels.close()
-        provider.shutdown()
-    spans = exporter.get_finished_spans()
+    spans, kernels = await kernel_traced_completion(serve, tiny_config(model=replace(TINY, device="cuda")), config,
+                                                    make_capture(config), 48)
     by_id = {s.context.span_id: s for s in spans}
     forwards = sorted((s for s in spans if s.name == FORWARD_SPAN), key=lambda s: s.start_time)
     recorded = [f for f in forwards if f.attributes["kernelgate.kernels.source"] == "recorded"

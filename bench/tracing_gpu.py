@@ -16,7 +16,9 @@ Modes (``--modes``):
 * ``inline``: as ``on``, CUPTI attached on the engine thread at the pass (``kernels.prepare_ahead: false``);
 * ``recorded``: as ``on``, every captured pass recorded, none derived (``kernels.derive: false``: the
   capture path before derived kernel spans);
-* ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``).
+* ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``);
+* ``MODE+export`` (e.g. ``spans+export``, ``on+export``): as MODE, spans encoded and sent by a child
+  process (``telemetry.export_process: true``, otel/export_process.py).
 
 **How the cost is measured.** All of a run's servers stay up side by side on the GPU and take
 turns: a *round* gives every mode one window (the order reversed every other round, so drift
@@ -68,7 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,7 @@ class Mode:
     prepare_ahead: bool = True
     stall_budget_pct: float | None = None  # None: --stall-budget-pct
     derive: bool = True  # kernels.derive
+    export_process: bool = False  # telemetry.export_process
 
     @property
     def slug(self) -> str:
@@ -155,6 +158,8 @@ class Mode:
                  "1 decode engine.step span in 16" if self.decode_every == 16 else "every decode engine.step span"]
         if not self.prepare_ahead:
             parts.append("CUPTI attached on the engine thread")
+        if self.export_process:
+            parts.append("spans exported by a child process")
         if self.ratio and not self.derive:
             parts.append("every captured pass recorded (kernels.derive: false)")
         if self.stall_budget_pct is not None:
@@ -163,6 +168,12 @@ class Mode:
 
 
 def parse_mode(name: str, kernel_ratio: float) -> Mode:
+    base, sep, export = name.partition("+")
+    if sep:  # MODE+export: as MODE, spans encoded and sent by a child process (telemetry.export_process)
+        mode = parse_mode(base, kernel_ratio)
+        if export != "export" or not mode.telemetry:
+            raise SystemExit(f"--modes: {name}: MODE+export, MODE one with telemetry")
+        return replace(mode, name=name, export_process=True)
     if name == "off":
         return Mode(name, telemetry=False)
     if name == "spans":
@@ -227,6 +238,7 @@ def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: P
                                        else args.stall_budget_pct)
         telemetry = {"enabled": True, "protocol": "file", "otlp_endpoint": str(spans_path), "sampling_ratio": 1.0,
                      "export_delay_s": 0.5, "max_queue_size": 65536, "decode_step_spans_every": mode.decode_every,
+                     "export_process": mode.export_process,
                      "kernels": kernels}
     return {"inference": {
         "listen": {"host": "127.0.0.1", "port": port},

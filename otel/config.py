@@ -87,6 +87,12 @@ class TelemetryConfig:
     # Each batch is exported in chunks of at most this weight (a span weighs 1 + its links), with a
     # pause between, so encoding never holds the GIL for long (otel/paced_export.py); 0: whole batches.
     export_chunk_weight: int = 32
+    # Spans are encoded and sent by a child process (otel/export_process.py): this process only
+    # flattens them into tuples (~20 us a span against ~90 us to encode one, development VM), so the
+    # encoding no longer takes the server's GIL. export_chunk_weight does not apply then (the
+    # child's GIL is its own). Off by default until the H200 run (bench/tracing_gpu.py, modes
+    # MODE+export) shows its effect on tokens/s.
+    export_process: bool = False
     # GenAI metrics (gen_ai.server.*) exported over the same OTLP endpoint every this many seconds (0: off).
     metrics_interval_s: float = 10.0
     resource_attributes: dict[str, str] = field(default_factory=dict)

@@ -210,7 +210,8 @@ async def test_kernel_trace_header_reaches_the_upstream_only_when_the_policy_gra
 async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_traced, jaeger: Jaeger) -> None:
     stack = make_traced(
         inference={"model": {"device": "cpu", "use_deepspeed": True}, "batching": {"max_wait_ms": 0}},
-        telemetry={"decode_step_spans_every": 1,
+        # spans exported by child processes of the sidecar and the server (otel/export_process.py)
+        telemetry={"decode_step_spans_every": 1, "export_process": True,
                    "kernels": {"ratio": 0.0, "activities": "cpu", "steps_per_request": 3,
                                "max_spans_per_trace": 1000, "fold_after": 2}})
     stack.grant_kernel_traces()

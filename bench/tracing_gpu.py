@@ -214,7 +214,8 @@ def serve_child(config_path: str) -> int:
     telemetry = build(TelemetryConfig, data.get("telemetry"), "telemetry")
     kernels = None
     with configure_tracing(telemetry, "kernelgate-inference"), kernel_tracing(telemetry) as kernels:
-        run(inference, Tracing(request_observer=kernels), kernels)
+        run(inference, Tracing(request_observer=kernels, decode_step_spans_every=telemetry.decode_step_spans_every),
+            kernels)
     if kernels is not None:
         stats = dict(kernels.stats.__dict__, budget_cost_ns=round(kernels.budget.cost_ns),
                      recorder=kernels.recorder_timings())

@@ -25,6 +25,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from otel import names
 from otel.deferred import DeferredSpans, PendingSpan
+from otel.sampling import step_kept
 
 TRACER_NAME = names.INFERENCE_TRACER
 
@@ -92,9 +93,13 @@ class RequestObserver(Protocol):
 class Tracing:
     """Creates this server's spans; wraps the single tracer."""
 
-    def __init__(self, tracer: trace.Tracer | None = None, request_observer: RequestObserver | None = None) -> None:
+    def __init__(self, tracer: trace.Tracer | None = None, request_observer: RequestObserver | None = None,
+                 decode_step_spans_every: int = 1) -> None:
         self.tracer = tracer or trace.get_tracer(TRACER_NAME)
         self._request_observer = request_observer
+        # The sampler's step thinning (telemetry.decode_step_spans_every), applied before a step span
+        # is queued: a thinned step costs the span thread nothing (otel.sampling.step_kept).
+        self._decode_every = decode_step_spans_every
         # Engine-side spans (engine.step, queue) are built on a thread of their own.
         self._deferred = DeferredSpans()
         self._build_step = self._build_step_span
@@ -151,8 +156,11 @@ class Tracing:
         It belongs to the trace of the batch's first head-sampled request (so that request's
         trace shows its steps, and a step is recorded exactly when one of its requests is);
         the other requests reach it through their link. A step none of whose requests is traced
-        (telemetry off: their contexts are invalid) records nothing and returns None.
+        (telemetry off: their contexts are invalid), or that step thinning drops, records nothing
+        and returns None.
         """
+        if not step_kept(step.phase, step.index, self._decode_every):
+            return None  # thinned: the sampler would drop it
         if not any(c is not None and c.is_valid for c in request_contexts):
             return None
         return self._deferred.submit(self._build_step, (step, end_ns, tuple(request_contexts), attributes))

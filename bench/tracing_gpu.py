@@ -813,9 +813,11 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
                                   **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry and any(
                                       (run["servers"].get(m.name) or {}).get("kernel_tracer") for run in runs) else {})}
                          for m in measured[1:]},
-        "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"]]
-                              for m in measured[1:] if m.name in ("spans", "on")
-                              or (m.name.startswith("ratio=") and m.stall_budget_pct is None)), key=lambda x: x[0]),
+        # [kernel ratio, loss, interval, mode]: the modes that differ from on only by their ratio
+        # (and by whether spans are exported by a child process: the last field says)
+        "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"], m.name]
+                              for m in measured[1:] if m.telemetry and m.stall_budget_pct is None and m.derive
+                              and m.prepare_ahead and m.decode_every == 16), key=lambda x: (x[3].endswith("+export"), x[0])),
         **{k: v for k, v in example.items() if k not in ("backend", "cuda_graphs")},
         "measurement": {"runs": len(runs), "rounds": [len(r["rounds"]) for r in runs],
                         "warmup_rounds": [len(r.get("warmup_rounds", [])) for r in runs],

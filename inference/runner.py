@@ -245,6 +245,7 @@ class ModelRunner:
         if not self._use_graphs:
             return 0
         started = time.monotonic()
+        self._generation = time.monotonic_ns()  # new graphs: new decode keys (kernel tracing re-records them)
         kv_lens = sorted({kv_bucket(n, self.max_len) for n in _powers_of_two(MIN_KV_BUCKET, self.max_len)})
         pool = torch.cuda.graph_pool_handle()
         self._static_tokens.zero_()

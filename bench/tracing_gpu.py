@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-request", type=int, help="kernels.steps_per_request (default: the config's)")
     p.add_argument("--capture", choices=("auto", "cupti", "torch"), default="auto",
                    help="kernels.capture: what records the kernels (auto: cupti when cupti-python is installed)")
+    p.add_argument("--export-process", action="store_true",
+                   help="every traced mode exports spans through a child process (telemetry.export_process), so "
+                        "that on, the headline, includes it; pool only with runs made with it")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
     p.add_argument("--out", default=str(ROOT / "bench/results/tracing_gpu.json"))
     p.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp/kernelgate-tracing-bench"))
@@ -596,6 +599,8 @@ def main() -> int:
     if args.serve:
         return serve_child(args.serve)
     modes = [parse_mode(m, args.kernel_ratio) for m in args.modes.split(",")]
+    if args.export_process:
+        modes = [replace(m, export_process=True) if m.telemetry else m for m in modes]
     if modes[0].name != "off" or "on" not in [m.name for m in modes]:
         raise SystemExit("--modes: the first mode is off (the baseline), and on is one of them")
     prior_runs, prior = load_pooled(args)
@@ -831,7 +836,9 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
                            "steps_per_request": args.steps_per_request or config.steps_per_request,
                            "derive": config.derive, "derive_refresh_s": config.derive_refresh_s,
                            "capture": args.capture},
-        "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay",
+        "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay"
+                    + ("; every traced mode through the export process (--export-process)" if args.export_process
+                       else "; in the server process except MODE+export modes (a child process)"),
         **({"earlier_code": earlier_code(args.earlier)} if args.earlier else {}),
         "runs": runs,
     }

@@ -199,6 +199,8 @@ class KernelTracer:
         if not is_fresh(template, time.monotonic(), self._config.derive_refresh_s):
             template = None
         if template is None:
+            if self._config.derive and self._preparer is not None and getattr(step, "phase", "") == "prefill":
+                return None  # an attach ahead is for a decode step that must be recorded, not a prefill
             if key is not None and key in self._recording:
                 return None  # its recorded replay is on its way: a later pass of these requests is derived
             if not self._capture.ready():

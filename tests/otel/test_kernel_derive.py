@@ -207,3 +207,20 @@ def test_derived_passes_cost_the_stall_budget_only_what_they_measure(sdk) -> Non
     assert tracer.stats.derived == 6
     # The moving average (weight 0.2) of what each capture stalled: every derived pass reported < 1 ms.
     assert tracer.budget.cost_ns < 0.8 ** 6 * recorded_cost + 1_000_000
+
+
+def test_an_attached_recorder_is_kept_for_the_decode_step_that_needs_it_not_spent_on_a_prefill(sdk) -> None:
+    provider, _ = sdk
+    cupti = FakeCupti()
+    capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, steps_per_request=2),
+                          provider.get_tracer("k"), capture)
+    engine = Replaying(tracer, cupti)
+    request = provider.get_tracer("api").start_span("POST /v1/completions")
+    tracer.on_request(request, {})
+    capture.prepare()  # attached (for another request's decode step, say)
+    engine.step(0, request, phase="prefill", key=None)
+    assert cupti.calls == ["register"] and tracer.stats.captures == 0
+    engine.step(1, request)  # the decode step of a graph without a recording uses it
+    tracer.close()
+    assert cupti.calls == ["register", "enable", "disable", "flush", "finalize"] and tracer.stats.captures == 1

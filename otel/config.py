@@ -88,7 +88,7 @@ class TelemetryConfig:
     # pause between, so encoding never holds the GIL for long (otel/paced_export.py); 0: whole batches.
     export_chunk_weight: int = 32
     # Spans are encoded and sent by a child process (otel/export_process.py): this process only
-    # flattens them into tuples (15 us a span against 91 us to encode one: bench/span_export_cost.py), so the
+    # flattens them into tuples (15 us a span against 83 us to encode one: bench/span_export_cost.py), so the
     # encoding no longer takes the server's GIL. export_chunk_weight does not apply then (the
     # child's GIL is its own). Off by default until the H200 run (bench/tracing_gpu.py, modes
     # MODE+export) shows its effect on tokens/s.

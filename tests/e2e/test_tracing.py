@@ -274,7 +274,8 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
         assert forward.attributes["kernelgate.kernels.count"] >= len(kernels)
         assert {"aten::addmm", "aten::linear"} & {k.attributes["gpu.kernel.name"] for k in kernels}
         for k in kernels:
-            assert forward.start_ns <= k.start_ns <= k.end_ns <= forward.end_ns
+            assert forward.start_ns <= k.start_ns <= k.end_ns <= forward.end_ns, (
+                forward.attributes, k.attributes, forward.start_ns, forward.end_ns, k.start_ns, k.end_ns)
         step = trace.parent(forward)
         assert step.start_ns <= forward.start_ns
     assert forwards[0].attributes["kernelgate.step.phase"] == "prefill"

@@ -5,18 +5,24 @@ In: activations in the model's dtype. Out: the same, computed as transformers co
 
 * ``torch``: the reference, one torch op at a time (several kernels each); CPU and tests.
 * ``triton``: one fused kernel each (residual add + RMSNorm, SiLU x up, rotary on query and
-  key together), from :mod:`inference.triton_kernels`; the default on CUDA.
+  key together), from :mod:`inference.triton_kernels`; the default on CUDA. The cache write is
+  fused too: ``rotary_kv`` rotates and writes the step's keys and values into the slot cache in
+  one launch (no ``index_put``), and a decode step (one token per row) runs rotary, cache write
+  and grouped-query attention as one kernel per layer (``decode_attention``, split over the keys
+  with a small reduce where a row's keys are many and the rows few); prefill keeps flash SDPA.
 * ``deepspeed``: DeepSpeed's ``transformer_inference`` CUDA kernels (``pre_rms_norm``,
   ``rms_norm``, ``gated_activation``), JIT-built on first use (about a minute). DeepSpeed's
   rotary kernel keeps one position offset for the whole batch, which cannot express slots
   at different positions, so rotary stays on Triton in this set.
 
-Matrix products are cuBLAS through ``F.linear`` in every set.
+Matrix products are cuBLAS through ``F.linear`` in every set. ``model.ops: torch`` (and CPU
+serving) keeps every op, the cache write and attention on torch; ``triton``/``deepspeed``/
+``auto`` on CUDA use the Triton cache write and decode attention.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +33,9 @@ OpsName = Literal["auto", "torch", "triton", "deepspeed"]
 class DecoderOps(Protocol):
     name: str
     up_first: bool  # silu_mul takes [up | gate] instead of [gate | up]
+    # A decode step's rotary + cache write + attention in one kernel (signature of
+    # :func:`inference.triton_kernels.decode_attention`), or None: rotary_kv, then the slot attention.
+    decode_attention: Any
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -44,12 +53,21 @@ class DecoderOps(Protocol):
         """Rotate ``query``/``key`` ``[rows, q_len, heads, head_dim]`` by ``cos``/``sin`` ``[rows, q_len, head_dim]``."""
         ...
 
+    def rotary_kv(self, qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  keys: torch.Tensor, values: torch.Tensor, write_positions: torch.Tensor) -> torch.Tensor:
+        """Rotary on the fused projection ``qkv`` ``[rows, q_len, heads + 2 * kv_heads, head_dim]`` at
+        ``positions`` (``cos``/``sin``: whole tables ``[max_len, head_dim]``); the rotated keys and the values
+        written into ``keys``/``values`` (this batch's rows of a layer's cache ``[rows, kv_heads, max_len,
+        head_dim]``) at ``write_positions`` ``[rows, q_len]``. Returns the rotated query heads."""
+        ...
+
 
 class TorchOps:
     """Reference set: the same arithmetic as transformers' Llama modules, op by op."""
 
     name = "torch"
     up_first = False
+    decode_attention = None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         h = x.to(torch.float32)
@@ -70,6 +88,15 @@ class TorchOps:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
+    def rotary_kv(self, qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  keys: torch.Tensor, values: torch.Tensor, write_positions: torch.Tensor) -> torch.Tensor:
+        kv_heads = (qkv.shape[2] - heads) // 2
+        query, key = self.rotary(qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], cos[positions], sin[positions])
+        rows = torch.arange(qkv.shape[0], device=qkv.device).view(-1, 1)
+        keys[rows, :, write_positions] = key.to(keys.dtype)
+        values[rows, :, write_positions] = qkv[:, :, heads + kv_heads:].to(values.dtype)
+        return query
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -86,6 +113,7 @@ class TritonOps:
         from inference import triton_kernels
 
         self._k = triton_kernels
+        self.decode_attention = triton_kernels.decode_attention
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._k.rms_norm(x, None, weight, eps)[0]
@@ -100,6 +128,10 @@ class TritonOps:
     def rotary(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k.rotary(query, key, cos, sin)
+
+    def rotary_kv(self, qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  keys: torch.Tensor, values: torch.Tensor, write_positions: torch.Tensor) -> torch.Tensor:
+        return self._k.rotary_kv(qkv, heads, cos, sin, positions, keys, values, write_positions)
 
 
 class DeepSpeedOps(TritonOps):

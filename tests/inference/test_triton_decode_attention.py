@@ -40,8 +40,8 @@ def _op_by_op(qkv, heads, cos, sin, positions, keys, values, scale):
     rows, _, _, _ = qkv.shape
     query = TorchOps().rotary_kv(qkv.clone(), heads, cos, sin, positions, keys, values, positions)
     length = keys.shape[2]
-    hidden = torch.arange(length).view(1, 1, 1, -1) > positions.view(rows, 1, 1, 1)
-    mask = torch.zeros(rows, 1, 1, length, dtype=qkv.dtype).masked_fill_(hidden, float("-inf"))
+    hidden = torch.arange(length, device=qkv.device).view(1, 1, 1, -1) > positions.view(rows, 1, 1, 1)
+    mask = torch.zeros(rows, 1, 1, length, dtype=qkv.dtype, device=qkv.device).masked_fill_(hidden, float("-inf"))
     return _grouped_attention(query.transpose(1, 2), keys, values, mask, scale)
 
 

@@ -12,6 +12,12 @@ replayed; the time per layer is the graph's median / layers. Variants:
   picks), and ``decode_kernel_kps<N>``: the same with N keys per split forced (2 launches when
   split), to see where splitting pays at this batch and context.
 
+Then (``--gemv``, default on) the step's weight products at batch 1, the other half of #19's
+launch count: cuBLAS (``F.linear``: split-K + a reduce kernel for the o and down projections at
+M = 1) against a plain Triton GEMV (one launch, no split) in a few tile shapes, each over 32
+distinct weight matrices in one CUDA graph (so nothing is served from L2), with the achieved GB/s
+and the GEMV's error against cuBLAS: whether routing M = 1 products off cuBLAS would pay.
+
 Out: JSON (``--out``) of µs per layer by (batch, kv bucket, variant), with the device and versions.
 Run on the GPU (after the wheel install of scripts/gpu_bench.sh; ~20 s):
     python3 bench/decode_attention_gpu.py --out $OUT/decode_attention_gpu.json
@@ -36,6 +42,7 @@ def main() -> int:
     parser.add_argument("--kv", default="256,1024,2048")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--gemv", type=int, default=1, help="1: also time the weight products at batch 1")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (TRITON_INTERPRET=1, eager)")
     args = parser.parse_args()
 
@@ -106,8 +113,78 @@ def main() -> int:
             for name, step in variants.items():
                 row[name] = round(_graph_us(step, layers) if device.type == "cuda" else _eager_us(step, layers), 2)
             print(f"batch {batch:3d} kv {kv_len:5d}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))  # each row as it comes (a timeout keeps them)
+    if args.gemv:
+        result["gemv_batch1"] = {}
+        _gemv_table(config, device, dtype, layers, result["gemv_batch1"],
+                    lambda: Path(args.out).write_text(json.dumps(result, indent=2)))
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
+
+
+GEMV_TILES = ((8, 512, 4), (16, 512, 4), (4, 1024, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8))
+
+
+def _gemv_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(x_ptr, w_ptr, out_ptr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + (k0 + ks)[None, :])
+            x = tl.load(x_ptr + k0 + ks).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty))
+
+    return gemv
+
+
+def _gemv_table(config, device, dtype, layers: int, table: dict, save) -> None:
+    """µs and GB/s per product of the 8B-style weight shapes at M = 1, cuBLAS against Triton GEMV tiles, into
+    ``table`` (``save()`` after each shape)."""
+    import torch
+    import torch.nn.functional as F
+
+    gemv = _gemv_kernel()
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    hidden, inner = config.hidden_size, config.intermediate_size
+    shapes = {"qkv": ((heads + 2 * kv_heads) * dim, hidden), "o": (hidden, heads * dim),
+              "gate_up": (2 * inner, hidden), "down": (hidden, inner)}
+    for name, (n, k) in shapes.items():
+        weights = [torch.randn(n, k, dtype=dtype, device=device) * 0.02 for _ in range(layers)]
+        x = torch.randn(1, k, dtype=dtype, device=device)
+        outs = [torch.empty(1, n, dtype=dtype, device=device) for _ in range(layers)]
+        nbytes = n * k * weights[0].element_size()
+        row = {"n": n, "k": k, "mb": round(nbytes / 1e6, 1)}
+        timer = _graph_us if device.type == "cuda" else _eager_us
+        cublas = timer(lambda layer: F.linear(x, weights[layer]), layers)  # as the decoder calls it
+        row["cublas_us"] = round(cublas, 2)
+        row["cublas_gbs"] = round(nbytes / cublas / 1e3, 1)
+        want = F.linear(x, weights[0]).float()
+        for block_n, block_k, warps in GEMV_TILES:
+            if n % block_n or k % block_k:
+                continue
+
+            def run(layer: int, block_n=block_n, block_k=block_k, warps=warps) -> None:
+                gemv[(n // block_n,)](x, weights[layer], outs[layer], K=k, BLOCK_N=block_n, BLOCK_K=block_k,
+                                      num_warps=warps)
+
+            us = timer(run, layers)
+            run(0)
+            error = float((outs[0].float() - want).norm() / want.norm())
+            row[f"triton_{block_n}x{block_k}w{warps}"] = {"us": round(us, 2), "gbs": round(nbytes / us / 1e3, 1),
+                                                         "rel_error": float(f"{error:.2e}")}
+        print(f"gemv {name}: {row}", flush=True)
+        table[name] = row
+        save()
+        del weights, outs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _graph_us(step, layers: int) -> float:

@@ -76,20 +76,29 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotate_half(base, cos_row, sin_row, HALF: tl.constexpr):
+    """Rotate-half rotary of the head at ``base`` by one row of the cos/sin tables, in fp32, rounded
+    back to the head's dtype: its (first half, second half)."""
+    offs = tl.arange(0, HALF)
+    x1 = tl.load(base + offs)
+    x2 = tl.load(base + HALF + offs)
+    c1 = tl.load(cos_row + offs).to(tl.float32)
+    c2 = tl.load(cos_row + HALF + offs).to(tl.float32)
+    s1 = tl.load(sin_row + offs).to(tl.float32)
+    s2 = tl.load(sin_row + HALF + offs).to(tl.float32)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    return (f1 * c1 - f2 * s1).to(x1.dtype), (f2 * c2 + f1 * s2).to(x1.dtype)
+
+
+@triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, token_stride, head_stride, HALF: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     base = x_ptr + token * token_stride + head * head_stride
+    r1, r2 = _rotate_half(base, cos_ptr + token * 2 * HALF, sin_ptr + token * 2 * HALF, HALF)
     offs = tl.arange(0, HALF)
-    x1 = tl.load(base + offs)
-    x2 = tl.load(base + HALF + offs)
-    c1 = tl.load(cos_ptr + token * 2 * HALF + offs).to(tl.float32)
-    c2 = tl.load(cos_ptr + token * 2 * HALF + HALF + offs).to(tl.float32)
-    s1 = tl.load(sin_ptr + token * 2 * HALF + offs).to(tl.float32)
-    s2 = tl.load(sin_ptr + token * 2 * HALF + HALF + offs).to(tl.float32)
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(base + offs, (f1 * c1 - f2 * s1).to(x1.dtype))
-    tl.store(base + HALF + offs, (f2 * c2 + f1 * s2).to(x1.dtype))
+    tl.store(base + offs, r1)
+    tl.store(base + HALF + offs, r2)
 
 
 def _rotate_in_place(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -130,16 +139,8 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, wpos_ptr, k_ptr, v_ptr
     t = token % q_len
     base = qkv_ptr + row * qkv_row_stride + t * qkv_token_stride + head * qkv_head_stride
     pos = tl.load(pos_ptr + row * pos_row_stride + t * pos_col_stride).to(tl.int64)
+    r1, r2 = _rotate_half(base, cos_ptr + pos * 2 * HALF, sin_ptr + pos * 2 * HALF, HALF)
     offs = tl.arange(0, HALF)
-    x1 = tl.load(base + offs)
-    x2 = tl.load(base + HALF + offs)
-    c1 = tl.load(cos_ptr + pos * 2 * HALF + offs).to(tl.float32)
-    c2 = tl.load(cos_ptr + pos * 2 * HALF + HALF + offs).to(tl.float32)
-    s1 = tl.load(sin_ptr + pos * 2 * HALF + offs).to(tl.float32)
-    s2 = tl.load(sin_ptr + pos * 2 * HALF + HALF + offs).to(tl.float32)
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    r1 = (f1 * c1 - f2 * s1).to(x1.dtype)
-    r2 = (f2 * c2 + f1 * s2).to(x1.dtype)
     if head < HEADS:  # a query head: rotated in place
         tl.store(base + offs, r1)
         tl.store(base + HALF + offs, r2)

@@ -66,7 +66,7 @@ case "$MODE" in
     timeout 110 python3 bench/decode_step_profile.py --model llama-3.1-8b --out "$OUT/decode_step_profile_8b.json" || rc=$?
     timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/inference/test_llama_gpu.py \
       -k "decode_attention or rotary or greedy_equals or (logits_match_hf and triton)" "$@" || rc=$?
-    timeout 60 python3 bench/decode_attention_gpu.py --out "$OUT/decode_attention_gpu.json" || rc=$?
+    timeout 90 python3 bench/decode_attention_gpu.py --out "$OUT/decode_attention_gpu.json" || rc=$?
     exit "$rc"
     ;;
   llama)

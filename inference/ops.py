@@ -22,10 +22,13 @@ serving) keeps every op, the cache write and attention on torch; ``triton``/``de
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("kernelgate.inference.ops")
 
 OpsName = Literal["auto", "torch", "triton", "deepspeed"]
 
@@ -171,15 +174,62 @@ class DeepSpeedOps(TritonOps):
         return self._ds.gated_activation(up_gate, self._no_bias[key], ActivationFuncType.GATED_SILU)
 
 
-def select_ops(name: OpsName, device: torch.device) -> DecoderOps:
-    """The op set ``name`` (``auto``: Triton on CUDA when importable, torch otherwise)."""
+def select_ops(name: OpsName, device: torch.device, dtype: torch.dtype = torch.float16) -> DecoderOps:
+    """The op set ``name`` (``auto``: Triton on CUDA when importable, torch otherwise).
+
+    A set with a decode-attention kernel has it checked first (:func:`decode_attention_error`, in the
+    model's ``dtype``): a kernel that fails to build on this device or differs from the op-by-op path is
+    left off (logged) and decode steps attend op by op, rather than the server failing at its first step.
+    """
     if name == "auto":
         if device.type != "cuda":
             return TorchOps()
         try:
-            return TritonOps()
+            ops: DecoderOps = TritonOps()
         except ImportError:
             return TorchOps()
-    if name != "torch" and device.type != "cuda":
+    elif name != "torch" and device.type != "cuda":
         raise ValueError(f"model.ops {name!r} needs CUDA (device is {device})")
-    return {"torch": TorchOps, "triton": TritonOps, "deepspeed": DeepSpeedOps}[name]()
+    else:
+        ops = {"torch": TorchOps, "triton": TritonOps, "deepspeed": DeepSpeedOps}[name]()
+    if ops.decode_attention is not None:
+        try:
+            error = decode_attention_error(ops, device, dtype)
+        except Exception:  # noqa: BLE001 - a kernel that does not build must not stop serving
+            log.exception("the Triton decode-attention kernel failed on %s; decode steps attend op by op", device)
+            ops.decode_attention = None
+        else:
+            if error > DECODE_PROBE_TOLERANCE:
+                log.error("the Triton decode-attention kernel differs from the op-by-op path by %.3g on %s; "
+                          "decode steps attend op by op", error, device)
+                ops.decode_attention = None
+    return ops
+
+
+DECODE_PROBE_TOLERANCE = 2e-2
+
+
+def decode_attention_error(ops: DecoderOps, device: torch.device, dtype: torch.dtype) -> float:
+    """Largest difference (relative to the largest value) between ``ops.decode_attention`` and the op-by-op path (``TorchOps.rotary_kv``,
+    masked grouped SDPA) on a random probe, outputs and the cache left behind: 3 rows at positions 0, 129
+    and 300 of a 512-key bucket (the kernel splits it), 8 query heads over 2 key/value heads of 64."""
+    from inference.attention import _grouped_attention
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows, heads, kv_heads, dim, kv_len = 3, 8, 2, 64, 512
+    positions = torch.tensor([[0], [129], [300]], device=device)
+    qkv = torch.randn(rows, 1, heads + 2 * kv_heads, dim, generator=gen).to(device, dtype)
+    angles = torch.randn(kv_len, dim // 2, generator=gen)
+    cos = torch.cat([angles.cos()] * 2, -1).to(device, dtype)
+    sin = torch.cat([angles.sin()] * 2, -1).to(device, dtype)
+    cache = torch.randn(2, 2, rows, kv_heads, kv_len, dim, generator=gen).to(device, dtype)  # [kernel|reference]
+    cache[1] = cache[0]
+    got = ops.decode_attention(qkv, heads, cos, sin, positions, cache[0, 0], cache[0, 1], kv_len, dim ** -0.5)
+    query = TorchOps().rotary_kv(qkv.clone(), heads, cos, sin, positions, cache[1, 0], cache[1, 1], positions)
+    hidden = torch.arange(kv_len, device=device).view(1, 1, 1, -1) > positions.view(rows, 1, 1, 1)
+    mask = torch.zeros(rows, 1, 1, kv_len, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+    want = _grouped_attention(query.transpose(1, 2), cache[1, 0], cache[1, 1], mask, dim ** -0.5)
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+    return max(relative(got, want), relative(cache[0], cache[1]))

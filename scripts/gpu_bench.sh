@@ -67,7 +67,7 @@ case "$MODE" in
     rc=0
     timeout 100 python3 bench/decode_step_profile.py --model llama-3.1-8b --out "$OUT/decode_step_profile_8b.json" || rc=$?
     timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/inference/test_llama_gpu.py \
-      -k "decode_attention or rotary_kv or greedy_equals" "$@" || rc=$?
+      -k "decode_attention or decode_kernel or rotary_kv or greedy_equals" "$@" || rc=$?
     timeout 60 python3 bench/decode_attention_gpu.py --batches 1 --kv 256,2048 --out "$OUT/decode_attention_gpu.json" || rc=$?
     exit "$rc"
     ;;

@@ -88,6 +88,15 @@ def test_decode_attention_kernel_matches_the_op_by_op_path(rows: int, heads: int
         assert torch.equal(values, want_values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_decode_kernel_passes_its_probe_and_is_on(dtype: torch.dtype) -> None:
+    from inference.ops import DECODE_PROBE_TOLERANCE, decode_attention_error
+
+    ops = select_ops("triton", torch.device("cuda"), dtype)
+    assert ops.decode_attention is not None
+    assert decode_attention_error(ops, torch.device("cuda"), dtype) < DECODE_PROBE_TOLERANCE / 4
+
+
 def test_rotary_kv_kernel_matches_the_reference_on_gpu() -> None:
     from inference import triton_kernels as tk
 

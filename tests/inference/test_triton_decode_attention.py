@@ -6,7 +6,10 @@
   masked SDPA): GQA groups 4, 3 (not a power of two) and 1, head sizes 16 to 128, rows at
   different positions (0, the bucket's last column, between), key-length buckets past every row
   (padding), one split and several (some empty), float32 and float16; the cache it leaves behind
-  and the projection it must not change are compared too.
+  and the projection it must not change are compared too; the probe ``select_ops`` runs before it
+  enables the kernel on a device passes, and fails a kernel that forgets rotary. bfloat16 is checked
+  on the GPU only (tests/inference/test_llama_gpu.py): Triton's interpreter gets bf16 arithmetic
+  wrong (its RMSNorm kernel too).
 * ``triton_kernels.rotary_kv``: rotary with the cache write for prefill (several tokens a row,
   positions broadcast over rows as the runner passes them), against ``TorchOps.rotary_kv``.
 * a whole decoder (tiny Llama-3 and Qwen2 shapes) through the runner on the Triton op set against
@@ -85,6 +88,15 @@ def check_decode_kernel() -> None:
             assert (keys.float() - want_keys.float()).abs().max().item() <= (0 if dtype == torch.float32 else 4e-3)
             keys[torch.arange(rows), :, pos.view(-1)] = want_keys[torch.arange(rows), :, pos.view(-1)]
             assert torch.equal(keys, want_keys), case
+    # the probe select_ops runs before it enables the kernel on a device: passes, and catches a wrong kernel
+    from inference.ops import DECODE_PROBE_TOLERANCE, TritonOps, decode_attention_error
+
+    ops = TritonOps()
+    for dtype in (torch.float32, torch.float16):  # bf16: on the GPU (the interpreter's bf16 arithmetic is off)
+        assert decode_attention_error(ops, torch.device("cpu"), dtype) < DECODE_PROBE_TOLERANCE / 4, dtype
+    right = ops.decode_attention
+    ops.decode_attention = lambda qkv, heads, cos, sin, *rest: right(qkv, heads, cos * 0 + 1, sin * 0, *rest)
+    assert decode_attention_error(ops, torch.device("cpu"), torch.float16) > DECODE_PROBE_TOLERANCE  # no rotary
     try:
         tk.decode_attention(torch.zeros(1, 2, 12, 32), 8, cos, sin, pos, keys, values, 64, 1.0)
     except ValueError as error:

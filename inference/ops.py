@@ -10,6 +10,8 @@ In: activations in the model's dtype. Out: the same, computed as transformers co
   one launch (no ``index_put``), and a decode step (one token per row) runs rotary, cache write
   and grouped-query attention as one kernel per layer (``decode_attention``, split over the keys
   with a small reduce where a row's keys are many and the rows few); prefill keeps flash SDPA.
+  ``select_ops`` checks that kernel against the op-by-op path first (:func:`decode_attention_error`)
+  and leaves it off, logged, where it fails.
 * ``deepspeed``: DeepSpeed's ``transformer_inference`` CUDA kernels (``pre_rms_norm``,
   ``rms_norm``, ``gated_activation``), JIT-built on first use (about a minute). DeepSpeed's
   rotary kernel keeps one position offset for the whole batch, which cannot express slots

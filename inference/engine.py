@@ -313,12 +313,18 @@ class Engine:
         else:
             leaders = seqs
             tokens = [1] * len(seqs)
+        if phase == "decode":
+            decode_positions = ([p + 1 for p in after.positions] if after is not None
+                                else [len(s.token_ids) - 1 for s in seqs])
+        graph_key = None
+        if phase == "decode" and self._observer is not None and hasattr(runner, "decode_key"):
+            graph_key = runner.decode_key(len(seqs), max(decode_positions))
         step = StepInfo(index=self._launches, phase=phase, batch_size=len(seqs), num_tokens=sum(tokens),
                         request_ids=tuple(s.request_id for s in seqs), start_time_ns=time.time_ns(),
                         trace_contexts=tuple(s.request.trace_context for s in seqs),
-                        tokens_per_sequence=tuple(tokens))
+                        tokens_per_sequence=tuple(tokens), graph_key=graph_key)
         self._launches += 1
-        self._notify_observer("start", step, None)
+        timed = self._notify_observer("start", step, None) and graph_key is not None
         positions: list[int] = []
         if phase == "prefill":
             prompts = [s.token_ids for s in leaders]
@@ -334,13 +340,18 @@ class Engine:
                 runner.move(fork.leader.slot, fork.slot, fork.prompt_len)
             if forks:
                 logits = logits[torch.tensor([row_of[id(s.leader or s)] for s in seqs], device=logits.device)]
-        elif after is None:
-            positions = [len(s.token_ids) - 1 for s in seqs]
-            logits = runner.decode([s.token_ids[-1] for s in seqs], positions)
-        else:
-            positions = [p + 1 for p in after.positions]
+        elif after is not None:  # pipelined: the tokens are ``after``'s, still on the device
+            positions = decode_positions
             logits = runner.decode_from(after.picks.tokens, positions)
             self.metrics.pipelined_steps.inc()
+        else:
+            positions = decode_positions
+            decode_tokens = [s.token_ids[-1] for s in seqs]
+            if timed:  # the observer asked: the runner reports how long the graph replay ran
+                logits, replay = runner.decode_timed(decode_tokens, positions)
+                step = replace(step, replay=replay)
+            else:
+                logits = runner.decode(decode_tokens, positions)
         picks = self._sampling.launch(logits, seqs[0].slot, [s.state.sampler for s in seqs])
         self._release_held()  # the step is queued: the previous one's outputs go out meanwhile
         return _Launched(phase, seqs, step, picks, positions, leaders, prompt_logits)
@@ -522,16 +533,17 @@ class Engine:
             except RuntimeError:
                 pass
 
-    def _notify_observer(self, which: str, step: StepInfo, span_context: Any) -> None:
+    def _notify_observer(self, which: str, step: StepInfo, span_context: Any) -> bool:
+        """Tell the forward observer; True when its ``start`` asks for the step's replay timing."""
         if self._observer is None:
-            return
+            return False
         try:
             if which == "start":
-                self._observer.start(step)
-            else:
-                self._observer.finish(step, span_context)
+                return bool(self._observer.start(step))
+            self._observer.finish(step, span_context)
         except Exception:  # noqa: BLE001 - an observer must never break serving
             log.exception("forward observer %s() failed", which)
+        return False
 
     def _gpu_memory_bytes(self) -> float:
         model = self._model

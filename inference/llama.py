@@ -11,10 +11,11 @@ so every kernel launch and every extra pass over the activations shows):
 * one GEMM for query/key/value (weights concatenated, Qwen's biases too) and one for
   gate/up, instead of three and two;
 * residual add fused into the RMSNorm that follows it, SiLU fused with the gate product,
-  rotary embedding applied to query and key in one pass, through :mod:`inference.ops`
-  (Triton kernels on CUDA, DeepSpeed's ``transformer_inference`` kernels on request, plain
-  torch as reference and on CPU); in a decode step on CUDA (up to ``FUSED_DECODE_MAX_KV``
-  cached keys), rotary, the KV-cache write and attention as one Triton kernel per layer;
+  rotary embedding applied to query and key in one pass together with the step's key/value
+  cache write, through :mod:`inference.ops` (Triton kernels on CUDA, DeepSpeed's
+  ``transformer_inference`` kernels on request, plain torch as reference and on CPU);
+* in a decode step with a Triton op set: rotary, the cache write and grouped-query attention
+  as one kernel per layer (``DecoderOps.decode_attention``); prefill keeps flash SDPA;
 * grouped-query attention over the slot cache without repeating keys and values
   (:class:`inference.attention.SlotAttention`);
 * tensor parallelism in the Megatron layout: heads and the MLP's inner width are split
@@ -39,12 +40,6 @@ from inference.kv_cache import KVGeometry
 from inference.ops import DecoderOps
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral"})
-# Longest key-length bucket whose decode steps use the one-kernel decode attention (ops.decode_attention).
-# The kernel runs one program per (row, key/value head) over the key blocks in turn: at batch 1 that is
-# 8 programs for an 8B model, fine at short contexts (it replaces ~7 launches a layer: rotary, two cache
-# writes, cuDNN's attention and their copies), slower than cuDNN's split kernels at long ones. Longer
-# buckets keep the op-by-op path until a split-key version is measured.
-FUSED_DECODE_MAX_KV = 512
 
 
 def supports(hf_config: Any) -> bool:
@@ -148,10 +143,6 @@ class FusedLlama(torch.nn.Module):
         self.final_norm = backbone.norm.weight.detach()
         self.lm_head = hf_model.get_output_embeddings().weight.detach()
         self.cos, self.sin = rotary_tables(config, max_len, self.embed.device, self.embed.dtype)
-        # A decode step's rotary + cache write + attention as one kernel, where the op set has one
-        # and the head size suits it (a power of two, at least 32).
-        # (``ops.decode_attention`` is read at each step: None there means op by op from then on.)
-        self._fused_decode_fits = d >= 32 and not d & (d - 1)
 
     # -- what the runner calls ----------------------------------------------------------------
 
@@ -164,29 +155,23 @@ class FusedLlama(torch.nn.Module):
         rows, q_len = tokens.shape
         d = self.head_dim
         hidden = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[positions], self.sin[positions]  # [rows, q_len, head_dim]
-        batch = self._attention.batch
-        fused_decode = (getattr(ops, "decode_attention", None) if self._fused_decode_fits and q_len == 1
-                        and batch is not None and batch.kv_len <= FUSED_DECODE_MAX_KV else None)
-        if fused_decode is not None:
-            cos2d, sin2d = cos.view(rows, d), sin.view(rows, d)
+        attention = self._attention
+        # A decode step: rotary, cache write and attention as one kernel a layer where the op set has one.
+        decode = ops.decode_attention if attention.is_decode(q_len) else None
         residual: torch.Tensor | None = None
         for index, layer in enumerate(self._layers):
             if residual is None:
                 normed, residual = ops.rms_norm(hidden, layer.input_norm, self.eps), hidden
             else:
                 normed, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, self.eps)
-            qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)
-            if fused_decode is not None:  # rotary, cache write and attention: one kernel
-                context = self._attention.attend_decode(index, qkv.view(rows, -1), self.heads, self.kv_heads,
-                                                        cos2d, sin2d, self.scaling, fused_decode)
-            else:
-                qkv = qkv.view(rows, q_len, self.heads + 2 * self.kv_heads, d)
-                query, key = ops.rotary(qkv[:, :, :self.heads], qkv[:, :, self.heads:self.heads + self.kv_heads],
-                                        cos, sin)
-                value = qkv[:, :, self.heads + self.kv_heads:]
-                context = self._attention.attend(index, query.transpose(1, 2), key.transpose(1, 2),
-                                                 value.transpose(1, 2), self.scaling)
+            qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias).view(rows, q_len, self.heads + 2 * self.kv_heads, d)
+            if decode is not None:
+                context = attention.attend_decode(index, qkv, self.heads, self.cos, self.sin, self.scaling, decode)
+            else:  # rotary with the key/value cache write, then attention over the cache
+                keys, values, batch = attention.layer_cache(index)
+                query = ops.rotary_kv(qkv, self.heads, self.cos, self.sin, positions, keys, values,
+                                      batch.write_positions)
+                context = attention.attend_cached(index, query.transpose(1, 2), self.scaling)
             hidden = self._row_parallel(context.reshape(rows, q_len, self.heads * d), layer.o_weight)
             if layer.o_bias is not None:
                 hidden = hidden + layer.o_bias

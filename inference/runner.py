@@ -6,6 +6,13 @@ Decode steps have static shapes once the batch is padded to a bucket and the att
 key length is rounded up, so on CUDA each (batch bucket, key-length bucket) is captured
 once as a CUDA graph and replayed, which removes the per-kernel launch cost that
 dominates small-batch decoding.
+
+For kernel tracing the runner also *reports* (it never takes an object to fill in):
+:meth:`ModelRunner.decode_key` names the fixed work a decode step will run (the CUDA graph it
+replays; on CPU, the eager decode of that shape), and :meth:`ModelRunner.decode_timed` runs the
+step and returns a :class:`DecodeTiming` of that work: two CUDA events around the graph replay
+on its stream (no sync, no profiler), or the host clock around an eager CPU decode. The kernel
+tracer (otel/kernels/) places kernel spans recorded once per key inside that interval.
 """
 
 from __future__ import annotations
@@ -82,6 +89,30 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
+@dataclass(frozen=True)
+class DecodeTiming:
+    """A decode step's fixed work (a graph replay, or an eager CPU decode) as the runner timed it.
+
+    ``wall_start_ns`` is the wall clock read right after the start mark was placed (on CUDA the mark
+    runs on the device when the stream reaches it: at or after that instant), ``uncertainty_ns`` how
+    long placing it took. ``elapsed_ns`` blocks until the end mark has run (call it off the engine
+    thread): CUDA events' elapsed time (~0.5 us resolution), or the host clock on CPU.
+    """
+
+    key: tuple[int, ...]
+    wall_start_ns: int
+    uncertainty_ns: int
+    stream: int
+    start: Any  # torch.cuda.Event, or perf_counter_ns on CPU
+    end: Any
+
+    def elapsed_ns(self) -> int:
+        if isinstance(self.start, int):
+            return self.end - self.start
+        self.end.synchronize()
+        return int(self.start.elapsed_time(self.end) * 1_000_000)
+
+
 @dataclass
 class _DecodeGraph:
     graph: "torch.cuda.CUDAGraph"
@@ -120,6 +151,8 @@ class ModelRunner:
         self._staging_np = [buffer.numpy()[:, :, 0] for buffer in self._staging]
         self._staged: list[torch.cuda.Event | None] = [None, None]  # the last copy out of each buffer
         self._stage_turn = 0
+        # Distinguishes this runner's graphs from another's (a hot-swapped version) in decode keys.
+        self._generation = time.monotonic_ns()
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -160,7 +193,7 @@ class ModelRunner:
 
         ``positions[i]`` is the cache column (= sequence position) of ``tokens[i]``.
         """
-        return self._decode(tokens, positions)
+        return self._decode(tokens, positions, timed=False)[0]
 
     def decode_from(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """As :meth:`decode`, with the tokens already on the device (``[rows]`` int64: the previous
@@ -169,9 +202,25 @@ class ModelRunner:
         On CUDA graphs: the positions go up with the usual pinned copy, then one device-to-device
         copy puts the tokens into the graph's static input; nothing waits for the device.
         """
-        return self._decode(tokens, positions)
+        return self._decode(tokens, positions, timed=False)[0]
 
-    def _decode(self, tokens: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+    def decode_key(self, rows: int, max_position: int) -> tuple[int, ...] | None:
+        """What a decode step of ``rows`` sequences up to ``max_position`` runs, when that is a fixed
+        sequence of work: ``(generation, batch bucket, key length)`` of the CUDA graph it replays, or
+        on CPU ``(0, rows, key length)`` (eager, same shapes: the same operators). None: eager on a GPU."""
+        kv_len = kv_bucket(max_position + 1, self.max_len)
+        if self._graphs:
+            size = self._bucket_of[rows]
+            if (size, kv_len) in self._graphs:
+                return (self._generation, size, kv_len)
+        return (0, rows, kv_len) if self.device.type == "cpu" else None
+
+    def decode_timed(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, DecodeTiming | None]:
+        """As :meth:`decode`, plus the timing of its fixed work (None when :meth:`decode_key` is None)."""
+        return self._decode(tokens, positions, timed=True)
+
+    def _decode(self, tokens: list[int] | torch.Tensor, positions: list[int],
+                timed: bool) -> tuple[torch.Tensor, DecodeTiming | None]:
         rows = len(positions)
         on_device = isinstance(tokens, torch.Tensor)
         kv_len = kv_bucket(max(positions) + 1, self.max_len)
@@ -182,11 +231,25 @@ class ModelRunner:
                 self._stage(None if on_device else tokens, positions, size)
                 if on_device:
                     self._static_tokens[:rows].view(-1).copy_(tokens)
+                if not timed:
+                    graph.graph.replay()
+                    return graph.logits[:rows], None
+                stream = torch.cuda.current_stream(self.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                before = time.time_ns()
+                start.record(stream)
+                wall = time.time_ns()
                 graph.graph.replay()
-                return graph.logits[:rows]
+                end.record(stream)
+                return graph.logits[:rows], DecodeTiming((self._generation, size, kv_len), wall,
+                                                         (wall - before) // 2, stream.stream_id, start, end)
         token_tensor = (tokens if on_device else torch.tensor(tokens, dtype=torch.long)).view(rows, 1).to(self.device)
         position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
-        return self._decode_logits(token_tensor, position_tensor, kv_len)
+        if not timed or self.device.type != "cpu":
+            return self._decode_logits(token_tensor, position_tensor, kv_len), None
+        wall, began = time.time_ns(), time.perf_counter_ns()
+        logits = self._decode_logits(token_tensor, position_tensor, kv_len)
+        return logits, DecodeTiming((0, rows, kv_len), wall, 0, 0, began, time.perf_counter_ns())
 
     def wait_queued(self) -> None:
         """Wait for the steps already queued (the engine calls it before reading the tokens of a
@@ -203,6 +266,7 @@ class ModelRunner:
         if not self._use_graphs:
             return 0
         started = time.monotonic()
+        self._generation = time.monotonic_ns()  # new graphs: new decode keys (kernel tracing re-records them)
         kv_lens = sorted({kv_bucket(n, self.max_len) for n in _powers_of_two(MIN_KV_BUCKET, self.max_len)})
         pool = torch.cuda.graph_pool_handle()
         self._static_tokens.zero_()

@@ -18,8 +18,9 @@ gone. The first command (``OP_SETUP``) carries rank 0's runner geometry (slots, 
 CUDA graphs), so every rank builds the same runner and captures the same graphs. Sampling
 happens on rank 0 only; followers compute the same logits and drop them.
 
-Stop: rank 0 sends ``OP_STOP`` and every rank leaves the group together (NCCL's
-``destroy_process_group`` waits for every member: one rank leaving alone hangs the others).
+Stop: rank 0 sends ``OP_STOP`` and every rank leaves the group together (gloo's
+``destroy_process_group`` waits for every member; NCCL's communicators are aborted after a
+device sync, since ``ncclCommDestroy`` was seen to block after graph-captured all-reduces).
 With a rank lost the group is not torn down at all. Followers also exit on end-of-file and,
 on Linux, when their parent dies (PDEATHSIG).
 
@@ -35,6 +36,7 @@ import array
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -91,7 +93,20 @@ def _join(rank: int, world_size: int, port: int, backend: str) -> TensorParallel
 
 
 def _leave() -> None:
-    if torch.distributed.is_initialized():
+    """Leave the group: gloo's is destroyed; NCCL's communicators are aborted after a device sync.
+
+    ``destroy_process_group`` on NCCL (``ncclCommDestroy``) was measured to block for over
+    120 s on the H200 pair after the decode graphs (which capture the all-reduces) had run,
+    with both ranks calling it together. Once this rank's stream is drained nothing of the
+    group is in flight, and ``ncclCommAbort`` frees the communicators without waiting on the
+    other ranks.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    if torch.distributed.get_backend() == "nccl":
+        torch.cuda.synchronize()
+        torch.distributed.distributed_c10d._abort_process_group()
+    else:
         torch.distributed.destroy_process_group()
 
 
@@ -169,6 +184,7 @@ class Watchdog:
             return
         self.failed = RuntimeError(reason)
         log.error("%s: the model is not ready any more", reason)
+        dump_stacks(self._followers)
         for proc in self._followers:
             if proc.poll() is None:
                 proc.kill()
@@ -324,6 +340,7 @@ class TensorParallelGroup:
         leaving.join(self.watchdog.timeout_s)
         if leaving.is_alive():
             log.error("leaving the tensor-parallel group took more than %.0fs; abandoning it", self.watchdog.timeout_s)
+            dump_stacks(self._followers)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the followers (``stop`` if not done yet), close their pipes, wait for them or kill them.
@@ -346,6 +363,19 @@ class TensorParallelGroup:
                 proc.wait()
 
 
+def dump_stacks(followers: list[subprocess.Popen]) -> None:
+    """Every rank's Python stacks into the server's log: where a stuck wait on the group sits.
+
+    Rank 0 writes its own; each live follower writes its own on SIGUSR1 (registered in ``main``).
+    """
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    for proc in followers:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)  # let them write before they are killed
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the parent (rank 0) dies, even if it could not say stop."""
     try:
@@ -364,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with_parent()
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank{args.rank} %(name)s: %(message)s")
     model = ModelConfig(**json.loads(args.model))

@@ -3,7 +3,8 @@
 Envoy, the sidecar and OPA in front of one ``kernelgate serve`` (CPU, ``--model`` random-weight
 architecture); or, with ``--direct``, the inference server alone on ``--device`` (the GPU run:
 the GPU image has no Envoy or OPA, and what is measured is the server's swap). An open loop sends ``--rate`` completions a second for ``3 x --window-s`` seconds
-(plus however long loading and validation take); ``--window-s`` in, version ``v2`` is loaded with
+(plus however long loading and validation take, plus ``--warm-up-s`` first); ``--window-s`` in
+(after the warm-up), version ``v2`` is loaded with
 ``activate`` through the admin API (v1 is ``--model`` seed 0, v2 seed ``--v2-seed``: other weights) (load, probe, shadow run on recent live prompts, atomic
 switch). Windows: *before* = the ``--window-s`` seconds before the load call, *during* = from the
 load call to one window after it (or to activation, if later), *after* = the window that starts
@@ -186,7 +187,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         slow_steps: dict[str, dict[float, list]] = {}
 
         async def swap() -> tuple[dict, asyncio.Future]:
-            await asyncio.sleep(args.window_s)
+            await asyncio.sleep(args.warm_up_s + args.window_s)
             marks["load"] = time.monotonic()
             watch = loop.run_in_executor(None, watch_states, replica, args.model, stop_watch, slow_steps)
             version = await loop.run_in_executor(None, load_and_activate, replica, args.model,
@@ -198,7 +199,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         # Long enough for: before, the swap (load + validation), and a full window after it.
         t0, t0_wall = time.monotonic(), time.time()
         swap_task = asyncio.create_task(swap())
-        outcomes = await open_loop(url, body, args.rate, 3 * args.window_s + args.swap_allowance_s)
+        outcomes = await open_loop(url, body, args.rate, args.warm_up_s + 3 * args.window_s + args.swap_allowance_s)
         version, watch = await swap_task
         stop_watch.set()
         seen = await watch
@@ -227,6 +228,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         "path": "inference server alone (--direct)" if args.direct else "Envoy -> sidecar -> OPA -> inference server",
         "note": args.note,
         "model": args.model, "v2_seed": args.v2_seed, "rate_per_s": args.rate, "max_tokens": args.max_tokens, "window_s": args.window_s,
+        "warm_up_s": args.warm_up_s,
         "sent": len(outcomes), "failed": len(failed),
         "failed_during_swap": len([o for o in failed if windows["during"][0] <= o.sent_at < windows["during"][1]]),
         "failures": [f"{o.status} {o.detail}" for o in failed[:5]],
@@ -253,6 +255,9 @@ def main() -> int:
     parser.add_argument("--model", default="tiny-gpt2", help="random-weight architecture of both versions")
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--warm-up-s", type=float, default=0.0,
+                        help="seconds of the open loop before the before window (first-use kernel compiles "
+                             "and allocations out of the baseline)")
     parser.add_argument("--swap-allowance-s", type=float, default=5.0,
                         help="extra seconds of load for loading and validation")
     parser.add_argument("--max-tokens", type=int, default=16)

@@ -223,6 +223,7 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
                 if step + 1 < new_tokens:
                     tokens = runner.decode(tokens, [len(p) + step for p in prompts]).argmax(-1).tolist()
         if write_to is not None:  # before the group's teardown, which has blocked on NCCL
+            write_to.parent.mkdir(parents=True, exist_ok=True)
             write_to.write_text(json.dumps({"model": name, "tp_size": tp, "tokens": out}))
     except BaseException:
         logging.getLogger("kernelgate.bench").exception("greedy run of %s with tp_size %d failed", name, tp)

@@ -95,11 +95,11 @@ def _join(rank: int, world_size: int, port: int, backend: str) -> TensorParallel
 def _leave() -> None:
     """Leave the group: gloo's is destroyed; NCCL's communicators are aborted after a device sync.
 
-    ``destroy_process_group`` on NCCL (``ncclCommDestroy``) was measured to block for over
-    120 s on the H200 pair after the decode graphs (which capture the all-reduces) had run,
-    with both ranks calling it together. Once this rank's stream is drained nothing of the
-    group is in flight, and ``ncclCommAbort`` frees the communicators without waiting on the
-    other ranks.
+    The caller drops its runner's decode graphs first (``ModelRunner.release_graphs``): with
+    graphs that captured the all-reduces still alive, both ``destroy_process_group`` and the
+    abort blocked for over 120 s on both ranks of the H200 pair. Once this rank's stream is
+    drained nothing of the group is in flight, and ``ncclCommAbort`` frees the communicators
+    without waiting on the other ranks.
     """
     if not torch.distributed.is_initialized():
         return
@@ -241,6 +241,7 @@ class MirroredRunner:
             return self._runner.capture_decode_graphs()
 
     def close(self) -> None:
+        self._runner.release_graphs()  # every rank drops its graphs before the group goes
         self._group.stop()
 
 
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if not told:
         log.info("rank %d: rank 0 closed the command pipe; exiting without leaving the group", args.rank)
         return 1
+    runner.release_graphs()
     _leave()
     log.info("rank %d stopped", args.rank)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -109,3 +110,18 @@ async def test_forward_observer_sees_every_step() -> None:
     assert phases[0] == "prefill" and "decode" in phases
     assert [s.index for s, _ in observer.finished] == [s.index for s in observer.started]
     assert max(s.batch_size for s in observer.started) == 2
+
+
+async def test_slow_steps_are_kept_with_their_time_phase_and_batch() -> None:
+    """A step of 20 ms or more (here: an observer that makes each take 30 ms) is in ``slow_steps``
+    (the admin status shows them: where a hot swap stalled the serving version)."""
+    slow = started_engine(tiny_config(), observer=SlowSteps(delay_s=0.03))
+    try:
+        before = time.time()
+        await generate(slow, PROMPTS[0], 3)
+    finally:
+        slow.shutdown(10)
+    steps = slow.slow_steps()
+    assert [phase for _, _, _, phase, _ in steps][:2] == ["prefill", "decode"] and len(steps) == 3
+    assert all(before <= at <= time.time() and took >= 30 and gap >= 0 and batch == 1
+               for at, took, gap, _, batch in steps)

@@ -108,7 +108,11 @@ async def test_admin_api_refuses_missing_or_wrong_token(served) -> None:
                     assert TOKEN not in str(body)
         async with s.get(f"{admin}/admin/models", headers=auth()) as r:
             assert r.status == 200
-            assert {m["name"]: m["active"] for m in (await r.json())["models"]} == {"gpt": "v1", "llama": "a"}
+            listing = (await r.json())["models"]
+            assert {m["name"]: m["active"] for m in listing} == {"gpt": "v1", "llama": "a"}
+            # each loaded version's recent slow engine steps: [wall start s, step ms, gap ms, phase, batch]
+            assert all(isinstance(v["slow_steps"], list) and all(len(step) == 5 for step in v["slow_steps"])
+                       for m in listing for v in m["versions"])
 
 
 async def test_load_that_does_not_fit_is_refused_and_serving_continues(served) -> None:

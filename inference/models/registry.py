@@ -425,12 +425,20 @@ class ModelRegistry:
         return entry
 
     async def _validate(self, m: _Model, entry: ModelVersion) -> None:
-        try:
-            await self._load_and_validate(m, entry)
-        finally:
-            self._loading(-1)  # ready, failed or cancelled: the switch interval goes back
+        still_counted = [entry]
 
-    async def _load_and_validate(self, m: _Model, entry: ModelVersion) -> None:
+        def settled() -> None:
+            """Count the load out once: before ``ready`` or ``failed`` is visible, or when cancelled."""
+            if still_counted:
+                still_counted.clear()
+                self._loading(-1)
+
+        try:
+            await self._load_and_validate(m, entry, settled)
+        finally:
+            settled()
+
+    async def _load_and_validate(self, m: _Model, entry: ModelVersion, settled: Callable[[], None]) -> None:
         try:
             engine = entry.engine
             assert engine is not None
@@ -452,6 +460,7 @@ class ModelRegistry:
                 return
             if not result.ok:
                 raise RuntimeError(f"validation failed: {result.reason}")
+            settled()
             entry.state = "ready"
             self._event(m.config.name, entry.version, "validated", **result.describe())
             if entry.activate_when_valid:
@@ -461,6 +470,7 @@ class ModelRegistry:
         except Exception as exc:  # noqa: BLE001 - the version is marked failed with the reason
             if entry.state in ("draining", "unloaded"):
                 return
+            settled()
             entry.state = "failed"
             entry.error = str(exc)
             log.warning("model %s: version %s failed: %s", m.config.name, entry.version, exc)

@@ -144,11 +144,13 @@ async def test_version_failing_validation_stays_inactive(served) -> None:
     async with aiohttp.ClientSession() as s:
         for prompt in ("one two", "three four five", "six"):
             assert (await complete(s, url, "gpt", prompt))[0] == 200
+        switch_interval = sys.getswitchinterval()
         async with s.post(f"{admin}/admin/models/gpt/versions", headers=auth(),
                           json={"version": "bad", "random_config": "tiny-gpt2-sharp", "seed": 7, "activate": True}) as r:
             assert r.status == 202, await r.text()
         bad = await wait_state(s, admin, "gpt", "bad", ("failed", "active"))
         assert bad["state"] == "failed"
+        assert sys.getswitchinterval() == switch_interval  # restored before "failed" shows
         assert "min_agreement" in bad["error"] and bad["validation"]["shadow_prompts"] == 3
         async with s.post(f"{admin}/admin/models/gpt/versions/bad/activate", headers=auth()) as r:
             assert r.status == 409 and "failed" in (await r.json())["error"]["message"]
@@ -199,7 +201,8 @@ async def test_hot_swap_under_load_drops_nothing(served) -> None:
             assert r.status == 202
             # While v2 loads beside v1, serving threads get the GIL back within 0.5 ms, not 5 ms.
             assert sys.getswitchinterval() == min(switch_interval, 0.0005)
-        await wait_state(s, admin, "gpt", "v2", ("ready", "failed"))
+        v2 = await wait_state(s, admin, "gpt", "v2", ("ready", "failed"))
+        assert v2["state"] == "ready", v2
         assert sys.getswitchinterval() == switch_interval
         async with s.post(f"{admin}/admin/models/gpt/versions/v2/activate", headers=auth()) as r:
             assert r.status == 200 and (await r.json())["state"] == "active"

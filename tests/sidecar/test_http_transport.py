@@ -31,6 +31,28 @@ def test_request_becomes_the_check_request_envoy_would_send_over_grpc() -> None:
     assert attrs.destination.address.socket_address.address == "::1"
 
 
+def test_the_http_paths_request_is_what_the_grpc_check_request_reads_as() -> None:
+    """The HTTP transport builds the check's Request directly; gRPC's CheckRequest for the same
+    authorization request, read through input.request_of, gives the same Request and document."""
+    from sidecar.input import build_input, request_of
+
+    cases = [
+        ({"host": "h", "x-user": "u", "content-type": "application/json", "x-request-id": "r",
+          "x-kernelgate-authz-source": "127.0.0.1:40000", "x-kernelgate-authz-destination": "127.0.0.1:10000",
+          "x-kernelgate-authz-scheme": "http", "x-kernelgate-authz-protocol": "HTTP/1.1"}, b'{"model": "m"}'),
+        ({"host": "h", "content-length": "12", "x-kernelgate-authz-source": "-",
+          "x-kernelgate-authz-source-subject": "CN=c", "x-kernelgate-authz-source-certificate": "PEM%0A",
+          "x-kernelgate-authz-destination": "[::1]:443", "x-kernelgate-authz-destination-dns-san": "d,e"}, b""),
+        ({}, b"\xff\xfe not utf-8"),
+    ]
+    for headers, body in cases:
+        for target in (http_transport.PATH_PREFIX + "/v1/chat/completions?a=1&a=2", "/v1/../v1/models"):
+            direct = http_transport.http_request("POST", target, dict(headers), body)
+            via_grpc = request_of(http_transport.check_request("POST", target, dict(headers), body))
+            assert direct == via_grpc
+            assert build_input(direct).document == build_input(via_grpc).document
+
+
 def test_allow_and_deny_are_framed_for_envoys_http_client() -> None:
     allowed = http_transport.frame(response.allow({"x-kernelgate-tenant": "acme"}, ["x-api-key", "authorization"],
                                                   {"ratelimit-remaining": "4"}))
@@ -49,7 +71,7 @@ def test_allow_and_deny_are_framed_for_envoys_http_client() -> None:
 
 async def test_pipelined_requests_are_answered_in_order_and_garbage_gets_a_400() -> None:
     async def check(request, metadata):  # the slower first answer must still come first
-        path = request.attributes.request.http.path
+        path = request.path
         await asyncio.sleep(0.05 if path == "/slow" else 0)
         return response.allow({"x-path": path}, [], {})
 

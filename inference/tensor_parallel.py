@@ -18,8 +18,9 @@ gone. The first command (``OP_SETUP``) carries rank 0's runner geometry (slots, 
 CUDA graphs), so every rank builds the same runner and captures the same graphs. Sampling
 happens on rank 0 only; followers compute the same logits and drop them.
 
-Stop: rank 0 sends ``OP_STOP`` and every rank leaves the group together (NCCL's
-``destroy_process_group`` waits for every member: one rank leaving alone hangs the others).
+Stop: rank 0 sends ``OP_STOP`` and every rank leaves the group together (gloo's
+``destroy_process_group`` waits for every member; NCCL's communicators are aborted after a
+device sync, since ``ncclCommDestroy`` was seen to block after graph-captured all-reduces).
 With a rank lost the group is not torn down at all. Followers also exit on end-of-file and,
 on Linux, when their parent dies (PDEATHSIG).
 
@@ -91,7 +92,20 @@ def _join(rank: int, world_size: int, port: int, backend: str) -> TensorParallel
 
 
 def _leave() -> None:
-    if torch.distributed.is_initialized():
+    """Leave the group: gloo's is destroyed; NCCL's communicators are aborted after a device sync.
+
+    ``destroy_process_group`` on NCCL (``ncclCommDestroy``) was measured to block for over
+    120 s on the H200 pair after the decode graphs (which capture the all-reduces) had run,
+    with both ranks calling it together. Once this rank's stream is drained nothing of the
+    group is in flight, and ``ncclCommAbort`` frees the communicators without waiting on the
+    other ranks.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    if torch.distributed.get_backend() == "nccl":
+        torch.cuda.synchronize()
+        torch.distributed.distributed_c10d._abort_process_group()
+    else:
         torch.distributed.destroy_process_group()
 
 

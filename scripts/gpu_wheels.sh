@@ -52,6 +52,7 @@ ROOTS=(
   "envoy-data-plane==2.2.*"                      # kernelgate.config (the CLI's one loader) imports it
   "llguidance==1.9.*"                            # response_format json_object/json_schema (inference/structured.py)
   "orjson==3.11.*"                               # the OpenAI endpoints' JSON bodies and SSE events (inference/openai/http.py)
+  "httptools==0.9.*"                             # kernelgate.config -> envoy_config -> sidecar/http_transport imports it
 )
 DEEPSPEED_SPEC="deepspeed==0.19.8"
 # Packages on the device image (KINDS.md "Python packages already there", 2026-11-17), whose

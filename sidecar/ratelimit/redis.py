@@ -271,43 +271,14 @@ class RedisRateLimiter:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> None:
-        if self._pipe is None:
-            return await self._send_redis_py(batch)
-        sha = self._reserve.sha
-        payload = b"".join(command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch)
         try:
-            try:
-                replies = await self._pipe.send(payload, len(batch))
-            except RedisConnectionError:  # a connection Redis closed (restart): once more, on a new one
-                replies = await self._pipe.send(payload, len(batch))
+            replies = await (self._pipelined(batch) if self._pipe is not None else self._pipelined_redis_py(batch))
             for i, reply in enumerate(replies):
                 if isinstance(reply, NoScriptError):  # Redis restarted: load it once, run again
                     keys, args, _ = batch[i]
                     replies[i] = await self._reserve(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             replies = [exc] * len(batch)
-        self._answer(batch, replies)
-
-    async def _send_redis_py(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> None:
-        try:
-            if len(batch) == 1:
-                keys, args, _ = batch[0]
-                replies = [await self._reserve(keys=keys, args=args)]
-            else:
-                pipe = self._client.pipeline(transaction=False)
-                for keys, args, _ in batch:
-                    pipe.evalsha(self._reserve.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
-                for i, reply in enumerate(replies):
-                    if isinstance(reply, NoScriptError):  # Redis restarted: load it once, run again
-                        keys, args, _ = batch[i]
-                        replies[i] = await self._reserve(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            replies = [exc] * len(batch)
-        self._answer(batch, replies)
-
-    @staticmethod
-    def _answer(batch: list[tuple[list[str], list[Any], asyncio.Future]], replies: list[Any]) -> None:
         for (_, _, future), reply in zip(batch, replies):
             if future.done():
                 continue
@@ -315,6 +286,24 @@ class RedisRateLimiter:
                 future.set_exception(BackendUnavailable(f"redis: {type(reply).__name__}"))
             else:
                 future.set_result(reply)
+
+    async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> list[Any]:
+        """The batch's replies over the lean connection (NOSCRIPT comes back as a NoScriptError)."""
+        payload = b"".join(command("EVALSHA", self._reserve.sha, len(keys), *keys, *args) for keys, args, _ in batch)
+        try:
+            return await self._pipe.send(payload, len(batch))
+        except RedisConnectionError:  # a connection Redis closed (restart): once more, on a new one
+            return await self._pipe.send(payload, len(batch))
+
+    async def _pipelined_redis_py(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> list[Any]:
+        """The same through redis-py (a TLS or Unix-socket URL)."""
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            return [await self._reserve(keys=keys, args=args)]
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._reserve.sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
 
     async def close(self) -> None:
         if self._sending:

@@ -416,3 +416,15 @@ async def test_the_lean_redis_connection_authenticates_and_selects_the_database(
         await check.aclose()
         await good.close()
         await bad.close()
+
+
+async def test_redis_py_pipelines_where_the_lean_connection_does_not_apply(redis_url: str) -> None:
+    """A TLS or Unix-socket URL keeps redis-py's pipeline: the same exact budget under concurrency."""
+    limiter = RedisRateLimiter(redis_url, timeout_s=1.0, key_prefix="fallback:")
+    limiter._pipe = None  # as RespPipe.supports() leaves it for rediss:// and unix://
+    try:
+        results = await asyncio.gather(*(limiter.charge([requests("py", limit=10)]) for _ in range(40)))
+        assert sum(r.allowed for r in results) == 10
+        assert (await limiter.charge([requests("py-alone", limit=1)])).allowed
+    finally:
+        await limiter.close()

@@ -7,7 +7,8 @@ settles it when the server reports what was used.
 
 This module only strings the steps together and records what happened (decision
 log, metrics, span attributes); each step lives in its own module. It knows
-nothing of gRPC: ``server.py`` hands it a CheckRequest and sends back what it returns.
+nothing of gRPC: ``server.py`` hands it a CheckRequest (the HTTP transport an ``input.Request``)
+and sends back the ``response.Answer`` it returns (as a CheckResponse, or framed as HTTP).
 """
 
 from __future__ import annotations

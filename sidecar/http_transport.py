@@ -10,8 +10,9 @@ or the deny's status, headers and body.
 
 This module only translates: the request becomes the ``input.Request`` gRPC's CheckRequest would
 have given (built directly: no protobuf made and read back), ``Authorizer.check`` decides exactly
-as for gRPC, and its CheckResponse is framed as HTTP. Why it exists: a grpc.aio call
-costs ~0.5 ms of CPU on its own; an asyncio protocol with httptools' C parser costs a fraction.
+as for gRPC, and its ``response.Answer`` is framed as HTTP (no CheckResponse built either).
+Why it exists: a grpc.aio call costs ~0.5 ms of CPU on its own; an asyncio protocol with
+httptools' C parser costs a fraction.
 
 What HTTP mode cannot carry (Envoy's HTTP client, not ours): ``dynamic_metadata`` (dropped),
 context extensions and metadata context; upstream headers must start with ``x-`` and client
@@ -30,6 +31,7 @@ import httptools
 from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.input import Peer, Request
+from sidecar.response import Answer
 
 log = logging.getLogger("kernelgate.authz.http")
 
@@ -142,36 +144,34 @@ def check_request(method: str, target: str, headers: dict[str, str], body: bytes
     return check
 
 
-def _routed(options: Any, prefixes: tuple[str, ...], other: tuple[str, ...], where: str) -> list[str]:
+def _routed(headers: tuple[tuple[str, str], ...], prefixes: tuple[str, ...], other: tuple[str, ...],
+            where: str) -> list[str]:
     """Header lines of an allow; Envoy copies a name to ``where`` only when it has one of ``prefixes``
     (and to the other side too when it has one of ``other``): a name it would misroute is logged."""
     lines = []
-    for option in options:
-        key = option.header.key.lower()
+    for key, value in headers:
+        key = key.lower()
         if not key.startswith(prefixes) or key.startswith(other):
             log.warning("HTTP ext_authz cannot route %s header %r (names starting %s pass)", where, key, prefixes)
-        lines.append(f"{key}: {option.header.value}")
+        lines.append(f"{key}: {value}")
     return lines
 
 
-def frame(check_response: Any, keep_alive: bool = True) -> bytes:
-    """CheckResponse -> the HTTP/1.1 answer Envoy's http_service client reads back."""
+def frame(answer: Answer, keep_alive: bool = True) -> bytes:
+    """The check's Answer -> the HTTP/1.1 answer Envoy's http_service client reads back."""
     lines: list[str]
     body = b""
-    if check_response.HasField("denied_response"):
-        denied = check_response.denied_response
-        status = denied.status.code or 403
+    if not answer.allowed:
+        status = answer.http_status or 403
         status = STATUS_STAND_INS.get(status, status)
-        body = denied.body.encode()
-        lines = [f"{h.header.key}: {h.header.value}" for h in denied.headers
-                 if h.header.key.lower() != "content-length"]
+        body = answer.body.encode()
+        lines = [f"{key}: {value}" for key, value in answer.headers if key.lower() != "content-length"]
     else:
         status = 200
-        ok = check_response.ok_response
-        lines = [*_routed(ok.headers, UPSTREAM_HEADER_PREFIXES, CLIENT_HEADER_PREFIXES, "upstream"),
-                 *_routed(ok.response_headers_to_add, CLIENT_HEADER_PREFIXES, UPSTREAM_HEADER_PREFIXES, "client")]
-        if ok.headers_to_remove:
-            lines.append(f"{HEADERS_TO_REMOVE}: {','.join(ok.headers_to_remove)}")
+        lines = [*_routed(answer.headers, UPSTREAM_HEADER_PREFIXES, CLIENT_HEADER_PREFIXES, "upstream"),
+                 *_routed(answer.client_headers, CLIENT_HEADER_PREFIXES, UPSTREAM_HEADER_PREFIXES, "client")]
+        if answer.headers_to_remove:
+            lines.append(f"{HEADERS_TO_REMOVE}: {','.join(answer.headers_to_remove)}")
     if not keep_alive:
         lines.append("connection: close")
     head = "\r\n".join([f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", *lines,

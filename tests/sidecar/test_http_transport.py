@@ -117,3 +117,26 @@ async def test_drain_lets_a_check_in_flight_finish_and_closes_its_connection() -
     except OSError:
         refused = True
     assert refused, "a draining server accepts no new connection"
+
+
+def test_one_answer_makes_the_grpc_check_response_and_the_http_frame() -> None:
+    """Both transports carry the same Answer: the CheckResponse's fields are what frame() writes."""
+    from google.rpc import code_pb2
+
+    allowed = response.allow({"x-kernelgate-tenant": "acme"}, ["x-api-key"], {"ratelimit-remaining": "4"},
+                             {"tenant": "acme"})
+    ok = response.check_response(allowed)
+    assert ok.status.code == code_pb2.OK and ok.dynamic_metadata["tenant"] == "acme"
+    assert [(h.header.key, h.header.value) for h in ok.ok_response.headers] == [("x-kernelgate-tenant", "acme")]
+    assert [(h.header.key, h.header.value) for h in ok.ok_response.response_headers_to_add] == [
+        ("ratelimit-remaining", "4")]
+    assert list(ok.ok_response.headers_to_remove) == ["x-api-key"]
+    denied = response.deny(503, '{"e": 1}', {"retry-after": "1"})
+    no = response.check_response(denied)
+    assert no.status.code == code_pb2.UNAVAILABLE and no.denied_response.status.code == 503
+    assert {h.header.key: h.header.value for h in no.denied_response.headers} == {
+        "retry-after": "1", "content-type": "application/json"}
+    assert no.denied_response.body == '{"e": 1}'
+    framed = http_transport.frame(denied)
+    assert b"\r\nretry-after: 1\r\n" in framed and b"\r\ncontent-type: application/json\r\n" in framed
+    assert framed.endswith(b'{"e": 1}')

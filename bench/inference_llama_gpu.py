@@ -187,8 +187,8 @@ def greedy_tokens_hf(model, prompts: list[list[int]], new_tokens: int) -> list[l
     return out
 
 
-def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, args: argparse.Namespace
-                 ) -> list[list[int]]:
+def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, args: argparse.Namespace,
+                 write_to: Path | None = None) -> list[list[int]]:
     """Greedy tokens of kernelgate's decoder (the engine's runner, CUDA graphs on), ``tp`` ranks.
 
     Token ids, not text: the random shapes' vocabularies are far larger than the demo tokenizer's.
@@ -224,6 +224,12 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
                     out[row].append(token)
                 if step + 1 < new_tokens:
                     tokens = runner.decode(tokens, [len(p) + step for p in prompts]).argmax(-1).tolist()
+        if write_to is not None:  # before the group's teardown, which has blocked on NCCL
+            write_to.parent.mkdir(parents=True, exist_ok=True)
+            write_to.write_text(json.dumps({"model": name, "tp_size": tp, "tokens": out}))
+    except BaseException:
+        logging.getLogger("kernelgate.bench").exception("greedy run of %s with tp_size %d failed", name, tp)
+        raise
     finally:
         if group is not None:
             runner.close()
@@ -252,10 +258,23 @@ def greedy_in_child(name: str, tp: int, args: argparse.Namespace) -> list[list[i
     out = Path(args.log_dir) / f"greedy-{name}-tp{tp}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--greedy-worker", name, "--tp", str(tp),
                "--device", args.device, "--ops", args.ops, "--out", str(out), "--log-dir", args.log_dir]
-    try:
-        subprocess.run(command, check=True, timeout=args.step_timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"greedy check of {name} with tp_size {tp} took more than {args.step_timeout:.0f}s") from exc
+    out.unlink(missing_ok=True)
+    child = subprocess.Popen(command)
+    deadline, written_at = time.monotonic() + args.step_timeout, None
+    while child.poll() is None:
+        if written_at is None and out.exists():
+            written_at = time.monotonic()
+        if time.monotonic() > deadline or (written_at is not None and time.monotonic() - written_at > 30):
+            child.kill()
+            child.wait()
+            if written_at is None:
+                raise RuntimeError(f"greedy check of {name} with tp_size {tp} took more than {args.step_timeout:.0f}s")
+            print(f"[{name}] tp{tp} greedy worker wrote its tokens but did not exit within 30 s "
+                  "(the group's teardown; its log has the ranks' stacks): killed", file=sys.stderr, flush=True)
+            break
+        time.sleep(0.2)
+    if child.returncode not in (0, -9) or not out.exists():
+        raise RuntimeError(f"greedy check of {name} with tp_size {tp} failed (exit {child.returncode})")
     return json.loads(out.read_text())["tokens"]
 
 
@@ -395,8 +414,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s rank0 %(name)s: %(message)s")
     if args.greedy_worker:
-        tokens = greedy_fused(args.greedy_worker, greedy_prompts(args.greedy_worker), 32, args.tp, args)
-        Path(args.out).write_text(json.dumps({"model": args.greedy_worker, "tp_size": args.tp, "tokens": tokens}))
+        greedy_fused(args.greedy_worker, greedy_prompts(args.greedy_worker), 32, args.tp, args, Path(args.out))
         return 0
     import torch
 

@@ -149,7 +149,7 @@ class FusedLlama(torch.nn.Module):
 
         The runner has set the attention batch (which slots, which cache columns) beforehand.
         """
-        ops, tp = self._ops, self.tp
+        ops = self._ops
         rows, q_len = tokens.shape
         d = self.head_dim
         hidden = F.embedding(tokens, self.embed)
@@ -165,20 +165,35 @@ class FusedLlama(torch.nn.Module):
             value = qkv[:, :, self.heads + self.kv_heads:]
             context = self._attention.attend(index, query.transpose(1, 2), key.transpose(1, 2),
                                              value.transpose(1, 2), self.scaling)
-            hidden = F.linear(context.reshape(rows, q_len, self.heads * d), layer.o_weight)
-            if tp.all_reduce is not None:
-                tp.all_reduce(hidden)
+            hidden = self._row_parallel(context.reshape(rows, q_len, self.heads * d), layer.o_weight)
             if layer.o_bias is not None:
                 hidden = hidden + layer.o_bias
             normed, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, self.eps)
-            hidden = F.linear(ops.silu_mul(F.linear(normed, layer.gate_up_weight)), layer.down_weight)
-            if tp.all_reduce is not None:
-                tp.all_reduce(hidden)
+            hidden = self._row_parallel(ops.silu_mul(F.linear(normed, layer.gate_up_weight)), layer.down_weight)
         normed, _ = ops.add_rms_norm(hidden, residual, self.final_norm, self.eps)
         return normed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)
+
+    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` summed over the tensor-parallel ranks (each holds a slice of the inner dim).
+
+        On CUDA in half precision each rank's partial product stays fp32 through the all-reduce and
+        is rounded once: the same single rounding as one GPU's GEMM, so ``tp_size`` N gives the
+        greedy tokens of ``tp_size`` 1 (fp16 partials summed in fp16 were rounded three times and
+        flipped near-tied argmaxes on the H200 pair).
+        """
+        all_reduce = self.tp.all_reduce
+        if all_reduce is None:
+            return F.linear(x, weight)
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
+            all_reduce(out)
+            return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        out = F.linear(x, weight)
+        all_reduce(out)
+        return out
 
     @property
     def weight_bytes(self) -> int:

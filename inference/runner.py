@@ -197,6 +197,16 @@ class ModelRunner:
                  self._buckets, kv_lens, time.monotonic() - started)
         return len(self._graphs)
 
+    def release_graphs(self) -> None:
+        """Drop the captured decode graphs (decoding goes on eagerly). Before a tensor-parallel group
+        is torn down: NCCL communicators whose collectives live in captured graphs do not go away
+        while the graphs do (both ranks then block in the teardown)."""
+        if self._graphs:
+            torch.cuda.current_stream().synchronize()
+            for captured in self._graphs.values():
+                captured.graph.reset()
+            self._graphs.clear()
+
     def _capture(self, size: int, kv_len: int, pool: object) -> _DecodeGraph:
         tokens, positions = self._static_tokens[:size], self._static_positions[:size]
         stream = torch.cuda.Stream()

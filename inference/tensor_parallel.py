@@ -36,6 +36,7 @@ import array
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -94,11 +95,11 @@ def _join(rank: int, world_size: int, port: int, backend: str) -> TensorParallel
 def _leave() -> None:
     """Leave the group: gloo's is destroyed; NCCL's communicators are aborted after a device sync.
 
-    ``destroy_process_group`` on NCCL (``ncclCommDestroy``) was measured to block for over
-    120 s on the H200 pair after the decode graphs (which capture the all-reduces) had run,
-    with both ranks calling it together. Once this rank's stream is drained nothing of the
-    group is in flight, and ``ncclCommAbort`` frees the communicators without waiting on the
-    other ranks.
+    The caller drops its runner's decode graphs first (``ModelRunner.release_graphs``): with
+    graphs that captured the all-reduces still alive, both ``destroy_process_group`` and the
+    abort blocked for over 120 s on both ranks of the H200 pair. Once this rank's stream is
+    drained nothing of the group is in flight, and ``ncclCommAbort`` frees the communicators
+    without waiting on the other ranks.
     """
     if not torch.distributed.is_initialized():
         return
@@ -183,6 +184,7 @@ class Watchdog:
             return
         self.failed = RuntimeError(reason)
         log.error("%s: the model is not ready any more", reason)
+        dump_stacks(self._followers)
         for proc in self._followers:
             if proc.poll() is None:
                 proc.kill()
@@ -239,6 +241,7 @@ class MirroredRunner:
             return self._runner.capture_decode_graphs()
 
     def close(self) -> None:
+        self._runner.release_graphs()  # every rank drops its graphs before the group goes
         self._group.stop()
 
 
@@ -338,6 +341,7 @@ class TensorParallelGroup:
         leaving.join(self.watchdog.timeout_s)
         if leaving.is_alive():
             log.error("leaving the tensor-parallel group took more than %.0fs; abandoning it", self.watchdog.timeout_s)
+            dump_stacks(self._followers)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the followers (``stop`` if not done yet), close their pipes, wait for them or kill them.
@@ -360,6 +364,19 @@ class TensorParallelGroup:
                 proc.wait()
 
 
+def dump_stacks(followers: list[subprocess.Popen]) -> None:
+    """Every rank's Python stacks into the server's log: where a stuck wait on the group sits.
+
+    Rank 0 writes its own; each live follower writes its own on SIGUSR1 (registered in ``main``).
+    """
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    for proc in followers:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)  # let them write before they are killed
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the parent (rank 0) dies, even if it could not say stop."""
     try:
@@ -378,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with_parent()
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank{args.rank} %(name)s: %(message)s")
     model = ModelConfig(**json.loads(args.model))
@@ -400,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if not told:
         log.info("rank %d: rank 0 closed the command pipe; exiting without leaving the group", args.rank)
         return 1
+    runner.release_graphs()
     _leave()
     log.info("rank %d stopped", args.rank)
     return 0

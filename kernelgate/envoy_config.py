@@ -65,7 +65,7 @@ from envoy_data_plane.google.protobuf import Struct
 from common.models import ROUTED_MODEL_HEADER
 from common.ports import AUTHZ_ADDRESS, ENVOY_ADMIN_PORT, ENVOY_PORT, INFERENCE_ADDRESS, LOOPBACK
 from common.replicas import NOT_STARTED_HEADER
-from sidecar import http_transport
+from sidecar import http_contract
 
 AUTHZ_CLUSTER = "kernelgate_authz"
 UPSTREAM_CLUSTER = "inference"
@@ -235,25 +235,25 @@ def _http_service(cfg: EnvoyConfig) -> HttpService:
     """Envoy's HTTP ext_authz client, configured for sidecar/http_transport.py."""
     return HttpService(
         server_uri=HttpUri(uri=f"http://{AUTHZ_CLUSTER}", cluster=AUTHZ_CLUSTER, timeout=_seconds(cfg.authz_timeout_s)),
-        path_prefix=http_transport.PATH_PREFIX,
+        path_prefix=http_contract.PATH_PREFIX,
         authorization_request=AuthorizationRequest(
-            headers_to_add=[HeaderValue(key=k, value=v) for k, v in http_transport.carried_headers(
+            headers_to_add=[HeaderValue(key=k, value=v) for k, v in http_contract.carried_headers(
                 tls=bool(cfg.tls_cert_file), peer_certificate=bool(cfg.tls_client_ca_file)).items()]),
         authorization_response=AuthorizationResponse(
-            allowed_upstream_headers=_prefixes(http_transport.UPSTREAM_HEADER_PREFIXES),
-            allowed_client_headers_on_success=_prefixes(http_transport.CLIENT_HEADER_PREFIXES)),
+            allowed_upstream_headers=_prefixes(http_contract.UPSTREAM_HEADER_PREFIXES),
+            allowed_client_headers_on_success=_prefixes(http_contract.CLIENT_HEADER_PREFIXES)),
     )
 
 
 def _status_stand_ins() -> LocalReplyConfig:
-    """ext_authz replies with a stand-in status (http_transport.STATUS_STAND_INS) -> the real 5xx."""
+    """ext_authz replies with a stand-in status (http_contract.STATUS_STAND_INS) -> the real 5xx."""
     return LocalReplyConfig(mappers=[ResponseMapper(
         filter=AccessLogFilter(and_filter=AndFilter(filters=[
             AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=ComparisonFilter(
                 op=ComparisonFilterOp.EQ,
                 value=RuntimeUInt32(default_value=stand_in, runtime_key=f"kernelgate.authz_status_{stand_in}")))),
             AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UAEX"]))])),
-        status_code=status) for status, stand_in in http_transport.STATUS_STAND_INS.items()])
+        status_code=status) for status, stand_in in http_contract.STATUS_STAND_INS.items()])
 
 
 def _downstream_tls(cfg: EnvoyConfig) -> TransportSocket | None:
@@ -332,7 +332,7 @@ def build_bootstrap(cfg: EnvoyConfig) -> Bootstrap:
         # Every client header reaches the sidecar (both transports) except the names of the
         # attributes the HTTP transport carries: Envoy alone sets those, a client cannot forge them.
         allowed_headers=ListStringMatcher(patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]),
-        disallowed_headers=_prefixes((http_transport.CARRIED_PREFIX,)),
+        disallowed_headers=_prefixes((http_contract.CARRIED_PREFIX,)),
         # The policy's x-kernelgate-model header picks the model's cluster.
         clear_route_cache=bool(cfg.model_upstreams),
     )

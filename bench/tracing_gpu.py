@@ -14,7 +14,11 @@ Modes (``--modes``):
 * ``ratio=R:budget=PCT``: as ``ratio=R`` under a stall budget of PCT % (``kernels.stall_budget_pct``;
   every other mode runs with ``--stall-budget-pct``, 0 by default, so that the ratio decides);
 * ``inline``: as ``on``, CUPTI attached on the engine thread at the pass (``kernels.prepare_ahead: false``);
-* ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``).
+* ``recorded``: as ``on``, every captured pass recorded, none derived (``kernels.derive: false``: the
+  capture path before derived kernel spans);
+* ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``);
+* ``MODE+export`` (e.g. ``spans+export``, ``on+export``): as MODE, spans encoded and sent by a child
+  process (``telemetry.export_process: true``, otel/export_process.py).
 
 **How the cost is measured.** All of a run's servers stay up side by side on the GPU and take
 turns: a *round* gives every mode one window (the order reversed every other round, so drift
@@ -35,13 +39,20 @@ clients draw the ids so that exactly one request in 1/R of each mode falls insid
 at a random place in each block, instead of a binomial count: the benchmark measures the cost of
 that ratio, not the luck of the draw.
 
-Then, in the ``on`` server, one request forced with ``x-kernelgate-trace-kernels: 1`` is read
-back from the file: its ``gpu.forward`` spans, the kernel spans under them, and whether every
-span lies inside its parent's time range.
+Then, in the ``on`` server, two requests forced with ``x-kernelgate-trace-kernels: 1``, one after the
+other, are read back from the file: the first one's decode pass is usually *recorded* (no other
+batch-1 replay of its graph was recorded yet), the second one's *derived* from it
+(``kernels.derive``, docs/tracing.md); their ``gpu.forward`` spans, the kernel spans under them,
+and whether every span lies inside its parent's time range. Over the whole ``on`` spans file,
+``kernel_spans_by_source`` counts the recorded and derived ``gpu.forward`` and kernel spans and
+checks that each kernel span lies inside its ``gpu.forward`` and each ``gpu.forward`` inside its
+parent.
 
-    python3 bench/tracing_gpu.py --no-deepspeed --modes off,on --out bench/results/tracing_gpu.json
-    # the cost curve over ratios (0.1 %, 1 %, 10 %) in one run, and 10 % under the default 1 % stall budget:
-    python3 bench/tracing_gpu.py --no-deepspeed --modes off,ratio=0.001,on,ratio=0.1,ratio=0.1:budget=1
+    python3 bench/tracing_gpu.py --no-deepspeed --modes off,spans,on --out bench/results/tracing_gpu.json
+    # the cost curve over kernel-trace ratios 0.1 %, 1 % (on), 10 % in one run, written as cost_curve:
+    python3 bench/tracing_gpu.py --no-deepspeed --modes off,spans,ratio=0.001,on,ratio=0.1
+    # the same with every captured pass recorded (kernels.derive: false), and 10 % under a 1 % stall budget:
+    python3 bench/tracing_gpu.py --no-deepspeed --modes off,on,recorded,ratio=0.1:budget=1
 """
 
 from __future__ import annotations
@@ -59,7 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-request", type=int, help="kernels.steps_per_request (default: the config's)")
     p.add_argument("--capture", choices=("auto", "cupti", "torch"), default="auto",
                    help="kernels.capture: what records the kernels (auto: cupti when cupti-python is installed)")
+    p.add_argument("--export-process", action="store_true",
+                   help="every traced mode exports spans through a child process (telemetry.export_process), so "
+                        "that on, the headline, includes it; pool only with runs made with it")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
     p.add_argument("--out", default=str(ROOT / "bench/results/tracing_gpu.json"))
     p.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp/kernelgate-tracing-bench"))
@@ -132,6 +146,8 @@ class Mode:
     decode_every: int = 16
     prepare_ahead: bool = True
     stall_budget_pct: float | None = None  # None: --stall-budget-pct
+    derive: bool = True  # kernels.derive
+    export_process: bool = False  # telemetry.export_process
 
     @property
     def slug(self) -> str:
@@ -145,12 +161,22 @@ class Mode:
                  "1 decode engine.step span in 16" if self.decode_every == 16 else "every decode engine.step span"]
         if not self.prepare_ahead:
             parts.append("CUPTI attached on the engine thread")
+        if self.export_process:
+            parts.append("spans exported by a child process")
+        if self.ratio and not self.derive:
+            parts.append("every captured pass recorded (kernels.derive: false)")
         if self.stall_budget_pct is not None:
             parts.append(f"stall budget {self.stall_budget_pct:g} %")
         return ", ".join(parts)
 
 
 def parse_mode(name: str, kernel_ratio: float) -> Mode:
+    base, sep, export = name.partition("+")
+    if sep:  # MODE+export: as MODE, spans encoded and sent by a child process (telemetry.export_process)
+        mode = parse_mode(base, kernel_ratio)
+        if export != "export" or not mode.telemetry:
+            raise SystemExit(f"--modes: {name}: MODE+export, MODE one with telemetry")
+        return replace(mode, name=name, export_process=True)
     if name == "off":
         return Mode(name, telemetry=False)
     if name == "spans":
@@ -159,6 +185,8 @@ def parse_mode(name: str, kernel_ratio: float) -> Mode:
         return Mode(name, telemetry=True, ratio=kernel_ratio)
     if name == "inline":
         return Mode(name, telemetry=True, ratio=kernel_ratio, prepare_ahead=False)
+    if name == "recorded":
+        return Mode(name, telemetry=True, ratio=kernel_ratio, derive=False)
     if name == "all-steps":
         return Mode(name, telemetry=True, ratio=kernel_ratio, decode_every=1)
     if name.startswith("ratio="):
@@ -189,7 +217,8 @@ def serve_child(config_path: str) -> int:
     telemetry = build(TelemetryConfig, data.get("telemetry"), "telemetry")
     kernels = None
     with configure_tracing(telemetry, "kernelgate-inference"), kernel_tracing(telemetry) as kernels:
-        run(inference, Tracing(request_observer=kernels), kernels)
+        run(inference, Tracing(request_observer=kernels, decode_step_spans_every=telemetry.decode_step_spans_every),
+            kernels)
     if kernels is not None:
         stats = dict(kernels.stats.__dict__, budget_cost_ns=round(kernels.budget.cost_ns),
                      recorder=kernels.recorder_timings())
@@ -206,13 +235,14 @@ def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: P
     if mode.telemetry:
         kernels: dict[str, Any] = {"ratio": mode.ratio, "max_captures_per_minute": args.max_captures_per_minute,
                                    "activities": "cuda" if args.device == "cuda" else "cpu", "capture": args.capture,
-                                   "prepare_ahead": mode.prepare_ahead}
+                                   "prepare_ahead": mode.prepare_ahead, "derive": mode.derive}
         if args.steps_per_request:
             kernels["steps_per_request"] = args.steps_per_request
         kernels["stall_budget_pct"] = (mode.stall_budget_pct if mode.stall_budget_pct is not None
                                        else args.stall_budget_pct)
         telemetry = {"enabled": True, "protocol": "file", "otlp_endpoint": str(spans_path), "sampling_ratio": 1.0,
                      "export_delay_s": 0.5, "max_queue_size": 65536, "decode_step_spans_every": mode.decode_every,
+                     "export_process": mode.export_process,
                      "kernels": kernels}
     return {"inference": {
         "listen": {"host": "127.0.0.1", "port": port},
@@ -373,6 +403,9 @@ def inspect_trace(traces: dict[str, Any], trace_id: str) -> dict[str, Any]:
         kernels = trace.children(forward)
         a = forward.attributes
         per_forward.append({
+            "source": a.get(names.KERNELS_SOURCE), "graph_key": a.get(names.KERNELS_GRAPH_KEY),
+            "derived_from_step": a.get(names.KERNELS_DERIVED_FROM_STEP),
+            "replay_us": round(a[names.KERNELS_REPLAY_NS] / 1000, 1) if names.KERNELS_REPLAY_NS in a else None,
             "phase": a.get(names.STEP_PHASE), "step_index": a.get(names.STEP_INDEX),
             "batch_size": a.get(names.STEP_BATCH_SIZE), "recorder": a.get(names.KERNELS_RECORDER),
             "parent": trace.parent(forward).name if trace.parent(forward) else None,
@@ -386,6 +419,30 @@ def inspect_trace(traces: dict[str, Any], trace_id: str) -> dict[str, Any]:
                                              for k in kernels)})
     return {"trace": trace, "request": request, "steps": steps, "forwards": forwards, "per_forward": per_forward,
             "outside": outside}
+
+
+def spans_by_source(traces: dict[str, Any]) -> dict[str, Any]:
+    """Every ``gpu.forward`` of the spans file by source (recorded, derived), the kernel spans under
+    them, and whether each kernel span lies inside its ``gpu.forward`` and each ``gpu.forward``
+    under an ``engine.step`` or request span and inside it."""
+    out: dict[str, Any] = {}
+    outside = 0
+    parents: dict[str, int] = {}
+    for trace in traces.values():
+        for forward in trace.named(names.FORWARD_SPAN):
+            source = str(forward.attributes.get(names.KERNELS_SOURCE, "recorded"))
+            row = out.setdefault(source, {"forwards": 0, "kernel_spans": 0, "kernels": 0})
+            kernels = trace.children(forward)
+            row["forwards"] += 1
+            row["kernel_spans"] += len(kernels)
+            row["kernels"] += forward.attributes.get(names.KERNELS_COUNT, 0)
+            parent = trace.parent(forward)
+            parents[parent.name if parent else "none"] = parents.get(parent.name if parent else "none", 0) + 1
+            if parent is None or not parent.start_ns <= forward.start_ns <= forward.end_ns <= parent.end_ns:
+                outside += 1
+            outside += sum(not forward.start_ns <= k.start_ns <= k.end_ns <= forward.end_ns for k in kernels)
+    return {**out, "forward_parents": parents, "spans_outside_parent": outside,
+            "all_inside_parent": outside == 0 and bool(out)}
 
 
 def capture_timing(traces: dict[str, Any]) -> dict[str, Any]:
@@ -480,12 +537,18 @@ class ModeServer:
     def measure(self, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
         return asyncio.run(window(self.port, args, prompts, self.ids))
 
-    def force_example(self, args: argparse.Namespace, prompts: list[list[int]]) -> str:
-        """One request forced to a kernel trace, to read back from the spans file."""
-        trace_id = random.getrandbits(128)
-        self.info["example_response"] = asyncio.run(forced_request(self.port, args, prompts[0], trace_id))["usage"]
+    def force_example(self, args: argparse.Namespace, prompts: list[list[int]]) -> list[str]:
+        """Two requests forced to a kernel trace, one after the other, to read back from the spans file:
+        the first one's decode pass is recorded unless its graph's replay was recorded already, the
+        second one's is then derived from it."""
+        trace_ids = []
+        for _ in range(2):
+            trace_id = random.getrandbits(128)
+            self.info["example_response"] = asyncio.run(forced_request(self.port, args, prompts[0], trace_id))["usage"]
+            trace_ids.append(f"{trace_id:032x}")
+            time.sleep(0.5)  # its recorded pass becomes the graph's template
         time.sleep(1.5)  # one export interval
-        return f"{trace_id:032x}"
+        return trace_ids
 
     def stop(self) -> dict[str, Any]:
         stop_server(self.proc)
@@ -536,13 +599,15 @@ def main() -> int:
     if args.serve:
         return serve_child(args.serve)
     modes = [parse_mode(m, args.kernel_ratio) for m in args.modes.split(",")]
+    if args.export_process:
+        modes = [replace(m, export_process=True) if m.telemetry else m for m in modes]
     if modes[0].name != "off" or "on" not in [m.name for m in modes]:
         raise SystemExit("--modes: the first mode is off (the baseline), and on is one of them")
     prior_runs, prior = load_pooled(args)
     if args.pool_only:
         if prior is None or not prior_runs:
             raise SystemExit("--pool-only: give --pool-with results to pool")
-        return write_result(args, modes, prior_runs, {k: prior[k] for k in EXAMPLE_KEYS}, prior["device"],
+        return write_result(args, modes, prior_runs, {k: prior.get(k) for k in EXAMPLE_KEYS}, prior["device"],
                             prior["versions"], 0.0)
     import torch
 
@@ -599,7 +664,7 @@ def main() -> int:
                 if args.time_budget_s and len(rounds) >= args.min_rounds and measured > args.time_budget_s:
                     break
             if last_run:
-                example["trace_id"] = servers["on"].force_example(args, prompts)
+                example["trace_ids"] = servers["on"].force_example(args, prompts)
         finally:
             infos = {name: server.stop() for name, server in servers.items()}
         runs.append({"run": run, "measuring_s": round(time.monotonic() - measuring, 1), "rounds": rounds,
@@ -610,8 +675,9 @@ def main() -> int:
         if run == args.runs - 1:
             traces = read_traces(servers["on"].spans_path)
 
-    found = inspect_trace(traces, example["trace_id"])
-    per_forward = found["per_forward"]
+    examples = [inspect_trace(traces, trace_id) for trace_id in example["trace_ids"]]
+    found = examples[-1]  # the second forced request: derived, once the first recorded its graph's replay
+    per_forward = [f for e in examples for f in e["per_forward"]]
     last = runs[-1]["servers"]["on"]
     example_fields = {
         "backend": last.get("backend"), "cuda_graphs": last.get("cuda_graphs"),
@@ -619,9 +685,11 @@ def main() -> int:
         "kernel_recorder": sorted({str(f["recorder"]) for f in per_forward}),
         "kernel_spans_by_forward": per_forward,
         "kernel_spans_inside_parent": all(f["all_kernels_inside_parent"] for f in per_forward) and bool(per_forward),
-        "spans_outside_parent": found["outside"][:20],
-        "example_trace_id": example["trace_id"],
+        "spans_outside_parent": [line for e in examples for line in e["outside"]][:20],
+        "example_trace_id": example["trace_ids"][-1],
+        "example_trace_ids": example["trace_ids"],
         "example_trace": trimmed_example(found),
+        "kernel_spans_by_source": spans_by_source(traces),
         "capture_timing": capture_timing(traces)}
     versions = {"torch": torch.__version__}
     for name in ("transformers", "deepspeed", "opentelemetry.sdk.version", "cupti"):
@@ -650,8 +718,8 @@ def earlier_code(path: str) -> dict[str, Any]:
 
 # What the traced example request and the device are, taken as a whole from one run (--pool-only: the last).
 EXAMPLE_KEYS = ("backend", "cuda_graphs", "kernel_spans", "kernel_recorder", "kernel_spans_by_forward",
-                "kernel_spans_inside_parent", "spans_outside_parent", "example_trace_id", "example_trace",
-                "capture_timing")
+                "kernel_spans_inside_parent", "spans_outside_parent", "example_trace_id", "example_trace_ids",
+                "example_trace", "kernel_spans_by_source", "capture_timing")
 
 
 def load_pooled(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -713,14 +781,21 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
         total = {k: sum(s.get(k, 0) for s in stats) for k in ("selected", "captures", "engine_thread_ns",
                                                               "engine_start_ns", "worker_ns", "prepare_ns",
                                                               "prepares", "releases", "budget_refused",
-                                                              "dropped_captures", "failures")}
+                                                              "dropped_captures", "failures", "derived",
+                                                              "derived_spans", "templates", "exported_spans",
+                                                              "derived_engine_ns")}
         windows = [w for run in mine for r in run["rounds"] + run.get("warmup_rounds", []) for w in [r.get(mode)] if w]
         seconds = sum(w["seconds"] + args.ramp_s for w in windows)
         captures = max(total["captures"], 1)
         return {**total, "runs": len(mine), "captures_per_s": round(total["captures"] / seconds, 2) if seconds else None,
+                "derived_per_s": round(total["derived"] / seconds, 2) if seconds else None,
                 "requests_finished_in_windows": sum(w["requests_finished"] for w in windows),
                 "trace_ids_inside_ratio": sum(run["servers"][mode].get("trace_ids_inside_ratio", 0) for run in mine),
-                "engine_thread_ms_per_profiled_pass": round(total["engine_thread_ns"] / 1e6 / captures, 2),
+                # recorded passes (the recorder's start and stop); derived ones apart
+                "engine_thread_ms_per_profiled_pass": round(
+                    (total["engine_thread_ns"] - total["derived_engine_ns"]) / 1e6 / captures, 2),
+                "engine_thread_us_per_derived_pass": round(total["derived_engine_ns"] / 1e3 / max(total["derived"], 1),
+                                                           1),
                 "engine_thread_start_ms_per_profiled_pass": round(total["engine_start_ns"] / 1e6 / captures, 2),
                 "prepare_ms_per_attach": round(total["prepare_ns"] / 1e6 / max(total["prepares"], 1), 2),
                 "worker_ms_per_profiled_pass": round(total["worker_ns"] / 1e6 / captures, 2),
@@ -743,9 +818,11 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
                                   **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry and any(
                                       (run["servers"].get(m.name) or {}).get("kernel_tracer") for run in runs) else {})}
                          for m in measured[1:]},
-        "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"]]
-                              for m in measured[1:] if m.name in ("spans", "on")
-                              or (m.name.startswith("ratio=") and m.stall_budget_pct is None)), key=lambda x: x[0]),
+        # [kernel ratio, loss, interval, mode]: the modes that differ from on only by their ratio
+        # (and by whether spans are exported by a child process: the last field says)
+        "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"], m.name]
+                              for m in measured[1:] if m.telemetry and m.stall_budget_pct is None and m.derive
+                              and m.prepare_ahead and m.decode_every == 16), key=lambda x: (x[3].endswith("+export"), x[0])),
         **{k: v for k, v in example.items() if k not in ("backend", "cuda_graphs")},
         "measurement": {"runs": len(runs), "rounds": [len(r["rounds"]) for r in runs],
                         "warmup_rounds": [len(r.get("warmup_rounds", [])) for r in runs],
@@ -757,8 +834,11 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
                            "stall_budget_pct": args.stall_budget_pct,
                            "stall_budget_pct_default": config.stall_budget_pct,
                            "steps_per_request": args.steps_per_request or config.steps_per_request,
+                           "derive": config.derive, "derive_refresh_s": config.derive_refresh_s,
                            "capture": args.capture},
-        "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay",
+        "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay"
+                    + ("; every traced mode through the export process (--export-process)" if args.export_process
+                       else "; in the server process except MODE+export modes (a child process)"),
         **({"earlier_code": earlier_code(args.earlier)} if args.earlier else {}),
         "runs": runs,
     }

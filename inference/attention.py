@@ -46,20 +46,48 @@ class SlotAttention:
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None = None) -> torch.Tensor:
         """Store ``key``/``value`` and return the attention output ``[rows, q_len, heads, head_dim]``."""
+        keys, values, batch = self.layer_cache(layer)
+        keys[batch.row_index, :, batch.write_positions] = key.transpose(1, 2).to(keys.dtype)
+        values[batch.row_index, :, batch.write_positions] = value.transpose(1, 2).to(values.dtype)
+        return self.attend_cached(layer, query, scaling)
+
+    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+        """This step's rows of ``layer``'s keys and values ``[rows, kv_heads, max_len, head_dim]``, and the batch.
+
+        For a model that writes its keys/values into the cache itself (the fused decoder's
+        ``rotary_kv`` kernel) before :meth:`attend_cached`.
+        """
         cache, batch = self.cache, self.batch
         if cache is None or batch is None:
             raise RuntimeError("SlotAttention used outside a runner step")
         rows = slice(batch.first_slot, batch.first_slot + batch.num_rows)
-        keys = cache.keys(layer)[rows]
-        values = cache.values(layer)[rows]
-        keys[batch.row_index, :, batch.write_positions] = key.transpose(1, 2).to(keys.dtype)
-        values[batch.row_index, :, batch.write_positions] = value.transpose(1, 2).to(values.dtype)
+        return cache.keys(layer)[rows], cache.values(layer)[rows], batch
+
+    def attend_cached(self, layer: int, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+        """Attention of ``query`` ``[rows, heads, q_len, head_dim]`` over the keys/values already in the cache
+        (written by the model: :meth:`layer_cache`). Returns ``[rows, q_len, heads, head_dim]``."""
+        keys, values, batch = self.layer_cache(layer)
         keys, values = keys[:, :, :batch.kv_len], values[:, :, :batch.kv_len]
         if batch.causal:  # a prefill from column 0: flash attention, GQA native
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
                                                  enable_gqa=query.shape[1] != keys.shape[1])
             return out.transpose(1, 2)
         return _grouped_attention(query, keys, values, batch.mask, scaling)
+
+    def is_decode(self, q_len: int) -> bool:
+        """Whether this step is a decode step (one token per row, row ``r`` seeing columns
+        ``0..write_positions[r]``): what a one-kernel decode attention (``DecoderOps.decode_attention``) runs."""
+        batch = self.batch
+        return batch is not None and not batch.causal and q_len == 1
+
+    def attend_decode(self, layer: int, qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                      scaling: float, kernel: Any) -> torch.Tensor:
+        """A decode step of ``layer`` in one ``kernel`` call: rotary on the fused projection ``qkv``
+        ``[rows, 1, heads + 2 * kv_heads, head_dim]`` (``cos``/``sin`` whole tables), the key and value
+        stored at each row's write position (also its rotary position: a decode token's position is its
+        cache column), attention over the row's columns up to it. Returns ``[rows, 1, heads, head_dim]``."""
+        keys, values, batch = self.layer_cache(layer)
+        return kernel(qkv, heads, cos, sin, batch.write_positions, keys, values, batch.kv_len, scaling)
 
 
 def _grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

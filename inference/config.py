@@ -43,7 +43,9 @@ class ModelConfig:
     parallel), ``hf`` on Hugging Face layers (DeepSpeed-injected when ``use_deepspeed``);
     ``auto`` picks ``fused`` where it applies. ``ops`` picks the fused decoder's elementwise
     kernels (``inference/ops.py``): ``triton``, ``deepspeed`` (its transformer_inference
-    kernels, JIT-built) or ``torch``; ``auto`` is Triton on CUDA, torch on CPU.
+    kernels, JIT-built) or ``torch``; ``auto`` is Triton on CUDA, torch on CPU. ``triton`` and
+    ``deepspeed`` also write the key/value cache from the rotary kernel and run a decode step's
+    attention as one Triton kernel per layer; ``torch`` keeps ``index_put`` and SDPA.
     ``tp_size`` > 1 shards the fused decoder over that many processes (one GPU each; the
     server starts the other ranks itself). ``tp_timeout_s`` bounds every wait on the other
     ranks (one step, the graph capture, the stop): past it the server logs which wait hung,

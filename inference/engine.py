@@ -258,11 +258,17 @@ class Engine:
         else:
             leaders = seqs
             tokens = [1] * len(seqs)
+        if phase == "decode":
+            decode_tokens = [s.token_ids[-1] for s in seqs]
+            decode_positions = [len(s.token_ids) - 1 for s in seqs]
+        graph_key = None
+        if phase == "decode" and self._observer is not None and hasattr(runner, "decode_key"):
+            graph_key = runner.decode_key(len(seqs), max(decode_positions))
         step = StepInfo(index=self._steps, phase=phase, batch_size=len(seqs), num_tokens=sum(tokens),
                         request_ids=tuple(s.request_id for s in seqs), start_time_ns=time.time_ns(),
                         trace_contexts=tuple(s.request.trace_context for s in seqs),
-                        tokens_per_sequence=tuple(tokens))
-        self._notify_observer("start", step, None)
+                        tokens_per_sequence=tuple(tokens), graph_key=graph_key)
+        timed = self._notify_observer("start", step, None) and graph_key is not None
         if phase == "prefill":
             prompts = [s.token_ids for s in leaders]
             echo_rows = [i for i, s in enumerate(leaders) if s.request.params.prompt_logprobs is not None]
@@ -278,7 +284,11 @@ class Engine:
             if forks:
                 logits = logits[torch.tensor([row_of[id(s.leader or s)] for s in seqs], device=logits.device)]
         else:
-            logits = runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
+            if timed:  # the observer asked: the runner reports how long the graph replay ran
+                logits, replay = runner.decode_timed(decode_tokens, decode_positions)
+                step = replace(step, replay=replay)
+            else:
+                logits = runner.decode(decode_tokens, decode_positions)
         self._release_held()  # the step is launched: the previous one's outputs go out meanwhile
         assert self._sampling is not None
         picks = self._sampling.pick(logits, seqs[0].slot, [s.state.sampler for s in seqs])
@@ -452,16 +462,17 @@ class Engine:
             except RuntimeError:
                 pass
 
-    def _notify_observer(self, which: str, step: StepInfo, span_context: Any) -> None:
+    def _notify_observer(self, which: str, step: StepInfo, span_context: Any) -> bool:
+        """Tell the forward observer; True when its ``start`` asks for the step's replay timing."""
         if self._observer is None:
-            return
+            return False
         try:
             if which == "start":
-                self._observer.start(step)
-            else:
-                self._observer.finish(step, span_context)
+                return bool(self._observer.start(step))
+            self._observer.finish(step, span_context)
         except Exception:  # noqa: BLE001 - an observer must never break serving
             log.exception("forward observer %s() failed", which)
+        return False
 
     def _gpu_memory_bytes(self) -> float:
         model = self._model

@@ -11,9 +11,11 @@ so every kernel launch and every extra pass over the activations shows):
 * one GEMM for query/key/value (weights concatenated, Qwen's biases too) and one for
   gate/up, instead of three and two;
 * residual add fused into the RMSNorm that follows it, SiLU fused with the gate product,
-  rotary embedding applied to query and key in one pass, through :mod:`inference.ops`
-  (Triton kernels on CUDA, DeepSpeed's ``transformer_inference`` kernels on request, plain
-  torch as reference and on CPU);
+  rotary embedding applied to query and key in one pass together with the step's key/value
+  cache write, through :mod:`inference.ops` (Triton kernels on CUDA, DeepSpeed's
+  ``transformer_inference`` kernels on request, plain torch as reference and on CPU);
+* in a decode step with a Triton op set: rotary, the cache write and grouped-query attention
+  as one kernel per layer (``DecoderOps.decode_attention``); prefill keeps flash SDPA;
 * grouped-query attention over the slot cache without repeating keys and values
   (:class:`inference.attention.SlotAttention`);
 * tensor parallelism in the Megatron layout: heads and the MLP's inner width are split
@@ -153,7 +155,9 @@ class FusedLlama(torch.nn.Module):
         rows, q_len = tokens.shape
         d = self.head_dim
         hidden = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[positions], self.sin[positions]  # [rows, q_len, head_dim]
+        attention = self._attention
+        # A decode step: rotary, cache write and attention as one kernel a layer where the op set has one.
+        decode = ops.decode_attention if attention.is_decode(q_len) else None
         residual: torch.Tensor | None = None
         for index, layer in enumerate(self._layers):
             if residual is None:
@@ -161,10 +165,13 @@ class FusedLlama(torch.nn.Module):
             else:
                 normed, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, self.eps)
             qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias).view(rows, q_len, self.heads + 2 * self.kv_heads, d)
-            query, key = ops.rotary(qkv[:, :, :self.heads], qkv[:, :, self.heads:self.heads + self.kv_heads], cos, sin)
-            value = qkv[:, :, self.heads + self.kv_heads:]
-            context = self._attention.attend(index, query.transpose(1, 2), key.transpose(1, 2),
-                                             value.transpose(1, 2), self.scaling)
+            if decode is not None:
+                context = attention.attend_decode(index, qkv, self.heads, self.cos, self.sin, self.scaling, decode)
+            else:  # rotary with the key/value cache write, then attention over the cache
+                keys, values, batch = attention.layer_cache(index)
+                query = ops.rotary_kv(qkv, self.heads, self.cos, self.sin, positions, keys, values,
+                                      batch.write_positions)
+                context = attention.attend_cached(index, query.transpose(1, 2), self.scaling)
             hidden = self._row_parallel(context.reshape(rows, q_len, self.heads * d), layer.o_weight)
             if layer.o_bias is not None:
                 hidden = hidden + layer.o_bias

@@ -89,7 +89,7 @@ def load_model(config: ModelConfig, max_batch_size: int = 1, tp: TensorParallel 
     if config.tp_size > 1 and not fused:
         raise ValueError("model.tp_size > 1 needs the fused decoder (a llama, qwen2 or mistral model)")
     if fused:
-        ops = select_ops(config.ops, device)
+        ops = select_ops(config.ops, device, dtype)
         model = FusedLlama(module, attention, ops, max_len, tp)
         del module
         log.info("model %s: %s on %s, context %d, fused decoder with %s kernels (rank %d of %d: %.2f GB of "

@@ -6,6 +6,13 @@ Decode steps have static shapes once the batch is padded to a bucket and the att
 key length is rounded up, so on CUDA each (batch bucket, key-length bucket) is captured
 once as a CUDA graph and replayed, which removes the per-kernel launch cost that
 dominates small-batch decoding.
+
+For kernel tracing the runner also *reports* (it never takes an object to fill in):
+:meth:`ModelRunner.decode_key` names the fixed work a decode step will run (the CUDA graph it
+replays; on CPU, the eager decode of that shape), and :meth:`ModelRunner.decode_timed` runs the
+step and returns a :class:`DecodeTiming` of that work: two CUDA events around the graph replay
+on its stream (no sync, no profiler), or the host clock around an eager CPU decode. The kernel
+tracer (otel/kernels/) places kernel spans recorded once per key inside that interval.
 """
 
 from __future__ import annotations
@@ -82,6 +89,30 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
+@dataclass(frozen=True)
+class DecodeTiming:
+    """A decode step's fixed work (a graph replay, or an eager CPU decode) as the runner timed it.
+
+    ``wall_start_ns`` is the wall clock read right after the start mark was placed (on CUDA the mark
+    runs on the device when the stream reaches it: at or after that instant), ``uncertainty_ns`` how
+    long placing it took. ``elapsed_ns`` blocks until the end mark has run (call it off the engine
+    thread): CUDA events' elapsed time (~0.5 us resolution), or the host clock on CPU.
+    """
+
+    key: tuple[int, ...]
+    wall_start_ns: int
+    uncertainty_ns: int
+    stream: int
+    start: Any  # torch.cuda.Event, or perf_counter_ns on CPU
+    end: Any
+
+    def elapsed_ns(self) -> int:
+        if isinstance(self.start, int):
+            return self.end - self.start
+        self.end.synchronize()
+        return int(self.start.elapsed_time(self.end) * 1_000_000)
+
+
 @dataclass
 class _DecodeGraph:
     graph: "torch.cuda.CUDAGraph"
@@ -116,6 +147,8 @@ class ModelRunner:
         self._staging = torch.zeros(2, num_slots, 1, dtype=torch.long, pin_memory=device.type == "cuda")
         self._staging_np = self._staging.numpy()[:, :, 0]
         self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
+        # Distinguishes this runner's graphs from another's (a hot-swapped version) in decode keys.
+        self._generation = time.monotonic_ns()
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -156,6 +189,25 @@ class ModelRunner:
 
         ``positions[i]`` is the cache column (= sequence position) of ``tokens[i]``.
         """
+        return self._decode(tokens, positions, timed=False)[0]
+
+    def decode_key(self, rows: int, max_position: int) -> tuple[int, ...] | None:
+        """What a decode step of ``rows`` sequences up to ``max_position`` runs, when that is a fixed
+        sequence of work: ``(generation, batch bucket, key length)`` of the CUDA graph it replays, or
+        on CPU ``(0, rows, key length)`` (eager, same shapes: the same operators). None: eager on a GPU."""
+        kv_len = kv_bucket(max_position + 1, self.max_len)
+        if self._graphs:
+            size = self._bucket_of[rows]
+            if (size, kv_len) in self._graphs:
+                return (self._generation, size, kv_len)
+        return (0, rows, kv_len) if self.device.type == "cpu" else None
+
+    def decode_timed(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, DecodeTiming | None]:
+        """As :meth:`decode`, plus the timing of its fixed work (None when :meth:`decode_key` is None)."""
+        return self._decode(tokens, positions, timed=True)
+
+    def _decode(self, tokens: list[int], positions: list[int],
+                timed: bool) -> tuple[torch.Tensor, DecodeTiming | None]:
         rows = len(tokens)
         kv_len = kv_bucket(max(positions) + 1, self.max_len)
         if self._graphs:
@@ -163,11 +215,25 @@ class ModelRunner:
             graph = self._graphs.get((size, kv_len))
             if graph is not None:
                 self._stage(tokens, positions, size)
+                if not timed:
+                    graph.graph.replay()
+                    return graph.logits[:rows], None
+                stream = torch.cuda.current_stream(self.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                before = time.time_ns()
+                start.record(stream)
+                wall = time.time_ns()
                 graph.graph.replay()
-                return graph.logits[:rows]
+                end.record(stream)
+                return graph.logits[:rows], DecodeTiming((self._generation, size, kv_len), wall,
+                                                         (wall - before) // 2, stream.stream_id, start, end)
         token_tensor = torch.tensor(tokens, dtype=torch.long).view(rows, 1).to(self.device)
         position_tensor = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
-        return self._decode_logits(token_tensor, position_tensor, kv_len)
+        if not timed or self.device.type != "cpu":
+            return self._decode_logits(token_tensor, position_tensor, kv_len), None
+        wall, began = time.time_ns(), time.perf_counter_ns()
+        logits = self._decode_logits(token_tensor, position_tensor, kv_len)
+        return logits, DecodeTiming((0, rows, kv_len), wall, 0, 0, began, time.perf_counter_ns())
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.kv.move(src, dst, length)
@@ -179,6 +245,7 @@ class ModelRunner:
         if not self._use_graphs:
             return 0
         started = time.monotonic()
+        self._generation = time.monotonic_ns()  # new graphs: new decode keys (kernel tracing re-records them)
         kv_lens = sorted({kv_bucket(n, self.max_len) for n in _powers_of_two(MIN_KV_BUCKET, self.max_len)})
         pool = torch.cuda.graph_pool_handle()
         self._static_tokens.zero_()

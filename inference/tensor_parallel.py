@@ -231,6 +231,10 @@ class MirroredRunner:
         with self._step(OP_DECODE, list(tokens) + list(positions)):
             return self._runner.decode(tokens, positions)
 
+    def decode_timed(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, Any]:
+        with self._step(OP_DECODE, list(tokens) + list(positions)):
+            return self._runner.decode_timed(tokens, positions)
+
     def move(self, src: int, dst: int, length: int) -> None:
         with self._step(OP_MOVE, [src, dst, length]):
             self._runner.move(src, dst, length)

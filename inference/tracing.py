@@ -25,6 +25,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from otel import names
 from otel.deferred import DeferredSpans, PendingSpan
+from otel.sampling import step_kept
 
 TRACER_NAME = names.INFERENCE_TRACER
 
@@ -47,6 +48,12 @@ class StepInfo:
     # prefill, 0 for a sequence that copies another's prefill, 1 in a decode): how a pass's GPU
     # time is divided among its requests.
     tokens_per_sequence: tuple[int, ...] = ()
+    # The fixed work a decode step runs (inference.runner.ModelRunner.decode_key: the CUDA graph it
+    # replays), None for a prefill or an eager GPU pass; set only when a forward observer listens.
+    graph_key: tuple[int, ...] | None = None
+    # On the step handed to ``finish`` when ``start`` asked for it: the runner's timing of that work
+    # (inference.runner.DecodeTiming), None otherwise.
+    replay: Any = None
 
 
 def step_attributes(step: StepInfo) -> dict[str, Any]:
@@ -58,15 +65,16 @@ def step_attributes(step: StepInfo) -> dict[str, Any]:
 class ForwardObserver(Protocol):
     """Called by the engine thread around every forward pass (prefill or decode step).
 
-    ``start(step)`` runs right before the forward pass is launched and ``finish(step,
-    span)`` right after the step's sampled tokens are on the host (so the GPU work
+    ``start(step)`` runs right before the forward pass is launched; when it returns True and the
+    step has a ``graph_key``, the engine has the runner time that work and the step given to
+    ``finish`` carries it as ``replay``. ``finish(step, span)`` runs right after the step's sampled tokens are on the host (so the GPU work
     of the step is complete). ``span`` is the ``engine.step`` span still being built
     (``otel.deferred.resolve(span)`` gives its SpanContext, None when tracing is off; resolve
     it off the engine thread), so captured kernels can be attached to it. Both run on the
     engine thread: keep them cheap, and never raise (errors are logged and ignored).
     """
 
-    def start(self, step: StepInfo) -> None: ...
+    def start(self, step: StepInfo) -> bool | None: ...
 
     def finish(self, step: StepInfo, span: PendingSpan | SpanContext | None) -> None: ...
 
@@ -85,9 +93,13 @@ class RequestObserver(Protocol):
 class Tracing:
     """Creates this server's spans; wraps the single tracer."""
 
-    def __init__(self, tracer: trace.Tracer | None = None, request_observer: RequestObserver | None = None) -> None:
+    def __init__(self, tracer: trace.Tracer | None = None, request_observer: RequestObserver | None = None,
+                 decode_step_spans_every: int = 1) -> None:
         self.tracer = tracer or trace.get_tracer(TRACER_NAME)
         self._request_observer = request_observer
+        # The sampler's step thinning (telemetry.decode_step_spans_every), applied before a step span
+        # is queued: a thinned step costs the span thread nothing (otel.sampling.step_kept).
+        self._decode_every = decode_step_spans_every
         # Engine-side spans (engine.step, queue) are built on a thread of their own.
         self._deferred = DeferredSpans()
         self._build_step = self._build_step_span
@@ -144,8 +156,11 @@ class Tracing:
         It belongs to the trace of the batch's first head-sampled request (so that request's
         trace shows its steps, and a step is recorded exactly when one of its requests is);
         the other requests reach it through their link. A step none of whose requests is traced
-        (telemetry off: their contexts are invalid) records nothing and returns None.
+        (telemetry off: their contexts are invalid), or that step thinning drops, records nothing
+        and returns None.
         """
+        if not step_kept(step.phase, step.index, self._decode_every):
+            return None  # thinned: the sampler would drop it
         if not any(c is not None and c.is_valid for c in request_contexts):
             return None
         return self._deferred.submit(self._build_step, (step, end_ns, tuple(request_contexts), attributes))

@@ -54,7 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with configure_tracing(config.telemetry, "kernelgate-inference"), \
             configure_metrics(config.telemetry, "kernelgate-inference"), kernel_tracing(config.telemetry) as kernels:
-        run(config.inference, Tracing(request_observer=kernels), kernels)
+        run(config.inference, Tracing(request_observer=kernels,
+                                     decode_step_spans_every=config.telemetry.decode_step_spans_every), kernels)
     return 0
 
 

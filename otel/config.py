@@ -46,6 +46,14 @@ class KernelTraceConfig:
     # Adaptive cap: captures are admitted while the engine-thread stall they measure stays under
     # this share of wall-clock time (per cent; 0: no cap but max_captures_per_minute). See budget.py.
     stall_budget_pct: float = 1.0
+    # Derived kernel spans (otel/kernels/derive.py): the first captured replay of each decode CUDA
+    # graph is recorded; later captured replays of that graph are timed with two CUDA events (no
+    # profiler: microseconds on the engine thread) and get the recorded kernels placed inside that
+    # time, marked derived. false: every captured pass is recorded.
+    derive: bool = True
+    # A graph's recorded kernels are derived from for this long (seconds), then recorded again at
+    # its next captured replay (0: never again).
+    derive_refresh_s: float = 600.0
 
     def __post_init__(self) -> None:
         require(0.0 <= self.ratio <= 1.0, f"kernels.ratio must be within 0..1, got {self.ratio}")
@@ -56,6 +64,7 @@ class KernelTraceConfig:
         require(self.max_pending >= 1, "kernels.max_pending must be >= 1")
         require(0.0 <= self.stall_budget_pct <= 100.0,
                 f"kernels.stall_budget_pct must be within 0..100, got {self.stall_budget_pct}")
+        require(self.derive_refresh_s >= 0, f"kernels.derive_refresh_s must be >= 0, got {self.derive_refresh_s}")
         require(not (self.capture == "cupti" and self.activities == "cpu"),
                 "kernels.capture: cupti records CUDA kernels only; use torch (or auto) with activities: cpu")
 
@@ -78,6 +87,12 @@ class TelemetryConfig:
     # Each batch is exported in chunks of at most this weight (a span weighs 1 + its links), with a
     # pause between, so encoding never holds the GIL for long (otel/paced_export.py); 0: whole batches.
     export_chunk_weight: int = 32
+    # Spans are encoded and sent by a child process (otel/export_process.py): this process only
+    # flattens them into tuples (15 us a span against 83 us to encode one: bench/span_export_cost.py), so the
+    # encoding no longer takes the server's GIL. export_chunk_weight does not apply then (the
+    # child's GIL is its own). Off by default until the H200 run (bench/tracing_gpu.py, modes
+    # MODE+export) shows its effect on tokens/s.
+    export_process: bool = False
     # GenAI metrics (gen_ai.server.*) exported over the same OTLP endpoint every this many seconds (0: off).
     metrics_interval_s: float = 10.0
     resource_attributes: dict[str, str] = field(default_factory=dict)

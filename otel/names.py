@@ -111,6 +111,14 @@ GPU_REQUEST_SHARE_NS = "kernelgate.gpu.request_share_ns"
 KERNELS_FIRST_START_NS = "kernelgate.kernels.first_start_ns"
 KERNELS_LAST_END_NS = "kernelgate.kernels.last_end_ns"
 CLOCK_UNCERTAINTY_NS = "kernelgate.clock.uncertainty_ns"
+# how this pass's kernel spans were made: "recorded" (the recorder saw these kernels run in this pass) or
+# "derived" (a CUDA graph replay timed with CUDA events, its kernels taken from one recorded replay of
+# the same graph: otel/kernels/derive.py)
+KERNELS_SOURCE = "kernelgate.kernels.source"
+KERNELS_GRAPH_KEY = "kernelgate.kernels.graph_key"  # which captured decode graph the pass replayed
+KERNELS_REPLAY_NS = "kernelgate.kernels.replay_ns"  # the replay's duration, between its two timing marks
+# on a derived gpu.forward: the step index of the recorded pass its kernels come from (also a span link)
+KERNELS_DERIVED_FROM_STEP = "kernelgate.kernels.derived_from.step_index"
 # on each kernel span
 GPU_KERNEL_NAME = "gpu.kernel.name"
 GPU_DEVICE = "gpu.device"
@@ -118,3 +126,4 @@ GPU_STREAM = "gpu.stream"
 KERNEL_COUNT = "kernelgate.kernel.count"
 KERNEL_GPU_TIME_NS = "kernelgate.kernel.gpu_time_ns"
 KERNEL_FOLDED = "kernelgate.kernel.folded"
+KERNEL_DERIVED = "kernelgate.kernel.derived"  # True: placed from a recorded replay, not recorded in this one

@@ -19,6 +19,13 @@ from opentelemetry.util.types import Attributes
 from otel.names import STEP_INDEX, STEP_PHASE, STEP_SPAN
 
 
+def step_kept(phase: object, index: object, decode_every: int) -> bool:
+    """Whether an ``engine.step`` span of ``phase`` and ``index`` survives thinning: prefill steps
+    and every ``decode_every``-th decode step (the one rule; ``inference.tracing.Tracing`` applies it
+    before building a step span, the sampler below to whatever reaches it)."""
+    return decode_every <= 1 or phase != "decode" or not isinstance(index, int) or index % decode_every == 0
+
+
 class StepThinningSampler(Sampler):
     """Drops decode ``engine.step`` spans whose index is not a multiple of ``decode_every``;
     everything else is decided by ``delegate``."""
@@ -30,10 +37,9 @@ class StepThinningSampler(Sampler):
     def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
                       kind: SpanKind | None = None, attributes: Attributes = None,
                       links: Sequence[Link] | None = None, trace_state=None) -> SamplingResult:
-        if self._every > 1 and name == STEP_SPAN and attributes and attributes.get(STEP_PHASE) == "decode":
-            index = attributes.get(STEP_INDEX)
-            if isinstance(index, int) and index % self._every:
-                return SamplingResult(Decision.DROP)
+        if name == STEP_SPAN and attributes and not step_kept(attributes.get(STEP_PHASE), attributes.get(STEP_INDEX),
+                                                              self._every):
+            return SamplingResult(Decision.DROP)
         return self._delegate.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:

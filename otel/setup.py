@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -48,24 +49,16 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
 
     from otel.sampling import StepThinningSampler
 
-    if config.protocol == "file":
-        from otel.otlp_file import OTLPFileExporter
+    if config.export_process:  # encoding and sending in a process of its own (otel/export_process.py)
+        from otel.export_process import ProcessSpanExporter
 
-        exporter = OTLPFileExporter(config.otlp_endpoint)
-    elif config.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True, timeout=config.export_timeout_s)
+        exporter: Any = ProcessSpanExporter(config)
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = build_span_exporter(config)
+        if config.export_chunk_weight:
+            from otel.paced_export import PacedSpanExporter
 
-        endpoint = config.otlp_endpoint.rstrip("/")
-        exporter = OTLPSpanExporter(endpoint=endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces",
-                                    timeout=config.export_timeout_s)
-    if config.export_chunk_weight:
-        from otel.paced_export import PacedSpanExporter
-
-        exporter = PacedSpanExporter(exporter, config.export_chunk_weight)
+            exporter = PacedSpanExporter(exporter, config.export_chunk_weight)
     sampler = StepThinningSampler(ParentBased(TraceIdRatioBased(config.sampling_ratio)), config.decode_step_spans_every)
     provider = TracerProvider(resource=build_resource(config, service_name), sampler=sampler)
     # Batched and off the request path: a full queue drops spans, never blocks a request.
@@ -77,6 +70,23 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
         yield provider
     finally:
         provider.shutdown()
+
+
+def build_span_exporter(config: TelemetryConfig) -> Any:
+    """The OTLP span exporter ``telemetry.protocol`` names (in this process, or in the export process)."""
+    if config.protocol == "file":
+        from otel.otlp_file import OTLPFileExporter
+
+        return OTLPFileExporter(config.otlp_endpoint)
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True, timeout=config.export_timeout_s)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPSpanExporter
+
+    endpoint = config.otlp_endpoint.rstrip("/")
+    return HTTPSpanExporter(endpoint=endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces",
+                            timeout=config.export_timeout_s)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,9 @@
 #   scripts/gpu_wheels.sh                      # here, once: the wheels into .whl/ (see that script)
 #   # then on the GPU machine, from the repo root (device call with carry: [".whl", ...]):
 #   scripts/gpu_bench.sh smoke                 # wheels import, GPU tests, 1B equality + step timings (~3 min)
+#   scripts/gpu_bench.sh kernels               # #19's decode-step kernels, one GPU (~2 min): the 8B batch-1 step's
+#                                              # kernel table and graph step time, the GPU tests of the Triton
+#                                              # decode attention / cache write, their per-layer times alone
 #   scripts/gpu_bench.sh llama                 # bench/results/inference_llama_gpu.json, three shapes (~7 min)
 #   scripts/gpu_bench.sh llama-tp2             # the same with model.tp_size 2 (2 GPUs): fills its "tp2" section
 #   scripts/gpu_bench.sh llama-pending         # 2 GPUs, one <= 400 s call: 8B batch-1 floor (GPU 1) and Qwen2.5-7B
@@ -58,6 +61,16 @@ case "$MODE" in
       --out "$OUT/inference_llama_gpu_smoke.json" --log-dir "$OUT"
     exit "$tests"
     ;;
+  kernels)
+    # (~2-3 min) the 8B batch-1 step first (its kernel table, graph step time), then the GPU tests of
+    # the decode kernels, then their per-layer times and the batch-1 weight products alone
+    rc=0
+    timeout 100 python3 bench/decode_step_profile.py --model llama-3.1-8b --out "$OUT/decode_step_profile_8b.json" || rc=$?
+    timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/inference/test_llama_gpu.py \
+      -k "decode_attention or decode_kernel or rotary_kv or greedy_equals" "$@" || rc=$?
+    timeout 60 python3 bench/decode_attention_gpu.py --batches 1 --kv 256,2048 --out "$OUT/decode_attention_gpu.json" || rc=$?
+    exit "$rc"
+    ;;
   llama)
     python3 bench/inference_llama_gpu.py --out "$OUT/inference_llama_gpu.json" --log-dir "$OUT" "$@"
     ;;
@@ -109,7 +122,7 @@ case "$MODE" in
       || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
     ;;
   *)
-    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, llama, llama-tp2, llama-pending, history, tracing, replicas, sampling, hot-swap)" >&2
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, kernels, llama, llama-tp2, llama-pending, history, tracing, replicas, sampling, hot-swap)" >&2
     exit 2
     ;;
 esac

@@ -64,7 +64,7 @@ class CuptiCapture:
         # Where the engine thread's time goes, summed over captures (ns), for logs and the benchmark.
         self.timings = dict.fromkeys(("captures", "register_ns", "enable_ns", "disable_ns", "flush_ns",
                                       "callback_ns", "finalize_ns"), 0)
-        self._records: list[tuple[str, int, int, int, int]] = []
+        self._records: list[tuple[str, int, int, int, int, int]] = []
         self._readings: list[tuple[int, int]] = []
         self._markers: list[tuple[int, int]] = []
 
@@ -145,13 +145,13 @@ class CuptiCapture:
         records, markers = raw.result
         names: dict[str, str] = {}
         out: list[KernelEvent] = []
-        for i, (name, start, end, device, stream) in enumerate(records):
+        for i, (name, start, end, device, stream, graph) in enumerate(records):
             if i % YIELD_EVERY_EVENTS == YIELD_EVERY_EVENTS - 1:
                 yield_gil()
             readable = names.get(name)
             if readable is None:
                 readable = names[name] = self._demangle(name)
-            out.append(KernelEvent(readable, start, end, device, stream))
+            out.append(KernelEvent(readable, start, end, device, stream, graph))
         return out, ClockAnchor.pick(markers, raw.readings)
 
     def _detach(self) -> None:
@@ -166,7 +166,8 @@ class CuptiCapture:
     def _buffer_completed(self, activities: Sequence[Any]) -> None:
         began = time.perf_counter_ns()
         # Copied out here: the record objects may point into the buffer CUPTI reuses after this returns.
-        kernels = [(a.name, a.start, a.end, a.device_id, a.stream_id) for a in activities if a.kind == self._kind]
+        kernels = [(a.name, a.start, a.end, a.device_id, a.stream_id, getattr(a, "graph_id", 0) or 0)
+                   for a in activities if a.kind == self._kind]
         with self._lock:
             self._records.extend(kernels)
             self.timings["callback_ns"] += time.perf_counter_ns() - began

@@ -20,6 +20,7 @@ class KernelEvent:
     end_ns: int
     device: int = 0
     stream: int = 0
+    graph_id: int = 0  # the CUDA graph that launched it (CUPTI), 0: launched on its own
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ In: request spans (``on_request``, from ``inference.tracing.Tracing.request_span
 ``start``/``finish`` around every forward pass (``inference.tracing.ForwardObserver``), and a
 :class:`~otel.kernels.capture.Capture`. Out: a ``gpu.forward`` span per captured pass with one
 span per kernel (or folded run of kernels) under it, exported through the tracer it was given.
+
+A captured pass is *recorded* (the recorder runs around it) or, with ``kernels.derive``, *derived*:
+a decode step replaying a CUDA graph whose kernels were recorded once (derive.py) is only timed by
+the runner (``StepInfo.replay``, asked for by returning True from ``start``), and the worker places
+the recorded kernels inside that time.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from otel.config import KernelTraceConfig
 from otel.deferred import PendingSpan, resolve
 from otel.kernels.budget import StallBudget
 from otel.kernels.capture import YIELD_EVERY_SPANS, Capture, RawCapture, yield_gil
+from otel.kernels.derive import ReplayTemplate, build_template, is_fresh, place
 from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans, request_share
 from otel.kernels.selection import CaptureSampler, is_forced
 
@@ -53,7 +59,9 @@ class _Job:
     step_span: PendingSpan | SpanContext | None  # resolved on the worker (otel/deferred.py)
     window: tuple[int, int]
     targets: list[_Selected]
-    raw: RawCapture
+    raw: RawCapture | None  # None: a derived pass
+    key: tuple[int, ...] | None = None  # a recorded pass's graph key: its kernels become the template
+    template: ReplayTemplate | None = None  # a derived pass's: what its kernels are placed from
 
 
 @dataclass
@@ -74,6 +82,12 @@ class KernelStats:
     prepare_ns: int = 0
     releases: int = 0
     budget_refused: int = 0
+    # Derived passes (no recorder: kernels placed from a recorded replay of the same graph), the spans
+    # they exported (kernel spans and gpu.forward), and the graphs' templates recorded.
+    derived: int = 0
+    derived_engine_ns: int = 0  # the engine thread's part of engine_thread_ns for derived passes
+    derived_spans: int = 0
+    templates: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -103,6 +117,14 @@ class KernelTracer:
         self._active_ns = 0  # engine-thread time of the active capture so far
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_pending)
         self._ending: list[_Selected] = []  # done requests whose spans wait for their passes' export
+        # Derivation: the recorded replay of each graph key (the worker writes, the engine reads), the
+        # keys whose recorded pass is on its way to the worker, and whether a selected request waits
+        # for a pass that must be recorded (only then does the preparing thread attach the recorder).
+        self._templates: dict[tuple[int, ...], ReplayTemplate] = {}
+        self._recording: set[tuple[int, ...]] = set()
+        self._want_record = False
+        self._active_key: tuple[int, ...] | None = None
+        self._active_template: ReplayTemplate | None = None
         self.stats = KernelStats()
         self._worker = threading.Thread(target=self._work, name="kernelgate-kernel-spans", daemon=True)
         self._worker.start()
@@ -163,28 +185,38 @@ class KernelTracer:
         return True
 
     # -- engine side (ForwardObserver) -------------------------------------------------------------------
-    def start(self, step: Any) -> None:
-        """Before a forward pass: profile it if a selected request with passes left is in it."""
+    def start(self, step: Any) -> bool | None:
+        """Before a forward pass: capture it if a selected request with passes left is in it. True asks
+        the engine for the runner's timing of the pass's graph replay (``step.replay`` at ``finish``)."""
         if not self._waiting:
             if self._preparer is not None and self._capture.ready():
                 self._release()  # attached ahead for requests that ended (or were captured) first
-            return
-        if self._active is not None or not self._capture.ready():
-            return
-        contexts: Sequence[SpanContext | None] = getattr(step, "trace_contexts", ()) or ()
-        targets: list[_Selected] = []
-        with self._lock:
-            for ctx in contexts:
-                selected = self._requests.get(ctx.span_id) if ctx is not None else None
-                # one request's prompts share its span: count the pass once
-                if selected is not None and selected.steps_left > 0 and selected not in targets:
-                    targets.append(selected)
-            for target in targets:
-                target.steps_left -= 1
-                if target.steps_left == 0:
-                    self._waiting -= 1
+            return None
+        if self._active is not None:
+            return None
+        key = getattr(step, "graph_key", None) if self._config.derive else None
+        template = self._templates.get(key) if key is not None else None
+        if not is_fresh(template, time.monotonic(), self._config.derive_refresh_s):
+            template = None
+        if template is None:
+            if self._config.derive and self._preparer is not None and getattr(step, "phase", "") == "prefill":
+                return None  # an attach ahead is for a decode step that must be recorded, not a prefill
+            if key is not None and key in self._recording:
+                return None  # its recorded replay is on its way: a later pass of these requests is derived
+            if not self._capture.ready():
+                # Attach ahead only for a pass that must be recorded: a decode step (a prefill is
+                # captured only when the recorder is ready anyway), and with derivation off, any.
+                if self._preparer is not None and (not self._config.derive or getattr(step, "phase", "") == "decode"):
+                    if self._has_target(step):
+                        self._want_record = True
+                        self._wake.set()
+                return None
+        targets = self._take_targets(step)
         if not targets:
-            return
+            return None
+        if template is not None:  # derived: the runner times the replay, the worker places the kernels
+            self._active, self._active_ns, self._active_template = targets, 0, template
+            return True
         began = self._timer()
         try:
             self._capture.start()
@@ -198,6 +230,35 @@ class KernelTracer:
             self.stats.engine_thread_ns += took
             self.stats.engine_start_ns += took
         self._active, self._active_ns = targets, took
+        self._want_record = False
+        if key is not None:
+            with self._lock:
+                self._recording.add(key)  # until the worker has made its template
+            self._active_key = key
+            return True
+        return None
+
+    def _has_target(self, step: Any) -> bool:
+        contexts: Sequence[SpanContext | None] = getattr(step, "trace_contexts", ()) or ()
+        with self._lock:
+            return any((s := self._requests.get(c.span_id)) is not None and s.steps_left > 0
+                       for c in contexts if c is not None)
+
+    def _take_targets(self, step: Any) -> list[_Selected]:
+        """The selected requests with passes left in ``step``, each charged one pass."""
+        contexts: Sequence[SpanContext | None] = getattr(step, "trace_contexts", ()) or ()
+        targets: list[_Selected] = []
+        with self._lock:
+            for ctx in contexts:
+                selected = self._requests.get(ctx.span_id) if ctx is not None else None
+                # one request's prompts share its span: count the pass once
+                if selected is not None and selected.steps_left > 0 and selected not in targets:
+                    targets.append(selected)
+            for target in targets:
+                target.steps_left -= 1
+                if target.steps_left == 0:
+                    self._waiting -= 1
+        return targets
 
     def finish(self, step: Any, span_context: PendingSpan | SpanContext | None) -> None:
         """After the pass (its outputs are on the host, so its kernels are done): stop, hand off
@@ -206,12 +267,18 @@ class KernelTracer:
         if targets is None:
             return
         now = self._clock()  # the pass's kernels are done: its outputs are on the host
+        template, self._active_template = self._active_template, None
+        key, self._active_key = self._active_key, None
+        if template is not None:
+            self._finish_derived(step, span_context, targets, template, now)
+            return
         began = self._timer()
         try:
             raw = self._capture.stop()
         except Exception:  # noqa: BLE001
             self.stats.failures += 1
             log.exception("could not stop the kernel profiler")
+            self._recorded(key)
             return
         finally:
             took = self._timer() - began
@@ -223,11 +290,51 @@ class KernelTracer:
         with self._lock:
             for target in targets:
                 target.pending += 1
+        if getattr(step, "replay", None) is None:
+            self._recorded(key)  # not timed: no template from this pass
+            key = None
         try:
-            self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, raw))
+            self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, raw, key=key))
+        except queue.Full:
+            self.stats.dropped_captures += 1
+            self._recorded(key)
+            self._exported(targets)
+
+    def _finish_derived(self, step: Any, span_context: PendingSpan | SpanContext | None, targets: list[_Selected],
+                        template: ReplayTemplate, now: int) -> None:
+        """A derived pass: nothing to stop; the worker reads the replay's timing and places the kernels."""
+        began = self._timer()
+        if getattr(step, "replay", None) is None:  # the runner did not time it (e.g. no graph replayed)
+            self._exported_none(targets)
+            return
+        self.stats.derived += 1
+        with self._lock:
+            for target in targets:
+                target.pending += 1
+        try:
+            self._jobs.put_nowait(_Job(step, span_context, (step.start_time_ns, now), targets, None,
+                                       template=template))
         except queue.Full:
             self.stats.dropped_captures += 1
             self._exported(targets)
+        took = self._timer() - began
+        self.stats.engine_thread_ns += took
+        self.stats.derived_engine_ns += took
+        self._settle(targets, took)
+
+    def _exported_none(self, targets: list[_Selected]) -> None:
+        """A pass charged to ``targets`` that produced nothing: give it back."""
+        with self._lock:
+            for target in targets:
+                if target.steps_left == 0 and target.span_context.span_id in self._requests:
+                    self._waiting += 1
+                target.steps_left += 1
+
+    def _recorded(self, key: tuple[int, ...] | None) -> None:
+        """A recorded pass of ``key`` is done with (its template made, or none to make)."""
+        if key is not None:
+            with self._lock:
+                self._recording.discard(key)
 
     def _settle(self, targets: list[_Selected], stall_ns: int) -> None:
         """Charge the budget what one capture (of ``targets``' pass) stalled the engine thread."""
@@ -238,6 +345,7 @@ class KernelTracer:
         self.budget.spent(taken, stall_ns)
 
     def _release(self) -> None:
+        self._want_record = False
         began = self._timer()
         try:
             self._capture.release()
@@ -257,6 +365,8 @@ class KernelTracer:
                 return
             if not self._waiting or self._active is not None or self._capture.ready():
                 continue
+            if self._config.derive and not self._want_record:
+                continue  # the waiting requests' passes are derived: no recorder needed
             began = self._timer()
             try:
                 self._capture.prepare()
@@ -313,21 +423,44 @@ class KernelTracer:
             _end_with_share(target, target.end_ns or self._clock())
 
     def _export(self, job: _Job) -> None:
-        events, anchor = self._capture.events(job.raw)
-        step_span = resolve(job.step_span)
-        for target in job.targets:
-            plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after,
-                                     max(target.spans_left - 1, 0))
-            target.share_ns += request_share(job.step, target.span_context.span_id, plan.gpu_time_ns)
-            target.passes += 1
-            if target.spans_left <= 1:
-                continue
-            target.spans_left -= 1 + len(plan.spans)
-            self.stats.exported_spans += 1 + len(plan.spans)
-            self._emit(job, step_span, target, plan, anchor)
+        replay = getattr(job.step, "replay", None)
+        try:
+            replay_ns = replay.elapsed_ns() if replay is not None else None  # waits for its end mark (CUDA)
+            if job.template is not None:
+                assert replay is not None and replay_ns is not None
+                events = place(job.template, replay.wall_start_ns, replay_ns)
+                anchor = ClockAnchor(0, 0, replay.uncertainty_ns)  # placed on the wall clock already
+            else:
+                assert job.raw is not None
+                events, anchor = self._capture.events(job.raw)
+            step_span = resolve(job.step_span)
+            source = None
+            for target in job.targets:
+                plan = plan_kernel_spans(events, anchor, job.window, self._config.fold_after,
+                                         max(target.spans_left - 1, 0))
+                target.share_ns += request_share(job.step, target.span_context.span_id, plan.gpu_time_ns)
+                target.passes += 1
+                if target.spans_left <= 1:
+                    continue
+                target.spans_left -= 1 + len(plan.spans)
+                self.stats.exported_spans += 1 + len(plan.spans)
+                if job.template is not None:
+                    self.stats.derived_spans += 1 + len(plan.spans)
+                forward = self._emit(job, step_span, target, plan, anchor, replay_ns)
+                source = source or forward
+            if job.key is not None and replay is not None and replay_ns is not None:
+                template = build_template(events, anchor, job.key, replay.wall_start_ns, replay_ns,
+                                          getattr(job.step, "index", -1), time.monotonic(), source)
+                if template is not None:
+                    self._templates[job.key] = template
+                    self.stats.templates += 1
+                else:
+                    log.warning("no kernel of graph %s's replay in its recorded pass: not derived", job.key)
+        finally:
+            self._recorded(job.key)
 
     def _emit(self, job: _Job, step_span: SpanContext | None, target: _Selected, plan: KernelPlan,
-              anchor: ClockAnchor) -> None:
+              anchor: ClockAnchor, replay_ns: int | None) -> SpanContext:
         step = job.step
         # Under the step span when it is recorded in this request's trace, else under the request span.
         recorded = step_span is not None and step_span.trace_flags.sampled
@@ -355,7 +488,17 @@ class KernelTracer:
                 names.KERNELS_FIRST_START_NS: plan.first_ns,
                 names.KERNELS_LAST_END_NS: plan.last_ns,
                 names.CLOCK_UNCERTAINTY_NS: anchor.uncertainty_ns,
+                names.KERNELS_SOURCE: "derived" if job.template is not None else "recorded",
             })
+        key = job.key or (job.template.key if job.template is not None else None)
+        if key is not None:
+            forward.set_attribute(names.KERNELS_GRAPH_KEY, ",".join(map(str, key)))
+        if replay_ns is not None:
+            forward.set_attribute(names.KERNELS_REPLAY_NS, replay_ns)
+        if job.template is not None:
+            forward.set_attribute(names.KERNELS_DERIVED_FROM_STEP, job.template.step_index)
+            if isinstance(job.template.source, SpanContext):
+                forward.add_link(job.template.source)
         ctx = trace.set_span_in_context(forward)
         for i, k in enumerate(plan.spans):
             if i % YIELD_EVERY_SPANS == YIELD_EVERY_SPANS - 1:
@@ -365,10 +508,13 @@ class KernelTracer:
                                           names.KERNEL_GPU_TIME_NS: k.gpu_time_ns}
             if k.count > 1:
                 attributes[names.KERNEL_FOLDED] = True
+            if job.template is not None:
+                attributes[names.KERNEL_DERIVED] = True
             self._tracer.start_span(k.name, context=ctx, kind=SpanKind.INTERNAL, start_time=k.start_ns,
                                     attributes=attributes).end(end_time=k.end_ns)
         # Ends with its last kernel, so it stays inside the step span (which ends before finish() runs).
         forward.end(end_time=plan.last_ns if plan.spans else job.window[1])
+        return forward.get_span_context()
 
 
 def _end_with_share(selected: _Selected, end_ns: int) -> None:

@@ -210,22 +210,24 @@ async def test_kernel_trace_header_reaches_the_upstream_only_when_the_policy_gra
 async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_traced, jaeger: Jaeger) -> None:
     stack = make_traced(
         inference={"model": {"device": "cpu", "use_deepspeed": True}, "batching": {"max_wait_ms": 0}},
-        telemetry={"decode_step_spans_every": 1,
-                   "kernels": {"ratio": 0.0, "activities": "cpu", "steps_per_request": 2,
+        # spans exported by child processes of the sidecar and the server (otel/export_process.py)
+        telemetry={"decode_step_spans_every": 1, "export_process": True,
+                   "kernels": {"ratio": 0.0, "activities": "cpu", "steps_per_request": 3,
                                "max_spans_per_trace": 1000, "fold_after": 2}})
     stack.grant_kernel_traces()
     # A rollout with one version: the policy names it, and both the check and the request span carry it.
     write_policy_data(stack, lambda data: data["kernelgate"].update(rollouts={"tiny-gpt2": {"weights": {"v1": 1}}}))
     stack.start()
-    status, _, body = await post(stack.url, body={**COMPLETION, "max_tokens": 4},
+    # 24 tokens: the third captured pass is derived once the first decode's template is made (a few steps)
+    status, _, body = await post(stack.url, body={**COMPLETION, "max_tokens": 24, "ignore_eos": True},
                                  headers={"x-api-key": ACME_KEY, FORCE_HEADER: "1"})
     assert status == 200, body
-    assert body["usage"]["completion_tokens"] == 4
+    assert body["usage"]["completion_tokens"] == 24
     request_name = "POST /v1/completions"
     trace = jaeger.wait_span_trace(
         INFERENCE, request_name, "gen_ai.response.id", body["id"],
         until=lambda t: has(INGRESS, ROUTER_EGRESS, "ext_authz.check", "preprocess", "queue")(t)
-        and len(t.named("engine.step")) == 4 and len(t.named("gpu.forward")) == 2)
+        and len(t.named("engine.step")) == 24 and len(t.named("gpu.forward")) == 3)
     trace_id = trace.trace_id
     assert trace.services() == {ENVOY, AUTHZ, INFERENCE}
     ingress, check = check_under_envoy(trace)
@@ -237,8 +239,8 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
     router = trace.parent(request)
     assert router is not None and router.name == ROUTER_EGRESS and trace.parent(router) == ingress
     a = request.attributes
-    assert a["gen_ai.request.model"] == "tiny-gpt2" and a["gen_ai.request.max_tokens"] == 4
-    assert a["gen_ai.usage.output_tokens"] == 4 and a["gen_ai.usage.input_tokens"] > 0
+    assert a["gen_ai.request.model"] == "tiny-gpt2" and a["gen_ai.request.max_tokens"] == 24
+    assert a["gen_ai.usage.output_tokens"] == 24 and a["gen_ai.usage.input_tokens"] > 0
     assert a["kernelgate.tenant"] == "acme" and a["kernelgate.model.version"] == "v1"
     assert a["kernelgate.kernels.capture"] == "forced"
     # Which replica served it: the server names itself, Envoy's upstream span names the host it chose.
@@ -249,20 +251,31 @@ async def test_inference_request_is_one_trace_down_to_the_forward_pass(make_trac
         assert trace.parent(child) == request
     # every step of this request: in its trace and linked to its span
     steps = sorted(trace.named("engine.step"), key=lambda s: s.start_ns)
-    assert [s.attributes["kernelgate.step.phase"] for s in steps] == ["prefill", "decode", "decode", "decode"]
+    assert [s.attributes["kernelgate.step.phase"] for s in steps] == ["prefill"] + ["decode"] * 23
     for step in steps:
         assert trace.parent(step) == request
         assert [(link.trace_id, link.span_id) for link in step.links] == [(trace_id, request.span_id)]
-    # the first two passes were profiled: their operators hang under a forward span under the step
+    # three passes were captured: the prefill and the first decode recorded, a later decode of the same
+    # shape derived from that one (docs/tracing.md); operators hang under a forward span under its step
     forwards = sorted(trace.named("gpu.forward"), key=lambda s: s.start_ns)
-    assert [trace.parent(f) for f in forwards] == steps[:2]
+    step_at = {s.attributes["kernelgate.step.index"]: s for s in steps}
+    assert [trace.parent(f) for f in forwards] == [step_at[f.attributes["kernelgate.step.index"]] for f in forwards]
+    assert [f.attributes["kernelgate.kernels.source"] for f in forwards] == ["recorded", "recorded", "derived"]
+    assert trace.parent(forwards[1]) == steps[1]
+    derived = forwards[2].attributes
+    assert derived["kernelgate.kernels.derived_from.step_index"] == forwards[1].attributes["kernelgate.step.index"]
+    assert derived["kernelgate.kernels.graph_key"] == forwards[1].attributes["kernelgate.kernels.graph_key"]
+    assert [(link.trace_id, link.span_id) for link in forwards[2].links] == [(trace_id, forwards[1].span_id)]
+    assert all(k.attributes["kernelgate.kernel.derived"] is True for k in trace.children(forwards[2]))
+    assert not any("kernelgate.kernel.derived" in k.attributes for k in trace.children(forwards[1]))
     for forward in forwards:
         kernels = trace.children(forward)
         assert kernels and forward.attributes["kernelgate.kernels.activities"] == "cpu"
         assert forward.attributes["kernelgate.kernels.count"] >= len(kernels)
         assert {"aten::addmm", "aten::linear"} & {k.attributes["gpu.kernel.name"] for k in kernels}
         for k in kernels:
-            assert forward.start_ns <= k.start_ns <= k.end_ns <= forward.end_ns
+            assert forward.start_ns <= k.start_ns <= k.end_ns <= forward.end_ns, (
+                forward.attributes, k.attributes, forward.start_ns, forward.end_ns, k.start_ns, k.end_ns)
         step = trace.parent(forward)
         assert step.start_ns <= forward.start_ns
     assert forwards[0].attributes["kernelgate.step.phase"] == "prefill"

@@ -129,3 +129,37 @@ class Gate:
 
         self._event.wait(30)
         return load_model(config, max_batch_size)
+
+
+async def kernel_traced_completion(serve: Callable[..., Any], config: InferenceConfig, kernels_config: Any,
+                                   capture: Any, max_tokens: int) -> tuple[list[Any], Any]:
+    """One completion through the real server and engine with the real kernel tracer on ``capture``:
+    every finished span (in memory) and the tracer (its counters)."""
+    import aiohttp
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from inference.tracing import TRACER_NAME
+    from otel.kernels.tracer import KernelTracer
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    kernels = KernelTracer(kernels_config, provider.get_tracer("k"), capture)
+    tracing = Tracing(provider.get_tracer(TRACER_NAME), request_observer=kernels)
+    engine = started_engine(config, observer=kernels, tracing=tracing)
+    try:
+        served = await serve(engine=engine, tracing=tracing)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{served.url}/v1/completions",
+                              json={"model": config.model.name, "prompt": "trace my kernels", "max_tokens": max_tokens,
+                                    "ignore_eos": True},
+                              headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+                              ) as resp:
+                assert resp.status == 200, await resp.text()
+    finally:
+        engine.shutdown(10)
+        kernels.close()
+        provider.shutdown()
+    return list(exporter.get_finished_spans()), kernels

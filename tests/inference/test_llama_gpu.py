@@ -58,6 +58,63 @@ def test_rotary_matches_the_reference_in_one_launch_or_two() -> None:
     _close(got_k, want_k)
 
 
+@pytest.mark.parametrize("rows,heads,kv_heads,dim,dtype", [(1, 32, 8, 128, torch.float16), (1, 32, 8, 128, torch.bfloat16),
+                                                          (4, 28, 4, 128, torch.float16), (3, 32, 8, 64, torch.float16),
+                                                          (2, 8, 8, 64, torch.float16)])
+def test_decode_attention_kernel_matches_the_op_by_op_path(rows: int, heads: int, kv_heads: int, dim: int,
+                                                           dtype: torch.dtype) -> None:
+    """The one-kernel decode step (rotary + cache write + GQA attention) on the GPU at the 8B (batch 1),
+    Qwen2.5-7B (group 7), 1B and plain multi-head shapes, against the op-by-op path: buckets with and
+    without a split of the keys (the automatic one and forced ones), rows at different positions."""
+    from inference import triton_kernels as tk
+    from tests.inference.test_triton_decode_attention import _op_by_op
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    max_len = 2048
+    for kv_len, keys_per_split in ((64, None), (256, None), (2048, None), (2048, 128)):
+        positions = torch.tensor([kv_len - 1, kv_len // 2, 0, 17][:rows], device="cuda").view(rows, 1)
+        keys = torch.randn(rows, kv_heads, max_len, dim, device="cuda", dtype=dtype, generator=gen)
+        values = torch.randn_like(keys)
+        want_keys, want_values = keys.clone(), values.clone()
+        qkv = torch.randn(rows, 1, heads + 2 * kv_heads, dim, device="cuda", dtype=dtype, generator=gen)
+        angles = torch.randn(max_len, dim // 2, device="cuda", generator=gen) * 3
+        cos = torch.cat([angles.cos()] * 2, -1).to(dtype)
+        sin = torch.cat([angles.sin()] * 2, -1).to(dtype)
+        got = tk.decode_attention(qkv, heads, cos, sin, positions, keys, values, kv_len, dim ** -0.5, keys_per_split)
+        want = _op_by_op(qkv, heads, cos, sin, positions, want_keys, want_values, dim ** -0.5)
+        tol = 2e-3 if dtype == torch.float16 else 1e-2
+        _close(got, want, tol)
+        _close(keys, want_keys, tol)
+        assert torch.equal(values, want_values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_decode_kernel_passes_its_probe_and_is_on(dtype: torch.dtype) -> None:
+    from inference.ops import DECODE_PROBE_TOLERANCE, decode_attention_error
+
+    ops = select_ops("triton", torch.device("cuda"), dtype)
+    assert ops.decode_attention is not None
+    assert decode_attention_error(ops, torch.device("cuda"), dtype) < DECODE_PROBE_TOLERANCE / 4
+
+
+def test_rotary_kv_kernel_matches_the_reference_on_gpu() -> None:
+    from inference import triton_kernels as tk
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    rows, q_len, heads, kv_heads, dim, max_len = 3, 130, 32, 8, 128, 256
+    qkv = torch.randn(rows, q_len, heads + 2 * kv_heads, dim, device="cuda", dtype=torch.float16, generator=gen)
+    angles = torch.randn(max_len, dim // 2, device="cuda", generator=gen)
+    cos = torch.cat([angles.cos()] * 2, -1).half()
+    sin = torch.cat([angles.sin()] * 2, -1).half()
+    positions = torch.arange(q_len, device="cuda").expand(rows, q_len)
+    caches = [torch.randn(2, rows, kv_heads, max_len, dim, device="cuda", dtype=torch.float16, generator=gen)]
+    caches.append(caches[0].clone())
+    want = REF.rotary_kv(qkv.clone(), heads, cos, sin, positions, caches[1][0], caches[1][1], positions)
+    got = tk.rotary_kv(qkv, heads, cos, sin, positions, caches[0][0], caches[0][1], positions)
+    _close(got, want)
+    _close(caches[0], caches[1])
+
+
 @pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen2"])
 def test_triton_decoder_greedy_equals_torch_decoder_with_cuda_graphs(name: str) -> None:
     def greedy(ops: str) -> list[list[int]]:

@@ -9,8 +9,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from inference.tracing import TRACER_NAME, Tracing
+from otel.config import KernelTraceConfig
 from otel.deferred import resolve
-from tests.inference.helpers import SlowSteps, started_engine, tiny_config, wait_until
+from otel.kernels.torch_capture import TorchProfilerCapture
+from otel.names import FORWARD_SPAN
+from tests.inference.helpers import SlowSteps, kernel_traced_completion, started_engine, tiny_config, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -68,3 +71,43 @@ async def test_request_and_step_spans(serve) -> None:
     # The forward observer got each step's span, whose context resolves (off the engine thread) once built.
     assert [resolve(span).span_id for _, span in observer.finished][-len(steps):] == [
         s.context.span_id for s in steps]
+
+
+async def test_decode_passes_of_one_shape_are_recorded_once_then_derived_inside_their_step(serve) -> None:
+    """The real engine and runner on CPU with the real kernel tracer (torch's profiler recording CPU
+    operators): the runner names each decode step's fixed work (on CPU: the eager decode of one
+    shape, ``decode_key``) and times it when asked; the first captured pass of a key is recorded,
+    later ones are derived from it, every kernel span inside its ``gpu.forward`` and that inside
+    its ``engine.step``."""
+    config = KernelTraceConfig(ratio=1.0, steps_per_request=8, max_captures_per_minute=1000,
+                               max_spans_per_trace=100_000, stall_budget_pct=0, activities="cpu", capture="torch")
+    spans, kernels = await kernel_traced_completion(serve, tiny_config(), config, TorchProfilerCapture("cpu"), 24)
+    by_id = {s.context.span_id: s for s in spans}
+    forwards = sorted((s for s in spans if s.name == FORWARD_SPAN), key=lambda s: s.start_time)
+    source = [(f.attributes["kernelgate.step.phase"], f.attributes["kernelgate.kernels.source"]) for f in forwards]
+    assert source[:2] == [("prefill", "recorded"), ("decode", "recorded")], source
+    derived = [f for f in forwards if f.attributes["kernelgate.kernels.source"] == "derived"]
+    assert derived, "later decode passes of the same shape are derived"
+    assert kernels.stats.captures == 2 and kernels.stats.derived == len(derived) == len(forwards) - 2
+    recorded = forwards[1]
+    for forward in derived:
+        a = forward.attributes
+        assert a["kernelgate.kernels.graph_key"] == recorded.attributes["kernelgate.kernels.graph_key"]
+        assert a["kernelgate.kernels.derived_from.step_index"] == recorded.attributes["kernelgate.step.index"]
+        assert [link.context.span_id for link in forward.links] == [recorded.context.span_id]
+        assert a["kernelgate.kernels.count"] > 0 and a["kernelgate.kernels.replay_ns"] > 0
+    for forward in forwards:
+        step = by_id[forward.parent.span_id]
+        assert step.name == "engine.step" and step.attributes["kernelgate.step.index"] == \
+            forward.attributes["kernelgate.step.index"]
+        assert step.start_time <= forward.start_time <= forward.end_time <= step.end_time
+        children = [s for s in spans if s.parent is not None and s.parent.span_id == forward.context.span_id]
+        assert children and all(forward.start_time <= k.start_time <= k.end_time <= forward.end_time
+                                for k in children)
+        marked = {k.attributes.get("kernelgate.kernel.derived", False) for k in children}
+        assert marked == {forward.attributes["kernelgate.kernels.source"] == "derived"}
+    # Derived operators are the recorded decode's own, in its order (its forward pass, not the sampling after it).
+    names_of = [k.name for k in sorted((s for s in spans if s.parent is not None
+                                        and s.parent.span_id == derived[0].context.span_id),
+                                       key=lambda k: k.start_time)]
+    assert "aten::addmm" in names_of or "aten::linear" in names_of or "aten::mm" in names_of, names_of

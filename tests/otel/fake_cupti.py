@@ -65,12 +65,14 @@ class FakeCupti:
     def get_timestamp(self) -> int:
         return time.time_ns() - self.OFFSET
 
-    def launch(self, name: str, duration_ns: int = 20_000, kind: int = ActivityKind.CONCURRENT_KERNEL) -> int:
-        """A kernel (or copy) runs now, recorded if CUPTI listens; returns when it started (wall clock)."""
+    def launch(self, name: str, duration_ns: int = 20_000, kind: int = ActivityKind.CONCURRENT_KERNEL,
+               graph_id: int = 0) -> int:
+        """A kernel (or copy) runs now, recorded if CUPTI listens; returns when it started (wall clock).
+        ``graph_id``: the CUDA graph whose replay launched it (0: launched on its own)."""
         start = self.get_timestamp()
         if kind in self.enabled and self.callbacks:
             self.buffered.append(SimpleNamespace(kind=kind, name=name, start=start, end=start + duration_ns,
-                                                 device_id=0, stream_id=7))
+                                                 device_id=0, stream_id=7, graph_id=graph_id))
         return start + self.OFFSET
 
     def deliver_full_buffer(self) -> None:

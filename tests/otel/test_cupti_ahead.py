@@ -42,7 +42,8 @@ def test_cupti_attaches_on_the_preparing_thread_and_the_engine_thread_only_recor
     cupti = FakeCupti()
     cupti.delays["register"] = 0.03  # attaching is the slow part (13-17 ms on the H100)
     capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True)
-    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0), provider.get_tracer("k"), capture)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, derive=False), provider.get_tracer("k"),
+                          capture)
     request = provider.get_tracer("api").start_span("POST /v1/completions")
     assert tracer.on_request(request, {}) == "ratio"
     wait_until(capture.ready)
@@ -70,7 +71,8 @@ def test_a_pass_before_the_attach_is_done_runs_unrecorded_and_a_later_one_is_cap
     cupti = FakeCupti()
     cupti.delays["register"] = 0.5
     capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True)
-    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0), provider.get_tracer("k"), capture)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, derive=False), provider.get_tracer("k"),
+                          capture)
     request = provider.get_tracer("api").start_span("POST /v1/completions")
     tracer.on_request(request, {})
     began = time.perf_counter()
@@ -90,7 +92,8 @@ def test_an_attach_no_capture_used_is_undone_on_the_engine_thread(sdk) -> None:
     provider, _ = sdk
     cupti = FakeCupti()
     capture = CuptiCapture(cupti, prepare_ahead=True)
-    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0), provider.get_tracer("k"), capture)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, derive=False), provider.get_tracer("k"),
+                          capture)
     request = provider.get_tracer("api").start_span("POST /v1/completions")
     tracer.on_request(request, {})
     wait_until(capture.ready)
@@ -107,7 +110,8 @@ def test_a_failed_attach_ahead_is_counted_and_the_next_request_attaches_again(sd
     cupti = FakeCupti()
     cupti.fail["register"] = RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
     capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True)
-    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0), provider.get_tracer("k"), capture)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, derive=False), provider.get_tracer("k"),
+                          capture)
     first = provider.get_tracer("api").start_span("POST /v1/completions")
     tracer.on_request(first, {})
     wait_until(lambda: tracer.stats.failures == 1)

@@ -44,7 +44,8 @@ async def test_request_shares_of_each_captured_pass_sum_to_its_kernel_time(serve
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     kernels = KernelTracer(KernelTraceConfig(ratio=1.0, steps_per_request=100, max_captures_per_minute=1000,
-                                             max_spans_per_trace=100000, activities="cpu", capture="torch"),
+                                             max_spans_per_trace=100000, activities="cpu", capture="torch",
+                                                 derive=False),
                            provider.get_tracer("k"), TorchProfilerCapture("cpu"))
     tracing = Tracing(provider.get_tracer("inference"), request_observer=kernels)
     # The idle engine holds a lone request up to max_wait_ms, so the three arrive in one prefill.

@@ -45,6 +45,26 @@ def test_the_sampler_thins_the_step_spans_the_inference_server_records() -> None
     assert all(s.attributes["gen_ai.request.model"] == "m" and s.parent.span_id == ctx.span_id for s in steps)
 
 
+def test_thinned_steps_are_not_even_queued_when_tracing_knows_the_rule() -> None:
+    """Tracing(decode_step_spans_every=N) applies the sampler's rule (otel.sampling.step_kept) before
+    queueing: a thinned step returns no pending span and never reaches the span thread, even under a
+    sampler that would keep it; the kept ones are the ones the sampler keeps."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider.get_tracer("inference"), decode_step_spans_every=4)
+    with tracing.request_span("POST /v1/completions", {}, {}) as request:
+        ctx = request.get_span_context()
+        pending = [tracing.record_step(StepInfo(index, "prefill" if index in (0, 5) else "decode", 1, 1, ("r",),
+                                                time.time_ns(), (ctx,)), time.time_ns(), [ctx], {})
+                   for index in range(10)]
+    tracing.close()
+    provider.shutdown()
+    assert [i for i, p in enumerate(pending) if p is not None] == [0, 4, 5, 8]
+    steps = [s for s in exporter.get_finished_spans() if s.name == "engine.step"]
+    assert [s.attributes["kernelgate.step.index"] for s in steps] == [0, 4, 5, 8]
+
+
 def test_convention_keys_are_spelled_as_the_semantic_conventions_spell_them() -> None:
     from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
     from opentelemetry.semconv.attributes import http_attributes

@@ -1,0 +1,183 @@
+"""Span export in a process of its own: the serving process only flattens spans into plain tuples.
+
+In (serving process): the batch span processor's batches. ``ProcessSpanExporter.export`` turns each
+span into a tuple of ints, strings and dicts, pickles the batch (C) and writes it, length-prefixed,
+to the pipe of a child process (``python -m otel.export_process``), whose own GIL does the rest.
+Out (child): the spans rebuilt as SDK ``ReadableSpan`` objects and handed to the exporter that
+``telemetry.protocol`` / ``otlp_endpoint`` name (``otel.setup.build_span_exporter``, the same
+function the in-process path uses): OTLP encoding and sending never hold the server's GIL.
+
+Why: on a GPU server the engine thread needs the GIL between device waits, and the OTLP
+exporters encode in Python (~37 us a plain span, ~290 us an ``engine.step`` span with 16 links
+on the development VM, plus hashing the resource for every span); profiled on CPU with py-spy
+``--gil``, encoding was the largest part of the GIL time tracing took. Flattening costs a few us a
+span. A full pipe blocks only the exporting thread (the batch processor's queue then drops spans,
+as with a slow collector); a dead child loses spans, never a request (``dropped`` counts them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, BinaryIO
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from otel.config import TelemetryConfig
+
+log = logging.getLogger("kernelgate.otel.export_process")
+
+_HEADER = struct.Struct("<I")
+_FLUSH = b"F"  # a one-byte frame: write what you have, then answer with one byte
+Flat = tuple[Any, ...]
+
+
+def flatten(spans: Sequence[ReadableSpan]) -> tuple[list[Flat], list[dict[str, Any]], list[Flat]]:
+    """Spans as plain tuples (with the resources and scopes they share, each listed once)."""
+    resources: dict[int, int] = {}
+    resource_attrs: list[dict[str, Any]] = []
+    scopes: dict[tuple[str, str | None], int] = {}
+    out: list[Flat] = []
+    for s in spans:
+        ctx = s.context
+        parent = s.parent
+        resource = s.resource
+        r = resources.get(id(resource))
+        if r is None:
+            r = resources[id(resource)] = len(resource_attrs)
+            resource_attrs.append(dict(resource.attributes))
+        scope = s.instrumentation_scope
+        key = (scope.name, scope.version) if scope is not None else ("", None)
+        i = scopes.get(key)
+        if i is None:
+            i = scopes[key] = len(scopes)
+        out.append((
+            s.name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
+            (parent.trace_id, parent.span_id, parent.is_remote) if parent is not None else None,
+            s.kind.value, s.start_time, s.end_time, dict(s.attributes) if s.attributes else None,
+            [(e.name, e.timestamp, dict(e.attributes) if e.attributes else None) for e in s.events] or None,
+            [(li.context.trace_id, li.context.span_id, int(li.context.trace_flags),
+              dict(li.attributes) if li.attributes else None) for li in s.links] or None,
+            s.status.status_code.value, s.status.description, r, i))
+    return out, resource_attrs, list(scopes)
+
+
+def rebuild(flat: list[Flat], resource_attrs: list[dict[str, Any]], scopes: list[Flat]) -> list[ReadableSpan]:
+    """The spans :func:`flatten` flattened, as SDK ``ReadableSpan`` objects (in the child)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    resources = [Resource(attrs) for attrs in resource_attrs]
+    scope_objects = [InstrumentationScope(name, version) for name, version in scopes]
+    spans = []
+    for (name, trace_id, span_id, flags, parent, kind, start, end, attributes, events, links, code, description,
+         r, i) in flat:
+        spans.append(ReadableSpan(
+            name=name, context=SpanContext(trace_id, span_id, False, TraceFlags(flags)),
+            parent=SpanContext(parent[0], parent[1], parent[2]) if parent is not None else None,
+            resource=resources[r], attributes=attributes or {},
+            events=[Event(n, a or {}, t) for n, t, a in events or ()],
+            links=[Link(SpanContext(t, sid, False, TraceFlags(f)), a) for t, sid, f, a in links or ()],
+            kind=SpanKind(kind), status=Status(StatusCode(code), description), start_time=start, end_time=end,
+            instrumentation_scope=scope_objects[i]))
+    return spans
+
+
+class ProcessSpanExporter(SpanExporter):
+    """Hands batches to a child process that exports them with the configured exporter."""
+
+    def __init__(self, config: TelemetryConfig) -> None:
+        settings = json.dumps({k: v for k, v in asdict(config).items() if k != "kernels"})
+        self._proc = subprocess.Popen([sys.executable, "-m", "otel.export_process", settings],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin: BinaryIO = self._proc.stdin
+        self._stdout: BinaryIO = self._proc.stdout
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.dropped = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        payload = pickle.dumps(flatten(spans), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with self._lock:
+                self._stdin.write(_HEADER.pack(len(payload)) + payload)
+                self._stdin.flush()
+        except (OSError, ValueError):  # the child is gone: these spans are lost, serving goes on
+            self.dropped += len(spans)
+            return SpanExportResult.FAILURE
+        self.sent += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Wait until the child has exported everything written so far."""
+        try:
+            with self._lock:
+                self._stdin.write(_HEADER.pack(len(_FLUSH)) + _FLUSH)
+                self._stdin.flush()
+                return self._stdout.read(1) == b"1"
+        except (OSError, ValueError):
+            return False
+
+    def shutdown(self) -> None:
+        """Let the child export what it has and exit."""
+        if self._proc.poll() is None:
+            try:
+                self._stdin.close()
+            except OSError:
+                pass
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log.warning("span export process did not exit; killed")
+                self._proc.kill()
+
+
+def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
+    data = stream.read(n)
+    return data if data is not None and len(data) == n else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: read frames from stdin until it closes, export each batch."""
+    from common.settings import build
+    from otel.setup import build_span_exporter
+
+    args = sys.argv[1:] if argv is None else argv
+    config = build(TelemetryConfig, json.loads(args[0]), "telemetry")
+    exporter = build_span_exporter(config)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        while True:
+            header = _read_exactly(stdin, _HEADER.size)
+            if header is None:
+                return 0
+            body = _read_exactly(stdin, _HEADER.unpack(header)[0])
+            if body is None:
+                return 0
+            if body == _FLUSH:
+                stdout.write(b"1" if exporter.force_flush() is not False else b"0")
+                stdout.flush()
+                continue
+            try:
+                exporter.export(rebuild(*pickle.loads(body)))
+            except Exception:  # noqa: BLE001 - a bad batch loses its spans, not the exporter
+                log.exception("span batch not exported")
+    finally:
+        exporter.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -3,7 +3,8 @@
 Envoy, the sidecar and OPA in front of one ``kernelgate serve`` (CPU, ``--model`` random-weight
 architecture); or, with ``--direct``, the inference server alone on ``--device`` (the GPU run:
 the GPU image has no Envoy or OPA, and what is measured is the server's swap). An open loop sends ``--rate`` completions a second for ``3 x --window-s`` seconds
-(plus however long loading and validation take); ``--window-s`` in, version ``v2`` is loaded with
+(plus however long loading and validation take, plus ``--warm-up-s`` first); ``--window-s`` in
+(after the warm-up), version ``v2`` is loaded with
 ``activate`` through the admin API (v1 is ``--model`` seed 0, v2 seed ``--v2-seed``: other weights) (load, probe, shadow run on recent live prompts, atomic
 switch). Windows: *before* = the ``--window-s`` seconds before the load call, *during* = from the
 load call to one window after it (or to activation, if later), *after* = the window that starts
@@ -16,7 +17,13 @@ went to v2; the admin poll adds up to 20 ms), the versions seen, and the command
 memory check, build, warm-up, CUDA-graph capture), *validate* (-> v2 active: probe, shadow run),
 *drain* (-> v1 unloaded: v1's last requests, then its engine stops) and *settled*; for each,
 the requests sent in it (count, p99, max) and how many requests slower than the before
-window's p99 were in flight during it.
+window's p99 were in flight during it. ``slow_engine_steps_by_phase`` says what the engines
+did then: per version and phase, the steps that took 20 ms or more with the host gap before
+them (from the admin status's ``slow_steps``; the before window only as far as the last 64
+slow steps reach back when the swap starts). A long *step* is the device (or a wait inside
+the step); a long *gap* is the host (the GIL, a collection). ``server_log`` lines carry their
+time on the same clock, so the loading version's stages (build, warm-up, capture, start-up
+collection) line up with them.
 Targets (#15): 0 failed; p99 during <= 1.5 x before.
 
     python bench/hot_swap.py --out bench/results/hot_swap.json
@@ -71,19 +78,31 @@ def start_direct(replica: VersionedReplica, args: argparse.Namespace,
     return proc.stop, proc.log_path
 
 
-LOG_MARKS = ("captured", "capture failed", "warm-up done", " ready (", "active (was", "unloaded", "failed")
+LOG_MARKS = ("building random-weight", "built in", "captured", "capture failed", "warm-up done", "start-up of",
+             " ready (", "active (was", "unloaded", "failed")
 
 
-def lifecycle_log(path: Path | None) -> list[str]:
-    """The server log's lines about loading, CUDA-graph capture and the swap (to check a GPU run)."""
+def lifecycle_log(path: Path | None, t0_wall: float) -> list[str]:
+    """The server log's lines about loading, CUDA-graph capture and the swap (to check a GPU run), each
+    prefixed with its time in seconds since the open loop started (the phases' clock)."""
     if path is None or not path.exists():
         return []
-    return [line.strip()[:300] for line in path.read_text(errors="replace").splitlines()
-            if any(mark in line for mark in LOG_MARKS)][:40]
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        if any(mark in line for mark in LOG_MARKS):
+            try:  # logging's asctime: "2026-11-30 13:36:35,811", local time
+                at = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1e3
+                lines.append(f"[{at - t0_wall:8.3f}s] {line.strip()[:300]}")
+            except ValueError:
+                lines.append(line.strip()[:300])
+    return lines[:40]
 
 
-def watch_states(replica: VersionedReplica, model: str, stop: threading.Event) -> dict[str, float]:
-    """Poll the admin API every 20 ms; the first moment each ``version:state`` was seen."""
+def watch_states(replica: VersionedReplica, model: str, stop: threading.Event,
+                 slow_steps: dict[str, dict[float, list]]) -> dict[str, float]:
+    """Poll the admin API every 20 ms; the first moment each ``version:state`` was seen. Each
+    version's recent slow engine steps (the status keeps the last 64) are gathered into
+    ``slow_steps`` (version -> wall-clock start -> [start, step ms, gap ms, phase, batch])."""
     seen: dict[str, float] = {}
     while not stop.is_set():
         now = time.monotonic()
@@ -93,10 +112,29 @@ def watch_states(replica: VersionedReplica, model: str, stop: threading.Event) -
                 if entry["name"] == model:
                     for version in entry["versions"]:
                         seen.setdefault(f"{version['version']}:{version['state']}", now)
+                        for step in version.get("slow_steps", ()):
+                            slow_steps.setdefault(version["version"], {})[step[0]] = step
         if "v1:unloaded" in seen:
             break
         stop.wait(0.02)
     return seen
+
+
+def slow_steps_by_phase(slow_steps: dict[str, dict[float, list]], bounds: dict[str, tuple[float, float]],
+                        t0_wall: float) -> dict[str, dict[str, dict]]:
+    """Per version and phase: the engine steps that took >= 20 ms with the host gap before them
+    (count, worst step and gap, the three worst as [at s, step ms, gap ms, phase, batch])."""
+    out: dict[str, dict[str, dict]] = {}
+    for version, steps in sorted(slow_steps.items()):
+        rel = [[round(at - t0_wall, 3), took, gap, phase, batch] for at, took, gap, phase, batch in steps.values()]
+        per = {}
+        for name, (lo, hi) in bounds.items():
+            inside = sorted((s for s in rel if lo <= s[0] < hi), key=lambda s: s[1] + s[2], reverse=True)
+            per[name] = {"count": len(inside), "max_step_ms": max((s[1] for s in inside), default=None),
+                         "max_gap_ms": max((s[2] for s in inside), default=None),
+                         "sum_ms": round(sum(s[1] + s[2] for s in inside), 1), "worst": inside[:3]}
+        out[version] = per
+    return out
 
 
 def phases(seen: dict[str, float], load_at: float, end: float) -> dict[str, tuple[float, float]]:
@@ -146,11 +184,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         loop = asyncio.get_running_loop()
 
         stop_watch = threading.Event()
+        slow_steps: dict[str, dict[float, list]] = {}
 
         async def swap() -> tuple[dict, asyncio.Future]:
-            await asyncio.sleep(args.window_s)
+            await asyncio.sleep(args.warm_up_s + args.window_s)
             marks["load"] = time.monotonic()
-            watch = loop.run_in_executor(None, watch_states, replica, args.model, stop_watch)
+            watch = loop.run_in_executor(None, watch_states, replica, args.model, stop_watch, slow_steps)
             version = await loop.run_in_executor(None, load_and_activate, replica, args.model,
                                                  {"version": "v2", "random_config": args.model,
                                                   "seed": args.v2_seed})
@@ -158,9 +197,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             return version, watch
 
         # Long enough for: before, the swap (load + validation), and a full window after it.
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         swap_task = asyncio.create_task(swap())
-        outcomes = await open_loop(url, body, args.rate, 3 * args.window_s + args.swap_allowance_s)
+        outcomes = await open_loop(url, body, args.rate, args.warm_up_s + 3 * args.window_s + args.swap_allowance_s)
         version, watch = await swap_task
         stop_watch.set()
         seen = await watch
@@ -189,6 +228,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         "path": "inference server alone (--direct)" if args.direct else "Envoy -> sidecar -> OPA -> inference server",
         "note": args.note,
         "model": args.model, "v2_seed": args.v2_seed, "rate_per_s": args.rate, "max_tokens": args.max_tokens, "window_s": args.window_s,
+        "warm_up_s": args.warm_up_s,
         "sent": len(outcomes), "failed": len(failed),
         "failed_during_swap": len([o for o in failed if windows["during"][0] <= o.sent_at < windows["during"][1]]),
         "failures": [f"{o.status} {o.detail}" for o in failed[:5]],
@@ -202,8 +242,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         "after_window_all_v2": all(o.version == "v2" for o in after),
         "states_seen_at_s": seen_at,
         "during_by_phase": by_phase(outcomes, swap_phases, before_p99),
+        "slow_engine_steps_by_phase": slow_steps_by_phase(
+            slow_steps, {"before": windows["before"], **swap_phases}, t0_wall),
         "validation": version.get("validation"),
-        "server_log": lifecycle_log(log_path),
+        "server_log": lifecycle_log(log_path, t0_wall),
         "host_load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -213,6 +255,9 @@ def main() -> int:
     parser.add_argument("--model", default="tiny-gpt2", help="random-weight architecture of both versions")
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--warm-up-s", type=float, default=0.0,
+                        help="seconds of the open loop before the before window (first-use kernel compiles "
+                             "and allocations out of the baseline)")
     parser.add_argument("--swap-allowance-s", type=float, default=5.0,
                         help="extra seconds of load for loading and validation")
     parser.add_argument("--max-tokens", type=int, default=16)

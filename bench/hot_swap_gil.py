@@ -4,8 +4,9 @@ A probe thread stands in for a serving engine thread: it sleeps 1 ms and measure
 wakes (waiting for the GIL, and for a core). Meanwhile this process does what a hot swap does on
 the loading side, phase by phase: build a mid-size random llama as a Hugging Face module, drop
 it and ``gc.collect`` (the garbage ``load_model`` leaves when it converts one), load it
-(``load_model``: build, fused decoder), warm it up, ``freeze_startup_objects`` (the engine's start-up ``gc.collect`` +
-``gc.freeze``), then drop it and ``gc.collect`` (what retiring a version used to do). A
+(``load_model``: build, fused decoder), warm it up, collect the young generations (what an engine
+loaded beside serving ones does before ``gc.freeze``), ``freeze_startup_objects`` (the start-up
+engine's full ``gc.collect`` + ``gc.freeze``), then drop it and ``gc.collect`` (what retiring a version used to do). A
 "serving" version's start-up objects are frozen first, as in the server. Each switch interval
 runs in its own process, one after the other; per phase: the probe's waits that overlap it (worst,
 p99, and the seconds in waits over 5 ms). On a shared machine the numbers are noisy: compare the
@@ -88,6 +89,10 @@ def measure(switch_interval: float, layers: int, hidden: int) -> dict:
             runner.decode([5] * 16, [4] * 16)
 
     phase("warm_up", warm_up)
+    # What a version loaded beside serving ones now does at start-up (the young generations,
+    # then freeze), then what every engine did before (a full collection, then freeze): the
+    # second finds what the first left in the old generation.
+    phase("startup_young_collection", lambda: gc.collect(1))
     phase("freeze_startup_objects", freeze_startup_objects)
     held = [loaded]
     del loaded

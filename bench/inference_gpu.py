@@ -63,15 +63,13 @@ def prompts_for(vocab: int, count: int, length: int, seed: int = 0) -> list[list
 
 def bench_hf(model_name: str, levels: list[int], args: argparse.Namespace) -> list[dict]:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from inference.model_configs import random_config
+    from inference.model_loader import build_random
 
     config = random_config(model_name)
-    torch.manual_seed(0)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation="sdpa").eval()
+    model = build_random(config, 0, torch.device(args.device), dtype).eval()  # the server's seed-0 weights
     rows = []
     for concurrency in levels:
         batch = torch.tensor(prompts_for(config.vocab_size, concurrency, args.prompt_tokens), device=args.device)

@@ -93,15 +93,13 @@ def copy_bandwidth_gbs(device: str) -> float:
 
 def hf_model(name: str, device: str):
     import torch
-    from transformers import AutoModelForCausalLM
 
     from inference.model_configs import random_config
+    from inference.model_loader import build_random
 
-    torch.manual_seed(0)  # the server's default model.seed: the same weights
     dtype = torch.float16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(random_config(name), torch_dtype=dtype,
-                                                attn_implementation="sdpa").eval()
+    # seed 0, the server's default model.seed: the same weights
+    return build_random(random_config(name), 0, torch.device(device), dtype).eval()
 
 
 def sync(device: str) -> None:

@@ -14,8 +14,15 @@ from __future__ import annotations
 import gc
 
 
-def freeze_startup_objects() -> int:
-    """Collect start-up garbage, then freeze everything left; returns how many objects are frozen."""
-    gc.collect()
+def freeze_startup_objects(full: bool = True) -> int:
+    """Collect start-up garbage, then freeze everything left; returns how many objects are frozen.
+
+    ``full=False`` collects only the young generations (0 and 1) before freezing: for start-up
+    work done while the process already serves (a model version loaded beside serving ones),
+    where a full collection would hold the GIL for its whole walk and stall the threads that
+    serve. Cyclic garbage that already reached the old generation is then frozen with the rest
+    (it stays allocated); keep what such a start-up drops free of cycles (reference counting
+    frees it), or collect it fully in a quiet moment."""
+    gc.collect(2 if full else 1)
     gc.freeze()
     return gc.get_freeze_count()

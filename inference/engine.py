@@ -20,6 +20,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,6 +44,11 @@ from otel import names
 log = logging.getLogger("kernelgate.inference.engine")
 
 MAX_PREFILL_TOKENS = 8192
+# A step (its launch-to-results time plus the host gap before it, while sequences were running)
+# this long is kept in the engine's recent slow steps (``slow_steps``; the admin status shows
+# them): where a hot swap, a collection or a GIL convoy stalled serving, with wall-clock times.
+SLOW_STEP_NS = 20_000_000
+SLOW_STEPS_KEPT = 64
 
 
 @dataclass
@@ -94,8 +100,12 @@ class Engine:
     def __init__(self, model_config: ModelConfig, batching: BatchingConfig, metrics: InferenceMetrics,
                  tracing: Tracing, forward_observer: ForwardObserver | None = None,
                  load: Callable[[ModelConfig, int], LoadedModel] = load_model,
-                 wrap_runner: Callable[[ModelRunner], Any] | None = None) -> None:
+                 wrap_runner: Callable[[ModelRunner], Any] | None = None, beside_serving: bool = False) -> None:
+        """``beside_serving``: the engine starts while others in this process serve (a version loaded
+        by the admin API): its start-up collects only the young generations before freezing its
+        objects (``common.gc_freeze``), so no full collection holds the GIL from the serving threads."""
         self._model_config = model_config
+        self._beside_serving = beside_serving
         self._batching = batching
         self.metrics = metrics
         self._tracing = tracing
@@ -120,6 +130,10 @@ class Engine:
         # tokens still on the device, before the host reads them. A forward observer (kernel
         # tracing) brackets one step at a time, so with one attached steps run one at a time.
         self._pipelined = batching.pipeline_decode and forward_observer is None
+        self._last_step_end_ns: int | None = None  # None: idle since (no running sequence)
+        # (wall start s, step ms, gap ms before it, phase, batch) of recent slow steps; appended on the
+        # engine thread, copied on the event loop (both whole operations under the GIL)
+        self._slow_steps: deque[tuple[float, float, float, str, int]] = deque(maxlen=SLOW_STEPS_KEPT)
         # A decode step's outputs (and its span) are handed on once the next step is launched:
         # the GPU works meanwhile, instead of idling through them at batch 1. A step that
         # finishes a sequence or prefills delivers at once.
@@ -164,6 +178,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._tracing.flush(timeout)  # the engine's spans are built on the span thread: let them out
+
+    def slow_steps(self) -> list[tuple[float, float, float, str, int]]:
+        """Recent steps that took ``SLOW_STEP_NS`` or more with the host gap before them, oldest
+        first: (wall-clock start in s, step ms, gap ms, phase, batch size)."""
+        return list(self._slow_steps)
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -213,10 +232,18 @@ class Engine:
                 if self._wrap_runner is not None:
                     self._runner = self._wrap_runner(self._runner)
                 self._warm_up()
-                freeze_startup_objects()
+                marks = [time.monotonic()]
+                freeze_startup_objects(full=not self._beside_serving)
+                marks.append(time.monotonic())
                 self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
                                               self._model.device, logits_dtype=self._model.dtype)
+                marks.append(time.monotonic())
                 self._guides = _grammars(self._model)
+                marks.append(time.monotonic())
+                log.info("start-up of %s: gc freeze %.0f ms (%s collection), sampler %.0f ms, grammars %.0f ms",
+                         self._model_config.name, 1e3 * (marks[1] - marks[0]),
+                         "young" if self._beside_serving else "full", 1e3 * (marks[2] - marks[1]),
+                         1e3 * (marks[3] - marks[2]))
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
                                       vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
                                       tokenizer=self._model.tokenizer, backend=self._model.backend,
@@ -273,6 +300,7 @@ class Engine:
                 self.metrics.queue_depth.set(len(self._scheduler.waiting))
                 self.metrics.running.set(len(running))
                 if not running:
+                    self._last_step_end_ns = None
                     self._release_held()
                     if self._stopping and not self._scheduler.waiting:
                         return
@@ -366,6 +394,7 @@ class Engine:
                   for row, full_logits in launched.prompt_logits.items()}
         end_ns, now = time.time_ns(), time.monotonic_ns()
         self._steps += 1
+        self._note_step(step, end_ns)
         deliveries: list[tuple[RequestStream, GenerationOutput]] = []
         done: list[Sequence] = []
         untexted: list[tuple[int, _DecodeState]] = []  # rows whose text is detokenized after the next launch
@@ -397,6 +426,14 @@ class Engine:
             held.step = None
             self._held = held
         self._record_step(step, end_ns, contexts)
+
+    def _note_step(self, step: StepInfo, end_ns: int) -> None:
+        """Keep the step in ``slow_steps`` when it, with the host gap since the previous one, was slow."""
+        last, self._last_step_end_ns = self._last_step_end_ns, end_ns
+        gap = step.start_time_ns - last if last is not None else 0
+        took = end_ns - step.start_time_ns
+        if took + gap >= SLOW_STEP_NS:
+            self._slow_steps.append((step.start_time_ns / 1e9, took / 1e6, gap / 1e6, step.phase, step.batch_size))
 
     def _record_step(self, step: StepInfo, end_ns: int, contexts: list[Any]) -> None:
         span_context = self._tracing.record_step(step, end_ns, contexts,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ log = logging.getLogger("kernelgate.inference.model")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROBE_TOLERANCE = 0.05
 DEFAULT_MAX_MODEL_LEN = 8192
+# Serialises the construction of random-weight modules (see ``build_random``): it guards torch's
+# process-wide state (torch.nn.init's functions, the default dtype), so it is process-wide too.
+_CONSTRUCTION = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -131,11 +135,59 @@ def _build_plain(config: ModelConfig, device: torch.device, dtype: torch.dtype) 
     else:
         log.info("building random-weight model %s from config %r (seed %d)", config.name, config.random_config,
                  config.seed)
-        hf_config = random_config(config.random_config)
-        torch.manual_seed(config.seed)
-        with torch.device(device):
-            module = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype, attn_implementation="sdpa")
+        module = build_random(random_config(config.random_config), config.seed, device, dtype)
     return module.eval()
+
+
+def build_random(hf_config: Any, seed: int, device: torch.device, dtype: torch.dtype,
+                 attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A Hugging Face module of ``hf_config`` with random weights that depend on ``seed`` alone.
+
+    The weights are drawn from this build's own ``torch.Generator``, never from torch's global
+    one: versions load on their own engine threads, beside each other (the configured models at
+    start-up) and beside serving ones (a hot swap), and a global ``manual_seed`` + init let any
+    other thread's draw in between, so "the same config and seed" gave other weights (#15: a
+    version loaded with the active one's seed failed its shadow run). Hugging Face's own init is
+    skipped (:func:`hf_skeleton`): it draws from the global generator, and on a 1B model it is
+    hundreds of kernels and a walk of every module in Python; here it is one ``normal_`` per
+    matrix. The scheme is Hugging Face's: matrices ~ N(0, ``initializer_range``), biases 0, norm
+    weights 1 (GPT-2's scaled output projections are not scaled).
+    """
+    module = hf_skeleton(hf_config, device, dtype, attn_implementation)
+    init_random_weights(module, seed, float(getattr(hf_config, "initializer_range", 0.02)))
+    return module
+
+
+def hf_skeleton(hf_config: Any, device: torch.device, dtype: torch.dtype,
+                attn_implementation: str | None = "sdpa") -> torch.nn.Module:
+    """``hf_config``'s module on ``device`` with its buffers, its parameters allocated but not
+    initialised (tied embeddings tied). ``no_init_weights`` swaps torch.nn.init's functions for
+    no-ops and ``from_config`` sets torch's default dtype, both process-wide: one construction
+    at a time (the memory check builds on ``meta`` from executor threads too)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    with _CONSTRUCTION, no_init_weights(), torch.device(device):
+        module = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
+    module.tie_weights()
+    return module
+
+
+def init_random_weights(module: torch.nn.Module, seed: int, std: float) -> None:
+    """Fill every parameter of ``module`` from a generator seeded with ``seed`` (tied ones once)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() >= 2:
+                generator = generators.get(param.device)
+                if generator is None:
+                    generator = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+                param.normal_(0.0, std, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:  # LayerNorm / RMSNorm scales
+                param.fill_(1.0)
 
 
 def _context_length(hf_config: Any, limit: int | None) -> int:

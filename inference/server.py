@@ -48,10 +48,11 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
     metrics = engine.metrics if engine is not None else InferenceMetrics(CollectorRegistry())  # type: ignore[attr-defined]
 
-    def build_engine(model: ModelConfig, batching: BatchingConfig) -> object:
+    def build_engine(model: ModelConfig, batching: BatchingConfig, beside_serving: bool) -> object:
         from inference.engine import Engine
 
-        return Engine(model, batching, metrics, tracing, forward_observer=forward_observer)
+        return Engine(model, batching, metrics, tracing, forward_observer=forward_observer,
+                      beside_serving=beside_serving)
 
     genai = GenAIMetrics()
 

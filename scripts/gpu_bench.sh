@@ -145,7 +145,7 @@ case "$MODE" in
   hot-swap)
     check_wheels
     python3 bench/hot_swap.py --direct --device cuda --model llama-3.2-1b --rate 20 --max-tokens 32 --slots 16 \
-      --window-s 10 --swap-allowance-s 40 --out "$OUT/hot_swap_gpu.json" \
+      --window-s 10 --warm-up-s 5 --swap-allowance-s 40 --out "$OUT/hot_swap_gpu.json" \
       --note "one GPU, the inference server alone (the GPU image has no Envoy/OPA): v2 (random weights, seed 1) loads, is validated and activated beside v1 (seed 0) on the same GPU while v1 serves the open loop" "$@"
     ;;
   replicas)

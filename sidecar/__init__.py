@@ -1,4 +1,4 @@
-"""The ext_authz sidecar: Envoy's CheckRequest in, an allow/deny CheckResponse out.
+"""The ext_authz sidecar: Envoy's CheckRequest (or HTTP authorization request) in, allow/deny out.
 
 Data flow of one check, one module per arrow::
 

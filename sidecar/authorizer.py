@@ -7,7 +7,8 @@ settles it when the server reports what was used.
 
 This module only strings the steps together and records what happened (decision
 log, metrics, span attributes); each step lives in its own module. It knows
-nothing of gRPC: ``server.py`` hands it a CheckRequest and sends back what it returns.
+nothing of gRPC: ``server.py`` hands it a CheckRequest (the HTTP transport an ``input.Request``)
+and sends back the ``response.Answer`` it returns (as a CheckResponse, or framed as HTTP).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sidecar.config import SidecarConfig
 from sidecar.decision import Decider, Decision, DecisionUnavailable
 from sidecar.decision_log import DecisionLogger, DecisionRecord
 from sidecar.identity import AuthError, Authenticator, Identity
-from sidecar.input import CheckInput, InputLimits, build_input, policy_document
+from sidecar.input import CheckInput, InputLimits, Request, build_input, policy_document, request_of
 from sidecar.metrics import SidecarMetrics
 from sidecar.ratelimit import (
     RateLimiter,
@@ -183,17 +184,19 @@ class Authorizer:
         # uuid4() reads the kernel's CSPRNG (~20 us a check on this project's VMs).
         self._ids = random.Random()
 
-    async def check(self, check_request: Any, call_metadata: Mapping[str, str] | None = None) -> Any:
-        """``call_metadata``: the gRPC call's metadata, where Envoy puts its ext_authz span's context."""
+    async def check(self, check_request: Request | Any, call_metadata: Mapping[str, str] | None = None) -> Any:
+        """``check_request``: a Request (the HTTP transport's) or gRPC's CheckRequest.
+        ``call_metadata``: the gRPC call's metadata, where Envoy puts its ext_authz span's context."""
         started = time.perf_counter()
         decision_id = f"{self._ids.getrandbits(128):032x}"
-        headers = check_request.attributes.request.http.headers
+        request = check_request if isinstance(check_request, Request) else request_of(check_request)
+        headers = request.headers
         # the header map itself (no copy): the propagators only call get() and keys()
         carrier = call_metadata if call_metadata and "traceparent" in call_metadata else headers
         with self._tracer.start_as_current_span(names.AUTHZ_CHECK_SPAN, context=propagate.extract(carrier),
                                                 kind=trace.SpanKind.SERVER) as span:
             try:
-                result = await self._evaluate(check_request, decision_id)
+                result = await self._evaluate(request, decision_id)
             except Exception:  # noqa: BLE001 - a bug must answer 500, never kill the stream
                 log.exception("check failed unexpectedly (decision %s)", decision_id)
                 result = CheckResult(decision_id, response.deny(500, response.error_body(
@@ -202,10 +205,10 @@ class Authorizer:
             self._record(span, result, headers.get("x-request-id", ""), started)
         return result.response
 
-    async def _evaluate(self, check_request: Any, decision_id: str) -> CheckResult:
+    async def _evaluate(self, request: Request, decision_id: str) -> CheckResult:
         """input -> identity -> policy -> rate limits -> response; each step returns its value
         or raises Refusal, and what the steps returned so far goes into the result."""
-        check_input = build_input(check_request, self._limits)
+        check_input = build_input(request, self._limits)
         identity: Identity | None = None
         decision: Decision | None = None
         admission: Admission | None = None

@@ -8,9 +8,11 @@ certificate), which Envoy adds as ``CARRIED*`` headers with its command operator
 Out: 200 with the headers for the upstream, the client and ``x-envoy-auth-headers-to-remove``,
 or the deny's status, headers and body.
 
-This module only translates: the request becomes a CheckRequest, ``Authorizer.check`` decides
-exactly as for gRPC, and its CheckResponse is framed as HTTP. Why it exists: a grpc.aio call
-costs ~0.5 ms of CPU on its own; an asyncio protocol with httptools' C parser costs a fraction.
+This module only translates: the request becomes the ``input.Request`` gRPC's CheckRequest would
+have given (built directly: no protobuf made and read back), ``Authorizer.check`` decides exactly
+as for gRPC, and its ``response.Answer`` is framed as HTTP (no CheckResponse built either).
+Why it exists: a grpc.aio call costs ~0.5 ms of CPU on its own; an asyncio protocol with
+httptools' C parser costs a fraction.
 
 What HTTP mode cannot carry (Envoy's HTTP client, not ours): ``dynamic_metadata`` (dropped),
 context extensions and metadata context; upstream headers must start with ``x-`` and client
@@ -32,6 +34,8 @@ from sidecar.http_contract import (  # noqa: F401  (re-exported: the transport's
     PATH_PREFIX, CARRIED_PREFIX, CARRIED, CARRIED_TLS, CARRIED_CERTIFICATE, CARRIED_NAMES,
     carried_headers, UPSTREAM_HEADER_PREFIXES, CLIENT_HEADER_PREFIXES, HEADERS_TO_REMOVE, STATUS_STAND_INS,
 )
+from sidecar.input import Peer, Request
+from sidecar.response import Answer
 
 log = logging.getLogger("kernelgate.authz.http")
 
@@ -56,74 +60,82 @@ def _principal(carried: dict[str, str], side: str) -> str:
     return _given(carried.get(f"x-kernelgate-authz-{side}-subject", ""))
 
 
-def check_request(method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
-    """The CheckRequest Envoy's gRPC client would have sent for this authorization request."""
+def http_request(method: str, target: str, headers: dict[str, str], body: bytes) -> Request:
+    """What gRPC's CheckRequest would have carried for this authorization request (``headers`` is
+    taken over: the carried and Host headers are moved out of it)."""
     carried = {name: headers.pop(name) for name in CARRIED_NAMES if name in headers}
     path = target[len(PATH_PREFIX):] if target.startswith(PATH_PREFIX) else target
     host = headers.pop("host", "")
     scheme = _given(carried.get("x-kernelgate-authz-scheme", "")) or "http"
-    # Envoy's header map as gRPC sends it: pseudo-headers first, no Host (it is :authority).
-    full = {":authority": host, ":path": path, ":method": method, ":scheme": scheme, **headers}
-    request = external_auth_pb2.CheckRequest()
-    attrs = request.attributes
+    length = headers.get("content-length", "")
+    peers = []
+    for side in ("source", "destination"):
+        host_part, _, port = _given(carried.get(f"x-kernelgate-authz-{side}", "")).rpartition(":")
+        address = {"socketAddress": {"address": host_part.strip("[]"), "portValue": int(port)}} \
+            if host_part and port.isdigit() else None
+        certificate = _given(carried.get("x-kernelgate-authz-source-certificate", "")) if side == "source" else ""
+        peers.append(Peer(address, _principal(carried, side), certificate))
+    return Request(
+        method=method, path=path, id=headers.get("x-request-id", ""), host=host, scheme=scheme,
+        protocol=_given(carried.get("x-kernelgate-authz-protocol", "")),
+        # Envoy's header map as gRPC sends it: pseudo-headers first, no Host (it is :authority).
+        headers={":authority": host, ":path": path, ":method": method, ":scheme": scheme, **headers},
+        size=len(body) if body else (int(length) if length.isdigit() else 0),
+        body=body.decode("utf-8", "replace") if body else "", source=peers[0], destination=peers[1])
+
+
+def check_request(method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+    """The CheckRequest Envoy's gRPC client would have sent (``http_request`` as protobuf: for
+    comparing the two transports; the HTTP path itself never builds it)."""
+    request = http_request(method, target, headers, body)
+    check = external_auth_pb2.CheckRequest()
+    attrs = check.attributes
     http = attrs.request.http
-    http.id = headers.get("x-request-id", "")
-    http.method = method
-    http.path = path
-    http.host = host
-    http.scheme = scheme
-    http.protocol = _given(carried.get("x-kernelgate-authz-protocol", ""))
-    http.headers.update(full)
+    http.id, http.method, http.path, http.host = request.id, request.method, request.path, request.host
+    http.scheme, http.protocol, http.size = request.scheme, request.protocol, request.size
+    http.headers.update(request.headers)
     if body:
-        http.size = len(body)
         http.raw_body = body
-    else:
-        http.size = int(headers.get("content-length") or 0) if headers.get("content-length", "").isdigit() else 0
-    for peer, side in ((attrs.source, "source"), (attrs.destination, "destination")):
-        address = _given(carried.get(f"x-kernelgate-authz-{side}", ""))
-        host_part, _, port = address.rpartition(":")
-        if host_part and port.isdigit():
-            peer.address.socket_address.address = host_part.strip("[]")
-            peer.address.socket_address.port_value = int(port)
-        principal = _principal(carried, side)
-        if principal:
-            peer.principal = principal
-    certificate = _given(carried.get("x-kernelgate-authz-source-certificate", ""))
-    if certificate:
-        attrs.source.certificate = certificate
-    return request
+    for peer, side in ((attrs.source, request.source), (attrs.destination, request.destination)):
+        if side.address is not None:
+            socket = side.address["socketAddress"]
+            peer.address.socket_address.address = socket["address"]
+            peer.address.socket_address.port_value = socket["portValue"]
+        if side.principal:
+            peer.principal = side.principal
+        if side.certificate:
+            peer.certificate = side.certificate
+    return check
 
 
-def _routed(options: Any, prefixes: tuple[str, ...], other: tuple[str, ...], where: str) -> list[str]:
+def _routed(headers: tuple[tuple[str, str], ...], prefixes: tuple[str, ...], other: tuple[str, ...],
+            where: str) -> list[str]:
     """Header lines of an allow; Envoy copies a name to ``where`` only when it has one of ``prefixes``
     (and to the other side too when it has one of ``other``): a name it would misroute is logged."""
     lines = []
-    for option in options:
-        key = option.header.key.lower()
+    for key, value in headers:
+        key = key.lower()
         if not key.startswith(prefixes) or key.startswith(other):
             log.warning("HTTP ext_authz cannot route %s header %r (names starting %s pass)", where, key, prefixes)
-        lines.append(f"{key}: {option.header.value}")
+        lines.append(f"{key}: {value}")
     return lines
 
 
-def frame(check_response: Any, keep_alive: bool = True) -> bytes:
-    """CheckResponse -> the HTTP/1.1 answer Envoy's http_service client reads back."""
+def frame(answer: Answer, keep_alive: bool = True) -> bytes:
+    """The check's Answer -> the HTTP/1.1 answer Envoy's http_service client reads back."""
     lines: list[str]
     body = b""
-    if check_response.HasField("denied_response"):
-        denied = check_response.denied_response
-        status = denied.status.code or 403
+    if not answer.allowed:
+        status = answer.http_status or 403
         status = STATUS_STAND_INS.get(status, status)
-        body = denied.body.encode()
-        lines = [f"{h.header.key}: {h.header.value}" for h in denied.headers
-                 if h.header.key.lower() != "content-length"]
+        body = answer.body.encode()
+        lines = [f"{key}: {value}" for key, value in answer.headers if key.lower() != "content-length"]
     else:
         status = 200
-        ok = check_response.ok_response
-        lines = [*_routed(ok.headers, UPSTREAM_HEADER_PREFIXES, CLIENT_HEADER_PREFIXES, "upstream"),
-                 *_routed(ok.response_headers_to_add, CLIENT_HEADER_PREFIXES, UPSTREAM_HEADER_PREFIXES, "client")]
-        if ok.headers_to_remove:
-            lines.append(f"{HEADERS_TO_REMOVE}: {','.join(ok.headers_to_remove)}")
+        lines = [*_routed(answer.headers, UPSTREAM_HEADER_PREFIXES, CLIENT_HEADER_PREFIXES, "upstream"),
+                 *_routed(answer.client_headers, CLIENT_HEADER_PREFIXES, UPSTREAM_HEADER_PREFIXES, "client")]
+        if answer.headers_to_remove:
+            lines.append(f"{HEADERS_TO_REMOVE}: {','.join(answer.headers_to_remove)}")
     if not keep_alive:
         lines.append("connection: close")
     head = "\r\n".join([f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", *lines,
@@ -179,7 +191,7 @@ class _Protocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("latin-1")
-        request = check_request(method, self._url.decode("utf-8", "replace"), self._headers, b"".join(self._body))
+        request = http_request(method, self._url.decode("utf-8", "replace"), self._headers, b"".join(self._body))
         # While draining, each answer closes its connection so Envoy opens a new one (elsewhere).
         keep_alive = self._parser.should_keep_alive() and not self._draining.is_set()
         previous = self._previous
@@ -189,10 +201,10 @@ class _Protocol(asyncio.Protocol):
         done.add_done_callback(self._in_flight.discard)
         asyncio.ensure_future(self._answer(request, keep_alive, previous, done))
 
-    async def _answer(self, request: Any, keep_alive: bool, previous: asyncio.Future | None,
+    async def _answer(self, request: Request, keep_alive: bool, previous: asyncio.Future | None,
                       done: asyncio.Future) -> None:
         try:
-            headers = request.attributes.request.http.headers
+            headers = request.headers
             metadata = {"traceparent": headers["traceparent"], "tracestate": headers.get("tracestate", "")} \
                 if "traceparent" in headers else None
             response = await self._check(request, metadata)

@@ -1,4 +1,8 @@
-"""CheckRequest -> the input document OPA-Envoy builds, so its policies run here unchanged.
+"""Envoy's request -> the input document OPA-Envoy builds, so its policies run here unchanged.
+
+In: a ``Request`` (what a check reads of Envoy's request, whichever transport carried it: gRPC's
+CheckRequest through ``request_of``, HTTP's authorization request through
+``http_transport.http_request``, no protobuf built or read back) or a CheckRequest.
 
 Shape (protojson names, as opa-envoy-plugin's ``envoyauth/request.go``)::
 
@@ -38,6 +42,52 @@ class InputLimits:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """One side of the connection: ``address`` as protojson writes it (None: Envoy sent none)."""
+
+    address: dict[str, Any] | None = None
+    principal: str = ""
+    certificate: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    """The fields of ``CheckRequest.attributes`` a check reads, as plain values."""
+
+    method: str
+    path: str  # with the query
+    headers: dict[str, str]  # Envoy's header map: pseudo-headers, lower-case names
+    id: str = ""
+    host: str = ""
+    scheme: str = ""
+    protocol: str = ""
+    size: int = 0
+    body: str = ""
+    source: Peer = Peer()
+    destination: Peer = Peer()
+    context_extensions: Mapping[str, str] | None = None
+    metadata_context: dict[str, Any] | None = None
+
+
+def request_of(check_request: Any) -> Request:
+    """gRPC's CheckRequest -> Request."""
+    attrs = check_request.attributes
+    http = attrs.request.http
+    body = http.body if http.body else (http.raw_body.decode("utf-8", "replace") if http.raw_body else "")
+    return Request(
+        method=http.method, path=http.path, headers=dict(http.headers), id=http.id, host=http.host,
+        scheme=http.scheme, protocol=http.protocol, size=http.size, body=body,
+        source=_peer(attrs.source), destination=_peer(attrs.destination),
+        context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else None,
+        metadata_context=MessageToDict(attrs.metadata_context) if attrs.HasField("metadata_context") else None)
+
+
+def _peer(peer: Any) -> Peer:
+    return Peer(_socket_address(peer.address) if peer.HasField("address") else None, peer.principal,
+                peer.certificate)
+
+
+@dataclass(frozen=True)
 class CheckInput:
     """The input document plus the few fields the server needs without digging."""
 
@@ -53,26 +103,26 @@ class CheckInput:
     peer_certificate: str = ""
 
 
-def build_input(check_request: Any, limits: InputLimits = InputLimits()) -> CheckInput:
-    attrs = check_request.attributes
-    http = attrs.request.http
-    headers = dict(http.headers)
-    raw_path = http.path
+def build_input(request: Request | Any, limits: InputLimits = InputLimits()) -> CheckInput:
+    """``request``: a Request, or gRPC's CheckRequest (read through ``request_of``)."""
+    if not isinstance(request, Request):
+        request = request_of(request)
+    headers = request.headers
+    raw_path = request.path
     path_only, _, query = raw_path.partition("?")
     parsed_path = parse_path(path_only)
 
     http_doc: dict[str, Any] = {
-        "id": http.id,
-        "method": http.method,
+        "id": request.id,
+        "method": request.method,
         "headers": headers,
         "path": raw_path,
-        "host": http.host,
-        "scheme": http.scheme,
-        "protocol": http.protocol,
-        "size": http.size,
+        "host": request.host,
+        "scheme": request.scheme,
+        "protocol": request.protocol,
+        "size": request.size,
     }
-    body_text = http.body if http.body else (
-        http.raw_body.decode("utf-8", "replace") if http.raw_body else "")
+    body_text = request.body
     if body_text:
         http_doc["body"] = body_text
 
@@ -84,16 +134,15 @@ def build_input(check_request: Any, limits: InputLimits = InputLimits()) -> Chec
         "version": VERSION,
     }
     attributes = document["attributes"]
-    for peer_name in ("source", "destination"):
-        peer = getattr(attrs, peer_name)
-        if peer.HasField("address"):
-            attributes[peer_name] = {"address": _socket_address(peer.address)}
+    for peer_name, peer in (("source", request.source), ("destination", request.destination)):
+        if peer.address is not None:
+            attributes[peer_name] = {"address": peer.address}
             if peer.principal:
                 attributes[peer_name]["principal"] = peer.principal
-    if attrs.context_extensions:
-        attributes["contextExtensions"] = dict(attrs.context_extensions)
-    if attrs.HasField("metadata_context"):
-        attributes["metadataContext"] = MessageToDict(attrs.metadata_context)
+    if request.context_extensions:
+        attributes["contextExtensions"] = dict(request.context_extensions)
+    if request.metadata_context is not None:
+        attributes["metadataContext"] = request.metadata_context
 
     parsed_body, body_error = parse_body(body_text, headers, document["truncated_body"], limits)
     if parsed_body is not None:
@@ -101,13 +150,13 @@ def build_input(check_request: Any, limits: InputLimits = InputLimits()) -> Chec
     document["kernelgate"] = {"body_error": body_error}
     return CheckInput(
         document=document,
-        method=http.method,
+        method=request.method,
         path=path_only,
         route="/" + "/".join(parsed_path),
         headers=headers,
         parsed_body=parsed_body,
-        peer_principal=attrs.source.principal,
-        peer_certificate=attrs.source.certificate,
+        peer_principal=request.source.principal,
+        peer_certificate=request.source.certificate,
     )
 
 

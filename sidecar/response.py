@@ -1,9 +1,10 @@
-"""Decision -> CheckResponse: OK with headers for the upstream, or a denied HTTP response."""
+"""Decision -> Answer (allow with headers for the upstream, or a denied HTTP response) -> CheckResponse."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -28,10 +29,38 @@ def error_body(message: str, error_type: str, code: str | None = None, param: st
     return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
 
-def _header_options(headers: Mapping[str, str]) -> list[base_pb2.HeaderValueOption]:
+@dataclass(frozen=True)
+class Answer:
+    """What a check answers, whichever transport carries it: gRPC's CheckResponse is made from it
+    by ``check_response`` (server.py), the HTTP transport frames it without any protobuf."""
+
+    allowed: bool
+    http_status: int  # 200 on allow
+    headers: tuple[tuple[str, str], ...] = ()  # allow: for the upstream; deny: the client's response
+    client_headers: tuple[tuple[str, str], ...] = ()  # allow: added to the client's response
+    headers_to_remove: tuple[str, ...] = ()  # allow: dropped before the upstream
+    body: str = ""  # deny
+    dynamic_metadata: Mapping[str, Any] | None = None
+
+
+def allow(upstream_headers: Mapping[str, str], remove_headers: Iterable[str],
+          client_headers: Mapping[str, str], dynamic_metadata: Mapping[str, Any] | None = None) -> Answer:
+    return Answer(True, 200, tuple(upstream_headers.items()), tuple(client_headers.items()), tuple(remove_headers),
+                  dynamic_metadata=dynamic_metadata or None)
+
+
+def deny(http_status: int, body: str, headers: Mapping[str, str],
+         dynamic_metadata: Mapping[str, Any] | None = None) -> Answer:
+    all_headers = dict(headers)
+    if body and not any(k.lower() == "content-type" for k in all_headers):
+        all_headers["content-type"] = "application/json"
+    return Answer(False, http_status, tuple(all_headers.items()), body=body, dynamic_metadata=dynamic_metadata or None)
+
+
+def _header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
     return [
         base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE)
-        for k, v in headers.items()
+        for k, v in headers
     ]
 
 
@@ -41,34 +70,25 @@ def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-def allow(upstream_headers: Mapping[str, str], remove_headers: Iterable[str],
-          client_headers: Mapping[str, str], dynamic_metadata: Mapping[str, Any] | None = None,
-          ) -> external_auth_pb2.CheckResponse:
-    ok = external_auth_pb2.OkHttpResponse(
-        headers=_header_options(upstream_headers),
-        headers_to_remove=list(remove_headers),
-        response_headers_to_add=_header_options(client_headers),
-    )
-    response = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
-    if dynamic_metadata:
-        response.dynamic_metadata.CopyFrom(_struct(dynamic_metadata))
-    return response
-
-
-def deny(http_status: int, body: str, headers: Mapping[str, str],
-         dynamic_metadata: Mapping[str, Any] | None = None) -> external_auth_pb2.CheckResponse:
-    all_headers = dict(headers)
-    if body and not any(k.lower() == "content-type" for k in all_headers):
-        all_headers["content-type"] = "application/json"
-    denied = external_auth_pb2.DeniedHttpResponse(
-        status=http_status_pb2.HttpStatus(code=http_status),
-        headers=_header_options(all_headers),
-        body=body,
-    )
-    response = external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=_GRPC_CODE.get(http_status, code_pb2.PERMISSION_DENIED)),
-        denied_response=denied,
-    )
-    if dynamic_metadata:
-        response.dynamic_metadata.CopyFrom(_struct(dynamic_metadata))
+def check_response(answer: Answer) -> external_auth_pb2.CheckResponse:
+    """Answer -> gRPC's CheckResponse."""
+    if answer.allowed:
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=_header_options(answer.headers),
+            headers_to_remove=list(answer.headers_to_remove),
+            response_headers_to_add=_header_options(answer.client_headers),
+        )
+        response = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
+    else:
+        denied = external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=answer.http_status),
+            headers=_header_options(answer.headers),
+            body=answer.body,
+        )
+        response = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=_GRPC_CODE.get(answer.http_status, code_pb2.PERMISSION_DENIED)),
+            denied_response=denied,
+        )
+    if answer.dynamic_metadata:
+        response.dynamic_metadata.CopyFrom(_struct(answer.dynamic_metadata))
     return response

@@ -29,7 +29,7 @@ from sidecar.identity import Authenticator
 from sidecar.metrics import SidecarMetrics
 from sidecar.opa import OpaPolicyClient
 from sidecar.opa_wasm import WasmPolicyClient
-from sidecar import settle_grpc
+from sidecar import response, settle_grpc
 from sidecar.ratelimit import build_rate_limiter
 from sidecar.ratelimit.count import ServerPromptCounter
 from sidecar.settlement import Settlement
@@ -63,7 +63,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
 
     async def Check(self, request, context):  # noqa: N802 - gRPC method name
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        return await self._authorizer.check(request, metadata)
+        return response.check_response(await self._authorizer.check(request, metadata))
 
 
 @dataclass

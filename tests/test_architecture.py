@@ -214,10 +214,10 @@ def test_the_sidecar_and_the_config_loader_start_without_torch():
 
 
 def test_the_inference_server_and_the_config_loader_start_without_the_sidecars_dependencies():
-    """The GPU image carries no Envoy protos, httptools, redis, pyjwt or wasmtime: the inference server's
+    """The GPU image carries no Envoy protos, httptools, redis, hiredis, pyjwt or wasmtime: the inference server's
     start (the one config loader, the CLI, the server module) must not import them. It once did, through
     the Envoy config writer importing the HTTP ext_authz transport, and every GPU server failed to start."""
-    sidecar_only = ["envoy", "httptools", "redis", "jwt", "wasmtime", "opa_wasm", "xds", "validate", "udpa"]
+    sidecar_only = ["envoy", "httptools", "redis", "hiredis", "jwt", "wasmtime", "opa_wasm", "xds", "validate", "udpa"]
     script = ("import sys, kernelgate.config, kernelgate.cli, inference.server; kernelgate.config.load(None); "
               f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sidecar_only!r}))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)

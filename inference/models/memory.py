@@ -20,7 +20,7 @@ import torch
 
 from inference.config import ModelConfig
 from inference.model_configs import random_config
-from inference.model_loader import DEFAULT_MAX_MODEL_LEN, resolve_device, resolve_dtype
+from inference.model_loader import DEFAULT_MAX_MODEL_LEN, hf_skeleton, resolve_device, resolve_dtype
 from inference.models.errors import InsufficientMemory
 
 
@@ -45,13 +45,10 @@ def _hf_config(config: ModelConfig):  # noqa: ANN202 - a transformers Pretrained
 
 def estimate(config: ModelConfig, slots: int) -> MemoryEstimate:
     """Weights + KV cache of ``config`` with ``slots`` batch slots (raises if the config cannot be read)."""
-    from transformers import AutoModelForCausalLM
-
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     hf = _hf_config(config)
-    with torch.device("meta"):
-        module = AutoModelForCausalLM.from_config(hf, dtype=dtype)
+    module = hf_skeleton(hf, torch.device("meta"), dtype, attn_implementation=None)
     element = torch.empty((), dtype=dtype).element_size()
     weights = sum(p.numel() for p in module.parameters()) * element
     hf_text = getattr(hf, "text_config", hf)

@@ -49,8 +49,8 @@ log = logging.getLogger("kernelgate.inference.models")
 
 SMALL_WINDOWS = 2048
 JUDGE_INTERVAL_S = 0.25
-# The interpreter's switch interval while a version loads beside serving ones (Python's default
-# is 5 ms). A loading thread runs long stretches of Python (building modules, tracing decode steps
+# The interpreter's switch interval while a version loads or validates beside serving ones
+# (Python's default is 5 ms). A loading thread runs long stretches of Python (building modules, tracing decode steps
 # for CUDA-graph capture); a serving engine thread that gave up the GIL (a kernel, a sync) may wait
 # the whole interval to get it back, step after step. On the 2-core CPU box the effect drowns in
 # other processes' CPU use (bench/hot_swap_gil.py); bench/hot_swap.py's during_by_phase on the GPU
@@ -83,7 +83,8 @@ class LifecycleEngine(Protocol):
     def stats(self) -> Any: ...
 
 
-EngineFactory = Callable[[ModelConfig, BatchingConfig], LifecycleEngine]
+# (model, batching, beside_serving) -> engine; beside_serving: loaded while others serve (the admin API)
+EngineFactory = Callable[[ModelConfig, BatchingConfig, bool], LifecycleEngine]
 ServiceFactory = Callable[[str, VersionConfig, LifecycleEngine], Any]  # (model, version, engine) -> serving
 
 
@@ -122,6 +123,10 @@ class ModelVersion:
                              "kv_cache_bytes": self.estimate.kv_cache_bytes}
         if self.validation is not None:
             out["validation"] = self.validation.describe()
+        slow_steps = getattr(self.engine, "slow_steps", None)
+        if slow_steps is not None:
+            out["slow_steps"] = [[round(at, 4), round(took, 2), round(gap, 2), phase, batch]
+                                 for at, took, gap, phase, batch in slow_steps()]
         if self.health is not None:
             out["health"] = self.health.health(time.monotonic()).describe()
         out["rollbacks"] = self.rollbacks
@@ -301,7 +306,7 @@ class ModelRegistry:
             if m.active is not None:
                 continue
             version = next(v for v in m.config.versions if v.version == m.config.active_version)
-            entry = self._create(m, version)
+            entry = self._create(m, version, beside_serving=False)
             entry.state = "active"
             entry.activated_at = time.time()
             m.active = entry
@@ -319,7 +324,7 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         self._loading(+1)
         try:
-            entry = await loop.run_in_executor(None, self._create, m, version)
+            entry = await loop.run_in_executor(None, self._create, m, version, True)
         except BaseException:
             self._loading(-1)
             raise
@@ -397,7 +402,7 @@ class ModelRegistry:
                                  f"(known: {', '.join(m.versions) or 'none'})")
         return entry
 
-    def _create(self, m: _Model, version: VersionConfig) -> ModelVersion:
+    def _create(self, m: _Model, version: VersionConfig, beside_serving: bool) -> ModelVersion:
         """Memory check, then build and start the engine (it loads on its own thread)."""
         model_config = self._config.model_config_of(m.config.name, version)
         source = version.path or f"random:{version.random_config}(seed {version.seed})"
@@ -410,7 +415,7 @@ class ModelRegistry:
                                      f"from {source}: {exc}") from None
             memory.check_fits(f"version '{version.version}' of model '{m.config.name}'", est,
                               self._config.validation.memory_headroom)
-        engine = self._build_engine(model_config, m.config.batching)
+        engine = self._build_engine(model_config, m.config.batching, beside_serving)
         entry = ModelVersion(m.config.name, version.version, source, engine,
                              self._build_service(m.config.name, version, engine),
                              estimate=est, health=self._health())
@@ -420,21 +425,32 @@ class ModelRegistry:
         return entry
 
     async def _validate(self, m: _Model, entry: ModelVersion) -> None:
+        still_counted = [entry]
+
+        def settled() -> None:
+            """Count the load out once: before ``ready`` or ``failed`` is visible, or when cancelled."""
+            if still_counted:
+                still_counted.clear()
+                self._loading(-1)
+
+        try:
+            await self._load_and_validate(m, entry, settled)
+        finally:
+            settled()
+
+    async def _load_and_validate(self, m: _Model, entry: ModelVersion, settled: Callable[[], None]) -> None:
         try:
             engine = entry.engine
             assert engine is not None
             cfg = self._config.validation
             deadline = time.monotonic() + cfg.timeout_s
-            try:
-                while not engine.ready:
-                    if engine.failure is not None:
-                        raise RuntimeError(f"load failed: {engine.failure}")
-                    if time.monotonic() > deadline or entry.state != "loading":
-                        raise RuntimeError(f"not loaded within {cfg.timeout_s:g}s" if entry.state == "loading"
-                                           else f"{entry.state} while loading")
-                    await asyncio.sleep(0.05)
-            finally:
-                self._loading(-1)
+            while not engine.ready:
+                if engine.failure is not None:
+                    raise RuntimeError(f"load failed: {engine.failure}")
+                if time.monotonic() > deadline or entry.state != "loading":
+                    raise RuntimeError(f"not loaded within {cfg.timeout_s:g}s" if entry.state == "loading"
+                                       else f"{entry.state} while loading")
+                await asyncio.sleep(0.05)
             entry.state = "validating"
             self._event(m.config.name, entry.version, "validating")
             active = m.active.engine if m.active is not None else None
@@ -444,6 +460,7 @@ class ModelRegistry:
                 return
             if not result.ok:
                 raise RuntimeError(f"validation failed: {result.reason}")
+            settled()
             entry.state = "ready"
             self._event(m.config.name, entry.version, "validated", **result.describe())
             if entry.activate_when_valid:
@@ -453,6 +470,7 @@ class ModelRegistry:
         except Exception as exc:  # noqa: BLE001 - the version is marked failed with the reason
             if entry.state in ("draining", "unloaded"):
                 return
+            settled()
             entry.state = "failed"
             entry.error = str(exc)
             log.warning("model %s: version %s failed: %s", m.config.name, entry.version, exc)
@@ -460,7 +478,8 @@ class ModelRegistry:
             await self._shutdown(entry, "failed")
 
     def _loading(self, delta: int) -> None:
-        """Count a version's load in (+1) or out (-1): the switch interval is lowered while any loads."""
+        """Count a version's load in (+1) or out (-1): the switch interval is lowered while any loads or
+        validates (its engine's first steps, the probe and the shadow run share the GIL with serving)."""
         if delta > 0 and self._loads == 0:
             self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(self._switch_interval, LOADING_SWITCH_INTERVAL_S))

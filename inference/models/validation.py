@@ -3,15 +3,16 @@
 In: the candidate engine, the active engine (or None), recent live prompts (token ids) and the
 ``ValidationConfig``. Out: a :class:`ValidationResult` (ok, the reason when not, the numbers).
 The probe asks for ``probe_tokens`` tokens and must get them without an error. The shadow run
-sends each of the most recent ``shadow_samples`` prompts greedily (``shadow_tokens`` tokens,
-EOS ignored) to the active version and then to the candidate, and compares: the share of
-prompts with identical outputs must reach ``min_agreement``, and the candidate's total latency
-may be at most ``max_latency_ratio`` x the active one's. Prompts the candidate's vocabulary
+sends the most recent ``shadow_samples`` prompts greedily (``shadow_tokens`` tokens, EOS
+ignored), all at once, to the active version and then to the candidate, and compares: the share
+of prompts with identical outputs must reach ``min_agreement``, and the candidate's summed
+latency may be at most ``max_latency_ratio`` x the active one's. Prompts the candidate's vocabulary
 cannot take (another tokenizer) are skipped, and the result says how many.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,6 +53,19 @@ async def _run(engine: Any, prompt: tuple[int, ...], max_tokens: int) -> tuple[l
     return tokens, time.monotonic() - started
 
 
+async def _run_all(engine: Any, prompts: list[tuple[int, ...]], max_tokens: int) -> list[tuple[list[int], float]]:
+    """:func:`_run` for every prompt at once: one batch, so the active version takes the shadow
+    prompts in one prefill step and a few decode steps beside its live requests (one at a time,
+    they were a prefill each and a validation phase several times as long)."""
+    runs = [asyncio.ensure_future(_run(engine, prompt, max_tokens)) for prompt in prompts]
+    try:
+        return list(await asyncio.gather(*runs))
+    except BaseException:
+        for run in runs:
+            run.cancel()
+        raise
+
+
 def _probe_prompt(engine: Any) -> tuple[int, ...]:
     tokenizer = getattr(engine.info, "tokenizer", None)
     try:
@@ -77,17 +91,14 @@ async def validate(candidate: Any, active: Any | None, recent: list[tuple[int, .
     usable = [p for p in samples if p and max(p) < vocab]
     if not usable:
         return ValidationResult(True, None, probe_s * 1e3, shadow_skipped=len(samples))
-    agree = 0
-    active_s = candidate_s = 0.0
     try:
-        for prompt in usable:
-            want, a_s = await _run(active, prompt, config.shadow_tokens)
-            got, c_s = await _run(candidate, prompt, config.shadow_tokens)
-            agree += got == want
-            active_s += a_s
-            candidate_s += c_s
+        wants = await _run_all(active, usable, config.shadow_tokens)
+        gots = await _run_all(candidate, usable, config.shadow_tokens)
     except Exception as exc:  # noqa: BLE001
         return ValidationResult(False, f"shadow run failed: {exc}", probe_s * 1e3)
+    agree = sum(got == want for (got, _), (want, _) in zip(gots, wants))
+    active_s = sum(seconds for _, seconds in wants)
+    candidate_s = sum(seconds for _, seconds in gots)
     agreement = agree / len(usable)
     ratio = candidate_s / active_s if active_s > 0 else 1.0
     result = dict(probe_ms=probe_s * 1e3, shadow_prompts=len(usable), shadow_skipped=len(samples) - len(usable),

@@ -26,3 +26,30 @@ def test_startup_objects_leave_the_collector_and_garbage_does_not_leak():
     finally:
         gc.unfreeze()
     assert any(o is survivor for o in gc.get_objects())
+
+
+def test_a_start_up_beside_serving_threads_collects_only_the_young_generations():
+    """``full=False`` (a model version loaded while the server serves): the young generations are
+    collected, the old one is not walked (that walk holds the GIL), then everything is frozen."""
+    generations: list[int] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    young = Node()
+    young.peer = young
+    young_ref = weakref.ref(young)
+    del young
+    gc.callbacks.append(seen)
+    try:
+        frozen = freeze_startup_objects(full=False)
+        assert generations == [1]
+        assert young_ref() is None  # a fresh cycle is still in a young generation: collected
+        assert frozen == gc.get_freeze_count() > 0
+        generations.clear()
+        freeze_startup_objects()
+        assert generations == [2]
+    finally:
+        gc.callbacks.remove(seen)
+        gc.unfreeze()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from kernelgate.config import load
 from sidecar import http_transport, server
+from sidecar import response as sidecar_response
 from tests.e2e.conftest import TRANSPORTS
 from tests.e2e.test_authz_e2e import post
 from tests.stack import ACME_KEY, AuthzStack
@@ -82,12 +83,14 @@ def test_fuzzed_checks_never_fail_with_500_or_leak(opa_stack: AuthzStack, method
         headers["authorization"] = "Bearer " + "a" * 20000 + ".b.c"
     grpc_request = check_request(method, path, headers, body)
     # The HTTP data path: the same request as Envoy's http_service sends it, through the adapter.
-    http_request = http_transport.check_request(method, http_transport.PATH_PREFIX + path,
-                                                {**headers, "host": "localhost"}, body.encode("utf-8", "replace"))
+    http_request = http_transport.http_request(method, http_transport.PATH_PREFIX + path,
+                                               {**headers, "host": "localhost"}, body.encode("utf-8", "replace"))
     answers = asyncio.run(_check_all([grpc_request, http_request], opa_stack))
-    (response, log_text), (http_response, _) = answers
-    assert _comparable(http_response) == _comparable(response), "the HTTP data path decided differently"
-    http_transport.frame(http_response)  # every answer can be framed as HTTP
+    (answer, log_text), (http_answer, _) = answers
+    response = sidecar_response.check_response(answer)  # what server.py sends back over gRPC
+    assert _comparable(sidecar_response.check_response(http_answer)) == _comparable(response), \
+        "the HTTP data path decided differently"
+    http_transport.frame(http_answer)  # every answer can be framed as HTTP
     assert isinstance(response, external_auth_pb2.CheckResponse)
     if response.HasField("denied_response"):
         status = response.denied_response.status.code

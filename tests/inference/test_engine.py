@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -81,10 +82,17 @@ async def test_seeded_sampling_is_reproducible_and_batch_independent(shared_engi
 
 
 async def test_stop_string_cuts_text_and_frees_slot(shared_engine) -> None:
-    full = await generate(shared_engine, PROMPTS[3], 40)
-    text = full.text
-    stop = next(text[i:i + 2] for i in range(5, len(text) - 2) if "\ufffd" not in text[i:i + 2])
-    cut = await generate(shared_engine, PROMPTS[3], 40, stop=(stop,))
+    # The random weights decide what text comes out: take the first prompt whose output has a
+    # two-character stop string first seen after its start (whole characters, no U+FFFD).
+    for prompt in PROMPTS:
+        text = (await generate(shared_engine, prompt, 40)).text
+        stops = [text[i:i + 2] for i in range(1, len(text) - 2)
+                 if "\ufffd" not in text[i:i + 2] and text.index(text[i:i + 2]) > 0]
+        if stops:
+            break
+    assert stops, "no prompt's output has a usable stop string"
+    stop = stops[0]
+    cut = await generate(shared_engine, prompt, 40, stop=(stop,))
     assert cut.finish_reason == "stop"
     assert cut.text == text[:text.index(stop)]
     assert stop not in cut.text
@@ -102,3 +110,18 @@ async def test_forward_observer_sees_every_step() -> None:
     assert phases[0] == "prefill" and "decode" in phases
     assert [s.index for s, _ in observer.finished] == [s.index for s in observer.started]
     assert max(s.batch_size for s in observer.started) == 2
+
+
+async def test_slow_steps_are_kept_with_their_time_phase_and_batch() -> None:
+    """A step of 20 ms or more (here: an observer that makes each take 30 ms) is in ``slow_steps``
+    (the admin status shows them: where a hot swap stalled the serving version)."""
+    slow = started_engine(tiny_config(), observer=SlowSteps(delay_s=0.03))
+    try:
+        before = time.time()
+        await generate(slow, PROMPTS[0], 3)
+    finally:
+        slow.shutdown(10)
+    steps = slow.slow_steps()
+    assert [phase for _, _, _, phase, _ in steps][:2] == ["prefill", "decode"] and len(steps) == 3
+    assert all(before <= at <= time.time() and took >= 30 and gap >= 0 and batch == 1
+               for at, took, gap, _, batch in steps)

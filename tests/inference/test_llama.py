@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from inference.attention import _grouped_attention
 from inference.config import BatchingConfig, ModelConfig
 from inference.model_configs import DEMO_EOS, random_config
-from inference.model_loader import load_model
+from inference.model_loader import build_random, load_model
 from inference.runner import ModelRunner
 from tests.inference.helpers import generate, started_engine, tiny_config
 
@@ -32,11 +32,9 @@ def _config(name: str, **changes: object) -> ModelConfig:
 
 
 def _hf_model(name: str, seed: int = 0) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(random_config(name), torch_dtype=torch.float32,
-                                            attn_implementation="eager").eval()
+    """Hugging Face's module with the weights ``load_model`` gives ``name`` at ``seed``, on its eager attention."""
+    return build_random(random_config(name), seed, torch.device("cpu"), torch.float32,
+                        attn_implementation="eager").eval()
 
 
 def _hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,42 @@ def test_random_weights_are_seeded() -> None:
     c = load_model(replace(TINY, seed=1)).module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_random_weights_depend_on_the_seed_alone_not_on_other_threads() -> None:
+    """#15: versions load on their own engine threads, beside each other and beside serving ones.
+    A version with the same config and seed as another must get the same weights even while other
+    builds run and other threads seed and draw from torch's global generator (a global
+    ``manual_seed`` + init let them in between: the shadow run then refused a version with the
+    active version's own weights)."""
+    sharp = replace(TINY, random_config="tiny-gpt2-sharp")
+    alone = load_model(sharp).module.state_dict()
+    stop = threading.Event()
+
+    def draw_from_the_global_generator() -> None:
+        while not stop.is_set():
+            torch.manual_seed(1234)
+            torch.rand(256)
+
+    built: dict[str, dict[str, torch.Tensor]] = {}
+
+    def build(key: str, config: ModelConfig) -> None:
+        built[key] = load_model(config).module.state_dict()
+
+    threads = [threading.Thread(target=draw_from_the_global_generator)]
+    threads += [threading.Thread(target=build, args=(f"same{i}", sharp)) for i in range(3)]
+    threads += [threading.Thread(target=build, args=("other", replace(TINY, random_config="tiny-llama", seed=1)))]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join()
+    stop.set()
+    threads[0].join()
+    assert set(built) == {"same0", "same1", "same2", "other"}
+    for i in range(3):
+        weights = built[f"same{i}"]
+        assert weights.keys() == alone.keys()
+        assert [k for k in alone if not torch.equal(weights[k], alone[k])] == []
 
 
 def test_unknown_random_config_is_rejected() -> None:

@@ -31,6 +31,28 @@ def test_request_becomes_the_check_request_envoy_would_send_over_grpc() -> None:
     assert attrs.destination.address.socket_address.address == "::1"
 
 
+def test_the_http_paths_request_is_what_the_grpc_check_request_reads_as() -> None:
+    """The HTTP transport builds the check's Request directly; gRPC's CheckRequest for the same
+    authorization request, read through input.request_of, gives the same Request and document."""
+    from sidecar.input import build_input, request_of
+
+    cases = [
+        ({"host": "h", "x-user": "u", "content-type": "application/json", "x-request-id": "r",
+          "x-kernelgate-authz-source": "127.0.0.1:40000", "x-kernelgate-authz-destination": "127.0.0.1:10000",
+          "x-kernelgate-authz-scheme": "http", "x-kernelgate-authz-protocol": "HTTP/1.1"}, b'{"model": "m"}'),
+        ({"host": "h", "content-length": "12", "x-kernelgate-authz-source": "-",
+          "x-kernelgate-authz-source-subject": "CN=c", "x-kernelgate-authz-source-certificate": "PEM%0A",
+          "x-kernelgate-authz-destination": "[::1]:443", "x-kernelgate-authz-destination-dns-san": "d,e"}, b""),
+        ({}, b"\xff\xfe not utf-8"),
+    ]
+    for headers, body in cases:
+        for target in (http_transport.PATH_PREFIX + "/v1/chat/completions?a=1&a=2", "/v1/../v1/models"):
+            direct = http_transport.http_request("POST", target, dict(headers), body)
+            via_grpc = request_of(http_transport.check_request("POST", target, dict(headers), body))
+            assert direct == via_grpc
+            assert build_input(direct).document == build_input(via_grpc).document
+
+
 def test_allow_and_deny_are_framed_for_envoys_http_client() -> None:
     allowed = http_transport.frame(response.allow({"x-kernelgate-tenant": "acme"}, ["x-api-key", "authorization"],
                                                   {"ratelimit-remaining": "4"}))
@@ -49,7 +71,7 @@ def test_allow_and_deny_are_framed_for_envoys_http_client() -> None:
 
 async def test_pipelined_requests_are_answered_in_order_and_garbage_gets_a_400() -> None:
     async def check(request, metadata):  # the slower first answer must still come first
-        path = request.attributes.request.http.path
+        path = request.path
         await asyncio.sleep(0.05 if path == "/slow" else 0)
         return response.allow({"x-path": path}, [], {})
 
@@ -95,3 +117,26 @@ async def test_drain_lets_a_check_in_flight_finish_and_closes_its_connection() -
     except OSError:
         refused = True
     assert refused, "a draining server accepts no new connection"
+
+
+def test_one_answer_makes_the_grpc_check_response_and_the_http_frame() -> None:
+    """Both transports carry the same Answer: the CheckResponse's fields are what frame() writes."""
+    from google.rpc import code_pb2
+
+    allowed = response.allow({"x-kernelgate-tenant": "acme"}, ["x-api-key"], {"ratelimit-remaining": "4"},
+                             {"tenant": "acme"})
+    ok = response.check_response(allowed)
+    assert ok.status.code == code_pb2.OK and ok.dynamic_metadata["tenant"] == "acme"
+    assert [(h.header.key, h.header.value) for h in ok.ok_response.headers] == [("x-kernelgate-tenant", "acme")]
+    assert [(h.header.key, h.header.value) for h in ok.ok_response.response_headers_to_add] == [
+        ("ratelimit-remaining", "4")]
+    assert list(ok.ok_response.headers_to_remove) == ["x-api-key"]
+    denied = response.deny(503, '{"e": 1}', {"retry-after": "1"})
+    no = response.check_response(denied)
+    assert no.status.code == code_pb2.UNAVAILABLE and no.denied_response.status.code == 503
+    assert {h.header.key: h.header.value for h in no.denied_response.headers} == {
+        "retry-after": "1", "content-type": "application/json"}
+    assert no.denied_response.body == '{"e": 1}'
+    framed = http_transport.frame(denied)
+    assert b"\r\nretry-after: 1\r\n" in framed and b"\r\ncontent-type: application/json\r\n" in framed
+    assert framed.endswith(b'{"e": 1}')

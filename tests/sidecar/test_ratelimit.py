@@ -205,14 +205,7 @@ async def test_concurrent_checks_share_round_trips_and_stay_exact(redis_limiter:
     """Checks that reach Redis in one event-loop turn go as one pipeline; each script is still
     atomic, so a budget of 10 admits exactly 10 of 40 concurrent checks, also right after the
     scripts vanished from Redis (SCRIPT FLUSH, as after a restart: NOSCRIPT, loaded once again)."""
-    pipelines = []
-    make_pipeline = redis_limiter._client.pipeline
-
-    def counting_pipeline(*args, **kwargs):
-        pipelines.append(1)
-        return make_pipeline(*args, **kwargs)
-
-    redis_limiter._client.pipeline = counting_pipeline
+    assert redis_limiter._pipe is not None  # the lean connection (plain redis://)
     for attempt, key in enumerate(("batched", "after-flush")):
         if attempt:
             client = aioredis.Redis.from_url(redis_url)
@@ -221,7 +214,7 @@ async def test_concurrent_checks_share_round_trips_and_stay_exact(redis_limiter:
         results = await asyncio.gather(*(redis_limiter.charge([requests(key, limit=10)]) for _ in range(40)))
         assert sum(r.allowed for r in results) == 10
         assert sorted(r.states[0].remaining for r in results if r.allowed) == list(range(10))
-    assert 1 <= len(pipelines) <= 4  # 80 checks, a handful of round trips
+    assert 1 <= redis_limiter._pipe.round_trips <= 4  # 80 checks, a handful of round trips
 
 
 async def test_redis_keys_expire(redis_limiter: RedisRateLimiter, redis_url: str) -> None:
@@ -395,5 +388,43 @@ async def test_redis_timeout_is_backend_unavailable(redis_server: procs.Proc, re
             redis_server.popen.send_signal(signal.SIGCONT)
         result = await limiter.charge([requests()])
         assert result.allowed and result.backend == "redis"
+    finally:
+        await limiter.close()
+
+
+async def test_the_lean_redis_connection_authenticates_and_selects_the_database(redis_server: procs.Proc) -> None:
+    """The check path's own Redis connection (sidecar/ratelimit/resp.py) honours the URL's password
+    and database as redis-py does; a wrong password is BackendUnavailable, not a silent pass."""
+    port = redis_server.ports["port"]
+    admin = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    await admin.config_set("requirepass", "s3cret")
+    await admin.aclose()
+    good = RedisRateLimiter(f"redis://:s3cret@127.0.0.1:{port}/3", timeout_s=1.0, key_prefix="db3:")
+    bad = RedisRateLimiter(f"redis://:wrong@127.0.0.1:{port}/3", timeout_s=1.0, key_prefix="db3:")
+    check = aioredis.Redis.from_url(f"redis://:s3cret@127.0.0.1:{port}/3")
+    try:
+        assert good._pipe is not None
+        results = [await good.charge([requests("lean", limit=3)]) for _ in range(4)]
+        assert [r.allowed for r in results] == [True, True, True, False]
+        assert await check.exists("db3:lean|requests") == 1
+        zero = aioredis.Redis.from_url(f"redis://:s3cret@127.0.0.1:{port}/0")
+        assert await zero.exists("db3:lean|requests") == 0
+        await zero.aclose()
+        with pytest.raises(BackendUnavailable):
+            await bad.charge([requests("lean", limit=3)])
+    finally:
+        await check.aclose()
+        await good.close()
+        await bad.close()
+
+
+async def test_redis_py_pipelines_where_the_lean_connection_does_not_apply(redis_url: str) -> None:
+    """A TLS or Unix-socket URL keeps redis-py's pipeline: the same exact budget under concurrency."""
+    limiter = RedisRateLimiter(redis_url, timeout_s=1.0, key_prefix="fallback:")
+    limiter._pipe = None  # as RespPipe.supports() leaves it for rediss:// and unix://
+    try:
+        results = await asyncio.gather(*(limiter.charge([requests("py", limit=10)]) for _ in range(40)))
+        assert sum(r.allowed for r in results) == 10
+        assert (await limiter.charge([requests("py-alone", limit=1)])).allowed
     finally:
         await limiter.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import wasmtime
 from opapywasm import OpaWasmPolicy, PolicyConfig
 
@@ -53,3 +54,27 @@ def test_a_policy_without_the_expected_internals_is_left_alone() -> None:
         pass
 
     assert wasm_fastcall.accelerate(Opaque()) is False
+
+
+def test_the_lean_evaluator_answers_as_opa_py_wasm(tmp_path: Path) -> None:
+    """One opa_eval call per evaluation: the same decisions as opa-py-wasm's evaluate, for allowed,
+    denied results, for inputs far larger than the memory the instance started with
+    (the memory grows), and after a failed evaluation (the instance is rebuilt)."""
+    from common import strict_json
+
+    policy = _policy(tmp_path, False)
+    lean = wasm_fastcall.LeanEvaluator(policy, "envoy/authz/result")
+    try:
+        big = {**DOCS[0], "parsed_body": {"model": "gpt2", "prompt": "x" * 900_000}}
+        docs = [*DOCS, big, *DOCS]
+        assert [lean.evaluate(strict_json.dumps(d)) for d in docs] == [policy.evaluate(d) for d in docs]
+        assert lean.evaluate(strict_json.dumps(DOCS[0]))["allowed"] is True
+        with pytest.raises(wasm_fastcall.LeanEvaluationError, match="max_input_bytes"):
+            lean.evaluate(b"[" + b"1," * 600_000 + b"1]")
+        lean._eval = None  # a broken instance: the call fails, the next evaluation takes a fresh one
+        with pytest.raises(wasm_fastcall.LeanEvaluationError):
+            lean.evaluate(strict_json.dumps(DOCS[1]))
+        assert lean.evaluate(strict_json.dumps(DOCS[1])) == policy.evaluate(DOCS[1])
+    finally:
+        lean.close()
+        policy.close()

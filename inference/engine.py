@@ -11,7 +11,8 @@ Decode is pipelined (``batching.pipeline_decode``): while the batch stays the sa
 launched with step N's tokens still on the device (``runner.decode_from``), then step N's tokens
 are read and applied, so this thread's per-step work overlaps the device's next step. A row whose
 sequence ended with step N has its step N+1 result dropped; admissions, aborts, retirements,
-grammar-guided rows and a forward observer make the next step wait for the host (one at a time).
+grammar-guided rows and a forward observer that watches (kernel tracing of a selected request
+running) make the next step wait for the host (one at a time).
 """
 
 from __future__ import annotations
@@ -128,8 +129,9 @@ class Engine:
         self._launches = 0
         # Pipelined decode (batching.pipeline_decode): decode step N+1 is launched with step N's
         # tokens still on the device, before the host reads them. A forward observer (kernel
-        # tracing) brackets one step at a time, so with one attached steps run one at a time.
-        self._pipelined = batching.pipeline_decode and forward_observer is None
+        # tracing) brackets one step at a time while it watches (a selected request is running):
+        # then steps run one at a time; while it is idle they pipeline.
+        self._pipelined = batching.pipeline_decode
         self._last_step_end_ns: int | None = None  # None: idle since (no running sequence)
         # (wall start s, step ms, gap ms before it, phase, batch) of recent slow steps; appended on the
         # engine thread, copied on the event loop (both whole operations under the GIL)
@@ -314,9 +316,9 @@ class Engine:
     def _can_chain(self, launched: _Launched) -> bool:
         """Whether the next decode step may be launched before ``launched``'s tokens are read (caller
         holds the lock): same batch in the same slots, nothing to admit or abort first, no grammar
-        (it masks each step on the host), and a token left to generate for some row. A row whose
-        sequence ends with ``launched``'s token (stop token, stop string) has the early step's
-        result dropped."""
+        (it masks each step on the host), no forward observer watching steps, and a token left to
+        generate for some row. A row whose sequence ends with ``launched``'s token (stop token,
+        stop string) has the early step's result dropped."""
         seqs = launched.seqs
         runner, sampling = self._runner, self._sampling
         assert runner is not None and sampling is not None
@@ -324,7 +326,8 @@ class Engine:
                 and not sampling.host_bound
                 and any(s.generated + 1 < s.request.params.max_tokens for s in seqs)
                 and max(launched.positions) + 1 < runner.max_len
-                and not self._scheduler.can_admit(time.monotonic_ns(), draining=self._stopping))
+                and not self._scheduler.can_admit(time.monotonic_ns(), draining=self._stopping)
+                and (self._observer is None or self._observer.idle()))
 
     def _launch(self, phase: StepPhase, seqs: list[Sequence], after: _Launched | None = None) -> _Launched:
         """Queue a step and its token choice on the device (``after``: a decode step fed the tokens

@@ -78,6 +78,12 @@ class ForwardObserver(Protocol):
 
     def finish(self, step: StepInfo, span: PendingSpan | SpanContext | None) -> None: ...
 
+    def idle(self) -> bool:
+        """True while no step needs watching (nothing selected waits for a pass, none is being
+        captured): the engine may then pipeline decode steps, so ``start`` of step N+1 comes before
+        ``finish`` of step N, and an idle observer must ignore both. False: one step at a time."""
+        ...
+
 
 class RequestObserver(Protocol):
     """Told of each request span (e.g. ``otel.kernels.KernelTracer``, which selects requests to profile)."""

@@ -238,6 +238,12 @@ class KernelTracer:
             return True
         return None
 
+    def idle(self) -> bool:
+        """No selected request waits for a pass and none is being captured (engine thread): the
+        engine may pipeline decode steps. A request selected meanwhile is not in the chained batch
+        (joining it takes an admission, which ends the chain), so ``start`` finds no target in it."""
+        return not self._waiting and self._active is None
+
     def _has_target(self, step: Any) -> bool:
         contexts: Sequence[SpanContext | None] = getattr(step, "trace_contexts", ()) or ()
         with self._lock:

@@ -46,6 +46,9 @@ class SlowSteps:
     def finish(self, step: StepInfo, span_context: Any) -> None:
         self.finished.append((step, span_context))
 
+    def idle(self) -> bool:
+        return False  # it watches every step: one at a time
+
 
 def make_engine(config: InferenceConfig, observer: Any = None, tracing: Tracing | None = None,
                 load: Callable[..., Any] | None = None) -> Engine:

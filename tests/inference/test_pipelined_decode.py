@@ -23,7 +23,7 @@ from inference.generation import GenerationRequest, SamplingParams
 from inference.model_loader import load_model
 from inference.runner import ModelRunner
 from inference.sampling import RequestSampler, SlotSampling
-from tests.inference.helpers import TINY, metric_value, started_engine, tiny_config
+from tests.inference.helpers import TINY, SlowSteps, metric_value, started_engine, tiny_config
 from tests.inference.test_sampling_options import SCHEMA, Run
 from tests.inference.test_sampling_options import run as run_with
 
@@ -202,3 +202,37 @@ def test_a_third_launch_before_the_first_is_read_is_refused() -> None:
     assert [p.token for p in second.result()] == (logits + 1).argmax(-1).tolist()
     sampling.launch(logits, 0, samplers).result()  # once read, its buffers are free again
     assert sampling.host_syncs == 3
+
+
+class _Idle(SlowSteps):
+    """A forward observer that watches nothing (kernel tracing with no selected request running)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watching = False
+
+    def idle(self) -> bool:
+        return not self.watching
+
+
+async def test_an_idle_forward_observer_keeps_decode_pipelined_and_a_watching_one_stops_it() -> None:
+    """Kernel tracing is attached on every traced server: while it selects nothing, decode still
+    pipelines (the H200 run lost the pipelining on every traced server before); while it watches,
+    steps run one at a time so each capture brackets one step."""
+    observer = _Idle()
+    batching = BatchingConfig(max_batch_size=4, max_wait_ms=0.0, max_queue=64, pipeline_decode=True)
+    engine = started_engine(tiny_config(batching=batching), observer=observer)
+    try:
+        reference = await run(engine, PROMPTS[2], max_tokens=20, ignore_eos=True)
+        before = metric_value(engine.metrics.registry, PIPELINED)
+        idle_run = await run(engine, PROMPTS[2], max_tokens=20, ignore_eos=True)
+        assert metric_value(engine.metrics.registry, PIPELINED) - before > 0
+        _same(reference, idle_run)
+        observer.watching = True
+        before = metric_value(engine.metrics.registry, PIPELINED)
+        watched = await run(engine, PROMPTS[2], max_tokens=20, ignore_eos=True)
+        assert metric_value(engine.metrics.registry, PIPELINED) - before == 0
+        _same(reference, watched)
+        assert len(observer.started) >= 40 and len(observer.finished) >= 40  # it still saw every step
+    finally:
+        engine.shutdown(10)

@@ -125,3 +125,26 @@ def test_a_failed_attach_ahead_is_counted_and_the_next_request_attaches_again(sd
     assert tracer.stats.captures == 1
     assert [s.name for s in exporter.get_finished_spans()].count(FORWARD_SPAN) == 1
 
+
+
+def test_the_tracer_is_idle_until_a_request_is_selected_and_again_once_its_passes_are_taken(sdk) -> None:
+    """``idle()`` lets the engine pipeline decode steps: only while a selected request waits for a
+    pass, or a pass is being captured, must steps run one at a time."""
+    provider, _ = sdk
+    cupti = FakeCupti()
+    capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=False)
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, derive=False), provider.get_tracer("k"),
+                          capture)
+    try:
+        assert tracer.idle()
+        request = provider.get_tracer("api").start_span("POST /v1/completions")
+        tracer.on_request(request, {})
+        assert not tracer.idle(), "a selected request waits for its pass"
+        step = step_of(1, request)
+        tracer.start(step)
+        assert not tracer.idle(), "a pass is being captured"
+        tracer.finish(step, None)
+        assert tracer.idle(), "steps_per_request=1: nothing left to capture"
+        request.end()
+    finally:
+        tracer.close()

@@ -111,15 +111,21 @@ class Replaying:
             time.sleep(0.0003)
 
 
-def test_one_recorded_replay_per_graph_then_derived_passes_without_the_recorder(sdk) -> None:
-    provider, exporter = sdk
+def _selected_request(provider, steps_per_request: int):
+    """A deriving tracer on the fake CUPTI (attached ahead), its engine, and one selected request."""
     cupti = FakeCupti()
     capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True)
-    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, steps_per_request=4),
+    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, steps_per_request=steps_per_request),
                           provider.get_tracer("k"), capture)
     engine = Replaying(tracer, cupti)
     request = provider.get_tracer("api").start_span("POST /v1/completions")
     assert tracer.on_request(request, {}) == "ratio"
+    return cupti, capture, tracer, engine, request
+
+
+def test_one_recorded_replay_per_graph_then_derived_passes_without_the_recorder(sdk) -> None:
+    provider, exporter = sdk
+    cupti, capture, tracer, engine, request = _selected_request(provider, 4)
     time.sleep(0.05)
     assert cupti.calls == [], "no attach ahead until a pass needs recording"
     engine.step(0, request, phase="prefill", key=None)  # a prefill does not ask for the recorder
@@ -211,13 +217,7 @@ def test_derived_passes_cost_the_stall_budget_only_what_they_measure(sdk) -> Non
 
 def test_an_attached_recorder_is_kept_for_the_decode_step_that_needs_it_not_spent_on_a_prefill(sdk) -> None:
     provider, _ = sdk
-    cupti = FakeCupti()
-    capture = CuptiCapture(cupti, demangle=fake_demangle, prepare_ahead=True)
-    tracer = KernelTracer(KernelTraceConfig(ratio=1.0, stall_budget_pct=0, steps_per_request=2),
-                          provider.get_tracer("k"), capture)
-    engine = Replaying(tracer, cupti)
-    request = provider.get_tracer("api").start_span("POST /v1/completions")
-    tracer.on_request(request, {})
+    cupti, capture, tracer, engine, request = _selected_request(provider, 2)
     capture.prepare()  # attached (for another request's decode step, say)
     engine.step(0, request, phase="prefill", key=None)
     assert cupti.calls == ["register"] and tracer.stats.captures == 0

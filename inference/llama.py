@@ -187,9 +187,10 @@ class FusedLlama(torch.nn.Module):
         """``x @ weight.T`` summed over the tensor-parallel ranks (each holds a slice of the inner dim).
 
         On CUDA in half precision each rank's partial product stays fp32 through the all-reduce and
-        is rounded once: the same single rounding as one GPU's GEMM, so ``tp_size`` N gives the
-        greedy tokens of ``tp_size`` 1 (fp16 partials summed in fp16 were rounded three times and
-        flipped near-tied argmaxes on the H200 pair).
+        is rounded once, as one GPU's GEMM rounds its output once (fp16 partials summed in fp16 were
+        rounded three times). That alone did not make ``tp_size`` 2's greedy tokens equal one GPU's
+        on the H200 pair: the summation order still differs, and the random-weight model's
+        near-tied argmaxes flip on it (bench/results/inference_llama_gpu.json, ``tp2``).
         """
         all_reduce = self.tp.all_reduce
         if all_reduce is None:

@@ -58,8 +58,11 @@ async def test_sidecar_killed_and_restarted_under_load(tmp_path, transport):
         assert 503 in statuses[:during], "requests while the sidecar was down must be refused"
         assert statuses[-1] == 200, "checks resume once the sidecar is back"
         allowed = sum(1 for d in stack.decisions() if d["outcome"] == "allow")
-        # exactly the allowed requests reached the upstream: none passed unchecked
-        assert await upstream_count(stack) == allowed == statuses.count(200)
+        # exactly the requests answered 200 reached the upstream: none passed unchecked
+        assert await upstream_count(stack) == statuses.count(200)
+        # each of them was allowed by a logged decision; a check the killed sidecar had decided and
+        # logged but not yet answered was refused by Envoy (fail closed): at most the 4 in flight
+        assert statuses.count(200) <= allowed <= statuses.count(200) + 4
     finally:
         stack.stop()
 

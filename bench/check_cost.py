@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from common.processes import find_binary, free_port, start, wait_http, wait_tcp  # noqa: E402
 from common.settings import build  # noqa: E402
 from kernelgate.policy_bundle import build_wasm_bundle  # noqa: E402
-from sidecar import http_transport  # noqa: E402
+from sidecar import http_contract, http_transport  # noqa: E402
 from sidecar.config import OpaConfig, SidecarConfig  # noqa: E402
 from sidecar.identity import hash_api_key  # noqa: E402
 
@@ -61,7 +61,7 @@ def requests(workload: str, gate: bool, count: int, first: int = 0) -> list[byte
                    "x-kernelgate-authz-protocol": "HTTP/1.1"}
         headers["x-api-key" if gate else "x-user"] = keys[i % len(keys)] if gate else f"user-{i % 3}"
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        out.append(f"POST {http_transport.PATH_PREFIX}{route} HTTP/1.1\r\n{head}\r\n".encode() + body)
+        out.append(f"POST {http_contract.PATH_PREFIX}{route} HTTP/1.1\r\n{head}\r\n".encode() + body)
     return out
 
 

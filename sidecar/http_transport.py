@@ -4,7 +4,7 @@ In: Envoy's authorization request over HTTP/1.1 (the client's method, ``PATH_PRE
 all the client's headers, the buffered body) plus the attributes only gRPC carries (peer
 addresses, scheme, protocol; with TLS the peers' principals, with mutual TLS the client's
 certificate), which Envoy adds as ``CARRIED*`` headers with its command operators
-(``kernelgate/envoy_config.py`` writes both from ``carried_headers`` here).
+(``kernelgate/envoy_config.py`` writes both from ``sidecar/http_contract.py``).
 Out: 200 with the headers for the upstream, the client and ``x-envoy-auth-headers-to-remove``,
 or the deny's status, headers and body.
 
@@ -30,9 +30,8 @@ from typing import Any
 import httptools
 from envoy.service.auth.v3 import external_auth_pb2
 
-from sidecar.http_contract import (  # noqa: F401  (re-exported: the transport's contract)
-    PATH_PREFIX, CARRIED_PREFIX, CARRIED, CARRIED_TLS, CARRIED_CERTIFICATE, CARRIED_NAMES,
-    carried_headers, UPSTREAM_HEADER_PREFIXES, CLIENT_HEADER_PREFIXES, HEADERS_TO_REMOVE, STATUS_STAND_INS,
+from sidecar.http_contract import (
+    CARRIED_NAMES, CLIENT_HEADER_PREFIXES, HEADERS_TO_REMOVE, PATH_PREFIX, STATUS_STAND_INS, UPSTREAM_HEADER_PREFIXES,
 )
 from sidecar.input import Peer, Request
 from sidecar.response import Answer

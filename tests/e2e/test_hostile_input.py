@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernelgate.config import load
-from sidecar import http_transport, server
+from sidecar import http_contract, http_transport, server
 from sidecar import response as sidecar_response
 from tests.e2e.conftest import TRANSPORTS
 from tests.e2e.test_authz_e2e import post
@@ -83,7 +83,7 @@ def test_fuzzed_checks_never_fail_with_500_or_leak(opa_stack: AuthzStack, method
         headers["authorization"] = "Bearer " + "a" * 20000 + ".b.c"
     grpc_request = check_request(method, path, headers, body)
     # The HTTP data path: the same request as Envoy's http_service sends it, through the adapter.
-    http_request = http_transport.http_request(method, http_transport.PATH_PREFIX + path,
+    http_request = http_transport.http_request(method, http_contract.PATH_PREFIX + path,
                                                {**headers, "host": "localhost"}, body.encode("utf-8", "replace"))
     answers = asyncio.run(_check_all([grpc_request, http_request], opa_stack))
     (answer, log_text), (http_answer, _) = answers

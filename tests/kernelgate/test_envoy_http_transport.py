@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.settings import build
 from kernelgate.envoy_config import EnvoyConfig, render
-from sidecar import http_transport
+from sidecar import http_contract, http_transport
 from tests.certs import issue, make_ca
 from tests.procs import envoy_validate
 
@@ -24,9 +24,9 @@ def added(service: dict) -> dict[str, str]:
 
 
 def test_tls_attributes_are_carried_only_when_envoy_terminates_tls() -> None:
-    assert added(http_service({})) == http_transport.CARRIED
+    assert added(http_service({})) == http_contract.CARRIED
     tls = {"tls_cert_file": "/c.crt", "tls_key_file": "/c.key"}
-    assert added(http_service(tls)) == {**http_transport.CARRIED, **http_transport.CARRIED_TLS}
+    assert added(http_service(tls)) == {**http_contract.CARRIED, **http_contract.CARRIED_TLS}
     assert "x-kernelgate-authz-source-certificate" not in added(http_service(tls))
     mutual = added(http_service({**tls, "tls_client_ca_file": "/ca.crt"}))
     assert mutual["x-kernelgate-authz-source-certificate"] == "%DOWNSTREAM_PEER_CERT%"
@@ -39,8 +39,8 @@ def test_client_headers_pass_except_the_carried_attributes_names() -> None:
         hcm = bootstrap["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
         ext_authz = next(f for f in hcm["httpFilters"] if f["name"] == "envoy.filters.http.ext_authz")["typedConfig"]
         assert ext_authz["allowedHeaders"]["patterns"] == [{"safeRegex": {"regex": ".*"}}]
-        assert ext_authz["disallowedHeaders"]["patterns"] == [{"prefix": http_transport.CARRIED_PREFIX}]
-        assert all(name.startswith(http_transport.CARRIED_PREFIX) for name in http_transport.CARRIED_NAMES)
+        assert ext_authz["disallowedHeaders"]["patterns"] == [{"prefix": http_contract.CARRIED_PREFIX}]
+        assert all(name.startswith(http_contract.CARRIED_PREFIX) for name in http_contract.CARRIED_NAMES)
 
 
 def test_envoy_accepts_the_http_transport_with_mutual_tls(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar import http_transport, response
+from sidecar import http_contract, http_transport, response
 
 
 def test_request_becomes_the_check_request_envoy_would_send_over_grpc() -> None:
@@ -15,7 +15,7 @@ def test_request_becomes_the_check_request_envoy_would_send_over_grpc() -> None:
                "x-kernelgate-authz-destination-subject": "CN=envoy,O=kg",
                "x-kernelgate-authz-source-certificate": "-----BEGIN%20CERTIFICATE-----%0A",
                "x-kernelgate-authz-scheme": "https", "x-kernelgate-authz-protocol": "HTTP/2"}
-    req = http_transport.check_request("POST", http_transport.PATH_PREFIX + "/v1/completions?x=1", headers, b"{}")
+    req = http_transport.check_request("POST", http_contract.PATH_PREFIX + "/v1/completions?x=1", headers, b"{}")
     attrs = req.attributes
     http = attrs.request.http
     assert (http.method, http.path, http.host, http.scheme, http.protocol, http.id) == (
@@ -46,7 +46,7 @@ def test_the_http_paths_request_is_what_the_grpc_check_request_reads_as() -> Non
         ({}, b"\xff\xfe not utf-8"),
     ]
     for headers, body in cases:
-        for target in (http_transport.PATH_PREFIX + "/v1/chat/completions?a=1&a=2", "/v1/../v1/models"):
+        for target in (http_contract.PATH_PREFIX + "/v1/chat/completions?a=1&a=2", "/v1/../v1/models"):
             direct = http_transport.http_request("POST", target, dict(headers), body)
             via_grpc = request_of(http_transport.check_request("POST", target, dict(headers), body))
             assert direct == via_grpc
@@ -66,7 +66,7 @@ def test_allow_and_deny_are_framed_for_envoys_http_client() -> None:
     assert body == b'{"error": 1}' and f"content-length: {len(body)}".encode() in head
     # a 5xx deny travels as its stand-in (Envoy would drop a 5xx's body and headers)
     unavailable = http_transport.frame(response.deny(503, "{}", {"retry-after": "1"}))
-    assert unavailable.startswith(f"HTTP/1.1 {http_transport.STATUS_STAND_INS[503]} ".encode())
+    assert unavailable.startswith(f"HTTP/1.1 {http_contract.STATUS_STAND_INS[503]} ".encode())
 
 
 async def test_pipelined_requests_are_answered_in_order_and_garbage_gets_a_400() -> None:

@@ -75,7 +75,8 @@ def parse_args() -> argparse.Namespace:
                         help="seconds a child step (a tensor-parallel greedy check) may take before it is killed")
     parser.add_argument("--greedy-worker", metavar="MODEL",
                         help="internal: write MODEL's greedy tokens with --tp ranks to --out (and its logits to "
-                             "--logits-out) and exit (a child process, so the bench itself never joins a process group)")
+                             "--logits-out) and exit (a child process, so the bench itself never joins a process "
+                             "group)")
     parser.add_argument("--logits-out", help="internal: where the greedy worker saves its logits (torch.save)")
     parser.add_argument("--merge", nargs="+", metavar="RESULT",
                         help="no GPU: merge these result files (e.g. a later Qwen or tp2 run) into --out and exit")
@@ -309,10 +310,10 @@ def tp_check(name: str, prompts: list[list[int]], args: argparse.Namespace, nume
     (want, want_logits), (got, got_logits) = (greedy_fused(name, prompts, 32, 1, args, numerics=numerics),
                                               greedy_in_child(name, args.tp, args, numerics))
     same_shape = want_logits.shape == got_logits.shape
+    diff = float((want_logits.float() - got_logits.float()).abs().max()) if same_shape else None
     return {"numerics": numerics, "greedy_equal": want == got,
             "greedy_common_prefix": [_common_prefix(a, b) for a, b in zip(want, got)],
-            "logits_equal": same_shape and bool((want_logits == got_logits).all()),
-            "logits_max_abs_diff": float((want_logits.float() - got_logits.float()).abs().max()) if same_shape else None}
+            "logits_equal": same_shape and bool((want_logits == got_logits).all()), "logits_max_abs_diff": diff}
 
 
 def step_times(name: str, model, args: argparse.Namespace) -> dict:
@@ -380,7 +381,8 @@ def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: 
                                                                args.new_tokens))
                 mean = {m: (scrape(port, m + "_sum") - s) / max(1.0, scrape(port, m + "_count") - c)
                         for m, (s, c) in before.items()}
-                row = {"model": name, "system": "kernelgate", "tp_size": tp, "numerics": numerics, "prompt_tokens": length,
+                row = {"model": name, "system": "kernelgate", "tp_size": tp, "numerics": numerics,
+                       "prompt_tokens": length,
                        "concurrency": concurrency, "requests": len(latencies), "completion_tokens": tokens,
                        "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                        "ttft_ms": round(1000 * mean[TTFT], 2), "decode_ms_per_token": round(1000 * mean[TPOT], 3)}
@@ -484,7 +486,8 @@ def main() -> int:
             rows += bench_hf(name, model, lengths, levels, args)
         prompts = greedy_prompts(name)
         if name == args.check_model:
-            want, got = greedy_tokens_hf(model, prompts, 32), greedy_fused(name, prompts, 32, 1, args, numerics=modes[0])[0]
+            want = greedy_tokens_hf(model, prompts, 32)
+            got = greedy_fused(name, prompts, 32, 1, args, numerics=modes[0])[0]
             info["greedy_equal_hf"] = want == got
             info["greedy_common_prefix_hf"] = [_common_prefix(a, b) for a, b in zip(want, got)]
         if "step" not in skip and args.tp == 1:

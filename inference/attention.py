@@ -71,7 +71,8 @@ class SlotAttention:
     def attend_cached(self, layer: int, query: torch.Tensor, scaling: float | None = None,
                       kv_heads: slice | None = None) -> torch.Tensor:
         """Attention of ``query`` ``[rows, heads, q_len, head_dim]`` over the keys/values already in the cache
-        (written by the model: :meth:`layer_cache`; ``kv_heads`` as there). Returns ``[rows, q_len, heads, head_dim]``."""
+        (written by the model: :meth:`layer_cache`; ``kv_heads`` as there).
+        Returns ``[rows, q_len, heads, head_dim]``."""
         keys, values, batch = self.layer_cache(layer, kv_heads)
         keys, values = keys[:, :, :batch.kv_len], values[:, :, :batch.kv_len]
         if batch.causal:  # a prefill from column 0: flash attention, GQA native

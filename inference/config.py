@@ -58,10 +58,10 @@ class ModelConfig:
     shards at every ``tp_size`` (a rank runs its share of them): one GEMM and one attention call
     per shard, each shard's output-projection partial kept fp32, the partials gathered and summed
     in shard order; logits are then bitwise equal for every ``tp_size`` that divides the shard
-    count (same GPU model, same software). It costs more launches and smaller GEMMs
-    (docs/models.md gives the measured cost). ``numerics_shards`` 0 picks the largest of 8, 4,
-    2, 1 that divides the model's attention heads, key/value heads and MLP width; set it
-    explicitly (the same value on every deployment that must agree) to pay for fewer shards.
+    count (same GPU model, same software). It costs more launches and smaller GEMMs (the
+    "Tensor-parallel numerics" section of docs/architecture.md). ``numerics_shards`` 0 picks the
+    largest of 8, 4, 2, 1 that divides the model's attention heads, key/value heads and MLP width;
+    set it explicitly (the same value on every deployment that must agree) to pay for fewer shards.
     """
 
     name: str = "tiny-gpt2"

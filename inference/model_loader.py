@@ -99,8 +99,8 @@ def load_model(config: ModelConfig, max_batch_size: int = 1, tp: TensorParallel 
         model = FusedLlama(module, attention, ops, max_len, tp,
                            invariant_shards=config.numerics_shards if config.numerics == "tp_invariant" else None)
         del module
-        numerics = "default" if model.shards is None else f"tp_invariant over {model.shards} shards"
-        log.info("model %s: %s on %s, context %d, fused decoder with %s kernels, %s numerics (rank %d of %d: "
+        numerics = "default" if model.shards is None else f"tp_invariant ({model.shards} shards)"
+        log.info("model %s: %s on %s, context %d, fused decoder with %s kernels, numerics %s (rank %d of %d: "
                  "%.2f GB of weights), built in %.1fs", config.name, str(dtype).removeprefix("torch."), device,
                  max_len, ops.name, numerics, model.tp.rank, model.tp.world_size, model.weight_bytes / 1e9,
                  time.monotonic() - started)

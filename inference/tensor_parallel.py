@@ -88,8 +88,8 @@ def _join(rank: int, world_size: int, port: int, backend: str) -> TensorParallel
                                    timeout=JOIN_TIMEOUT, rank=rank, world_size=world_size)
         reduce = dist.all_reduce
 
-        def all_gather(out: torch.Tensor, local: torch.Tensor) -> None:
-            dist.all_gather_into_tensor(out, local)
+        def all_gather(out: torch.Tensor, local: torch.Tensor) -> None:  # torch's own (DeepSpeed's wraps it)
+            torch.distributed.all_gather_into_tensor(out, local)
     else:
         torch.distributed.init_process_group(backend, timeout=JOIN_TIMEOUT, rank=rank, world_size=world_size)
         reduce = torch.distributed.all_reduce

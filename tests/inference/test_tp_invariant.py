@@ -75,11 +75,11 @@ def test_one_process_in_shards_computes_the_same_model_with_the_same_weights(nam
     assert torch.equal(invariant.argmax(-1), default.argmax(-1))
 
 
-def _bench_tp_check(tmp_path: Path, tp: int, models: str, dtype: str) -> dict:
+def _bench_tp_check(tmp_path: Path, tp: int, models: str, dtype: str, numerics: str) -> dict:
     out = tmp_path / f"tp{tp}-{dtype}.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run([sys.executable, str(procs.ROOT / "bench" / "inference_llama_gpu.py"), "--device", "cpu",
-                          "--tp", str(tp), "--dtype", dtype, "--numerics", "tp_invariant,default",
+                          "--tp", str(tp), "--dtype", dtype, "--numerics", numerics,
                           "--skip", "hf,step,server", "--check-model", "", "--step-timeout", "240",
                           "--models", models, "--out", str(out), "--log-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, env=env)
@@ -87,15 +87,17 @@ def _bench_tp_check(tmp_path: Path, tp: int, models: str, dtype: str) -> dict:
     return json.loads(out.read_text())[f"tp{tp}"]
 
 
-@pytest.mark.parametrize("tp,models,dtype", [
-    (2, "tiny-llama,tiny-qwen2", "float32"),
-    (2, "tiny-qwen2", "bfloat16"),
-    (2, "tiny-llama", "float16"),
-    (4, "tiny-llama-kv4", "float32"),
+# Each run starts a process per rank and mode (most of its time); the default numerics are recorded
+# beside fp32 (tp 2 and 4) only. Seen with them on bf16: logits off by up to 0.0078, fp16: 0.00049.
+@pytest.mark.parametrize("tp,models,dtype,numerics", [
+    (2, "tiny-llama,tiny-qwen2", "float32", "tp_invariant,default"),
+    (2, "tiny-qwen2", "bfloat16", "tp_invariant"),
+    (2, "tiny-llama", "float16", "tp_invariant"),
+    (4, "tiny-llama-kv4", "float32", "tp_invariant,default"),
 ])
-def test_tensor_parallel_logits_are_bitwise_those_of_one_process(tmp_path: Path, tp: int, models: str,
-                                                                 dtype: str, record_property) -> None:
-    section = _bench_tp_check(tmp_path, tp, models, dtype)
+def test_tensor_parallel_logits_are_bitwise_those_of_one_process(tmp_path: Path, tp: int, models: str, dtype: str,
+                                                                 numerics: str, record_property) -> None:
+    section = _bench_tp_check(tmp_path, tp, models, dtype, numerics)
     for name in models.split(","):
         invariant = section[name]  # the first mode's figures sit at the top of the model's section
         assert invariant["numerics"] == "tp_invariant"
@@ -103,7 +105,9 @@ def test_tensor_parallel_logits_are_bitwise_those_of_one_process(tmp_path: Path,
         assert invariant["logits_max_abs_diff"] == 0.0
         assert invariant["greedy_equal"] is True and invariant["greedy_common_prefix"] == [32, 32, 32]
         # The default numerics: recorded, not asserted (on these tiny models their greedy tokens happen to
-        # agree, but the logits differ in the last bits: fp32 ~1e-7, bf16 ~1e-2).
+        # agree, but the logits differ in the last bits: fp32 ~1e-7).
+        if "default" not in section[name]:
+            continue
         default = section[name]["default"]
         record_property(f"{name}_{dtype}_tp{tp}_default", json.dumps(default))
         print(f"{name} {dtype} tp{tp} default numerics: {json.dumps(default)}")

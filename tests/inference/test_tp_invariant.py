@@ -112,3 +112,59 @@ def test_tensor_parallel_logits_are_bitwise_those_of_one_process(tmp_path: Path,
         record_property(f"{name}_{dtype}_tp{tp}_default", json.dumps(default))
         print(f"{name} {dtype} tp{tp} default numerics: {json.dumps(default)}")
         assert {"greedy_equal", "logits_equal", "logits_max_abs_diff"} <= set(default)
+
+
+def check_triton_shards() -> None:
+    """The Triton op set in shards (run in Triton's interpreter): each shard's cache write and decode
+    attention on a view of its key/value heads, shard 1's starting mid-cache, as the GPU runs them. Tiny
+    Qwen2 (biases, 2 shards) and the 4-shard Llama, prefill then decode steps across a key-length
+    bucket: the same logits (within the interpreter's rounding) and greedy tokens as the torch op set
+    with the default numerics, and the decode kernel ran once per shard and layer."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from inference.attention import SlotAttention
+    from inference.llama import FusedLlama
+    from inference.ops import TorchOps, TritonOps
+    from inference.runner import ModelRunner
+
+    prompts = [[5, 17, 99, 3], list(range(40, 100)), [200, 1, 2]]  # the second crosses the 64-key bucket
+    for name, shards in (("tiny-qwen2", 2), ("tiny-llama-kv4", 4)):
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(random_config(name)).eval()
+        calls: list[int] = []
+        triton_ops = TritonOps()
+        kernel = triton_ops.decode_attention
+
+        def counted(*args, **kwargs):
+            calls.append(args[1])  # query heads of the call: a shard's
+            return kernel(*args, **kwargs)
+
+        triton_ops.decode_attention = counted
+        results = []
+        for ops, invariant in ((TorchOps(), None), (triton_ops, shards)):
+            attention = SlotAttention()
+            model = FusedLlama(copy.deepcopy(hf), attention, ops, 256, invariant_shards=invariant)
+            runner = ModelRunner(model, attention, num_slots=3, max_len=256, dtype=torch.float32,
+                                 device=torch.device("cpu"), use_cuda_graphs=False)
+            with torch.inference_mode():
+                logits = [runner.prefill(0, prompts)]
+                for step in range(6):
+                    logits.append(runner.decode(logits[-1].argmax(-1).tolist(), [len(p) + step for p in prompts]))
+            results.append(torch.stack(logits))
+        layers = model.config.num_hidden_layers
+        assert calls == [model.config.num_attention_heads // shards] * (6 * layers * shards), calls
+        want, got = results
+        assert torch.equal(want.argmax(-1), got.argmax(-1)), name
+        assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item(), name
+
+
+def test_the_triton_kernels_run_shard_by_shard_in_the_interpreter(tmp_path: Path) -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from tests.inference.test_tp_invariant import check_triton_shards; "
+         "check_triton_shards()"], cwd=procs.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -71,10 +71,14 @@ class SlotAttention:
     def attend_cached(self, layer: int, query: torch.Tensor, scaling: float | None = None,
                       kv_heads: slice | None = None) -> torch.Tensor:
         """Attention of ``query`` ``[rows, heads, q_len, head_dim]`` over the keys/values already in the cache
-        (written by the model: :meth:`layer_cache`; ``kv_heads`` as there).
+        (written by the model: :meth:`layer_cache`; ``kv_heads`` as there: those heads are copied out
+        first, so SDPA sees the same shapes and strides whatever the cache's head count, i.e. the
+        tensor-parallel size; its backend may plan by strides).
         Returns ``[rows, q_len, heads, head_dim]``."""
         keys, values, batch = self.layer_cache(layer, kv_heads)
         keys, values = keys[:, :, :batch.kv_len], values[:, :, :batch.kv_len]
+        if kv_heads is not None:
+            keys, values = keys.contiguous(), values.contiguous()
         if batch.causal:  # a prefill from column 0: flash attention, GQA native
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
                                                  enable_gqa=query.shape[1] != keys.shape[1])

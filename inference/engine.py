@@ -38,7 +38,8 @@ from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
 from inference.sampling import PendingPicks, Pick, RequestSampler, SlotSampling, prompt_logprobs
 from inference.scheduler import Scheduler, Sequence
-from inference.structured import Grammars
+from inference.pacing import LoadPacer
+from inference.structured import Grammars, GrammarTables, tokenizer_key
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
 from otel import names
 
@@ -101,12 +102,18 @@ class Engine:
     def __init__(self, model_config: ModelConfig, batching: BatchingConfig, metrics: InferenceMetrics,
                  tracing: Tracing, forward_observer: ForwardObserver | None = None,
                  load: Callable[[ModelConfig, int], LoadedModel] = load_model,
-                 wrap_runner: Callable[[ModelRunner], Any] | None = None, beside_serving: bool = False) -> None:
+                 wrap_runner: Callable[[ModelRunner], Any] | None = None, beside_serving: bool = False,
+                 pacer: LoadPacer | None = None, grammar_tables: GrammarTables | None = None) -> None:
         """``beside_serving``: the engine starts while others in this process serve (a version loaded
         by the admin API): its start-up collects only the young generations before freezing its
-        objects (``common.gc_freeze``), so no full collection holds the GIL from the serving threads."""
+        objects (``common.gc_freeze``), so no full collection holds the GIL from the serving threads.
+        ``pacer`` (with ``beside_serving``): its start-up chunks and, until the pacer is stopped, its
+        steps yield to the serving engines (``inference.pacing``). ``grammar_tables``: the server's
+        grammar tables, shared by the versions of one tokenizer (None: this engine builds its own)."""
         self._model_config = model_config
-        self._beside_serving = beside_serving
+        self._beside_serving = beside_serving or pacer is not None
+        self._pacer = pacer
+        self._grammar_tables = grammar_tables
         self._batching = batching
         self.metrics = metrics
         self._tracing = tracing
@@ -226,6 +233,7 @@ class Engine:
     def _main(self) -> None:
         try:
             with torch.inference_mode():
+                chunk = time.monotonic()
                 self._model = self._load(self._model_config, self._batching.max_batch_size)
                 self._runner = ModelRunner(self._model.module, self._model.attention,
                                            num_slots=self._batching.max_batch_size,
@@ -233,19 +241,27 @@ class Engine:
                                            device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
                 if self._wrap_runner is not None:
                     self._runner = self._wrap_runner(self._runner)
+                self._pace(chunk, "load", sync=True)
                 self._warm_up()
                 marks = [time.monotonic()]
                 freeze_startup_objects(full=not self._beside_serving)
                 marks.append(time.monotonic())
+                self._pace(marks[-1], "gc freeze")
+                marks.append(time.monotonic())
                 self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
                                               self._model.device, logits_dtype=self._model.dtype)
                 marks.append(time.monotonic())
-                self._guides = _grammars(self._model)
+                self._pace(marks[-1], "sampler")
                 marks.append(time.monotonic())
-                log.info("start-up of %s: gc freeze %.0f ms (%s collection), sampler %.0f ms, grammars %.0f ms",
+                self._guides, shared = self._grammars()
+                marks.append(time.monotonic())
+                self._pace(marks[-1], "grammars")
+                log.info("start-up of %s: gc freeze %.0f ms (%s collection), sampler %.0f ms, grammars %.0f ms (%s)%s",
                          self._model_config.name, 1e3 * (marks[1] - marks[0]),
-                         "young" if self._beside_serving else "full", 1e3 * (marks[2] - marks[1]),
-                         1e3 * (marks[3] - marks[2]))
+                         "young" if self._beside_serving else "full", 1e3 * (marks[3] - marks[2]),
+                         1e3 * (marks[5] - marks[4]), "shared" if shared else "built",
+                         "" if self._pacer is None else
+                         f"; paced: {self._pacer.pauses} pauses, {1e3 * self._pacer.paused_s:.0f} ms")
                 self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
                                       vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
                                       tokenizer=self._model.tokenizer, backend=self._model.backend,
@@ -266,17 +282,57 @@ class Engine:
             self._fail_all(exc)
 
     def _warm_up(self) -> None:
-        """One full-batch prefill and decode (allocates every workspace), then graph capture."""
+        """One full-batch prefill and decode (allocates every workspace), then graph capture; paced
+        (a pause after each, and after each captured graph) when loading beside serving engines."""
         runner = self._runner
         assert runner is not None
-        started = time.monotonic()
+        started = chunk = time.monotonic()
         rows = runner.num_slots
         runner.prefill(0, [[1, 2, 3, 4]] * rows)
+        self._pace(chunk, "warm-up prefill", sync=True)
+        chunk = time.monotonic()
         runner.decode([5] * rows, [4] * rows)
+        self._pace(chunk, "warm-up decode", sync=True)
         if runner.device.type == "cuda":
-            torch.cuda.synchronize()
-        runner.capture_decode_graphs()
+            # this thread's stream only: a device-wide sync would also wait for the serving versions' steps
+            torch.cuda.current_stream(runner.device).synchronize()
+        if self._pacer is None:
+            runner.capture_decode_graphs()
+        else:
+            marks = [time.monotonic()]
+
+            def between() -> None:
+                self._pace(marks[0], "capture", sync=True)
+                marks[0] = time.monotonic()
+
+            runner.capture_decode_graphs(between=between)
         log.info("warm-up done in %.1fs", time.monotonic() - started)
+
+    def _pace(self, chunk_started: float, what: str, sync: bool = False) -> None:
+        """A chunk of start-up or validation work that began at ``chunk_started`` is done: yield to the
+        serving engines (``inference.pacing``) while this engine is paced. ``sync``: wait for the
+        chunk's kernels first (this thread's stream only), so they do not run into the pause."""
+        pacer = self._pacer
+        if pacer is None or not pacer.active:
+            return
+        model = self._model
+        if sync and model is not None and model.device.type == "cuda":
+            torch.cuda.current_stream(model.device).synchronize()
+        pacer.pause(time.monotonic() - chunk_started, what)
+
+    @property
+    def paused_s(self) -> float:
+        """Seconds this engine's work has waited for serving engines (``inference.pacing``), all told."""
+        return self._pacer.paused_s if self._pacer is not None else 0.0
+
+    def _grammars(self) -> tuple[Grammars | None, bool]:
+        """This model's grammar tables, and whether they came shared from ``grammar_tables``."""
+        model = self._model
+        assert model is not None
+        if self._grammar_tables is None:
+            return _grammars(model), False
+        key = tokenizer_key(self._model_config.path, model.vocab_size, model.eos_token_ids)
+        return self._grammar_tables.get(key, lambda: _grammars(model))
 
     def _loop(self) -> None:
         launched: _Launched | None = None  # a decode step whose tokens are not read yet
@@ -292,6 +348,8 @@ class Engine:
                     assert self._runner is not None
                     self._runner.wait_queued()
                 self._finish(launched)
+                if following is None:
+                    self._pace_step(launched.step)
                 launched = following
                 continue
             with self._cond:
@@ -309,7 +367,9 @@ class Engine:
                     self._cond.wait(self._scheduler.wait_timeout_s(now))
                     continue
             if admitted:
-                self._finish(self._launch("prefill", admitted))
+                prefill = self._launch("prefill", admitted)
+                self._finish(prefill)
+                self._pace_step(prefill.step)
             else:
                 launched = self._launch("decode", running)
 
@@ -326,6 +386,7 @@ class Engine:
                 and not sampling.host_bound
                 and any(s.generated + 1 < s.request.params.max_tokens for s in seqs)
                 and max(launched.positions) + 1 < runner.max_len
+                and (self._pacer is None or not self._pacer.active)
                 and not self._scheduler.can_admit(time.monotonic_ns(), draining=self._stopping)
                 and (self._observer is None or self._observer.idle()))
 
@@ -429,6 +490,16 @@ class Engine:
             held.step = None
             self._held = held
         self._record_step(step, end_ns, contexts)
+
+    def _pace_step(self, step: StepInfo) -> None:
+        """While paced (a version validating beside serving ones: its probe and shadow steps), yield to
+        the serving engines after each step; the pause is not counted as a host gap in ``slow_steps``."""
+        pacer = self._pacer
+        if pacer is None or not pacer.active:
+            return
+        took = pacer.pause((time.time_ns() - step.start_time_ns) / 1e9, step.phase)
+        if self._last_step_end_ns is not None:
+            self._last_step_end_ns += int(took * 1e9)
 
     def _note_step(self, step: StepInfo, end_ns: int) -> None:
         """Keep the step in ``slow_steps`` when it, with the host gap since the previous one, was slow."""

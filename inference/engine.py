@@ -51,6 +51,9 @@ MAX_PREFILL_TOKENS = 8192
 # them): where a hot swap, a collection or a GIL convoy stalled serving, with wall-clock times.
 SLOW_STEP_NS = 20_000_000
 SLOW_STEPS_KEPT = 64
+# Every engine's steps run on a CUDA stream of this priority (lower is higher; torch maps it to the
+# highest the device has); a version loading beside serving ones starts up on a default-priority one.
+SERVING_STREAM_PRIORITY = -1
 
 
 @dataclass
@@ -235,51 +238,90 @@ class Engine:
             with torch.inference_mode():
                 chunk = time.monotonic()
                 self._model = self._load(self._model_config, self._batching.max_batch_size)
-                self._runner = ModelRunner(self._model.module, self._model.attention,
-                                           num_slots=self._batching.max_batch_size,
-                                           max_len=self._model.max_model_len, dtype=self._model.dtype,
-                                           device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
-                if self._wrap_runner is not None:
-                    self._runner = self._wrap_runner(self._runner)
-                self._pace(chunk, "load", sync=True)
-                self._warm_up()
-                marks = [time.monotonic()]
-                freeze_startup_objects(full=not self._beside_serving)
-                marks.append(time.monotonic())
-                self._pace(marks[-1], "gc freeze")
-                marks.append(time.monotonic())
-                self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
-                                              self._model.device, logits_dtype=self._model.dtype)
-                marks.append(time.monotonic())
-                self._pace(marks[-1], "sampler")
-                marks.append(time.monotonic())
-                self._guides, shared = self._grammars()
-                marks.append(time.monotonic())
-                self._pace(marks[-1], "grammars")
-                log.info("start-up of %s: gc freeze %.0f ms (%s collection), sampler %.0f ms, grammars %.0f ms (%s)%s",
-                         self._model_config.name, 1e3 * (marks[1] - marks[0]),
-                         "young" if self._beside_serving else "full", 1e3 * (marks[3] - marks[2]),
-                         1e3 * (marks[5] - marks[4]), "shared" if shared else "built",
-                         "" if self._pacer is None else
-                         f"; paced: {self._pacer.pauses} pauses, {1e3 * self._pacer.paused_s:.0f} ms")
-                self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
-                                      vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
-                                      tokenizer=self._model.tokenizer, backend=self._model.backend,
-                                      device=str(self._model.device), max_sequences=self._batching.max_batch_size,
-                                      grammars=self._guides)
-                self._ready.set()
-                self.metrics.ready.set(1)
-                log.info("model %s ready (%s backend, %s, KV cache %.1f MiB, CUDA graphs %s)", self.info.name,
-                         self.info.backend, self.info.device, self._runner.kv.nbytes / 2**20,
-                         "on" if self._runner.uses_cuda_graphs else "off")
-                self._loop()
-                if hasattr(self._runner, "close"):
-                    self._runner.close()
+                loading, serving = self._streams(self._model)
+                if loading is not None:
+                    loading.wait_stream(torch.cuda.current_stream(self._model.device))
+                with torch.cuda.stream(loading):  # None (off CUDA, or no loading stream): this thread's stream
+                    self._start_up(chunk)
+                if serving is not None:
+                    serving.wait_stream(loading if loading is not None
+                                        else torch.cuda.current_stream(self._model.device))
+                with torch.cuda.stream(serving):
+                    self._serve()
+                    if serving is not None:
+                        serving.synchronize()  # its tensors may be freed (reused) once the thread is gone
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting client and to /readyz
             log.exception("inference engine failed")
             self._failure = exc
             self.metrics.ready.set(0)
             self._fail_all(exc)
+
+    def _streams(self, model: LoadedModel) -> tuple[Any, Any]:
+        """The CUDA streams of the warm-up and of serving: (loading, serving), each None for this
+        thread's current stream (off CUDA, tensor parallel, DeepSpeed's kernels, or streams unavailable).
+
+        Every engine serves on a high-priority stream, and a version paced beside serving ones warms
+        up (warm-up steps, graph capture) on a default-priority one: the GPU's block scheduler then
+        runs a serving version's steps ahead of a loading version's kernels. Streams come from torch's
+        pool; the loading stream's work is done (synchronized) before serving starts, and the serving
+        stream's before the engine thread ends, so no tensor is freed with work of the other pending."""
+        if self._wrap_runner is not None or model.device.type != "cuda" or not _on_torch_streams(model.backend):
+            return None, None
+        try:
+            loading = torch.cuda.Stream(model.device) if self._pacer is not None else None
+            return loading, torch.cuda.Stream(model.device, priority=SERVING_STREAM_PRIORITY)
+        except Exception:  # noqa: BLE001 - serving on the thread's current stream still works
+            log.warning("CUDA stream priorities unavailable; %s uses the default stream", self._model_config.name,
+                        exc_info=True)
+            return None, None
+
+    def _start_up(self, chunk: float) -> None:
+        """Build the loaded model's runner, warm up (graph capture included)."""
+        assert self._model is not None
+        self._runner = ModelRunner(self._model.module, self._model.attention,
+                                   num_slots=self._batching.max_batch_size,
+                                   max_len=self._model.max_model_len, dtype=self._model.dtype,
+                                   device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
+        if self._wrap_runner is not None:
+            self._runner = self._wrap_runner(self._runner)
+        self._pace(chunk, "load", sync=True)
+        self._warm_up()
+
+    def _serve(self) -> None:
+        """Freeze the start-up objects, build the sampler and grammar tables, then serve until stopped."""
+        assert self._model is not None and self._runner is not None
+        marks = [time.monotonic()]
+        freeze_startup_objects(full=not self._beside_serving)
+        marks.append(time.monotonic())
+        self._pace(marks[-2], "gc freeze")
+        marks.append(time.monotonic())
+        self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
+                                      self._model.device, logits_dtype=self._model.dtype)
+        marks.append(time.monotonic())
+        self._pace(marks[-2], "sampler")
+        marks.append(time.monotonic())
+        self._guides, shared = self._grammars()
+        marks.append(time.monotonic())
+        self._pace(marks[-2], "grammars")
+        log.info("start-up of %s: gc freeze %.0f ms (%s collection), sampler %.0f ms, grammars %.0f ms (%s)%s",
+                 self._model_config.name, 1e3 * (marks[1] - marks[0]),
+                 "young" if self._beside_serving else "full", 1e3 * (marks[3] - marks[2]),
+                 1e3 * (marks[5] - marks[4]), "shared" if shared else "built",
+                 "" if self._pacer is None else
+                 f"; paced: {self._pacer.pauses} pauses, {1e3 * self._pacer.paused_s:.0f} ms")
+        self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
+                              vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
+                              tokenizer=self._model.tokenizer, backend=self._model.backend,
+                              device=str(self._model.device), max_sequences=self._batching.max_batch_size,
+                              grammars=self._guides)
+        self._ready.set()
+        self.metrics.ready.set(1)
+        log.info("model %s ready (%s backend, %s, KV cache %.1f MiB, CUDA graphs %s)", self.info.name,
+                 self.info.backend, self.info.device, self._runner.kv.nbytes / 2**20,
+                 "on" if self._runner.uses_cuda_graphs else "off")
+        self._loop()
+        if hasattr(self._runner, "close"):
+            self._runner.close()
 
     def _warm_up(self) -> None:
         """One full-batch prefill and decode (allocates every workspace), then graph capture; paced
@@ -293,7 +335,9 @@ class Engine:
         chunk = time.monotonic()
         runner.decode([5] * rows, [4] * rows)
         self._pace(chunk, "warm-up decode", sync=True)
-        if runner.device.type == "cuda":
+        if runner.device.type == "cuda" and self._pacer is None:
+            torch.cuda.synchronize()
+        elif runner.device.type == "cuda":
             # this thread's stream only: a device-wide sync would also wait for the serving versions' steps
             torch.cuda.current_stream(runner.device).synchronize()
         if self._pacer is None:
@@ -671,6 +715,12 @@ def _report_spent(seq: Sequence, prefilled: bool) -> None:
         seq.sink.loop.call_soon_threadsafe(seq.sink.set_spent, spent)
     except RuntimeError:  # the loop is closed: nobody is listening any more
         pass
+
+
+def _on_torch_streams(backend: str) -> bool:
+    """Whether a backend's kernels all run on torch's current stream (the fused decoder, Hugging Face
+    layers; DeepSpeed's injected kernels are left on the default stream)."""
+    return backend.startswith("fused") or backend == "hf"
 
 
 def _grammars(model: LoadedModel) -> Grammars | None:

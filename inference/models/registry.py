@@ -127,6 +127,9 @@ class ModelVersion:
                              "kv_cache_bytes": self.estimate.kv_cache_bytes}
         if self.validation is not None:
             out["validation"] = self.validation.describe()
+        if self.pacer is not None:
+            out["pacing"] = {"active": self.pacer.active, "pauses": self.pacer.pauses,
+                             "paused_ms": round(self.pacer.paused_s * 1e3, 1)}
         slow_steps = getattr(self.engine, "slow_steps", None)
         if slow_steps is not None:
             out["slow_steps"] = [[round(at, 4), round(took, 2), round(gap, 2), phase, batch]

@@ -205,6 +205,7 @@ async def test_hot_swap_under_load_drops_nothing(served) -> None:
             assert sys.getswitchinterval() <= 0.0001
         v2 = await wait_state(s, admin, "gpt", "v2", ("ready", "failed"))
         assert v2["state"] == "ready", v2
+        assert v2["pacing"]["active"] is False  # validated: its steps no longer yield to v1's
         assert sys.getswitchinterval() == switch_interval
         async with s.post(f"{admin}/admin/models/gpt/versions/v2/activate", headers=auth()) as r:
             assert r.status == 200 and (await r.json())["state"] == "active"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -54,6 +55,8 @@ SLOW_STEPS_KEPT = 64
 # Every engine's steps run on a CUDA stream of this priority (lower is higher; torch maps it to the
 # highest the device has); a version loading beside serving ones starts up on a default-priority one.
 SERVING_STREAM_PRIORITY = -1
+# Set to 0: every engine runs on its thread's default stream, as before (a diagnostic switch for A/B runs).
+STREAMS_ENV = "KERNELGATE_ENGINE_STREAMS"
 
 
 @dataclass
@@ -265,7 +268,8 @@ class Engine:
         runs a serving version's steps ahead of a loading version's kernels. Streams come from torch's
         pool; the loading stream's work is done (synchronized) before serving starts, and the serving
         stream's before the engine thread ends, so no tensor is freed with work of the other pending."""
-        if self._wrap_runner is not None or model.device.type != "cuda" or not _on_torch_streams(model.backend):
+        if (self._wrap_runner is not None or model.device.type != "cuda" or not _on_torch_streams(model.backend)
+                or os.environ.get(STREAMS_ENV, "1") == "0"):
             return None, None
         try:
             loading = torch.cuda.Stream(model.device) if self._pacer is not None else None

@@ -3,6 +3,8 @@
 In (serving process): the batch span processor's batches. ``ProcessSpanExporter.export`` turns each
 span into a tuple of ints, strings and dicts, pickles the batch (C) and writes it, length-prefixed,
 to the pipe of a child process (``python -m otel.export_process``), whose own GIL does the rest.
+The kernel tracer's worker sends each captured pass as one compact record instead
+(``send_forward``, otel/kernels/emit.py: no SDK span object per kernel in the serving process).
 Out (child): the spans rebuilt as SDK ``ReadableSpan`` objects and handed to the exporter that
 ``telemetry.protocol`` / ``otlp_endpoint`` name (``otel.setup.build_span_exporter``, the same
 function the in-process path uses): OTLP encoding and sending never hold the server's GIL.
@@ -11,8 +13,9 @@ Why: on a GPU server the engine thread needs the GIL between device waits, and t
 exporters encode in Python (~37 us a plain span, ~290 us an ``engine.step`` span with 16 links
 on the development VM, plus hashing the resource for every span); profiled on CPU with py-spy
 ``--gil``, encoding was the largest part of the GIL time tracing took. Flattening costs a few us a
-span. A full pipe blocks only the exporting thread (the batch processor's queue then drops spans,
-as with a slow collector); a dead child loses spans, never a request (``dropped`` counts them).
+span. A full pipe blocks only the writing thread (the batch processor's queue then drops spans,
+as with a slow collector); a dead child loses spans, never a request (``dropped`` counts them,
+``ProcessSpanExporter`` says how).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -38,6 +42,8 @@ log = logging.getLogger("kernelgate.otel.export_process")
 
 _HEADER = struct.Struct("<I")
 _FLUSH = b"F"  # a one-byte frame: write what you have, then answer with one byte
+_SPANS = "s"  # a frame of flattened SDK spans: (_SPANS, flat, resource attributes, scopes)
+_FORWARDS = "k"  # a frame of kernel tracer passes: (_FORWARDS, [ForwardRecord], resource attributes)
 Flat = tuple[Any, ...]
 
 
@@ -95,9 +101,17 @@ def rebuild(flat: list[Flat], resource_attrs: list[dict[str, Any]], scopes: list
 
 
 class ProcessSpanExporter(SpanExporter):
-    """Hands batches to a child process that exports them with the configured exporter."""
+    """Hands batches to a child process that exports them with the configured exporter.
 
-    def __init__(self, config: TelemetryConfig) -> None:
+    Also takes the kernel tracer's passes as compact records (``send_forward``; otel/kernels/emit.py),
+    which the child turns into the ``gpu.forward`` and kernel spans. Failure: a child that is gone
+    (exited, killed, never started) makes every later batch and record count as ``dropped`` and
+    return at once, logged once; a child that stops reading blocks only the thread that writes
+    (the batch processor's, whose queue then drops spans; the kernel worker's, whose pending passes
+    are then dropped), and ``force_flush`` / ``shutdown`` give up after their timeouts (killing it).
+    """
+
+    def __init__(self, config: TelemetryConfig, resource: Any = None, exit_timeout_s: float = 30.0) -> None:
         settings = json.dumps({k: v for k, v in asdict(config).items() if k != "kernels"})
         self._proc = subprocess.Popen([sys.executable, "-m", "otel.export_process", settings],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
@@ -105,48 +119,114 @@ class ProcessSpanExporter(SpanExporter):
         self._stdin: BinaryIO = self._proc.stdin
         self._stdout: BinaryIO = self._proc.stdout
         self._lock = threading.Lock()
+        # The kernel spans' resource (the tracer provider's), sent with each frame of records.
+        self._resource_attrs = dict(resource.attributes) if resource is not None else {}
+        self._exit_timeout_s = exit_timeout_s
+        self._gone = False
         self.sent = 0
         self.dropped = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        payload = pickle.dumps(flatten(spans), protocol=pickle.HIGHEST_PROTOCOL)
+        if self._gone:
+            self.dropped += len(spans)
+            return SpanExportResult.FAILURE
+        payload = pickle.dumps((_SPANS, *flatten(spans)), protocol=pickle.HIGHEST_PROTOCOL)
+        if not self._write(payload, len(spans)):
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def send_forward(self, record: Any) -> bool:
+        """One captured pass's spans (``otel.kernels.emit.ForwardRecord``), built in the child."""
+        spans = 1 + len(record.kernels)
+        if self._gone:
+            self.dropped += spans
+            return False
+        return self._write(pickle.dumps((_FORWARDS, [tuple(record)], self._resource_attrs),
+                                        protocol=pickle.HIGHEST_PROTOCOL), spans)
+
+    def _write(self, payload: bytes, spans: int) -> bool:
         try:
             with self._lock:
                 self._stdin.write(_HEADER.pack(len(payload)) + payload)
                 self._stdin.flush()
         except (OSError, ValueError):  # the child is gone: these spans are lost, serving goes on
-            self.dropped += len(spans)
-            return SpanExportResult.FAILURE
-        self.sent += len(spans)
-        return SpanExportResult.SUCCESS
+            self._lost(spans)
+            return False
+        self.sent += spans
+        return True
+
+    def _lost(self, spans: int) -> None:
+        self.dropped += spans
+        if not self._gone:
+            self._gone = True
+            log.warning("span export process is gone (exit code %s): spans are dropped from now on",
+                        self._proc.poll())
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Wait until the child has exported everything written so far."""
-        try:
-            with self._lock:
-                self._stdin.write(_HEADER.pack(len(_FLUSH)) + _FLUSH)
-                self._stdin.flush()
-                return self._stdout.read(1) == b"1"
-        except (OSError, ValueError):
+        """Wait until the child has exported everything written so far (False: gone, or not within the timeout)."""
+        if self._gone or not self._lock.acquire(timeout=timeout_millis / 1000):
             return False
+        try:
+            self._stdin.write(_HEADER.pack(len(_FLUSH)) + _FLUSH)
+            self._stdin.flush()
+            ready, _, _ = select.select([self._stdout], [], [], timeout_millis / 1000)
+            return bool(ready) and self._stdout.read(1) == b"1"
+        except (OSError, ValueError):
+            self._lost(0)
+            return False
+        finally:
+            self._lock.release()
 
     def shutdown(self) -> None:
-        """Let the child export what it has and exit."""
+        """Let the child export what it has and exit (killed if it has not within ``exit_timeout_s``)."""
         if self._proc.poll() is None:
+            # A writer blocked on a child that stopped reading holds the lock: kill the child, which
+            # ends that write (EPIPE), rather than wait for it.
+            if self._lock.acquire(timeout=min(self._exit_timeout_s, 5.0)):
+                try:
+                    self._stdin.close()
+                except OSError:
+                    pass
+                finally:
+                    self._lock.release()
+            else:
+                self._proc.kill()
             try:
-                self._stdin.close()
-            except OSError:
-                pass
-            try:
-                self._proc.wait(timeout=30)
+                self._proc.wait(timeout=self._exit_timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("span export process did not exit; killed")
                 self._proc.kill()
+                self._proc.wait()
+        self._gone = True
+        for stream in (self._stdin, self._stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
     data = stream.read(n)
     return data if data is not None and len(data) == n else None
+
+
+def _spans_of(frame: tuple[Any, ...], resources: dict[tuple[tuple[str, Any], ...], Any]) -> list[ReadableSpan]:
+    """The SDK spans of one frame (in the child)."""
+    if frame[0] == _SPANS:
+        return rebuild(*frame[1:])
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from otel import names
+    from otel.kernels.emit import ForwardRecord, readable_spans
+
+    _, records, resource_attrs = frame
+    key = tuple(sorted(resource_attrs.items()))
+    resource = resources.get(key)
+    if resource is None:
+        resource = resources[key] = Resource(resource_attrs)
+    scope = InstrumentationScope(names.KERNELS_TRACER)
+    return [span for record in records for span in readable_spans(ForwardRecord(*record), resource, scope)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = build(TelemetryConfig, json.loads(args[0]), "telemetry")
     exporter = build_span_exporter(config)
+    resources: dict[tuple[tuple[str, Any], ...], Any] = {}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     try:
         while True:
@@ -171,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 stdout.flush()
                 continue
             try:
-                exporter.export(rebuild(*pickle.loads(body)))
+                exporter.export(_spans_of(pickle.loads(body), resources))
             except Exception:  # noqa: BLE001 - a bad batch loses its spans, not the exporter
                 log.exception("span batch not exported")
     finally:

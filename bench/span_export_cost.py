@@ -6,6 +6,13 @@ the gen_ai attributes, ``preprocess`` and ``queue`` children, and ``engine.step`
 links. Each path is timed over the same batches, alternated, ``--repeats`` times; the median per
 span is reported.
 
+``kernel_pass``: one captured pass's kernel spans (the kernel tracer's worker, from the planned
+spans on: 24 layers x 20 kernel names, folded after 8, ~200 spans), per pass and per kernel span:
+``tracer_otlp_encode`` (SDK spans through the tracer, encoded in this process: the in-process
+default), ``tracer_flatten_pickle`` (SDK spans, flattened for the export process: its first
+version) and ``record_pickle`` (one compact record handed to the export process: otel/kernels/emit.py,
+no SDK span object here).
+
     python3 bench/span_export_cost.py --out bench/results/span_export_cost.json
 """
 
@@ -61,6 +68,55 @@ def spans(requests: int, steps: int) -> tuple[list, list]:
     return plain, list(memory.get_finished_spans())
 
 
+def kernel_pass_paths() -> tuple[dict, int]:
+    """The three ways one planned pass leaves the worker, each a callable doing all of it once."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otel import names
+    from otel.export_process import _FORWARDS, _SPANS, flatten
+    from otel.kernels.emit import ForwardRecord, emit_with_tracer, kernel_tuples, new_span_id
+    from otel.kernels.plan import ClockAnchor, KernelEvent, plan_kernel_spans
+
+    kernel_names = [f"void at::native::kernel_{i}<float, 4, at::native::Functor{i}>(int, float const*, float*)"
+                    for i in range(20)]
+    events, t = [], 1_000_000
+    for _layer in range(24):
+        for name in kernel_names:
+            events.append(KernelEvent(name, t, t + 3000, 0, 7))
+            t += 3500
+    plan = plan_kernel_spans(events, ClockAnchor(0, 0, 100), (0, t + 10), 8, 512)
+    attributes = {names.STEP_INDEX: 100, names.STEP_PHASE: "decode", names.STEP_BATCH_SIZE: 16,
+                  names.KERNELS_CAPTURE: "ratio", names.KERNELS_SOURCE: "derived", names.KERNELS_COUNT: len(events),
+                  names.KERNELS_SPANS: len(plan.spans), names.KERNELS_GRAPH_KEY: "0,16,256"}
+    resource = Resource.create({"service.name": "kernelgate-inference", "k8s.pod.name": "kernelgate-0"})
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer(names.KERNELS_TRACER)
+
+    def record(span_id: int) -> ForwardRecord:
+        return ForwardRecord(0xABC, span_id, 0x12, False, 0, t + 10, dict(attributes), ((0xABC, 0x34, 1),),
+                             kernel_tuples(plan.spans), True)
+
+    def through_tracer() -> list:
+        memory.clear()
+        emit_with_tracer(tracer, record(0), pause=lambda: None)
+        return list(memory.get_finished_spans())
+
+    paths = {
+        "tracer_otlp_encode": lambda: encode_spans(through_tracer()).SerializeToString(),
+        "tracer_flatten_pickle": lambda: pickle.dumps((_SPANS, *flatten(through_tracer())),
+                                                      protocol=pickle.HIGHEST_PROTOCOL),
+        "record_pickle": lambda: pickle.dumps((_FORWARDS, [tuple(record(new_span_id()))], dict(resource.attributes)),
+                                              protocol=pickle.HIGHEST_PROTOCOL),
+    }
+    return paths, 1 + len(plan.spans)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200)
@@ -88,6 +144,17 @@ def main() -> int:
         medians = {name: round(statistics.median(t), 1) for name, t in times.items()}
         result["us_per_span"][label] = {**medians, "spans": len(batch),
                                         "ratio": round(medians["otlp_encode"] / medians["flatten_pickle"], 2)}
+    kernel_paths, spans_per_pass = kernel_pass_paths()
+    times = {name: [] for name in kernel_paths}
+    for _ in range(args.repeats):
+        for name, run in kernel_paths.items():  # alternated, as above
+            began = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - began) * 1e6)
+    per_pass = {name: round(statistics.median(t), 1) for name, t in times.items()}
+    result["kernel_pass"] = {"spans_per_pass": spans_per_pass, "us_per_pass": per_pass,
+                             "us_per_span": {name: round(v / spans_per_pass, 2) for name, v in per_pass.items()},
+                             "ratio": round(per_pass["tracer_otlp_encode"] / per_pass["record_pickle"], 2)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=1))
     return 0

@@ -43,7 +43,9 @@ log = logging.getLogger("kernelgate.otel.export_process")
 _HEADER = struct.Struct("<I")
 _FLUSH = b"F"  # a one-byte frame: write what you have, then answer with one byte
 _SPANS = "s"  # a frame of flattened SDK spans: (_SPANS, flat, resource attributes, scopes)
-_FORWARDS = "k"  # a frame of kernel tracer passes: (_FORWARDS, [ForwardRecord], resource attributes)
+# A frame of records: (_RECORDS, [SpanRecord], [ForwardRecord], resource attributes), as tuples.
+_RECORDS = "r"
+RECORDS_PER_WRITE = 256  # records buffered before a write (they also go with each batch, and every export_delay_s)
 Flat = tuple[Any, ...]
 
 
@@ -122,7 +124,15 @@ class ProcessSpanExporter(SpanExporter):
         # The kernel spans' resource (the tracer provider's), sent with each frame of records.
         self._resource_attrs = dict(resource.attributes) if resource is not None else {}
         self._exit_timeout_s = exit_timeout_s
+        self._delay_s = config.export_delay_s
         self._gone = False
+        # Records (span_records.SpanRecord, kernels.emit.ForwardRecord) waiting for the next write.
+        self._pending_lock = threading.Lock()
+        self._records: list[tuple[Any, ...]] = []
+        self._forwards: list[tuple[Any, ...]] = []
+        self._pending_spans = 0
+        self._flusher: threading.Thread | None = None
+        self._closed = threading.Event()
         self.sent = 0
         self.dropped = 0
 
@@ -130,19 +140,59 @@ class ProcessSpanExporter(SpanExporter):
         if self._gone:
             self.dropped += len(spans)
             return SpanExportResult.FAILURE
+        self.write_records()  # records waiting go first, in the same wake-up of the child
         payload = pickle.dumps((_SPANS, *flatten(spans)), protocol=pickle.HIGHEST_PROTOCOL)
         if not self._write(payload, len(spans)):
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
-    def send_forward(self, record: Any) -> bool:
+    def send_span(self, record: Any) -> None:
+        """A finished span as a record (``otel.span_records.SpanRecord``), built in the child. Records
+        are buffered and written together (``write_records``): at ``RECORDS_PER_WRITE``, with the
+        next batch of SDK spans, at flush, and at least every ``export_delay_s``."""
+        self._add(record, 1, False)
+
+    def send_forward(self, record: Any) -> None:
         """One captured pass's spans (``otel.kernels.emit.ForwardRecord``), built in the child."""
-        spans = 1 + len(record.kernels)
+        self._add(record, 1 + len(record.kernels), True)
+
+    def _add(self, record: Any, spans: int, forward: bool) -> None:
+        if self._gone:
+            self.dropped += spans
+            return
+        with self._pending_lock:
+            (self._forwards if forward else self._records).append(tuple(record))
+            self._pending_spans += spans
+            full = len(self._records) + len(self._forwards) >= RECORDS_PER_WRITE
+        if self._flusher is None:
+            self._start_flusher()
+        if full:
+            self.write_records()
+
+    def write_records(self) -> bool:
+        """Write the buffered records as one frame (False: the child is gone, they are dropped)."""
+        with self._pending_lock:
+            if not self._records and not self._forwards:
+                return True
+            records, forwards, spans = self._records, self._forwards, self._pending_spans
+            self._records, self._forwards, self._pending_spans = [], [], 0
         if self._gone:
             self.dropped += spans
             return False
-        return self._write(pickle.dumps((_FORWARDS, [tuple(record)], self._resource_attrs),
+        return self._write(pickle.dumps((_RECORDS, records, forwards, self._resource_attrs),
                                         protocol=pickle.HIGHEST_PROTOCOL), spans)
+
+    def _start_flusher(self) -> None:
+        with self._pending_lock:
+            if self._flusher is not None:
+                return
+            self._flusher = threading.Thread(target=self._flush_records_every, name="kernelgate-span-records",
+                                             daemon=True)
+        self._flusher.start()
+
+    def _flush_records_every(self) -> None:
+        while not self._closed.wait(self._delay_s):
+            self.write_records()
 
     def _write(self, payload: bytes, spans: int) -> bool:
         try:
@@ -164,7 +214,7 @@ class ProcessSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Wait until the child has exported everything written so far (False: gone, or not within the timeout)."""
-        if self._gone or not self._lock.acquire(timeout=timeout_millis / 1000):
+        if self._gone or not self.write_records() or not self._lock.acquire(timeout=timeout_millis / 1000):
             return False
         try:
             self._stdin.write(_HEADER.pack(len(_FLUSH)) + _FLUSH)
@@ -179,6 +229,9 @@ class ProcessSpanExporter(SpanExporter):
 
     def shutdown(self) -> None:
         """Let the child export what it has and exit (killed if it has not within ``exit_timeout_s``)."""
+        self._closed.set()
+        if self._proc.poll() is None and not self._gone:
+            self.write_records()
         if self._proc.poll() is None:
             # A writer blocked on a child that stopped reading holds the lock: kill the child, which
             # ends that write (EPIPE), rather than wait for it.
@@ -210,7 +263,7 @@ def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
     return data if data is not None and len(data) == n else None
 
 
-def _spans_of(frame: tuple[Any, ...], resources: dict[tuple[tuple[str, Any], ...], Any]) -> list[ReadableSpan]:
+def _spans_of(frame: tuple[Any, ...], cache: dict[Any, Any]) -> list[ReadableSpan]:
     """The SDK spans of one frame (in the child)."""
     if frame[0] == _SPANS:
         return rebuild(*frame[1:])
@@ -219,14 +272,25 @@ def _spans_of(frame: tuple[Any, ...], resources: dict[tuple[tuple[str, Any], ...
 
     from otel import names
     from otel.kernels.emit import ForwardRecord, readable_spans
+    from otel.span_records import SpanRecord, readable_span
 
-    _, records, resource_attrs = frame
+    _, records, forwards, resource_attrs = frame
     key = tuple(sorted(resource_attrs.items()))
-    resource = resources.get(key)
+    resource = cache.get(key)
     if resource is None:
-        resource = resources[key] = Resource(resource_attrs)
-    scope = InstrumentationScope(names.KERNELS_TRACER)
-    return [span for record in records for span in readable_spans(ForwardRecord(*record), resource, scope)]
+        resource = cache[key] = Resource(resource_attrs)
+
+    def scope(name: str) -> InstrumentationScope:
+        found = cache.get(("scope", name))
+        if found is None:
+            found = cache[("scope", name)] = InstrumentationScope(name)
+        return found
+
+    spans = [readable_span(r, resource, scope(r.scope)) for r in map(SpanRecord._make, records)]
+    kernels = scope(names.KERNELS_TRACER)
+    for forward in forwards:
+        spans.extend(readable_spans(ForwardRecord._make(forward), resource, kernels))
+    return spans
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = build(TelemetryConfig, json.loads(args[0]), "telemetry")
     exporter = build_span_exporter(config)
-    resources: dict[tuple[tuple[str, Any], ...], Any] = {}
+    cache: dict[Any, Any] = {}  # resources and scopes, made once
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     try:
         while True:
@@ -252,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 stdout.flush()
                 continue
             try:
-                exporter.export(_spans_of(pickle.loads(body), resources))
+                exporter.export(_spans_of(pickle.loads(body), cache))
             except Exception:  # noqa: BLE001 - a bad batch loses its spans, not the exporter
                 log.exception("span batch not exported")
     finally:

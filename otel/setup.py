@@ -136,6 +136,12 @@ def metrics_path(traces_path: str) -> str:
     return f"{stem}.metrics.{ext}" if dot and "/" not in ext else traces_path + ".metrics"
 
 
+def export_process_sink() -> Any:
+    """Where spans made as plain records go (``otel.span_records``): the span export process of the
+    installed tracer provider, or None (telemetry off, or spans exported in this process)."""
+    return _export_process.send_span if _export_process is not None else None
+
+
 @contextlib.contextmanager
 def kernel_tracing(config: TelemetryConfig | None) -> Iterator[object | None]:
     """The kernel tracer (otel/kernels/) of this process, or None when tracing or capture is off.

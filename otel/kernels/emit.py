@@ -22,7 +22,6 @@ one: it must be head-sampled), where the SDK's parent-based sampler would record
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +31,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from otel import names
 from otel.kernels.capture import YIELD_EVERY_SPANS, yield_gil
 from otel.kernels.plan import KernelSpan
+from otel.span_records import new_span_id, record_context
 
 # (short name, start ns, end ns, full kernel name, device, stream, count, gpu time ns)
 KernelTuple = tuple[str, int, int, str, int, int, int, int]
@@ -68,17 +68,9 @@ def kernel_attributes(k: KernelTuple, derived: bool) -> dict[str, Any]:
     return attributes
 
 
-def new_span_id() -> int:
-    """A span id as the SDK's RandomIdGenerator draws one (never 0, the invalid id)."""
-    span_id = random.getrandbits(64)
-    while span_id == 0:
-        span_id = random.getrandbits(64)
-    return span_id
-
-
-def record_context(record: ForwardRecord) -> SpanContext:
+def forward_context(record: ForwardRecord) -> SpanContext:
     """The ``gpu.forward`` span's context, for a record whose span id is drawn (the compact path)."""
-    return SpanContext(record.trace_id, record.span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return record_context(record.trace_id, record.span_id)
 
 
 def emit_with_tracer(tracer: trace.Tracer, record: ForwardRecord,
@@ -107,7 +99,7 @@ def readable_spans(record: ForwardRecord, resource: Any, scope: Any) -> list[Any
     from opentelemetry.trace import Status
 
     sampled = TraceFlags(TraceFlags.SAMPLED)
-    forward = SpanContext(record.trace_id, record.span_id, is_remote=False, trace_flags=sampled)
+    forward = forward_context(record)
     spans = [ReadableSpan(name=k[0], context=SpanContext(record.trace_id, new_span_id(), False, sampled),
                           parent=forward, resource=resource, attributes=kernel_attributes(k, record.derived),
                           kind=SpanKind.INTERNAL, status=Status(), start_time=k[1], end_time=k[2],

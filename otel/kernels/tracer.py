@@ -32,9 +32,10 @@ from otel.deferred import PendingSpan, resolve
 from otel.kernels.budget import StallBudget
 from otel.kernels.capture import Capture, RawCapture
 from otel.kernels.derive import ReplayTemplate, build_template, is_fresh, place
-from otel.kernels.emit import ForwardRecord, emit_with_tracer, kernel_tuples, new_span_id, record_context
+from otel.kernels.emit import ForwardRecord, emit_with_tracer, forward_context, kernel_tuples
 from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans, request_share
 from otel.kernels.selection import CaptureSampler, is_forced
+from otel.span_records import new_span_id
 
 log = logging.getLogger("kernelgate.otel.kernels")
 
@@ -518,7 +519,7 @@ class KernelTracer:
                                attributes, tuple(links), kernel_tuples(plan.spans), job.template is not None)
         if sink is not None:  # built and exported by the span export process (it counts what it loses)
             sink(record)
-            return record_context(record)
+            return forward_context(record)
         return emit_with_tracer(self._tracer, record._replace(span_id=0))
 
 

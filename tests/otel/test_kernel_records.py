@@ -23,6 +23,7 @@ from otel.kernels.cupti_capture import CuptiCapture
 from otel.kernels.emit import ForwardRecord, emit_with_tracer, readable_spans
 from otel.kernels.tracer import KernelTracer
 from otel.otlp_file import read_otlp_file
+from otel.span_records import SpanRecord
 from tests.jaeger import parse_otlp
 from tests.otel.fake_cupti import FakeCupti, fake_demangle
 from tests.otel.test_kernel_derive import Replaying, wait_until
@@ -121,21 +122,22 @@ def test_kernel_spans_go_to_the_export_process_as_records_and_come_out_as_the_sa
     exporter.shutdown()
 
 
-def test_a_gone_export_process_loses_kernel_records_and_spans_without_blocking_or_raising(
+def test_a_gone_export_process_loses_records_and_spans_without_blocking_or_raising(
         tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     exporter = ProcessSpanExporter(TelemetryConfig(enabled=True, protocol="file",
                                                    otlp_endpoint=str(tmp_path / "spans.otlp")))
     exporter._proc.kill()
     exporter._proc.wait()
-    record = RECORD._replace(span_id=9)
-    for _ in range(3):  # the first write may still fit the pipe's buffer of a dead reader; none raises
-        exporter.send_forward(record)
-    assert exporter.dropped >= 3 and exporter.send_forward(record) is False
-    assert exporter.dropped >= 6  # every later record counts its 3 spans
+    exporter.send_forward(RECORD._replace(span_id=9))  # buffered: 3 spans
+    exporter.send_span(SpanRecord("queue", 0xABC, 5, 0x12, False, 1, 2, None))
+    assert exporter.write_records() is False and exporter.dropped == 4, "the gone child is found, nothing raises"
+    exporter.send_forward(RECORD._replace(span_id=9))  # known gone: counted at once
+    assert exporter.dropped == 7
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     provider.get_tracer("api").start_span("POST /v1/completions").end()  # serving goes on
+    assert exporter.dropped == 8
     assert exporter.force_flush(timeout_millis=1000) is False
     exporter.shutdown()
     provider.shutdown()
@@ -153,4 +155,5 @@ def test_an_export_process_that_stops_reading_does_not_hang_flush_or_shutdown(tm
     finally:
         exporter.shutdown()  # does not wait for a child that cannot exit: killed
     assert exporter._proc.poll() is not None
-    assert exporter.send_forward(RECORD._replace(span_id=9)) is False
+    exporter.send_forward(RECORD._replace(span_id=9))  # after shutdown: dropped, counted
+    assert exporter.dropped == 3 and exporter.write_records()

@@ -29,7 +29,7 @@ from otel import names
 from otel.deferred import DeferredSpans, PendingSpan
 from otel.sampling import step_kept
 from otel.setup import export_process_sink
-from otel.span_records import SpanRecord, new_span_id, record_context
+from otel.span_records import SpanRecord, new_span_id, record_context, sampled_attributes
 
 TRACER_NAME = names.INFERENCE_TRACER
 
@@ -210,8 +210,10 @@ class Tracing:
                                               Exception | None]) -> None:
         name, parent, start_ns, end_ns, attributes, error = record
         if self._sink is not None and parent.trace_flags.sampled and error is None:
-            self._sink(SpanRecord(name, parent.trace_id, new_span_id(), parent.span_id, parent.is_remote, start_ns,
-                                  end_ns, dict(attributes) if attributes else None, scope=TRACER_NAME))
+            kept = sampled_attributes(self.tracer, parent, name, dict(attributes) if attributes else None)
+            if kept is not None:
+                self._sink(SpanRecord(name, parent.trace_id, new_span_id(), parent.span_id, parent.is_remote,
+                                      start_ns, end_ns, kept or None, scope=TRACER_NAME))
             return
         ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent))
         span = self.tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes)
@@ -226,9 +228,12 @@ class Tracing:
         valid = [c for c in request_contexts if c is not None and c.is_valid]
         owner = next((c for c in valid if c.trace_flags.sampled), valid[0] if valid else None)
         if self._sink is not None and owner is not None and owner.trace_flags.sampled:
+            kept = sampled_attributes(self.tracer, owner, names.STEP_SPAN, {**step_attributes(step), **attributes})
+            if kept is None:  # thinned by the sampler (when this Tracing was not told the rule)
+                return None
             span_id = new_span_id()
             self._sink(SpanRecord(names.STEP_SPAN, owner.trace_id, span_id, owner.span_id, owner.is_remote,
-                                  step.start_time_ns, end_ns, {**step_attributes(step), **attributes},
+                                  step.start_time_ns, end_ns, kept,
                                   tuple((c.trace_id, c.span_id, int(c.trace_flags)) for c in valid),
                                   scope=TRACER_NAME))
             return record_context(owner.trace_id, span_id)

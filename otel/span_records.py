@@ -10,9 +10,8 @@ ids, parent, times, attributes, links), made on the inference server's span thre
 Why: the SDK span object (sampler, id generator, attribute validation, span processors) and then
 flattening it for the export process cost the serving process's GIL ~100 us for an ``engine.step``
 span with 16 links (bench/span_export_cost.py); a record is a tuple. Made only under a sampled
-parent, where the SDK's parent-based sampler would record the span anyway (step thinning is
-applied before a step is queued, ``otel.sampling.step_kept``), so the trace is the same; the span id
-is drawn as the SDK draws one.
+parent and when the tracer's sampler (parent-based, step thinning), asked as the SDK asks it, says
+it records the span, so the trace is the same; the span id is drawn as the SDK draws one.
 """
 
 from __future__ import annotations
@@ -37,6 +36,23 @@ class SpanRecord(NamedTuple):
     links: tuple[tuple[int, int, int], ...] = ()  # (trace id, span id, trace flags)
     scope: str = ""  # the instrumentation scope (tracer) name
     kind: int = SpanKind.INTERNAL.value
+
+
+def sampled_attributes(tracer: Any, parent: SpanContext, name: str, attributes: dict[str, Any] | None
+                       ) -> dict[str, Any] | None:
+    """The attributes a span made as a record gets, or None when the tracer's sampler would not record
+    it: the same decision the SDK makes when the span is started through ``tracer`` (parent-based
+    head sampling, step thinning), from the same inputs."""
+    from opentelemetry import trace
+
+    sampler = getattr(tracer, "sampler", None)
+    if sampler is None:  # not an SDK tracer: nothing would be recorded
+        return None
+    result = sampler.should_sample(trace.set_span_in_context(trace.NonRecordingSpan(parent)), parent.trace_id,
+                                   name, SpanKind.INTERNAL, attributes)
+    if not result.decision.is_sampled():
+        return None
+    return dict(result.attributes) if result.attributes else {}
 
 
 def new_span_id() -> int:

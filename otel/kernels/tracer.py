@@ -35,7 +35,7 @@ from otel.kernels.derive import ReplayTemplate, build_template, is_fresh, place
 from otel.kernels.emit import ForwardRecord, emit_with_tracer, forward_context, kernel_tuples
 from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans, request_share
 from otel.kernels.selection import CaptureSampler, is_forced
-from otel.span_records import new_span_id
+from otel.span_records import new_span_id, sampled_attributes
 
 log = logging.getLogger("kernelgate.otel.kernels")
 
@@ -514,6 +514,9 @@ class KernelTracer:
                 links.append((source.trace_id, source.span_id, int(source.trace_flags)))
         # Ends with its last kernel, so it stays inside the step span (which ends before finish() runs).
         sink = self._sink if parent.trace_flags.sampled else None
+        if sink is not None:  # the sampler decides as it would for the SDK span (never 'drop' under a sampled parent)
+            kept = sampled_attributes(self._tracer, parent, names.FORWARD_SPAN, attributes)
+            sink, attributes = (sink, kept) if kept is not None else (None, attributes)
         record = ForwardRecord(parent.trace_id, new_span_id() if sink is not None else 0, parent.span_id,
                                parent.is_remote, job.window[0], plan.last_ns if plan.spans else job.window[1],
                                attributes, tuple(links), kernel_tuples(plan.spans), job.template is not None)

@@ -157,3 +157,32 @@ def test_an_export_process_that_stops_reading_does_not_hang_flush_or_shutdown(tm
     assert exporter._proc.poll() is not None
     exporter.send_forward(RECORD._replace(span_id=9))  # after shutdown: dropped, counted
     assert exporter.dropped == 3 and exporter.write_records()
+
+
+def test_records_are_made_only_for_spans_the_tracers_sampler_records() -> None:
+    """The record path asks the tracer's sampler as the SDK would: step thinning holds even for a
+    ``Tracing`` not told the rule, and an unsampled parent makes nothing."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from inference.tracing import StepInfo, Tracing
+    from otel.sampling import StepThinningSampler
+
+    records: list = []
+    provider = TracerProvider(sampler=StepThinningSampler(ParentBased(TraceIdRatioBased(1.0)), 16))
+    tracing = Tracing(provider.get_tracer("kernelgate.inference"), sink=records.append)  # decode_step_spans_every=1
+    sampled = SpanContext(0xA, 0x1, False, TraceFlags(1))
+    unsampled = SpanContext(0xB, 0x2, False, TraceFlags(0))
+    for index in range(32):
+        step = StepInfo(index, "prefill" if index == 5 else "decode", 1, 1, ("r",), 10, (sampled,), (1,))
+        tracing.record_step(step, 20, [sampled], {})
+    tracing.record_step(StepInfo(99, "prefill", 1, 1, ("r",), 10, (unsampled,), (1,)), 20, [unsampled], {})
+    tracing.record_child(names.QUEUE_SPAN, sampled, 1, 2, {names.QUEUE_SLOT: 3})
+    tracing.record_child(names.QUEUE_SPAN, unsampled, 1, 2, {names.QUEUE_SLOT: 4})
+    assert tracing.flush()
+    steps = [r for r in records if r.name == names.STEP_SPAN]
+    assert sorted(r.attributes[names.STEP_INDEX] for r in steps) == [0, 5, 16]  # decode 0 and 16, the prefill
+    assert all(r.trace_id == 0xA and r.parent_span_id == 0x1 and r.links == ((0xA, 0x1, 1),) for r in steps)
+    [queue] = [r for r in records if r.name == names.QUEUE_SPAN]
+    assert queue.attributes == {names.QUEUE_SLOT: 3} and queue.trace_id == 0xA
+    tracing.close()

@@ -32,7 +32,9 @@ steps of a whole batch, 2 % of a window). A mode's loss is pooled over all round
 of its windows against ``off``'s, summed over rounds) with a bootstrap 90 % interval (rounds
 resampled within each run); rounds go on until that interval of ``on`` is narrower than
 ``±--target-halfwidth`` points, or ``--max-rounds``, or ``--time-budget-s``. ``--runs`` repeats
-the whole thing with fresh servers; every run's and every window's figures are written.
+the whole thing with fresh servers; every run's and every window's figures are written. Each
+window also records the server process's CPU time per 1000 tokens (``server_cpu_ms_per_1k_tokens``,
+all its threads from /proc, its span export child not counted; the median per mode at the top).
 
 Which requests get kernel traces: trace ids decide, as in production (``kernels.ratio``, the
 same test as OTel's ``TraceIdRatioBased``). With ``--trace-ids stratified`` (the default) the

@@ -6,7 +6,8 @@ The probe asks for ``probe_tokens`` tokens and must get them without an error. T
 sends the most recent ``shadow_samples`` prompts greedily (``shadow_tokens`` tokens, EOS
 ignored), all at once, to the active version and then to the candidate, and compares: the share
 of prompts with identical outputs must reach ``min_agreement``, and the candidate's summed
-latency may be at most ``max_latency_ratio`` x the active one's. Prompts the candidate's vocabulary
+latency may be at most ``max_latency_ratio`` x the active one's (not counting the time the
+candidate's steps yielded to serving versions, ``inference.pacing``). Prompts the candidate's vocabulary
 cannot take (another tokenizer) are skipped, and the result says how many.
 """
 
@@ -93,12 +94,16 @@ async def validate(candidate: Any, active: Any | None, recent: list[tuple[int, .
         return ValidationResult(True, None, probe_s * 1e3, shadow_skipped=len(samples))
     try:
         wants = await _run_all(active, usable, config.shadow_tokens)
+        paused = getattr(candidate, "paused_s", 0.0)
         gots = await _run_all(candidate, usable, config.shadow_tokens)
+        paused = getattr(candidate, "paused_s", 0.0) - paused
     except Exception as exc:  # noqa: BLE001
         return ValidationResult(False, f"shadow run failed: {exc}", probe_s * 1e3)
     agree = sum(got == want for (got, _), (want, _) in zip(gots, wants))
     active_s = sum(seconds for _, seconds in wants)
-    candidate_s = sum(seconds for _, seconds in gots)
+    # The candidate's steps yield to the serving versions while it validates (``inference.pacing``):
+    # its prompts ran at once, so each one's time holds every pause; they are not its own latency.
+    candidate_s = sum(max(seconds - paused, 0.0) for _, seconds in gots)
     agreement = agree / len(usable)
     ratio = candidate_s / active_s if active_s > 0 else 1.0
     result = dict(probe_ms=probe_s * 1e3, shadow_prompts=len(usable), shadow_skipped=len(samples) - len(usable),

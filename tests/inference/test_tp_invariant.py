@@ -127,22 +127,16 @@ def check_triton_shards() -> None:
 
     from inference.attention import SlotAttention
     from inference.llama import FusedLlama
-    from inference.ops import TorchOps, TritonOps
+    from inference.ops import TorchOps
     from inference.runner import ModelRunner
+    from tests.inference.test_triton_decode_attention import counted_triton_ops
 
     prompts = [[5, 17, 99, 3], list(range(40, 100)), [200, 1, 2]]  # the second crosses the 64-key bucket
     for name, shards in (("tiny-qwen2", 2), ("tiny-llama-kv4", 4)):
         torch.manual_seed(0)
         hf = AutoModelForCausalLM.from_config(random_config(name)).eval()
         calls: list[int] = []
-        triton_ops = TritonOps()
-        kernel = triton_ops.decode_attention
-
-        def counted(*args, **kwargs):
-            calls.append(args[1])  # query heads of the call: a shard's
-            return kernel(*args, **kwargs)
-
-        triton_ops.decode_attention = counted
+        triton_ops = counted_triton_ops(calls, lambda args: args[1])  # query heads of each call: a shard's
         results = []
         for ops, invariant in ((TorchOps(), None), (triton_ops, shards)):
             attention = SlotAttention()

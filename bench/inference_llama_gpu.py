@@ -359,17 +359,46 @@ def step_times(name: str, model, args: argparse.Namespace) -> dict:
     return result
 
 
-def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace,
-                 tp: int, numerics: str = "default") -> tuple[list[dict], dict]:
-    from inference.model_configs import random_config
-
-    vocab = random_config(name).vocab_size
+def start_llama_server(name: str, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace, tp: int,
+                       numerics: str = "default", env: dict[str, str] | None = None):
+    """The kernelgate server of ``bench_server``, started and ready: (process, port, log path)."""
     max_len = 2 ** (max(prompt_lengths) + args.new_tokens - 1).bit_length()
     model_keys = {"ops": args.ops, "tp_size": tp, "max_model_len": max_len, "dtype": args.dtype, "numerics": numerics}
     if numerics == "tp_invariant":
         model_keys["numerics_shards"] = args.numerics_shards
     variant = f"fused-tp{tp}" + ("" if numerics == "default" else f"-{numerics}")
-    proc, port, log_path = start_server(name, variant, max(levels), args, model_keys)
+    return start_server(name, variant, max(levels), args, model_keys, env)
+
+
+def one_gpu_servers(name: str, length: int, levels: list[int], args: argparse.Namespace, modes: list[str]) -> list:
+    """One-GPU servers of every numerics mode, started side by side on GPUs 0, 1, ... (their start-up is
+    most of their time) where there are enough GPUs (or on the CPU), to be measured one at a time; else
+    Nones (each ``bench_server`` starts its own in turn)."""
+    import torch
+
+    if len(modes) < 2 or (args.device == "cuda" and torch.cuda.device_count() < len(modes)):
+        return [None] * len(modes)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(modes)) as pool:
+        futures = [pool.submit(start_llama_server, name, [length], levels, args, 1, mode,
+                               {"CUDA_VISIBLE_DEVICES": str(gpu)}) for gpu, mode in enumerate(modes)]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < len(futures):
+        for proc, _, _ in started:
+            stop_server(proc)
+        raise next(f.exception() for f in futures if f.exception() is not None)
+    return started
+
+
+def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace,
+                 tp: int, numerics: str = "default", server=None) -> tuple[list[dict], dict]:
+    """kernelgate's tokens/s, time to first token and decode time per token at each prompt length and
+    concurrency; ``server``: one already started by :func:`start_llama_server` (stopped here too)."""
+    from inference.model_configs import random_config
+
+    vocab = random_config(name).vocab_size
+    proc, port, log_path = server or start_llama_server(name, prompt_lengths, levels, args, tp, numerics)
     rows, extra = [], {}
     try:
         for length in prompt_lengths:
@@ -517,13 +546,20 @@ def main() -> int:
                     section[f"tp{args.tp}"] = {"tokens_per_s_c1": _pick(server_rows, lengths[0], 1),
                                                f"tokens_per_s_c{top}": _pick(server_rows, lengths[0], top)}
                     write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
-                for mode in modes:
-                    one_rows, _ = bench_server(name, lengths[:1], [1, top], args, 1, mode)
-                    rows += one_rows
-                    _mode_section(tp_section[name], mode, modes)["tp1"] = {
-                        "tokens_per_s_c1": _pick(one_rows, lengths[0], 1),
-                        f"tokens_per_s_c{top}": _pick(one_rows, lengths[0], top)}
-                    write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+                servers = one_gpu_servers(name, lengths[0], [1, top], args, modes)
+                try:
+                    for index, mode in enumerate(modes):
+                        server, servers[index] = servers[index], None  # bench_server stops it
+                        one_rows, _ = bench_server(name, lengths[:1], [1, top], args, 1, mode, server)
+                        rows += one_rows
+                        _mode_section(tp_section[name], mode, modes)["tp1"] = {
+                            "tokens_per_s_c1": _pick(one_rows, lengths[0], 1),
+                            f"tokens_per_s_c{top}": _pick(one_rows, lengths[0], top)}
+                        write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+                finally:
+                    for server in servers:  # those not measured (a failure before them)
+                        if server is not None:
+                            stop_server(server[0])
         ours = next((r for r in rows if r["model"] == name and r["system"] == "kernelgate"
                      and r.get("tp_size") == args.tp and r.get("numerics") == modes[0]
                      and r["prompt_tokens"] == lengths[0] and r["concurrency"] == 1), None)

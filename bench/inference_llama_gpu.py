@@ -472,7 +472,12 @@ def merge(out: Path, parts: list[Path]) -> dict:
         result["rows"] = [r for r in result.get("rows", []) if key(r) not in fresh] + part.get("rows", [])
         result["checks"] = result.get("checks", []) + part.get("checks", [])
         for section in (k for k in part if k.startswith("tp") and k[2:].isdigit()):
-            result.setdefault(section, {}).update(part[section])
+            merged = result.setdefault(section, {})
+            for name, figures in part[section].items():  # per model: keys the run did not write stay
+                if isinstance(merged.get(name), dict) and isinstance(figures, dict):
+                    merged[name].update(figures)
+                else:
+                    merged[name] = figures
             result.get("not_run", {}).pop(section, None)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -277,7 +277,8 @@ class FusedLlama(torch.nn.Module):
         is rounded once, as one GPU's GEMM rounds its output once (fp16 partials summed in fp16 were
         rounded three times). That alone did not make ``tp_size`` 2's greedy tokens equal one GPU's
         on the H200 pair: the summation order still differs, and the random-weight model's
-        near-tied argmaxes flip on it (bench/results/inference_llama_gpu.json, ``tp2``).
+        near-tied argmaxes flip on it (bench/results/inference_llama_gpu.json, ``tp2``). ``tp_invariant``
+        numerics fix the order instead (:meth:`_shard_sum`).
         """
         all_reduce = self.tp.all_reduce
         if all_reduce is None:

@@ -58,6 +58,21 @@ def threads_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def thread_names(pid: int) -> dict[str, str]:
+    """threads_cpu's keys -> Python's thread names, as ``py-spy dump`` reads them (if on PATH)."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return {}
+    out = subprocess.run([spy, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True).stdout
+    names = {}
+    for line in out.splitlines():
+        if line.startswith("Thread "):
+            tid, _, rest = line[len("Thread "):].partition(" ")
+            name = rest.split('"')[1] if '"' in rest else rest
+            names[f"python-{tid}"] = f"{name}-{tid}"
+    return names
+
+
 def children_cpu(pid: int) -> float:
     """CPU seconds of ``pid``'s children (sidecar workers)."""
     total = 0.0
@@ -142,6 +157,7 @@ def main() -> None:
         wall = time.perf_counter() - wall
         after = {name: cpu_of(pid) + children_cpu(pid) for name, pid in procs.items()}
         threads_after = threads_cpu(sidecar)
+        names = thread_names(sidecar)
         for sampler in samplers:
             sampler.wait(timeout=60)
         report = json.loads(subprocess.run([vegeta, "report", "-type=json"], input=out, capture_output=True,
@@ -154,8 +170,9 @@ def main() -> None:
                   "cpu_us_per_request": {name: round((after[name] - before[name]) / max(requests, 1) * 1e6, 1)
                                          for name in procs},
                   "sidecar_threads_cpu_us_per_request": {
-                      name: round((threads_after[name] - threads_before.get(name, 0.0)) / max(requests, 1) * 1e6, 1)
-                      for name in threads_after},
+                      names.get(name, name): round((threads_after[name] - threads_before.get(name, 0.0))
+                                                   / max(requests, 1) * 1e6, 1)
+                      for name in threads_after if threads_after[name] > threads_before.get(name, 0.0)},
                   "loadavg": os.getloadavg()}
         result["cpu_us_per_request"]["total"] = round(sum(result["cpu_us_per_request"].values()), 1)
         if args.py_spy and args.py_spy.exists():

@@ -133,6 +133,19 @@ _memchr.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
 _PAGE = 65536
 
 
+def _raw(name: str, restype: Any) -> Any:
+    """A fresh ctypes handle on a wasmtime C function (wasmtime-py's own keeps its restype)."""
+    func = ffi.dll._FuncPtr((name, ffi.dll))
+    func.restype = restype
+    func.argtypes = (ctypes.POINTER(ffi.wasmtime_context_t), ctypes.POINTER(ffi.wasmtime_memory_t))
+    return func
+
+
+# the memory's base address as an int and its size: no pointer object and cast per call
+_memory_base = _raw("wasmtime_memory_data", ctypes.c_void_p)
+_memory_size = _raw("wasmtime_memory_data_size", ctypes.c_size_t)
+
+
 class LeanEvaluationError(RuntimeError):
     """The evaluation failed (trap, deadline, bad result); the instance was dropped and is rebuilt."""
 
@@ -173,6 +186,8 @@ class LeanEvaluator:
             store = runtime.store
             func = _unchecked(store, runtime.get_func("opa_eval"))
             self._store, self._memory, self._eval = store, runtime.memory, func
+            # (store context, memory handle): stable for the instance's life, which holds both
+            self._where = (store._context(), ctypes.byref(runtime.memory._memory))
             self._data_addr, self._heap = data.data_addr, data.data_heap_ptr
             self._ticks = instance._evaluator._deadline_ticks
         except BaseException:
@@ -191,17 +206,17 @@ class LeanEvaluator:
         n = len(raw)
         if n > self._max_input:
             raise LeanEvaluationError(f"input of {n} bytes exceeds max_input_bytes {self._max_input}")
-        store, memory, addr = self._store, self._memory, self._heap
+        store, memory, addr, where = self._store, self._memory, self._heap, self._where
         try:
-            size = memory.data_len(store)
+            size = _memory_size(*where)
             if addr + n > size:
                 memory.grow(store, (addr + n - size + _PAGE - 1) // _PAGE)
-            ctypes.memmove(ctypes.cast(memory.data_ptr(store), ctypes.c_void_p).value + addr, raw, n)
+            ctypes.memmove(_memory_base(*where) + addr, raw, n)
             if self._ticks is not None:
                 store.set_epoch_deadline(self._ticks)
             result = self._eval(store, 0, self._entrypoint, self._data_addr, addr, n, addr + n, 0)
-            base = ctypes.cast(memory.data_ptr(store), ctypes.c_void_p).value
-            size = memory.data_len(store)
+            base = _memory_base(*where)  # the evaluation may have grown (moved) the memory
+            size = _memory_size(*where)
             if not 0 < result < size:
                 raise LeanEvaluationError(f"opa_eval returned an invalid address {result}")
             end = _memchr(base + result, 0, min(self._max_result + 1, size - result))

@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError, RedisError
 from common import strict_json
 from sidecar.ratelimit.base import BackendUnavailable, Budget, BudgetState, Claimed, RateLimitResult, Reservation
 from sidecar.ratelimit.gcra import SLACK_UNITS
-from sidecar.ratelimit.resp import RespPipe, command
+from sidecar.ratelimit.resp import RespPipe, pack_command
 from sidecar.ratelimit.settle import settle
 
 # KEYS: budget keys, then concurrency slot keys, then (when reserving) the record and the expiry
@@ -324,7 +324,7 @@ class RedisRateLimiter:
 
     def _payload(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> bytes:
         sha = self._reserve.sha
-        return b"".join(command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch)
+        return b"".join([pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args, _ in batch])
 
     async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future]],
                          retry: bool = True) -> list[Any]:

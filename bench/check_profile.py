@@ -38,6 +38,7 @@ import gc
 import json
 import platform
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -78,16 +79,29 @@ def check_requests(count: int, distinct: bool, keys: list[str]) -> list[bytes]:
     return out
 
 
-def write_config(workdir: Path, mode: str, decision_log: bool = False) -> tuple[Path, list]:
+def bench_policies(workdir: Path, tree: Path) -> Path:
+    """``tree``'s shipped policy and data, with budgets high enough that no request is rate limited."""
+    target = workdir / "policies"
+    shutil.copytree(tree / "policies", target, ignore=shutil.ignore_patterns("*_test.rego"), dirs_exist_ok=True)
+    data = json.loads((target / "data.json").read_text())
+    for tier in data["kernelgate"]["tiers"].values():
+        tier["limits"] = {"requests": 10**9, "tokens": 10**12, "unit": "minute"}
+    for tenant in data["kernelgate"]["tenants"].values():
+        tenant.pop("limits", None)
+    (target / "data.json").write_text(json.dumps(data))
+    return target
+
+
+def write_config(workdir: Path, mode: str, tree: Path, decision_log: bool = False) -> tuple[Path, list]:
     """gateway.py's sidecar config (and its OPA server when ``mode`` is "server"); ``decision_log``:
     the log on (the default of a deployment), written to /dev/null, where gateway.py turns it off."""
-    sys.path.insert(0, str(ROOT))
-    from bench.gateway import bench_policies  # noqa: PLC0415 - the tree's own bench helpers
+    # after PYTHONPATH: the measured tree's modules win; this checkout's bench helpers stay reachable
+    sys.path.append(str(ROOT))
     from kernelgate.policy_bundle import build_wasm_bundle
     from sidecar.config import OpaConfig
     from tests.stack import write_api_keys
 
-    policies = bench_policies(workdir)
+    policies = bench_policies(workdir, tree)
     procs = []
     if mode == "wasm":
         opa = {"mode": "wasm", "wasm_bundle_file": str(build_wasm_bundle(policies, workdir / "bundle.tar.gz",
@@ -283,7 +297,8 @@ def main() -> None:
                         help="decision log on (to /dev/null) as deployed by default; gateway.py turns it off")
     parser.add_argument("--scenarios", nargs="+", choices=["repeated", "distinct"], default=["repeated", "distinct"])
     parser.add_argument("--json", type=Path, help="write the result here")
-    parser.add_argument("--tree", default=str(ROOT), help="a label for the result (the tree measured)")
+    parser.add_argument("--tree", default=str(ROOT),
+                        help="the tree measured (put it on PYTHONPATH too): its policies, and the label of the result")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                         help="print the per-function difference of two --profile files and exit")
     parser.add_argument("--top", type=int, default=40)
@@ -295,7 +310,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        config_path, procs = write_config(Path(tmp), args.mode, args.decision_log)
+        config_path, procs = write_config(Path(tmp), args.mode, Path(args.tree), args.decision_log)
         try:
             try:
                 import uvloop

@@ -24,6 +24,14 @@ Systems (``--systems``):
   allow rule (``kernelgate_gate.rego``) and Redis budgets, never reached (a Redis reply slower
   than 1 s is a 503, as the anchor's filter denies: no quiet fall back to local budgets).
 - ``grpc_noop``: a gRPC Check server that does nothing (``bench/noop_authz.py``): the floor.
+- ``<kernelgate system>@<tag>``: the same system with the sidecar of another tree
+  (``--tree <tag>=<dir>``: its processes run with ``PYTHONPATH=<dir>`` from ``<dir>``), up side by
+  side with this tree's and interleaved with it, so a change's before and after share every round's
+  drift. Written under ``ratios.trees``: this tree's system over the other tree's, per round.
+
+    git worktree add /tmp/before 2b0e0a4
+    python bench/gateway.py --tree before=/tmp/before --systems envoy_only kg_grpc_wasm kg_grpc_wasm@before \
+        --workloads distinct --out /tmp/ba   # before/after of a change (bench/gateway_before_after.sh)
 
 Workloads (``--workloads``): ``distinct`` (every request body differs: no cache can help) and
 ``realistic`` (three tenants, four models, two routes, a few prompts, repeating; run by the rivals
@@ -173,8 +181,10 @@ def start_opa_envoy(workdir: Path, name: str, policy: Path, data: Path | None = 
 
 
 def start_sidecar(workdir: Path, name: str, policy: Path, transport: str, mode: str, workers: int,
-                  redis_port: int | None = None, keys: Path | None = None) -> tuple[list[Proc], int]:
-    """kernelgate with ``policy``; returns its processes and the port Envoy must call."""
+                  redis_port: int | None = None, keys: Path | None = None,
+                  tree: Path | None = None) -> tuple[list[Proc], int]:
+    """kernelgate with ``policy`` (the code of ``tree``, default this one); returns its processes and
+    the port Envoy must call."""
     policy_dir = workdir / f"{name}-policy"
     policy_dir.mkdir()
     shutil.copy(policy, policy_dir / "policy.rego")
@@ -215,7 +225,8 @@ def start_sidecar(workdir: Path, name: str, policy: Path, transport: str, mode: 
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump({"authz": authz}))
     sidecar = start(name, [sys.executable, "-m", "kernelgate.cli", "--log-level", "warning", "authz",
-                           "--config", str(config_path)], workdir / "logs")
+                           "--config", str(config_path)], workdir / "logs",
+                    env={"PYTHONPATH": str(tree)} if tree else None, cwd=tree)
     port = http_port if transport == "http" else grpc_port
     wait_tcp(port, timeout=180, proc=sidecar)  # a loaded machine can take a while to import
     return [*procs, sidecar], port
@@ -279,7 +290,12 @@ def start_anchor(workdir: Path, upstream_port: int) -> System:
     return System("anchor", url, [redis, ratelimit, opa_envoy, envoy])
 
 
-def start_system(name: str, workdir: Path, upstream_port: int) -> System:
+def start_system(name: str, workdir: Path, upstream_port: int, trees: dict[str, Path] | None = None) -> System:
+    """One system by its name (module docstring); ``kg_…@tag`` runs the sidecar of ``trees[tag]``."""
+    base, _, tag = name.partition("@")
+    tree = (trees or {})[tag] if tag else None
+    if tag and not base.startswith("kg_"):
+        raise SystemExit(f"{name}: only kernelgate systems take another tree")
     if name == "envoy_only":
         envoy, url = envoy_for(workdir, name, upstream_port, None)
         return System(name, url, [envoy])
@@ -296,18 +312,19 @@ def start_system(name: str, workdir: Path, upstream_port: int) -> System:
         return System(name, url, [proc, envoy])
     if name == "anchor":
         return start_anchor(workdir, upstream_port)
-    parts = name.split("_")
+    parts = base.split("_")
     workers = 2 if parts[-1] == "w2" else 1
     if parts[1] == "gate":  # kg_gate_<transport>_<mode>[_w2]
         transport, mode = parts[2], parts[3]
         keys = workdir / "api-keys.yaml"  # write_key_files
         redis, redis_port = start_redis(workdir, f"{name}-redis")
-        procs, port = start_sidecar(workdir, name, POLICIES / "kernelgate_gate.rego", transport, mode, workers,
-                                    redis_port, keys)
+        procs, port = start_sidecar(workdir, name.replace("@", "-"), POLICIES / "kernelgate_gate.rego", transport,
+                                    mode, workers, redis_port, keys, tree)
         envoy, url = envoy_for(workdir, name, upstream_port, port, transport)
         return System(name, url, [redis, *procs, envoy])
     transport, mode = parts[1], parts[2]  # kg_<transport>_<mode>[_w2]
-    procs, port = start_sidecar(workdir, name, POLICIES / "policy_only.rego", transport, mode, workers)
+    procs, port = start_sidecar(workdir, name.replace("@", "-"), POLICIES / "policy_only.rego", transport, mode,
+                                workers, tree=tree)
     envoy, url = envoy_for(workdir, name, upstream_port, port, transport)
     return System(name, url, [*procs, envoy])
 
@@ -436,6 +453,16 @@ def summarize(rows: list[dict], systems: list[str], rates: list[int], rounds: in
             v["cpu_ms_per_check"] = round(cpu - alone_cpu, 4) if cpu is not None and alone_cpu is not None \
                 and s != "envoy_only" else None
 
+        def cpu_ratios(a: str, b: str) -> dict:
+            """a's CPU per check over b's, each minus Envoy alone's of the same round, at the reference rate."""
+            def per_check(system: str, k: int) -> float:
+                row, alone = pick(system, k, mode="open", rate=rate_ref), pick("envoy_only", k, mode="open",
+                                                                              rate=rate_ref)
+                if row is None or alone is None:
+                    return math.nan
+                return row["cpu_ms_per_request"] - alone["cpu_ms_per_request"]
+            return pooled([per_check(a, k) / per_check(b, k) for k in range(rounds)])
+
         def ratios(a: str, b: str) -> dict:
             p99 = [(pick(a, k, mode="open", rate=rate_ref) or {}).get("p99_ms", math.nan)
                    / (pick(b, k, mode="open", rate=rate_ref) or {}).get("p99_ms", math.nan) for k in range(rounds)]
@@ -451,10 +478,17 @@ def summarize(rows: list[dict], systems: list[str], rates: list[int], rounds: in
             return {"p99": pooled(p99), "rps": pooled(rps), "closed_loop_rps": pooled(closed)}
 
         comparisons = {}
-        for rivalname, ours in (("opa_envoy", [s for s in systems if s.startswith("kg_") and "gate" not in s]),
-                                ("anchor", [s for s in systems if s.startswith("kg_gate")])):
+        this_tree = [s for s in systems if s.startswith("kg_") and "@" not in s]
+        for rivalname, ours in (("opa_envoy", [s for s in this_tree if "gate" not in s]),
+                                ("anchor", [s for s in this_tree if s.startswith("kg_gate")])):
             if rivalname in systems_here:
                 comparisons[rivalname] = {s: ratios(s, rivalname) for s in ours if s in systems_here}
+        # this tree's system over the same system of another tree (``name@tag``), per round
+        trees = {other: {**ratios(other.partition("@")[0], other), "cpu_ms_per_check": cpu_ratios(
+            other.partition("@")[0], other)} for other in systems_here
+            if "@" in other and other.partition("@")[0] in systems_here}
+        if trees:
+            comparisons["trees"] = trees
         out[workload] = {"reference_rate": rate_ref, "systems": per_system, "ratios": comparisons}
     return out
 
@@ -480,7 +514,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if name in ("opa_envoy", "anchor") and not (rival("opa-envoy-plugin") and rival("ratelimit")):
                 print(f"skipping {name}: the rival binaries are not built (../shared/rivals/build.sh)", flush=True)
                 continue
-            systems[name] = start_system(name, workdir, upstream_port)
+            systems[name] = start_system(name, workdir, upstream_port, args.trees)
             print(f"started {name} at {systems[name].url}", flush=True)
         for workload in args.workloads:
             here = workload_systems(list(systems), workload)
@@ -548,7 +582,18 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=20000, help="bodies in the distinct workload")
     parser.add_argument("--quick", action="store_true", help="smoke check: few systems, one short round")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tree", action="append", default=[], metavar="TAG=DIR",
+                        help="another checkout whose sidecar the systems named NAME@TAG run (repeatable)")
     args = parser.parse_args()
+    args.trees = {}
+    for item in args.tree:
+        tag, sep, folder = item.partition("=")
+        if not sep or not tag or not Path(folder, "sidecar").is_dir():
+            parser.error(f"--tree {item!r}: want TAG=DIR, DIR a kernelgate checkout")
+        args.trees[tag] = Path(folder).resolve()
+    unknown = {s.partition("@")[2] for s in args.systems if "@" in s} - set(args.trees)
+    if unknown:
+        parser.error(f"systems name trees not given with --tree: {sorted(unknown)}")
     if args.quick:
         args.systems = [s for s in args.systems if s in QUICK_SYSTEMS]
         args.workloads, args.rates, args.concurrency = args.workloads[:1], [100, 500], [16]
@@ -596,7 +641,8 @@ def main() -> None:
     alone = distinct["systems"].get("envoy_only", {}).get(f"p99_ms_at_{rate_ref}")
     added = {s: round(v[f"p99_ms_at_{rate_ref}"] - alone, 3)
              for s, v in distinct["systems"].items()
-             if s.startswith("kg_") and "gate" not in s and alone is not None and v[f"p99_ms_at_{rate_ref}"] is not None}
+             if s.startswith("kg_") and "gate" not in s and "@" not in s and alone is not None
+             and v[f"p99_ms_at_{rate_ref}"] is not None}
     best_mode = min(added, key=added.get) if added else None
     (out / "authz.json").write_text(json.dumps({
         "command": command, "machine": machine, "at_rps": rate_ref,

@@ -10,6 +10,11 @@ is sampled during the window and the top functions by own time are printed as µ
 such as py-spy's own not counted); ``--perf FILE``: ``perf record`` of the sidecar (native: the
 interpreter, the C extensions, the kernel), summarized by shared object.
 
+Per-thread CPU comes from /proc, which the kernel charges in scheduler ticks: a thread woken by a
+timer (the Wasm epoch ticker) is often running when the tick lands and is overcharged; the
+process total is what to compare. py-spy (``pip install py-spy``, not a dependency of the project)
+is a sampling profiler: attach it to compare where the time goes, not to add up to the CPU.
+
 CPU per request through Envoy is what ``bench/gateway.py``'s ``cpu_ms_per_check`` adds up
 (minus Envoy alone), here split by process: the lever on 2 cores is the sum.
 
@@ -143,7 +148,8 @@ def main() -> None:
         if args.py_spy:
             samplers.append(subprocess.Popen(
                 [shutil.which("py-spy") or "py-spy", "record", "--pid", str(sidecar), "--rate", str(args.py_spy_rate),
-                 "--duration", str(int(args.seconds)), "--format", "raw", "--output", str(args.py_spy), "--nonblocking"],
+                 "--duration", str(int(args.seconds)), "--format", "raw", "--output", str(args.py_spy),
+                 "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         if args.perf:
             samplers.append(subprocess.Popen(

@@ -40,13 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.processes import find_binary  # noqa: E402
 
-from bench.gateway import start_system, start_upstream, write_key_files, write_targets  # noqa: E402
-
-
-def cpu_of(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from bench.gateway import cpu_seconds, start_system, start_upstream, write_key_files, write_targets  # noqa: E402
 
 
 def threads_cpu(pid: int) -> dict[str, float]:
@@ -76,20 +70,6 @@ def thread_names(pid: int) -> dict[str, str]:
             name = rest.split('"')[1] if '"' in rest else rest
             names[f"python-{tid}"] = f"{name}-{tid}"
     return names
-
-
-def children_cpu(pid: int) -> float:
-    """CPU seconds of ``pid``'s children (sidecar workers)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def summarize_py_spy(path: Path, requests: int, rate_hz: int, top: int) -> list[dict]:
@@ -139,7 +119,7 @@ def main() -> None:
                               capture_output=True, check=True)
         del warm
         procs = {p.name: p.popen.pid for p in system.procs}
-        before = {name: cpu_of(pid) + children_cpu(pid) for name, pid in procs.items()}
+        before = {p.name: cpu_seconds([p]) for p in system.procs}  # each process and its children
         sidecar = next(pid for name, pid in procs.items() if name == args.system)
         threads_before = threads_cpu(sidecar)
         load = ["-rate=0", f"-workers={args.concurrency}", f"-max-workers={args.concurrency}"] if not args.rate \
@@ -161,7 +141,7 @@ def main() -> None:
                                   stdout=subprocess.PIPE)
         out, _ = attack.communicate()
         wall = time.perf_counter() - wall
-        after = {name: cpu_of(pid) + children_cpu(pid) for name, pid in procs.items()}
+        after = {p.name: cpu_seconds([p]) for p in system.procs}
         threads_after = threads_cpu(sidecar)
         names = thread_names(sidecar)
         for sampler in samplers:

@@ -15,7 +15,12 @@ that thread's work visible in wall time, so the other threads' CPU time is repor
 step then sleeps ``--gpu-wait-us`` (GIL released, as in a CUDA sync) as the forward pass would.
 
 Modes: ``off`` (no SDK: the API's no-op tracer, what ``telemetry.enabled: false`` gives),
-``spans`` (SDK, every trace sampled), ``spans+kernels`` (plus an idle kernel tracer as observer).
+``spans`` (SDK, every trace sampled), ``spans+kernels`` (plus an idle kernel tracer as observer),
+``spans+export`` (as ``spans``, exported through the span export process with the file
+exporter, the engine-side spans handed over as records: ``telemetry.export_process``, the default;
+compare with ``spans --exporter file``, the in-process encoding). ``process_cpu_us_per_step`` is
+the CPU time of the whole process (every thread, the request spans' creation included; the
+export child not) per step, from the first step to every span handed to the exporter.
 
     python3 bench/tracing_engine_cpu.py --steps 5000 --repeats 5 --out bench/results/tracing_engine_cpu.json
 """
@@ -84,7 +89,18 @@ def make_exporter(args: argparse.Namespace, mode: str) -> SpanExporter:
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     before = {t.ident for t in threading.enumerate()}
-    exporter = make_exporter(args, mode)
+    sink = None
+    if mode == "spans+export":
+        from otel.config import TelemetryConfig
+        from otel.export_process import ProcessSpanExporter
+
+        path = Path(tempfile.gettempdir()) / f"tracing-engine-cpu-{os.getpid()}-export.otlp"
+        path.unlink(missing_ok=True)
+        exporter: SpanExporter = ProcessSpanExporter(TelemetryConfig(enabled=True, protocol="file",
+                                                                     otlp_endpoint=str(path)))
+        sink = exporter.send_span
+    else:
+        exporter = make_exporter(args, mode)
     provider = None
     if mode == "off":
         tracer = trace.NoOpTracer()
@@ -102,9 +118,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     if mode == "spans+kernels":
         kernels = KernelTracer(KernelTraceConfig(ratio=0.0), provider.get_tracer(names.KERNELS_TRACER),
                                TorchProfilerCapture("cpu"))
-    tracing = Tracing(tracer, request_observer=kernels)
+    # as the server makes it (kernelgate serve passes telemetry.decode_step_spans_every)
+    tracing = Tracing(tracer, request_observer=kernels, decode_step_spans_every=args.decode_every, sink=sink)
     model_attrs = {names.GEN_AI_REQUEST_MODEL: "tiny"}
     wall_began = time.perf_counter_ns()
+    cpu_began = time.process_time_ns()
 
     engine_ns = 0
     steps = 0
@@ -148,6 +166,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         flush()
     if provider is not None:
         provider.force_flush()
+    cpu_ns = time.process_time_ns() - cpu_began
     # CPU time of the threads this run started (the span thread, the span processor's, the kernel tracer's)
     others = {t.name: thread_cpu_ns(t) for t in threading.enumerate() if t.ident not in before and t.is_alive()}
     close = getattr(tracing, "close", None)
@@ -157,8 +176,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         kernels.close()
     if provider is not None:
         provider.shutdown()
-    return {"engine_us_per_step": engine_ns / steps / 1000, "exported_spans": getattr(exporter, "spans", None),
-            "wall_us_per_step": wall_ns / steps / 1000,
+    return {"engine_us_per_step": engine_ns / steps / 1000, "exported_spans": getattr(exporter, "spans", getattr(exporter, "sent", None)),
+            "wall_us_per_step": wall_ns / steps / 1000, "process_cpu_us_per_step": cpu_ns / steps / 1000,
             "late_us_mean": statistics.fmean(late) / 1000 if late else 0.0,
             "late_us_p99": sorted(late)[int(len(late) * 0.99)] / 1000 if late else 0.0,
             "other_threads_cpu_us_per_step": {k: round(v / steps / 1000, 3) for k, v in others.items() if v > 0}}
@@ -195,6 +214,9 @@ def main() -> int:
                    "engine_us_per_step": [round(r["engine_us_per_step"], 2) for r in rs],
                    "exported_spans": rs[-1]["exported_spans"],
                    "wall_us_per_step_median": round(statistics.median(r["wall_us_per_step"] for r in rs), 2),
+                   "process_cpu_us_per_step_median": round(statistics.median(r["process_cpu_us_per_step"]
+                                                                             for r in rs), 2),
+                   "process_cpu_us_per_step": [round(r["process_cpu_us_per_step"], 2) for r in rs],
                    "late_us_mean": [round(r["late_us_mean"], 1) for r in rs],
                    "late_us_p99": [round(r["late_us_p99"], 1) for r in rs],
                    "other_threads_cpu_us_per_step": rs[-1]["other_threads_cpu_us_per_step"]}

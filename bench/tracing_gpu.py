@@ -17,8 +17,9 @@ Modes (``--modes``):
 * ``recorded``: as ``on``, every captured pass recorded, none derived (``kernels.derive: false``: the
   capture path before derived kernel spans);
 * ``all-steps``: as ``on``, every decode ``engine.step`` span kept (``decode_step_spans_every: 1``);
-* ``MODE+export`` (e.g. ``spans+export``, ``on+export``): as MODE, spans encoded and sent by a child
-  process (``telemetry.export_process: true``, otel/export_process.py).
+* ``MODE+export`` / ``MODE+inproc`` (e.g. ``on+inproc``): as MODE, spans encoded and sent by a child
+  process (``telemetry.export_process: true``, otel/export_process.py: the default, so plain modes
+  do this too) / by the server process itself (``export_process: false``, the path before).
 
 **How the cost is measured.** All of a run's servers stay up side by side on the GPU and take
 turns: a *round* gives every mode one window (the order reversed every other round, so drift
@@ -31,7 +32,9 @@ steps of a whole batch, 2 % of a window). A mode's loss is pooled over all round
 of its windows against ``off``'s, summed over rounds) with a bootstrap 90 % interval (rounds
 resampled within each run); rounds go on until that interval of ``on`` is narrower than
 ``±--target-halfwidth`` points, or ``--max-rounds``, or ``--time-budget-s``. ``--runs`` repeats
-the whole thing with fresh servers; every run's and every window's figures are written.
+the whole thing with fresh servers; every run's and every window's figures are written. Each
+window also records the server process's CPU time per 1000 tokens (``server_cpu_ms_per_1k_tokens``,
+all its threads from /proc, its span export child not counted; the median per mode at the top).
 
 Which requests get kernel traces: trace ids decide, as in production (``kernels.ratio``, the
 same test as OTel's ``TraceIdRatioBased``). With ``--trace-ids stratified`` (the default) the
@@ -147,7 +150,7 @@ class Mode:
     prepare_ahead: bool = True
     stall_budget_pct: float | None = None  # None: --stall-budget-pct
     derive: bool = True  # kernels.derive
-    export_process: bool = False  # telemetry.export_process
+    export_process: bool | None = None  # telemetry.export_process (None: its default)
 
     @property
     def slug(self) -> str:
@@ -161,8 +164,12 @@ class Mode:
                  "1 decode engine.step span in 16" if self.decode_every == 16 else "every decode engine.step span"]
         if not self.prepare_ahead:
             parts.append("CUPTI attached on the engine thread")
-        if self.export_process:
+        from otel.config import TelemetryConfig
+
+        if TelemetryConfig().export_process if self.export_process is None else self.export_process:
             parts.append("spans exported by a child process")
+        else:
+            parts.append("spans exported in the server process")
         if self.ratio and not self.derive:
             parts.append("every captured pass recorded (kernels.derive: false)")
         if self.stall_budget_pct is not None:
@@ -172,11 +179,11 @@ class Mode:
 
 def parse_mode(name: str, kernel_ratio: float) -> Mode:
     base, sep, export = name.partition("+")
-    if sep:  # MODE+export: as MODE, spans encoded and sent by a child process (telemetry.export_process)
+    if sep:  # MODE+export / MODE+inproc: as MODE, spans exported by a child process / by the server itself
         mode = parse_mode(base, kernel_ratio)
-        if export != "export" or not mode.telemetry:
-            raise SystemExit(f"--modes: {name}: MODE+export, MODE one with telemetry")
-        return replace(mode, name=name, export_process=True)
+        if export not in ("export", "inproc") or not mode.telemetry:
+            raise SystemExit(f"--modes: {name}: MODE+export or MODE+inproc, MODE one with telemetry")
+        return replace(mode, name=name, export_process=export == "export")
     if name == "off":
         return Mode(name, telemetry=False)
     if name == "spans":
@@ -242,8 +249,9 @@ def server_config(mode: Mode, args: argparse.Namespace, port: int, spans_path: P
                                        else args.stall_budget_pct)
         telemetry = {"enabled": True, "protocol": "file", "otlp_endpoint": str(spans_path), "sampling_ratio": 1.0,
                      "export_delay_s": 0.5, "max_queue_size": 65536, "decode_step_spans_every": mode.decode_every,
-                     "export_process": mode.export_process,
                      "kernels": kernels}
+        if mode.export_process is not None:
+            telemetry["export_process"] = mode.export_process
     return {"inference": {
         "listen": {"host": "127.0.0.1", "port": port},
         "model": {"name": args.model, "random_config": args.model, "device": args.device,
@@ -304,8 +312,22 @@ async def generated_tokens(session, port: int) -> tuple[float, float]:
     return float(found.group(1)), at
 
 
-async def window(port: int, args: argparse.Namespace, prompts: list[list[int]], ids: TraceIds) -> dict[str, Any]:
-    """Closed-loop clients for ramp + window; tokens/s from the server's counter over the window."""
+def process_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system, all its threads) the process has used so far; 0 when unknown.
+    The server's own, not its span export child's: what tracing takes from the serving process."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def window(port: int, args: argparse.Namespace, prompts: list[list[int]], ids: TraceIds,
+                 pid: int | None = None) -> dict[str, Any]:
+    """Closed-loop clients for ramp + window; tokens/s from the server's counter over the window, and
+    the server process's CPU time over it per 1000 tokens."""
     import aiohttp
 
     url = f"http://127.0.0.1:{port}/v1/completions"
@@ -330,14 +352,17 @@ async def window(port: int, args: argparse.Namespace, prompts: list[list[int]], 
         clients = [asyncio.create_task(client(session, i)) for i in range(args.concurrency)]
         await asyncio.sleep(args.ramp_s)
         tokens0, t0 = await generated_tokens(session, port)
+        cpu0 = process_cpu_s(pid)
         requests0 = requests
         await asyncio.sleep(args.window_s)
         tokens1, t1 = await generated_tokens(session, port)
+        cpu1 = process_cpu_s(pid)
         requests1 = requests
         stop = True
         await asyncio.gather(*clients)
     return {"tokens_per_s": round((tokens1 - tokens0) / (t1 - t0), 1), "tokens": int(tokens1 - tokens0),
-            "seconds": round(t1 - t0, 3), "requests_finished": requests1 - requests0}
+            "seconds": round(t1 - t0, 3), "requests_finished": requests1 - requests0,
+            "server_cpu_ms_per_1k_tokens": round((cpu1 - cpu0) * 1e6 / max(tokens1 - tokens0, 1), 2)}
 
 
 async def forced_request(port: int, args: argparse.Namespace, prompt: list[int], trace_id: int) -> dict:
@@ -535,7 +560,7 @@ class ModeServer:
     info: dict[str, Any] = field(default_factory=dict)
 
     def measure(self, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
-        return asyncio.run(window(self.port, args, prompts, self.ids))
+        return asyncio.run(window(self.port, args, prompts, self.ids, self.proc.pid))
 
     def force_example(self, args: argparse.Namespace, prompts: list[list[int]]) -> list[str]:
         """Two requests forced to a kernel trace, one after the other, to read back from the spans file:
@@ -747,7 +772,7 @@ def load_pooled(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
 def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[str, Any]], example: dict[str, Any],
                  device: str, versions: dict[str, Any], seconds: float) -> int:
     """Pool every run's rounds per mode, write the result file, print its summary."""
-    from otel.config import KernelTraceConfig
+    from otel.config import KernelTraceConfig, TelemetryConfig
 
     for index, run in enumerate(runs):
         run["run"] = index
@@ -814,6 +839,11 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
         "overhead": headline,
         "kernel_ratio": args.kernel_ratio,
         "head_sampling": 1.0,
+        # the server process's CPU time per 1000 tokens, median over windows (its export child not
+        # included): the GIL-side cost of each mode, less noisy than tokens/s on a shared host
+        "server_cpu_ms_per_1k_tokens": {m.name: statistics.median(cpu) for m in measured for cpu in [[
+            r[m.name]["server_cpu_ms_per_1k_tokens"] for run in runs for r in run["rounds"]
+            if m.name in r and "server_cpu_ms_per_1k_tokens" in r[m.name]]] if cpu},
         "cost_by_mode": {m.name: {"description": m.describe(), "kernel_ratio": m.ratio if m.telemetry else None,
                                   **losses[m.name], **({"kernel_tracer": tracer_stats(m.name)} if m.telemetry and any(
                                       (run["servers"].get(m.name) or {}).get("kernel_tracer") for run in runs) else {})}
@@ -822,7 +852,7 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
         # (and by whether spans are exported by a child process: the last field says)
         "cost_curve": sorted(([m.ratio, losses[m.name]["overhead_pct"], losses[m.name]["interval90"], m.name]
                               for m in measured[1:] if m.telemetry and m.stall_budget_pct is None and m.derive
-                              and m.prepare_ahead and m.decode_every == 16), key=lambda x: (x[3].endswith("+export"), x[0])),
+                              and m.prepare_ahead and m.decode_every == 16), key=lambda x: (x[3].endswith(("+export", "+inproc")), x[0])),
         **{k: v for k, v in example.items() if k not in ("backend", "cuda_graphs")},
         "measurement": {"runs": len(runs), "rounds": [len(r["rounds"]) for r in runs],
                         "warmup_rounds": [len(r.get("warmup_rounds", [])) for r in runs],
@@ -838,7 +868,8 @@ def write_result(args: argparse.Namespace, modes: list[Mode], runs: list[dict[st
                            "capture": args.capture},
         "exporter": "OTLP protobuf file (otel/otlp_file.py: same encoding as OTLP/gRPC), BatchSpanProcessor, 0.5 s delay"
                     + ("; every traced mode through the export process (--export-process)" if args.export_process
-                       else "; in the server process except MODE+export modes (a child process)"),
+                       else "; each mode's description says where (the config's default: "
+                       + ("a child process" if TelemetryConfig().export_process else "the server process") + ")"),
         **({"earlier_code": earlier_code(args.earlier)} if args.earlier else {}),
         "runs": runs,
     }

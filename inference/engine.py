@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -38,7 +39,8 @@ from inference.model_loader import LoadedModel, load_model
 from inference.runner import ModelRunner
 from inference.sampling import PendingPicks, Pick, RequestSampler, SlotSampling, prompt_logprobs
 from inference.scheduler import Scheduler, Sequence
-from inference.structured import Grammars
+from inference.pacing import LoadPacer
+from inference.structured import Grammars, GrammarTables, tokenizer_key
 from inference.tracing import ForwardObserver, StepInfo, StepPhase, Tracing
 from otel import names
 
@@ -50,6 +52,11 @@ MAX_PREFILL_TOKENS = 8192
 # them): where a hot swap, a collection or a GIL convoy stalled serving, with wall-clock times.
 SLOW_STEP_NS = 20_000_000
 SLOW_STEPS_KEPT = 64
+# Every engine's steps run on a CUDA stream of this priority (lower is higher; torch maps it to the
+# highest the device has); a version loading beside serving ones starts up on a default-priority one.
+SERVING_STREAM_PRIORITY = -1
+# Set to 0: every engine runs on its thread's default stream, as before (a diagnostic switch for A/B runs).
+STREAMS_ENV = "KERNELGATE_ENGINE_STREAMS"
 
 
 @dataclass
@@ -101,12 +108,18 @@ class Engine:
     def __init__(self, model_config: ModelConfig, batching: BatchingConfig, metrics: InferenceMetrics,
                  tracing: Tracing, forward_observer: ForwardObserver | None = None,
                  load: Callable[[ModelConfig, int], LoadedModel] = load_model,
-                 wrap_runner: Callable[[ModelRunner], Any] | None = None, beside_serving: bool = False) -> None:
+                 wrap_runner: Callable[[ModelRunner], Any] | None = None, beside_serving: bool = False,
+                 pacer: LoadPacer | None = None, grammar_tables: GrammarTables | None = None) -> None:
         """``beside_serving``: the engine starts while others in this process serve (a version loaded
         by the admin API): its start-up collects only the young generations before freezing its
-        objects (``common.gc_freeze``), so no full collection holds the GIL from the serving threads."""
+        objects (``common.gc_freeze``), so no full collection holds the GIL from the serving threads.
+        ``pacer`` (with ``beside_serving``): its start-up chunks and, until the pacer is stopped, its
+        steps yield to the serving engines (``inference.pacing``). ``grammar_tables``: the server's
+        grammar tables, shared by the versions of one tokenizer (None: this engine builds its own)."""
         self._model_config = model_config
-        self._beside_serving = beside_serving
+        self._beside_serving = beside_serving or pacer is not None
+        self._pacer = pacer
+        self._grammar_tables = grammar_tables
         self._batching = batching
         self.metrics = metrics
         self._tracing = tracing
@@ -226,57 +239,148 @@ class Engine:
     def _main(self) -> None:
         try:
             with torch.inference_mode():
+                chunk = time.monotonic()
                 self._model = self._load(self._model_config, self._batching.max_batch_size)
-                self._runner = ModelRunner(self._model.module, self._model.attention,
-                                           num_slots=self._batching.max_batch_size,
-                                           max_len=self._model.max_model_len, dtype=self._model.dtype,
-                                           device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
-                if self._wrap_runner is not None:
-                    self._runner = self._wrap_runner(self._runner)
-                self._warm_up()
-                marks = [time.monotonic()]
-                freeze_startup_objects(full=not self._beside_serving)
-                marks.append(time.monotonic())
-                self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
-                                              self._model.device, logits_dtype=self._model.dtype)
-                marks.append(time.monotonic())
-                self._guides = _grammars(self._model)
-                marks.append(time.monotonic())
-                log.info("start-up of %s: gc freeze %.0f ms (%s collection), sampler %.0f ms, grammars %.0f ms",
-                         self._model_config.name, 1e3 * (marks[1] - marks[0]),
-                         "young" if self._beside_serving else "full", 1e3 * (marks[2] - marks[1]),
-                         1e3 * (marks[3] - marks[2]))
-                self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
-                                      vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
-                                      tokenizer=self._model.tokenizer, backend=self._model.backend,
-                                      device=str(self._model.device), max_sequences=self._batching.max_batch_size,
-                                      grammars=self._guides)
-                self._ready.set()
-                self.metrics.ready.set(1)
-                log.info("model %s ready (%s backend, %s, KV cache %.1f MiB, CUDA graphs %s)", self.info.name,
-                         self.info.backend, self.info.device, self._runner.kv.nbytes / 2**20,
-                         "on" if self._runner.uses_cuda_graphs else "off")
-                self._loop()
-                if hasattr(self._runner, "close"):
-                    self._runner.close()
+                loading, serving = self._streams(self._model)
+                if loading is not None:
+                    loading.wait_stream(torch.cuda.current_stream(self._model.device))
+                with torch.cuda.stream(loading):  # None (off CUDA, or no loading stream): this thread's stream
+                    self._start_up(chunk)
+                if serving is not None:
+                    serving.wait_stream(loading if loading is not None
+                                        else torch.cuda.current_stream(self._model.device))
+                with torch.cuda.stream(serving):
+                    self._serve()
+                    if serving is not None:
+                        serving.synchronize()  # its tensors may be freed (reused) once the thread is gone
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting client and to /readyz
             log.exception("inference engine failed")
             self._failure = exc
             self.metrics.ready.set(0)
             self._fail_all(exc)
 
+    def _streams(self, model: LoadedModel) -> tuple[Any, Any]:
+        """The CUDA streams of the warm-up and of serving: (loading, serving), each None for this
+        thread's current stream (off CUDA, tensor parallel, DeepSpeed's kernels, or streams unavailable).
+
+        Every engine serves on a high-priority stream, and a version paced beside serving ones warms
+        up (warm-up steps, graph capture) on a default-priority one: the GPU's block scheduler then
+        runs a serving version's steps ahead of a loading version's kernels. Streams come from torch's
+        pool; the loading stream's work is done (synchronized) before serving starts, and the serving
+        stream's before the engine thread ends, so no tensor is freed with work of the other pending."""
+        if (self._wrap_runner is not None or model.device.type != "cuda" or not _on_torch_streams(model.backend)
+                or os.environ.get(STREAMS_ENV, "1") == "0"):
+            return None, None
+        try:
+            loading = torch.cuda.Stream(model.device) if self._pacer is not None else None
+            return loading, torch.cuda.Stream(model.device, priority=SERVING_STREAM_PRIORITY)
+        except Exception:  # noqa: BLE001 - serving on the thread's current stream still works
+            log.warning("CUDA stream priorities unavailable; %s uses the default stream", self._model_config.name,
+                        exc_info=True)
+            return None, None
+
+    def _start_up(self, chunk: float) -> None:
+        """Build the loaded model's runner, warm up (graph capture included)."""
+        assert self._model is not None
+        self._runner = ModelRunner(self._model.module, self._model.attention,
+                                   num_slots=self._batching.max_batch_size,
+                                   max_len=self._model.max_model_len, dtype=self._model.dtype,
+                                   device=self._model.device, use_cuda_graphs=self._model_config.cuda_graphs)
+        if self._wrap_runner is not None:
+            self._runner = self._wrap_runner(self._runner)
+        self._pace(chunk, "load", sync=True)
+        self._warm_up()
+
+    def _serve(self) -> None:
+        """Freeze the start-up objects, build the sampler and grammar tables, then serve until stopped."""
+        assert self._model is not None and self._runner is not None
+        marks = [time.monotonic()]
+        freeze_startup_objects(full=not self._beside_serving)
+        marks.append(time.monotonic())
+        self._pace(marks[-2], "gc freeze")
+        marks.append(time.monotonic())
+        self._sampling = SlotSampling(self._batching.max_batch_size, self._model.vocab_size,
+                                      self._model.device, logits_dtype=self._model.dtype)
+        marks.append(time.monotonic())
+        self._pace(marks[-2], "sampler")
+        marks.append(time.monotonic())
+        self._guides, shared = self._grammars()
+        marks.append(time.monotonic())
+        self._pace(marks[-2], "grammars")
+        log.info("start-up of %s: gc freeze %.0f ms (%s collection), sampler %.0f ms, grammars %.0f ms (%s)%s",
+                 self._model_config.name, 1e3 * (marks[1] - marks[0]),
+                 "young" if self._beside_serving else "full", 1e3 * (marks[3] - marks[2]),
+                 1e3 * (marks[5] - marks[4]), "shared" if shared else "built",
+                 "" if self._pacer is None else
+                 f"; paced: {self._pacer.pauses} pauses, {1e3 * self._pacer.paused_s:.0f} ms")
+        self.info = ModelInfo(name=self._model_config.name, max_model_len=self._model.max_model_len,
+                              vocab_size=self._model.vocab_size, eos_token_ids=self._model.eos_token_ids,
+                              tokenizer=self._model.tokenizer, backend=self._model.backend,
+                              device=str(self._model.device), max_sequences=self._batching.max_batch_size,
+                              grammars=self._guides)
+        self._ready.set()
+        self.metrics.ready.set(1)
+        log.info("model %s ready (%s backend, %s, KV cache %.1f MiB, CUDA graphs %s)", self.info.name,
+                 self.info.backend, self.info.device, self._runner.kv.nbytes / 2**20,
+                 "on" if self._runner.uses_cuda_graphs else "off")
+        self._loop()
+        if hasattr(self._runner, "close"):
+            self._runner.close()
+
     def _warm_up(self) -> None:
-        """One full-batch prefill and decode (allocates every workspace), then graph capture."""
+        """One full-batch prefill and decode (allocates every workspace), then graph capture; paced
+        (a pause after each, and after each captured graph) when loading beside serving engines."""
         runner = self._runner
         assert runner is not None
-        started = time.monotonic()
+        started = chunk = time.monotonic()
         rows = runner.num_slots
         runner.prefill(0, [[1, 2, 3, 4]] * rows)
+        self._pace(chunk, "warm-up prefill", sync=True)
+        chunk = time.monotonic()
         runner.decode([5] * rows, [4] * rows)
-        if runner.device.type == "cuda":
+        self._pace(chunk, "warm-up decode", sync=True)
+        if runner.device.type == "cuda" and self._pacer is None:
             torch.cuda.synchronize()
-        runner.capture_decode_graphs()
+        elif runner.device.type == "cuda":
+            # this thread's stream only: a device-wide sync would also wait for the serving versions' steps
+            torch.cuda.current_stream(runner.device).synchronize()
+        if self._pacer is None:
+            runner.capture_decode_graphs()
+        else:
+            marks = [time.monotonic()]
+
+            def between() -> None:
+                self._pace(marks[0], "capture", sync=True)
+                marks[0] = time.monotonic()
+
+            runner.capture_decode_graphs(between=between)
         log.info("warm-up done in %.1fs", time.monotonic() - started)
+
+    def _pace(self, chunk_started: float, what: str, sync: bool = False) -> None:
+        """A chunk of start-up or validation work that began at ``chunk_started`` is done: yield to the
+        serving engines (``inference.pacing``) while this engine is paced. ``sync``: wait for the
+        chunk's kernels first (this thread's stream only), so they do not run into the pause."""
+        pacer = self._pacer
+        if pacer is None or not pacer.active:
+            return
+        model = self._model
+        if sync and model is not None and model.device.type == "cuda":
+            torch.cuda.current_stream(model.device).synchronize()
+        pacer.pause(time.monotonic() - chunk_started, what)
+
+    @property
+    def paused_s(self) -> float:
+        """Seconds this engine's work has waited for serving engines (``inference.pacing``), all told."""
+        return self._pacer.paused_s if self._pacer is not None else 0.0
+
+    def _grammars(self) -> tuple[Grammars | None, bool]:
+        """This model's grammar tables, and whether they came shared from ``grammar_tables``."""
+        model = self._model
+        assert model is not None
+        if self._grammar_tables is None:
+            return _grammars(model), False
+        key = tokenizer_key(self._model_config.path, model.vocab_size, model.eos_token_ids)
+        return self._grammar_tables.get(key, lambda: _grammars(model))
 
     def _loop(self) -> None:
         launched: _Launched | None = None  # a decode step whose tokens are not read yet
@@ -292,6 +396,8 @@ class Engine:
                     assert self._runner is not None
                     self._runner.wait_queued()
                 self._finish(launched)
+                if following is None:
+                    self._pace_step(launched.step)
                 launched = following
                 continue
             with self._cond:
@@ -309,7 +415,9 @@ class Engine:
                     self._cond.wait(self._scheduler.wait_timeout_s(now))
                     continue
             if admitted:
-                self._finish(self._launch("prefill", admitted))
+                prefill = self._launch("prefill", admitted)
+                self._finish(prefill)
+                self._pace_step(prefill.step)
             else:
                 launched = self._launch("decode", running)
 
@@ -326,6 +434,7 @@ class Engine:
                 and not sampling.host_bound
                 and any(s.generated + 1 < s.request.params.max_tokens for s in seqs)
                 and max(launched.positions) + 1 < runner.max_len
+                and (self._pacer is None or not self._pacer.active)
                 and not self._scheduler.can_admit(time.monotonic_ns(), draining=self._stopping)
                 and (self._observer is None or self._observer.idle()))
 
@@ -429,6 +538,16 @@ class Engine:
             held.step = None
             self._held = held
         self._record_step(step, end_ns, contexts)
+
+    def _pace_step(self, step: StepInfo) -> None:
+        """While paced (a version validating beside serving ones: its probe and shadow steps), yield to
+        the serving engines after each step; the pause is not counted as a host gap in ``slow_steps``."""
+        pacer = self._pacer
+        if pacer is None or not pacer.active:
+            return
+        took = pacer.pause((time.time_ns() - step.start_time_ns) / 1e9, step.phase)
+        if self._last_step_end_ns is not None:
+            self._last_step_end_ns += int(took * 1e9)
 
     def _note_step(self, step: StepInfo, end_ns: int) -> None:
         """Keep the step in ``slow_steps`` when it, with the host gap since the previous one, was slow."""
@@ -600,6 +719,12 @@ def _report_spent(seq: Sequence, prefilled: bool) -> None:
         seq.sink.loop.call_soon_threadsafe(seq.sink.set_spent, spent)
     except RuntimeError:  # the loop is closed: nobody is listening any more
         pass
+
+
+def _on_torch_streams(backend: str) -> bool:
+    """Whether a backend's kernels all run on torch's current stream (the fused decoder, Hugging Face
+    layers; DeepSpeed's injected kernels are left on the default stream)."""
+    return backend.startswith("fused") or backend == "hf"
 
 
 def _grammars(model: LoadedModel) -> Grammars | None:

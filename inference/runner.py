@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -261,8 +262,9 @@ class ModelRunner:
 
     # -- CUDA graphs ------------------------------------------------------------------------
 
-    def capture_decode_graphs(self) -> int:
-        """Capture every (batch bucket, key-length bucket) decode step; return how many."""
+    def capture_decode_graphs(self, between: Callable[[], None] | None = None) -> int:
+        """Capture every (batch bucket, key-length bucket) decode step; return how many. ``between`` is
+        called after each capture (a version loading beside serving ones yields to them there)."""
         if not self._use_graphs:
             return 0
         started = time.monotonic()
@@ -275,6 +277,8 @@ class ModelRunner:
             for size in reversed(self._buckets):
                 for kv_len in reversed(kv_lens):
                     self._graphs[(size, kv_len)] = self._capture(size, kv_len, pool)
+                    if between is not None:
+                        between()
         except Exception:  # noqa: BLE001 - a model whose kernels cannot be captured still serves
             log.exception("CUDA graph capture failed; decoding without CUDA graphs")
             self._graphs.clear()

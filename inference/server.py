@@ -42,17 +42,21 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
     engines built here are started at application start-up and stopped at clean-up.
     """
     from inference.models.registry import ModelRegistry
+    from inference.pacing import LoadPacer
+    from inference.structured import GrammarTables
 
     tracing = tracing or Tracing()
     group = None
     preprocess_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelgate-preprocess")
     metrics = engine.metrics if engine is not None else InferenceMetrics(CollectorRegistry())  # type: ignore[attr-defined]
 
-    def build_engine(model: ModelConfig, batching: BatchingConfig, beside_serving: bool) -> object:
+    grammar_tables = GrammarTables()  # versions of one tokenizer share them (a hot swap builds none)
+
+    def build_engine(model: ModelConfig, batching: BatchingConfig, pacer: LoadPacer | None) -> object:
         from inference.engine import Engine
 
         return Engine(model, batching, metrics, tracing, forward_observer=forward_observer,
-                      beside_serving=beside_serving)
+                      beside_serving=pacer is not None, pacer=pacer, grammar_tables=grammar_tables)
 
     genai = GenAIMetrics()
 
@@ -73,7 +77,7 @@ def build_app(config: InferenceConfig, engine: object | None = None, *, encoder:
 
         group = TensorParallelGroup(config.model, config.batching, free_port())
         engine = Engine(config.model, config.batching, metrics, tracing, forward_observer=forward_observer,
-                        load=group.load, wrap_runner=group.mirror)
+                        load=group.load, wrap_runner=group.mirror, grammar_tables=grammar_tables)
         group.on_failure = engine.fail
         owned_tp_engine = engine
     else:

@@ -17,7 +17,11 @@ output is the same JSON, in fewer tokens, and a model cannot stall in a run of s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
+from collections.abc import Callable, Hashable
 from typing import Any, Literal
 
 import torch
@@ -62,6 +66,66 @@ class Grammars:
     def matcher(self, guide: Guide) -> GrammarMatcher:
         return GrammarMatcher(self._llguidance.LLMatcher(self._tokenizer, guide.grammar, log_level=0),
                               self._vocab_size)
+
+
+# The files a Hugging Face tokenizer directory may define the tokenizer with (a tokenizer's identity).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def tokenizer_key(path: str | None, vocab_size: int, eos_token_ids: tuple[int, ...]) -> Hashable:
+    """What :class:`Grammars` depend on: the tokenizer (``path`` None: the built-in demo tokenizer; a
+    directory: the digest of its tokenizer files, so two versions in two directories with the same
+    tokenizer share), the model's vocabulary size and its end-of-sequence ids."""
+    if path is None:
+        source: Hashable = "demo"
+    else:
+        digest = hashlib.sha256()
+        found = False
+        for name in _TOKENIZER_FILES:
+            try:
+                with open(os.path.join(path, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read() + b"\0")
+                found = True
+            except OSError:
+                continue
+        source = ("files", digest.hexdigest()) if found else ("path", os.path.realpath(path))
+    return (source, int(vocab_size), tuple(eos_token_ids))
+
+
+class GrammarTables:
+    """The :class:`Grammars` of every tokenizer the server serves, built once per :func:`tokenizer_key`.
+
+    Building them (llguidance's tables of the tokenizer) is one native call that holds the GIL for
+    ~200 ms on a 128k vocabulary; a version loaded beside a serving one (a hot swap, #15) used to
+    build its own, and the serving engine thread stalled that long (a 225 ms prefill on the H200).
+    One object per server, owned by it and handed to each engine it builds; versions of one tokenizer
+    share the tables (llguidance's tokenizer is immutable: a matcher per sequence is made from it on
+    any thread). ``builds`` counts the builds (one per key)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[Hashable, Grammars | None] = {}
+        self._building: dict[Hashable, threading.Lock] = {}
+        self.builds = 0
+
+    def get(self, key: Hashable, build: Callable[[], Grammars | None]) -> tuple[Grammars | None, bool]:
+        """The tables of ``key`` and whether they were shared (False: built now by ``build``, which
+        returns None when constrained decoding is unavailable for the tokenizer; that is kept too).
+        Two engines asking for one key at once: one builds, the other waits for it."""
+        with self._lock:
+            if key in self._tables:
+                return self._tables[key], True
+            building = self._building.setdefault(key, threading.Lock())
+        with building:
+            with self._lock:
+                if key in self._tables:
+                    return self._tables[key], True
+            tables = build()
+            with self._lock:
+                self._tables[key] = tables
+                self.builds += 1
+        return tables, False
 
 
 class GrammarMatcher:

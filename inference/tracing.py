@@ -6,7 +6,9 @@ request that continues the caller's W3C ``traceparent``; ``preprocess`` and ``qu
 child spans; and one ``engine.step`` span per forward pass, linked to the span of every
 request in that batch. Engine-side spans are created after the fact from recorded
 timestamps, so nothing is added to the forward pass itself; and they are built on a thread of
-their own (``otel.deferred``): the engine thread only queues an immutable record per span.
+their own (``otel.deferred``): the engine thread only queues an immutable record per span. With
+the span export process (``telemetry.export_process``) that thread does not make SDK spans of
+them either: it hands plain records to the export process (``otel.span_records``).
 
 :class:`ForwardObserver` is the hook for kernel-level tracing (``otel/kernels/``).
 """
@@ -14,7 +16,7 @@ their own (``otel.deferred``): the engine thread only queues an immutable record
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -26,6 +28,8 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from otel import names
 from otel.deferred import DeferredSpans, PendingSpan
 from otel.sampling import step_kept
+from otel.setup import export_process_sink
+from otel.span_records import SpanRecord, new_span_id, record_context, sampled_attributes
 
 TRACER_NAME = names.INFERENCE_TRACER
 
@@ -100,7 +104,13 @@ class Tracing:
     """Creates this server's spans; wraps the single tracer."""
 
     def __init__(self, tracer: trace.Tracer | None = None, request_observer: RequestObserver | None = None,
-                 decode_step_spans_every: int = 1) -> None:
+                 decode_step_spans_every: int = 1, sink: Callable[[SpanRecord], object] | None = None) -> None:
+        # Where spans built after the fact go as plain records instead of SDK spans (otel/span_records.py):
+        # the span export process of the global tracer provider (telemetry.export_process), unless a
+        # tracer of its own is given.
+        if sink is None and tracer is None:
+            sink = export_process_sink()
+        self._sink = sink
         self.tracer = tracer or trace.get_tracer(TRACER_NAME)
         self._request_observer = request_observer
         # The sampler's step thinning (telemetry.decode_step_spans_every), applied before a step span
@@ -143,12 +153,28 @@ class Tracing:
         with self.tracer.start_as_current_span(name) as span:
             yield span
 
+    @contextmanager
+    def timed_child(self, name: str) -> Iterator[None]:
+        """A child of the current span covering the block, built after it on the span thread (the
+        block sees no span of its own). An exception leaving the block is recorded on it and sets its
+        status, as ``child_span`` does."""
+        parent = trace.get_current_span().get_span_context()
+        start_ns = time.time_ns()
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            self.record_child(name, parent, start_ns, time.time_ns(), error=error)
+
     def record_child(self, name: str, parent: SpanContext | None, start_ns: int, end_ns: int,
-                     attributes: Mapping[str, Any] | None = None) -> None:
+                     attributes: Mapping[str, Any] | None = None, error: Exception | None = None) -> None:
         """A finished span under ``parent``, from recorded wall-clock timestamps (built on the span thread)."""
         if parent is None or not parent.is_valid:
             return
-        self._deferred.submit(self._build_child, (name, parent, start_ns, end_ns, attributes))
+        self._deferred.submit(self._build_child, (name, parent, start_ns, end_ns, attributes, error))
 
     def record_step(self, step: StepInfo, end_ns: int, request_contexts: Sequence[SpanContext | None],
                     attributes: Mapping[str, Any]) -> PendingSpan | None:
@@ -180,10 +206,20 @@ class Tracing:
         self._deferred.close(timeout)
 
     # -- the span thread ----------------------------------------------------------------------------
-    def _build_child_span(self, record: tuple[str, SpanContext, int, int, Mapping[str, Any] | None]) -> None:
-        name, parent, start_ns, end_ns, attributes = record
+    def _build_child_span(self, record: tuple[str, SpanContext, int, int, Mapping[str, Any] | None,
+                                              Exception | None]) -> None:
+        name, parent, start_ns, end_ns, attributes, error = record
+        if self._sink is not None and parent.trace_flags.sampled and error is None:
+            kept = sampled_attributes(self.tracer, parent, name, dict(attributes) if attributes else None)
+            if kept is not None:
+                self._sink(SpanRecord(name, parent.trace_id, new_span_id(), parent.span_id, parent.is_remote,
+                                      start_ns, end_ns, kept or None, scope=TRACER_NAME))
+            return
         ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent))
         span = self.tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes)
+        if error is not None and span.is_recording():
+            span.record_exception(error, timestamp=end_ns)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         span.end(end_time=end_ns)
 
     def _build_step_span(self, record: tuple[StepInfo, int, tuple[SpanContext | None, ...], Mapping[str, Any]]
@@ -191,6 +227,16 @@ class Tracing:
         step, end_ns, request_contexts, attributes = record
         valid = [c for c in request_contexts if c is not None and c.is_valid]
         owner = next((c for c in valid if c.trace_flags.sampled), valid[0] if valid else None)
+        if self._sink is not None and owner is not None and owner.trace_flags.sampled:
+            kept = sampled_attributes(self.tracer, owner, names.STEP_SPAN, {**step_attributes(step), **attributes})
+            if kept is None:  # thinned by the sampler (when this Tracing was not told the rule)
+                return None
+            span_id = new_span_id()
+            self._sink(SpanRecord(names.STEP_SPAN, owner.trace_id, span_id, owner.span_id, owner.is_remote,
+                                  step.start_time_ns, end_ns, kept,
+                                  tuple((c.trace_id, c.span_id, int(c.trace_flags)) for c in valid),
+                                  scope=TRACER_NAME))
+            return record_context(owner.trace_id, span_id)
         parent = trace.set_span_in_context(trace.NonRecordingSpan(owner)) if owner else otel_context.Context()
         span = self.tracer.start_span(names.STEP_SPAN, context=parent, start_time=step.start_time_ns,
                                       attributes={**step_attributes(step), **attributes})

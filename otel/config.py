@@ -88,11 +88,12 @@ class TelemetryConfig:
     # pause between, so encoding never holds the GIL for long (otel/paced_export.py); 0: whole batches.
     export_chunk_weight: int = 32
     # Spans are encoded and sent by a child process (otel/export_process.py): this process only
-    # flattens them into tuples (15 us a span against 83 us to encode one: bench/span_export_cost.py), so the
-    # encoding no longer takes the server's GIL. export_chunk_weight does not apply then (the
-    # child's GIL is its own). Off by default until the H200 run (bench/tracing_gpu.py, modes
-    # MODE+export) shows its effect on tokens/s.
-    export_process: bool = False
+    # flattens its SDK spans into tuples (6 us a span against 46 us to encode one), hands the spans it
+    # builds after the fact (engine.step, queue, preprocess) and kernel passes over as plain records
+    # (no SDK span object: bench/span_export_cost.py), so encoding no longer takes the server's GIL.
+    # A dead child loses spans (counted, logged once), never a request. export_chunk_weight does not
+    # apply then (the child's GIL is its own). false: encode and send in this process.
+    export_process: bool = True
     # GenAI metrics (gen_ai.server.*) exported over the same OTLP endpoint every this many seconds (0: off).
     metrics_interval_s: float = 10.0
     resource_attributes: dict[str, str] = field(default_factory=dict)

@@ -3,6 +3,8 @@
 In (serving process): the batch span processor's batches. ``ProcessSpanExporter.export`` turns each
 span into a tuple of ints, strings and dicts, pickles the batch (C) and writes it, length-prefixed,
 to the pipe of a child process (``python -m otel.export_process``), whose own GIL does the rest.
+The kernel tracer's worker sends each captured pass as one compact record instead
+(``send_forward``, otel/kernels/emit.py: no SDK span object per kernel in the serving process).
 Out (child): the spans rebuilt as SDK ``ReadableSpan`` objects and handed to the exporter that
 ``telemetry.protocol`` / ``otlp_endpoint`` name (``otel.setup.build_span_exporter``, the same
 function the in-process path uses): OTLP encoding and sending never hold the server's GIL.
@@ -11,8 +13,9 @@ Why: on a GPU server the engine thread needs the GIL between device waits, and t
 exporters encode in Python (~37 us a plain span, ~290 us an ``engine.step`` span with 16 links
 on the development VM, plus hashing the resource for every span); profiled on CPU with py-spy
 ``--gil``, encoding was the largest part of the GIL time tracing took. Flattening costs a few us a
-span. A full pipe blocks only the exporting thread (the batch processor's queue then drops spans,
-as with a slow collector); a dead child loses spans, never a request (``dropped`` counts them).
+span. A full pipe blocks only the writing thread (the batch processor's queue then drops spans,
+as with a slow collector); a dead child loses spans, never a request (``dropped`` counts them,
+``ProcessSpanExporter`` says how).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -38,6 +42,10 @@ log = logging.getLogger("kernelgate.otel.export_process")
 
 _HEADER = struct.Struct("<I")
 _FLUSH = b"F"  # a one-byte frame: write what you have, then answer with one byte
+_SPANS = "s"  # a frame of flattened SDK spans: (_SPANS, flat, resource attributes, scopes)
+# A frame of records: (_RECORDS, [SpanRecord], [ForwardRecord], resource attributes), as tuples.
+_RECORDS = "r"
+RECORDS_PER_WRITE = 256  # records buffered before a write (they also go with each batch, and every export_delay_s)
 Flat = tuple[Any, ...]
 
 
@@ -95,9 +103,17 @@ def rebuild(flat: list[Flat], resource_attrs: list[dict[str, Any]], scopes: list
 
 
 class ProcessSpanExporter(SpanExporter):
-    """Hands batches to a child process that exports them with the configured exporter."""
+    """Hands batches to a child process that exports them with the configured exporter.
 
-    def __init__(self, config: TelemetryConfig) -> None:
+    Also takes the kernel tracer's passes as compact records (``send_forward``; otel/kernels/emit.py),
+    which the child turns into the ``gpu.forward`` and kernel spans. Failure: a child that is gone
+    (exited, killed, never started) makes every later batch and record count as ``dropped`` and
+    return at once, logged once; a child that stops reading blocks only the thread that writes
+    (the batch processor's, whose queue then drops spans; the kernel worker's, whose pending passes
+    are then dropped), and ``force_flush`` / ``shutdown`` give up after their timeouts (killing it).
+    """
+
+    def __init__(self, config: TelemetryConfig, resource: Any = None, exit_timeout_s: float = 30.0) -> None:
         settings = json.dumps({k: v for k, v in asdict(config).items() if k != "kernels"})
         self._proc = subprocess.Popen([sys.executable, "-m", "otel.export_process", settings],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
@@ -105,48 +121,176 @@ class ProcessSpanExporter(SpanExporter):
         self._stdin: BinaryIO = self._proc.stdin
         self._stdout: BinaryIO = self._proc.stdout
         self._lock = threading.Lock()
+        # The kernel spans' resource (the tracer provider's), sent with each frame of records.
+        self._resource_attrs = dict(resource.attributes) if resource is not None else {}
+        self._exit_timeout_s = exit_timeout_s
+        self._delay_s = config.export_delay_s
+        self._gone = False
+        # Records (span_records.SpanRecord, kernels.emit.ForwardRecord) waiting for the next write.
+        self._pending_lock = threading.Lock()
+        self._records: list[tuple[Any, ...]] = []
+        self._forwards: list[tuple[Any, ...]] = []
+        self._pending_spans = 0
+        self._flusher: threading.Thread | None = None
+        self._closed = threading.Event()
         self.sent = 0
         self.dropped = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        payload = pickle.dumps(flatten(spans), protocol=pickle.HIGHEST_PROTOCOL)
+        if self._gone:
+            self.dropped += len(spans)
+            return SpanExportResult.FAILURE
+        self.write_records()  # records waiting go first, in the same wake-up of the child
+        payload = pickle.dumps((_SPANS, *flatten(spans)), protocol=pickle.HIGHEST_PROTOCOL)
+        if not self._write(payload, len(spans)):
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def send_span(self, record: Any) -> None:
+        """A finished span as a record (``otel.span_records.SpanRecord``), built in the child. Records
+        are buffered and written together (``write_records``): at ``RECORDS_PER_WRITE``, with the
+        next batch of SDK spans, at flush, and at least every ``export_delay_s``."""
+        self._add(record, 1, False)
+
+    def send_forward(self, record: Any) -> None:
+        """One captured pass's spans (``otel.kernels.emit.ForwardRecord``), built in the child."""
+        self._add(record, 1 + len(record.kernels), True)
+
+    def _add(self, record: Any, spans: int, forward: bool) -> None:
+        if self._gone:
+            self.dropped += spans
+            return
+        with self._pending_lock:
+            (self._forwards if forward else self._records).append(tuple(record))
+            self._pending_spans += spans
+            full = len(self._records) + len(self._forwards) >= RECORDS_PER_WRITE
+        if self._flusher is None:
+            self._start_flusher()
+        if full:
+            self.write_records()
+
+    def write_records(self) -> bool:
+        """Write the buffered records as one frame (False: the child is gone, they are dropped)."""
+        with self._pending_lock:
+            if not self._records and not self._forwards:
+                return True
+            records, forwards, spans = self._records, self._forwards, self._pending_spans
+            self._records, self._forwards, self._pending_spans = [], [], 0
+        if self._gone:
+            self.dropped += spans
+            return False
+        return self._write(pickle.dumps((_RECORDS, records, forwards, self._resource_attrs),
+                                        protocol=pickle.HIGHEST_PROTOCOL), spans)
+
+    def _start_flusher(self) -> None:
+        with self._pending_lock:
+            if self._flusher is not None:
+                return
+            self._flusher = threading.Thread(target=self._flush_records_every, name="kernelgate-span-records",
+                                             daemon=True)
+        self._flusher.start()
+
+    def _flush_records_every(self) -> None:
+        while not self._closed.wait(self._delay_s):
+            self.write_records()
+
+    def _write(self, payload: bytes, spans: int) -> bool:
         try:
             with self._lock:
                 self._stdin.write(_HEADER.pack(len(payload)) + payload)
                 self._stdin.flush()
         except (OSError, ValueError):  # the child is gone: these spans are lost, serving goes on
-            self.dropped += len(spans)
-            return SpanExportResult.FAILURE
-        self.sent += len(spans)
-        return SpanExportResult.SUCCESS
+            self._lost(spans)
+            return False
+        self.sent += spans
+        return True
+
+    def _lost(self, spans: int) -> None:
+        self.dropped += spans
+        if not self._gone:
+            self._gone = True
+            log.warning("span export process is gone (exit code %s): spans are dropped from now on",
+                        self._proc.poll())
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Wait until the child has exported everything written so far."""
-        try:
-            with self._lock:
-                self._stdin.write(_HEADER.pack(len(_FLUSH)) + _FLUSH)
-                self._stdin.flush()
-                return self._stdout.read(1) == b"1"
-        except (OSError, ValueError):
+        """Wait until the child has exported everything written so far (False: gone, or not within the timeout)."""
+        if self._gone or not self.write_records() or not self._lock.acquire(timeout=timeout_millis / 1000):
             return False
+        try:
+            self._stdin.write(_HEADER.pack(len(_FLUSH)) + _FLUSH)
+            self._stdin.flush()
+            ready, _, _ = select.select([self._stdout], [], [], timeout_millis / 1000)
+            return bool(ready) and self._stdout.read(1) == b"1"
+        except (OSError, ValueError):
+            self._lost(0)
+            return False
+        finally:
+            self._lock.release()
 
     def shutdown(self) -> None:
-        """Let the child export what it has and exit."""
+        """Let the child export what it has and exit (killed if it has not within ``exit_timeout_s``)."""
+        self._closed.set()
+        if self._proc.poll() is None and not self._gone:
+            self.write_records()
         if self._proc.poll() is None:
+            # A writer blocked on a child that stopped reading holds the lock: kill the child, which
+            # ends that write (EPIPE), rather than wait for it.
+            if self._lock.acquire(timeout=min(self._exit_timeout_s, 5.0)):
+                try:
+                    self._stdin.close()
+                except OSError:
+                    pass
+                finally:
+                    self._lock.release()
+            else:
+                self._proc.kill()
             try:
-                self._stdin.close()
-            except OSError:
-                pass
-            try:
-                self._proc.wait(timeout=30)
+                self._proc.wait(timeout=self._exit_timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("span export process did not exit; killed")
                 self._proc.kill()
+                self._proc.wait()
+        self._gone = True
+        for stream in (self._stdin, self._stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
     data = stream.read(n)
     return data if data is not None and len(data) == n else None
+
+
+def _spans_of(frame: tuple[Any, ...], cache: dict[Any, Any]) -> list[ReadableSpan]:
+    """The SDK spans of one frame (in the child)."""
+    if frame[0] == _SPANS:
+        return rebuild(*frame[1:])
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from otel import names
+    from otel.kernels.emit import ForwardRecord, readable_spans
+    from otel.span_records import SpanRecord, readable_span
+
+    _, records, forwards, resource_attrs = frame
+    key = tuple(sorted(resource_attrs.items()))
+    resource = cache.get(key)
+    if resource is None:
+        resource = cache[key] = Resource(resource_attrs)
+
+    def scope(name: str) -> InstrumentationScope:
+        found = cache.get(("scope", name))
+        if found is None:
+            found = cache[("scope", name)] = InstrumentationScope(name)
+        return found
+
+    spans = [readable_span(r, resource, scope(r.scope)) for r in map(SpanRecord._make, records)]
+    kernels = scope(names.KERNELS_TRACER)
+    for forward in forwards:
+        spans.extend(readable_spans(ForwardRecord._make(forward), resource, kernels))
+    return spans
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = build(TelemetryConfig, json.loads(args[0]), "telemetry")
     exporter = build_span_exporter(config)
+    cache: dict[Any, Any] = {}  # resources and scopes, made once
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     try:
         while True:
@@ -171,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 stdout.flush()
                 continue
             try:
-                exporter.export(rebuild(*pickle.loads(body)))
+                exporter.export(_spans_of(pickle.loads(body), cache))
             except Exception:  # noqa: BLE001 - a bad batch loses its spans, not the exporter
                 log.exception("span batch not exported")
     finally:

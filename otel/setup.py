@@ -21,6 +21,10 @@ from common.version import __version__
 from otel import names
 from otel.config import TelemetryConfig
 
+# The span export process of this process's tracer provider, while one is installed: the kernel
+# tracer hands it its passes as compact records (otel/kernels/emit.py).
+_export_process: Any = None
+
 # Downward-API environment variables (k8s/) -> resource attributes.
 _ENV_RESOURCE = {"POD_NAME": "k8s.pod.name", "POD_NAMESPACE": "k8s.namespace.name", "NODE_NAME": "k8s.node.name"}
 
@@ -49,10 +53,13 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
 
     from otel.sampling import StepThinningSampler
 
+    global _export_process
+    resource = build_resource(config, service_name)
     if config.export_process:  # encoding and sending in a process of its own (otel/export_process.py)
         from otel.export_process import ProcessSpanExporter
 
-        exporter: Any = ProcessSpanExporter(config)
+        exporter: Any = ProcessSpanExporter(config, resource)
+        _export_process = exporter
     else:
         exporter = build_span_exporter(config)
         if config.export_chunk_weight:
@@ -60,7 +67,7 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
 
             exporter = PacedSpanExporter(exporter, config.export_chunk_weight)
     sampler = StepThinningSampler(ParentBased(TraceIdRatioBased(config.sampling_ratio)), config.decode_step_spans_every)
-    provider = TracerProvider(resource=build_resource(config, service_name), sampler=sampler)
+    provider = TracerProvider(resource=resource, sampler=sampler)
     # Batched and off the request path: a full queue drops spans, never blocks a request.
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=config.max_queue_size,
                                                    schedule_delay_millis=config.export_delay_s * 1000,
@@ -70,6 +77,7 @@ def configure_tracing(config: TelemetryConfig | None, service_name: str) -> Iter
         yield provider
     finally:
         provider.shutdown()
+        _export_process = None
 
 
 def build_span_exporter(config: TelemetryConfig) -> Any:
@@ -128,6 +136,12 @@ def metrics_path(traces_path: str) -> str:
     return f"{stem}.metrics.{ext}" if dot and "/" not in ext else traces_path + ".metrics"
 
 
+def export_process_sink() -> Any:
+    """Where spans made as plain records go (``otel.span_records``): the span export process of the
+    installed tracer provider, or None (telemetry off, or spans exported in this process)."""
+    return _export_process.send_span if _export_process is not None else None
+
+
 @contextlib.contextmanager
 def kernel_tracing(config: TelemetryConfig | None) -> Iterator[object | None]:
     """The kernel tracer (otel/kernels/) of this process, or None when tracing or capture is off.
@@ -141,7 +155,9 @@ def kernel_tracing(config: TelemetryConfig | None) -> Iterator[object | None]:
     from otel.kernels.factory import make_capture
     from otel.kernels.tracer import KernelTracer
 
-    tracer = KernelTracer(config.kernels, trace.get_tracer(names.KERNELS_TRACER), make_capture(config.kernels))
+    sink = _export_process.send_forward if _export_process is not None else None
+    tracer = KernelTracer(config.kernels, trace.get_tracer(names.KERNELS_TRACER), make_capture(config.kernels),
+                          sink=sink)
     try:
         yield tracer
     finally:

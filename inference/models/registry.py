@@ -44,6 +44,7 @@ from inference.models.rollback import HealthWindow, judge
 from inference.models.errors import (LifecycleError, ModelNotReady, UnknownModel, UnknownVersion,
                                      VersionConflict)
 from inference.models.validation import ValidationResult, validate
+from inference.pacing import LoadPacer
 
 log = logging.getLogger("kernelgate.inference.models")
 
@@ -51,11 +52,12 @@ SMALL_WINDOWS = 2048
 JUDGE_INTERVAL_S = 0.25
 # The interpreter's switch interval while a version loads or validates beside serving ones
 # (Python's default is 5 ms). A loading thread runs long stretches of Python (building modules, tracing decode steps
-# for CUDA-graph capture); a serving engine thread that gave up the GIL (a kernel, a sync) may wait
-# the whole interval to get it back, step after step. On the 2-core CPU box the effect drowns in
-# other processes' CPU use (bench/hot_swap_gil.py); bench/hot_swap.py's during_by_phase on the GPU
-# says whether the load phase still stalls the serving version.
-LOADING_SWITCH_INTERVAL_S = 0.0005
+# for CUDA-graph capture); a serving engine thread that gave up the GIL (a sync, a graph replay, waking
+# the event loop) waits up to the whole interval to get it back, at every such call of every step (a
+# GIL convoy). 0.5 ms still made the serving version's steps several times as long on the H200; at
+# 50 us a hand-off costs the serving thread at most that, and the loading thread a few percent more
+# forced switches. The loading engine's work also yields between chunks (``inference.pacing``).
+LOADING_SWITCH_INTERVAL_S = 0.00005
 
 VersionState = Literal["loading", "validating", "ready", "active", "draining", "failed", "rolled_back", "unloaded"]
 
@@ -83,8 +85,9 @@ class LifecycleEngine(Protocol):
     def stats(self) -> Any: ...
 
 
-# (model, batching, beside_serving) -> engine; beside_serving: loaded while others serve (the admin API)
-EngineFactory = Callable[[ModelConfig, BatchingConfig, bool], LifecycleEngine]
+# (model, batching, pacer) -> engine; pacer: loaded while others serve (the admin API), its work yields to
+# theirs through the pacer (``inference.pacing``); None: a start-up version
+EngineFactory = Callable[[ModelConfig, BatchingConfig, LoadPacer | None], LifecycleEngine]
 ServiceFactory = Callable[[str, VersionConfig, LifecycleEngine], Any]  # (model, version, engine) -> serving
 
 
@@ -102,6 +105,7 @@ class ModelVersion:
     error: str | None = None
     leases: int = 0
     estimate: memory.MemoryEstimate | None = None
+    pacer: LoadPacer | None = None  # while it loads and validates beside serving versions
     validation: ValidationResult | None = None
     activate_when_valid: bool = False
     loaded_at: float = field(default_factory=time.time)
@@ -123,6 +127,9 @@ class ModelVersion:
                              "kv_cache_bytes": self.estimate.kv_cache_bytes}
         if self.validation is not None:
             out["validation"] = self.validation.describe()
+        if self.pacer is not None:
+            out["pacing"] = {"active": self.pacer.active, "pauses": self.pacer.pauses,
+                             "paused_ms": round(self.pacer.paused_s * 1e3, 1)}
         slow_steps = getattr(self.engine, "slow_steps", None)
         if slow_steps is not None:
             out["slow_steps"] = [[round(at, 4), round(took, 2), round(gap, 2), phase, batch]
@@ -415,10 +422,11 @@ class ModelRegistry:
                                      f"from {source}: {exc}") from None
             memory.check_fits(f"version '{version.version}' of model '{m.config.name}'", est,
                               self._config.validation.memory_headroom)
-        engine = self._build_engine(model_config, m.config.batching, beside_serving)
+        pacer = LoadPacer(self._serving_engines) if beside_serving else None
+        engine = self._build_engine(model_config, m.config.batching, pacer)
         entry = ModelVersion(m.config.name, version.version, source, engine,
                              self._build_service(m.config.name, version, engine),
-                             estimate=est, health=self._health())
+                             estimate=est, pacer=pacer, health=self._health())
         m.versions[version.version] = entry
         engine.start()
         self._event(m.config.name, version.version, "loading", source=source)
@@ -431,6 +439,8 @@ class ModelRegistry:
             """Count the load out once: before ``ready`` or ``failed`` is visible, or when cancelled."""
             if still_counted:
                 still_counted.clear()
+                if entry.pacer is not None:
+                    entry.pacer.stop()  # validated or failed: its steps no longer yield
                 self._loading(-1)
 
         try:
@@ -486,6 +496,13 @@ class ModelRegistry:
         self._loads += delta
         if delta < 0 and self._loads == 0:
             sys.setswitchinterval(self._switch_interval)
+
+    def _serving_engines(self) -> list[LifecycleEngine]:
+        """The engines that serve live requests now (active versions and canaries; any thread: a loading
+        engine's pacer calls it; the event loop may change the versions meanwhile, which raises
+        RuntimeError, and the pacer then does not wait)."""
+        return [v.engine for m in list(self._models.values()) for v in list(m.versions.values())
+                if v.state in ("active", "ready") and v.engine is not None and v.engine.ready]
 
     def _release(self, entry: ModelVersion) -> None:
         entry.leases -= 1

@@ -4,10 +4,17 @@ In: the candidate engine, the active engine (or None), recent live prompts (toke
 ``ValidationConfig``. Out: a :class:`ValidationResult` (ok, the reason when not, the numbers).
 The probe asks for ``probe_tokens`` tokens and must get them without an error. The shadow run
 sends the most recent ``shadow_samples`` prompts greedily (``shadow_tokens`` tokens, EOS
-ignored), all at once, to the active version and then to the candidate, and compares: the share
+ignored), one at a time, to the active version and then to the candidate, and compares: the share
 of prompts with identical outputs must reach ``min_agreement``, and the candidate's summed
-latency may be at most ``max_latency_ratio`` x the active one's. Prompts the candidate's vocabulary
+latency may be at most ``max_latency_ratio`` x the active one's (not counting the time the
+candidate's steps yielded to serving versions, ``inference.pacing``). Prompts the candidate's vocabulary
 cannot take (another tokenizer) are skipped, and the result says how many.
+
+The active version serves live traffic meanwhile, so its shadow prompts are spaced: each one starts
+after a pause as long as the previous one took, and at least :data:`ACTIVE_GAP_S`, so a live
+request shares its steps with at most one shadow prefill. Sent all at once, 8 prompts were one
+prefill step of 76 ms on the H200 that every live request in flight waited for (p99 during the
+swap 2.6x before, ``bench/results/hot_swap_gpu.json``'s earlier run).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from typing import Any
 
 from inference.config import ValidationConfig
 from inference.generation import GenerationRequest, SamplingParams
+
+# The least time between two shadow prompts sent to the active (serving) version.
+ACTIVE_GAP_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -53,17 +63,20 @@ async def _run(engine: Any, prompt: tuple[int, ...], max_tokens: int) -> tuple[l
     return tokens, time.monotonic() - started
 
 
-async def _run_all(engine: Any, prompts: list[tuple[int, ...]], max_tokens: int) -> list[tuple[list[int], float]]:
-    """:func:`_run` for every prompt at once: one batch, so the active version takes the shadow
-    prompts in one prefill step and a few decode steps beside its live requests (one at a time,
-    they were a prefill each and a validation phase several times as long)."""
-    runs = [asyncio.ensure_future(_run(engine, prompt, max_tokens)) for prompt in prompts]
-    try:
-        return list(await asyncio.gather(*runs))
-    except BaseException:
-        for run in runs:
-            run.cancel()
-        raise
+async def _run_each(engine: Any, prompts: list[tuple[int, ...]], max_tokens: int,
+                    gap_s: float = 0.0) -> list[tuple[list[int], float]]:
+    """:func:`_run` for each prompt in turn, the next one after a pause as long as the last one took
+    and at least ``gap_s`` (none when 0). A run's seconds leave out the time the engine's steps
+    yielded to serving versions (``paused_s`` of a paced engine, ``inference.pacing``): not its own
+    latency."""
+    runs: list[tuple[list[int], float]] = []
+    for prompt in prompts:
+        if runs and gap_s > 0:
+            await asyncio.sleep(max(gap_s, runs[-1][1]))
+        paused = getattr(engine, "paused_s", 0.0)
+        tokens, seconds = await _run(engine, prompt, max_tokens)
+        runs.append((tokens, max(seconds - (getattr(engine, "paused_s", 0.0) - paused), 0.0)))
+    return runs
 
 
 def _probe_prompt(engine: Any) -> tuple[int, ...]:
@@ -92,8 +105,8 @@ async def validate(candidate: Any, active: Any | None, recent: list[tuple[int, .
     if not usable:
         return ValidationResult(True, None, probe_s * 1e3, shadow_skipped=len(samples))
     try:
-        wants = await _run_all(active, usable, config.shadow_tokens)
-        gots = await _run_all(candidate, usable, config.shadow_tokens)
+        wants = await _run_each(active, usable, config.shadow_tokens, gap_s=ACTIVE_GAP_S)
+        gots = await _run_each(candidate, usable, config.shadow_tokens)
     except Exception as exc:  # noqa: BLE001
         return ValidationResult(False, f"shadow run failed: {exc}", probe_s * 1e3)
     agree = sum(got == want for (got, _), (want, _) in zip(gots, wants))

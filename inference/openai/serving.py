@@ -381,7 +381,7 @@ class GenerationServing:
         """Run ``tokenize`` on the worker thread, inside a ``preprocess`` span."""
         preprocessor = self._preprocessor_of_model()
         loop = asyncio.get_running_loop()
-        with self._tracing.child_span(names.PREPROCESS_SPAN):
+        with self._tracing.timed_child(names.PREPROCESS_SPAN):  # built on the span thread
             return await loop.run_in_executor(self._executor, tokenize, preprocessor)
 
     def submit(self, request_id: str, model: str, caller: Caller, span: Span, prompts: Sequence[PreparedPrompt],

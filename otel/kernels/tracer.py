@@ -4,7 +4,8 @@ exports the spans (worker thread).
 In: request spans (``on_request``, from ``inference.tracing.Tracing.request_span``), the engine's
 ``start``/``finish`` around every forward pass (``inference.tracing.ForwardObserver``), and a
 :class:`~otel.kernels.capture.Capture`. Out: a ``gpu.forward`` span per captured pass with one
-span per kernel (or folded run of kernels) under it, exported through the tracer it was given.
+span per kernel (or folded run of kernels) under it, exported through the tracer it was given, or,
+with the span export process (``sink``), handed to it as one compact record per pass (emit.py).
 
 A captured pass is *recorded* (the recorder runs around it) or, with ``kernels.derive``, *derived*:
 a decode step replaying a CUDA graph whose kernels were recorded once (derive.py) is only timed by
@@ -23,16 +24,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.trace import SpanContext
 
 from otel import names
 from otel.config import KernelTraceConfig
 from otel.deferred import PendingSpan, resolve
 from otel.kernels.budget import StallBudget
-from otel.kernels.capture import YIELD_EVERY_SPANS, Capture, RawCapture, yield_gil
+from otel.kernels.capture import Capture, RawCapture
 from otel.kernels.derive import ReplayTemplate, build_template, is_fresh, place
+from otel.kernels.emit import ForwardRecord, emit_with_tracer, forward_context, kernel_tuples
 from otel.kernels.plan import ClockAnchor, KernelPlan, plan_kernel_spans, request_share
 from otel.kernels.selection import CaptureSampler, is_forced
+from otel.span_records import new_span_id, sampled_attributes
 
 log = logging.getLogger("kernelgate.otel.kernels")
 
@@ -102,9 +105,13 @@ class KernelTracer:
 
     def __init__(self, config: KernelTraceConfig, tracer: trace.Tracer, capture: Capture,
                  sampler: CaptureSampler | None = None, clock: Callable[[], int] = time.time_ns,
-                 budget: StallBudget | None = None, timer: Callable[[], int] = time.perf_counter_ns) -> None:
+                 budget: StallBudget | None = None, timer: Callable[[], int] = time.perf_counter_ns,
+                 sink: Callable[[ForwardRecord], object] | None = None) -> None:
         self._config = config
         self._tracer = tracer
+        # Where a pass's spans go as one compact record instead of SDK spans (emit.py): the span
+        # export process (otel.export_process.ProcessSpanExporter.send_forward), or None: the tracer.
+        self._sink = sink
         self._capture = capture
         self.budget = budget or StallBudget(config.stall_budget_pct / 100.0)
         self._sampler = sampler or CaptureSampler(config.ratio, config.max_captures_per_minute, budget=self.budget)
@@ -472,55 +479,51 @@ class KernelTracer:
         recorded = step_span is not None and step_span.trace_flags.sampled
         same_trace = recorded and step_span.trace_id == target.span_context.trace_id
         parent = step_span if same_trace else target.span_context
-        links = [Link(step_span)] if recorded and not same_trace else []
-        forward = self._tracer.start_span(
-            names.FORWARD_SPAN, context=trace.set_span_in_context(trace.NonRecordingSpan(parent)), kind=SpanKind.INTERNAL,
-            start_time=job.window[0], links=links, attributes={
-                names.STEP_INDEX: getattr(step, "index", -1),
-                names.STEP_PHASE: getattr(step, "phase", ""),
-                names.STEP_BATCH_SIZE: getattr(step, "batch_size", 0),
-                names.KERNELS_CAPTURE: target.reason,
-                names.KERNELS_ACTIVITIES: self._capture.activities,
-                names.KERNELS_RECORDER: self._capture.name,
-                names.KERNELS_COUNT: plan.kernels,
-                names.KERNELS_SPANS: len(plan.spans),
-                names.KERNELS_FOLDED: plan.folded,
-                names.KERNELS_DROPPED: plan.dropped,
-                names.KERNELS_CLAMPED: plan.clamped,
-                names.KERNELS_GPU_TIME_NS: plan.gpu_time_ns,
-                # this request's part of the pass's GPU time (by tokens: the shares of a pass sum to it)
-                names.GPU_REQUEST_SHARE_NS: request_share(step, target.span_context.span_id, plan.gpu_time_ns),
-                names.STEP_NUM_TOKENS: getattr(step, "num_tokens", 0),
-                names.KERNELS_FIRST_START_NS: plan.first_ns,
-                names.KERNELS_LAST_END_NS: plan.last_ns,
-                names.CLOCK_UNCERTAINTY_NS: anchor.uncertainty_ns,
-                names.KERNELS_SOURCE: "derived" if job.template is not None else "recorded",
-            })
+        links = [(step_span.trace_id, step_span.span_id, int(step_span.trace_flags))] \
+            if recorded and not same_trace else []
+        attributes: dict[str, Any] = {
+            names.STEP_INDEX: getattr(step, "index", -1),
+            names.STEP_PHASE: getattr(step, "phase", ""),
+            names.STEP_BATCH_SIZE: getattr(step, "batch_size", 0),
+            names.KERNELS_CAPTURE: target.reason,
+            names.KERNELS_ACTIVITIES: self._capture.activities,
+            names.KERNELS_RECORDER: self._capture.name,
+            names.KERNELS_COUNT: plan.kernels,
+            names.KERNELS_SPANS: len(plan.spans),
+            names.KERNELS_FOLDED: plan.folded,
+            names.KERNELS_DROPPED: plan.dropped,
+            names.KERNELS_CLAMPED: plan.clamped,
+            names.KERNELS_GPU_TIME_NS: plan.gpu_time_ns,
+            # this request's part of the pass's GPU time (by tokens: the shares of a pass sum to it)
+            names.GPU_REQUEST_SHARE_NS: request_share(step, target.span_context.span_id, plan.gpu_time_ns),
+            names.STEP_NUM_TOKENS: getattr(step, "num_tokens", 0),
+            names.KERNELS_FIRST_START_NS: plan.first_ns,
+            names.KERNELS_LAST_END_NS: plan.last_ns,
+            names.CLOCK_UNCERTAINTY_NS: anchor.uncertainty_ns,
+            names.KERNELS_SOURCE: "derived" if job.template is not None else "recorded",
+        }
         key = job.key or (job.template.key if job.template is not None else None)
         if key is not None:
-            forward.set_attribute(names.KERNELS_GRAPH_KEY, ",".join(map(str, key)))
+            attributes[names.KERNELS_GRAPH_KEY] = ",".join(map(str, key))
         if replay_ns is not None:
-            forward.set_attribute(names.KERNELS_REPLAY_NS, replay_ns)
+            attributes[names.KERNELS_REPLAY_NS] = replay_ns
         if job.template is not None:
-            forward.set_attribute(names.KERNELS_DERIVED_FROM_STEP, job.template.step_index)
-            if isinstance(job.template.source, SpanContext):
-                forward.add_link(job.template.source)
-        ctx = trace.set_span_in_context(forward)
-        for i, k in enumerate(plan.spans):
-            if i % YIELD_EVERY_SPANS == YIELD_EVERY_SPANS - 1:
-                yield_gil()
-            attributes: dict[str, Any] = {names.GPU_KERNEL_NAME: k.kernel_name[:1024], names.GPU_DEVICE: k.device,
-                                          names.GPU_STREAM: k.stream, names.KERNEL_COUNT: k.count,
-                                          names.KERNEL_GPU_TIME_NS: k.gpu_time_ns}
-            if k.count > 1:
-                attributes[names.KERNEL_FOLDED] = True
-            if job.template is not None:
-                attributes[names.KERNEL_DERIVED] = True
-            self._tracer.start_span(k.name, context=ctx, kind=SpanKind.INTERNAL, start_time=k.start_ns,
-                                    attributes=attributes).end(end_time=k.end_ns)
+            attributes[names.KERNELS_DERIVED_FROM_STEP] = job.template.step_index
+            source = job.template.source
+            if isinstance(source, SpanContext):
+                links.append((source.trace_id, source.span_id, int(source.trace_flags)))
         # Ends with its last kernel, so it stays inside the step span (which ends before finish() runs).
-        forward.end(end_time=plan.last_ns if plan.spans else job.window[1])
-        return forward.get_span_context()
+        sink = self._sink if parent.trace_flags.sampled else None
+        if sink is not None:  # the sampler decides as it would for the SDK span (never 'drop' under a sampled parent)
+            kept = sampled_attributes(self._tracer, parent, names.FORWARD_SPAN, attributes)
+            sink, attributes = (sink, kept) if kept is not None else (None, attributes)
+        record = ForwardRecord(parent.trace_id, new_span_id() if sink is not None else 0, parent.span_id,
+                               parent.is_remote, job.window[0], plan.last_ns if plan.spans else job.window[1],
+                               attributes, tuple(links), kernel_tuples(plan.spans), job.template is not None)
+        if sink is not None:  # built and exported by the span export process (it counts what it loses)
+            sink(record)
+            return forward_context(record)
+        return emit_with_tracer(self._tracer, record._replace(span_id=0))
 
 
 def _end_with_share(selected: _Selected, end_ns: int) -> None:

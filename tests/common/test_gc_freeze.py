@@ -46,7 +46,7 @@ def test_a_start_up_beside_serving_threads_collects_only_the_young_generations()
         frozen = freeze_startup_objects(full=False)
         assert generations == [1]
         assert young_ref() is None  # a fresh cycle is still in a young generation: collected
-        assert frozen == gc.get_freeze_count() > 0
+        assert frozen is None and gc.get_freeze_count() > 0  # frozen, not counted (a walk of all of them)
         generations.clear()
         freeze_startup_objects()
         assert generations == [2]

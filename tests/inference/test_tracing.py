@@ -73,6 +73,74 @@ async def test_request_and_step_spans(serve) -> None:
         s.context.span_id for s in steps]
 
 
+async def test_with_the_export_process_engine_side_spans_leave_as_records_and_make_the_same_tree(
+        serve, tmp_path, monkeypatch) -> None:
+    """``telemetry.export_process``: ``preprocess``, ``queue`` and ``engine.step`` are handed to the real
+    export child as plain records (no SDK span object for them here); the file it writes holds the
+    same tree as the in-process path (test above): parents, links, attributes."""
+    import os
+    import time as _time
+    from pathlib import Path
+
+    from otel.config import TelemetryConfig
+    from otel.export_process import ProcessSpanExporter
+    from otel.otlp_file import read_otlp_file
+    from tests.jaeger import parse_otlp
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    path = tmp_path / "spans.otlp"
+    child = ProcessSpanExporter(TelemetryConfig(enabled=True, protocol="file", otlp_endpoint=str(path)))
+    in_process = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(child))
+    provider.add_span_processor(SimpleSpanProcessor(in_process))
+    tracing = Tracing(provider.get_tracer(TRACER_NAME), sink=child.send_span)
+    observer = SlowSteps()
+    engine = started_engine(tiny_config(), observer=observer, tracing=tracing)
+    try:
+        served = await serve(engine=engine, tracing=tracing)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{served.url}/v1/completions",
+                              json={"model": "tiny-gpt2", "prompt": "trace me", "max_tokens": 4, "seed": 3},
+                              headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}) as resp:
+                assert resp.status == 200
+                body = await resp.json()
+            async with s.post(f"{served.url}/v1/completions",  # refused in preprocess: an error span
+                              json={"model": "tiny-gpt2", "prompt": "x" * 5000, "max_tokens": 4},
+                              headers={"traceparent": f"00-{'1' * 32}-{PARENT_ID}-01"}) as resp:
+                refused = resp.status
+        await wait_until(lambda: len(observer.finished) >= 4)
+    finally:
+        engine.shutdown(10)
+    assert child.force_flush()
+    here = {s.name for s in in_process.get_finished_spans()}
+    assert "engine.step" not in here and "queue" not in here, here
+    traces = parse_otlp(*read_otlp_file(path))
+    child.shutdown()
+    trace = traces[TRACE_ID]
+    request = trace.one("POST /v1/completions")
+    assert request.parent_id == PARENT_ID and request.kind == "server"
+    assert {s.name for s in trace.children(request)} >= {"preprocess", "queue", "engine.step"}
+    for name in ("preprocess", "queue"):
+        child_span = trace.one(name)
+        assert child_span.parent_id == request.span_id and child_span.kind == "internal"
+        assert request.start_ns <= child_span.start_ns <= child_span.end_ns <= request.end_ns
+    assert trace.one("queue").attributes["kernelgate.queue.slot"] >= 0
+    steps = sorted(trace.named("engine.step"), key=lambda s: s.start_ns)
+    assert len(steps) == body["usage"]["completion_tokens"]
+    assert steps[0].attributes["kernelgate.step.phase"] == "prefill"
+    for step in steps:
+        assert step.parent_id == request.span_id and step.attributes["kernelgate.step.batch_size"] == 1
+        assert step.attributes["gen_ai.request.model"] == "tiny-gpt2"
+        assert [link.span_id for link in step.links] == [request.span_id]
+    assert [format(resolve(span).span_id, "016x") for _, span in observer.finished][-len(steps):] == \
+        [s.span_id for s in steps], "the forward observer resolves the step spans the child exported"
+    assert refused == 400  # the prompt is refused while it is prepared: recorded on preprocess, as before
+    [pre] = traces["1" * 32].named("preprocess")
+    assert pre.status_code == 2  # ERROR, built through the SDK (with its exception event)
+
+
 async def test_decode_passes_of_one_shape_are_recorded_once_then_derived_inside_their_step(serve) -> None:
     """The real engine and runner on CPU with the real kernel tracer (torch's profiler recording CPU
     operators): the runner names each decode step's fixed work (on CPU: the eager decode of one

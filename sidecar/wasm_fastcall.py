@@ -8,8 +8,8 @@ Why: wasmtime-py's ``Func.__call__`` rebuilds the function's type and converts e
 through ``Val`` on each call, ~25 µs a call on this project's 2-core VMs, 1.3 µs unchecked;
 a decision makes five such calls, and that overhead was most of an in-process check.
 The signatures are checked once, when an instance is built: an export whose type is not all
-i32 keeps wasmtime's checked call. Traps still raise (the same ``enter_wasm`` guard wasmtime
-uses). This reaches into two private attributes of opa-py-wasm 1.2 (the pool's factory and the
+i32 keeps wasmtime's checked call. Traps still raise (wasmtime-py's ``enter_wasm`` guard,
+inlined). This reaches into two private attributes of opa-py-wasm 1.2 (the pool's factory and the
 runtime's export table); ``accelerate`` returns False and changes nothing when they are absent.
 """
 
@@ -24,7 +24,7 @@ import orjson
 import wasmtime
 from opapywasm import UNDEFINED
 from wasmtime import _ffi as ffi
-from wasmtime._func import enter_wasm
+from wasmtime._func import maybe_raise_last_exn
 
 from common import strict_json
 
@@ -44,10 +44,21 @@ class _UncheckedFunc(wasmtime.Func):
         raw = self._slots()
         for i, value in enumerate(params):
             raw[i].i32 = value
-        with enter_wasm(store) as trap:
-            error = ffi.wasmtime_func_call_unchecked(store._context(), ctypes.byref(self._func), raw, self._n, trap)
+        # wasmtime-py's enter_wasm, inlined (a generator-based context manager per call otherwise):
+        # a trap raises Trap, an error WasmtimeError, either after an exception a host function
+        # (an OPA builtin in Python) left behind
+        trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        try:
+            error = _call_unchecked(store._context(), ctypes.byref(self._func), raw, self._n, ctypes.byref(trap))
             if error:
                 raise wasmtime.WasmtimeError._from_ptr(error)
+            if trap:
+                trapped = wasmtime.Trap._from_ptr(trap)
+                maybe_raise_last_exn()
+                raise trapped
+        except wasmtime.WasmtimeError:
+            maybe_raise_last_exn()
+            raise
         return raw[0].i32 if self._n_results else None
 
 
@@ -141,9 +152,11 @@ def _raw(name: str, restype: Any) -> Any:
     return func
 
 
+_call_unchecked = ffi.wasmtime_func_call_unchecked
 # the memory's base address as an int and its size: no pointer object and cast per call
 _memory_base = _raw("wasmtime_memory_data", ctypes.c_void_p)
 _memory_size = _raw("wasmtime_memory_data_size", ctypes.c_size_t)
+_set_epoch_deadline = ffi.wasmtime_context_set_epoch_deadline  # (store context, ticks after the current)
 
 
 class LeanEvaluationError(RuntimeError):
@@ -213,7 +226,7 @@ class LeanEvaluator:
                 memory.grow(store, (addr + n - size + _PAGE - 1) // _PAGE)
             ctypes.memmove(_memory_base(*where) + addr, raw, n)
             if self._ticks is not None:
-                store.set_epoch_deadline(self._ticks)
+                _set_epoch_deadline(where[0], self._ticks)
             result = self._eval(store, 0, self._entrypoint, self._data_addr, addr, n, addr + n, 0)
             base = _memory_base(*where)  # the evaluation may have grown (moved) the memory
             size = _memory_size(*where)

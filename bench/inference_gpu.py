@@ -104,9 +104,10 @@ def bench_hf(model_name: str, levels: list[int], args: argparse.Namespace) -> li
 
 
 def start_server(model_name: str, variant: str, max_batch: int, args: argparse.Namespace,
-                 model_overrides: dict | None = None) -> tuple[subprocess.Popen, int, Path]:
+                 model_overrides: dict | None = None, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, int, Path]:
     """Start ``inference.server`` on ``model_name`` (``variant``: deepspeed or plain HF layers, unless
-    ``model_overrides`` says otherwise) and wait until it is ready."""
+    ``model_overrides`` says otherwise; ``env``: more environment, e.g. which GPU) and wait until it is ready."""
     import yaml
 
     port = free_port()
@@ -124,7 +125,8 @@ def start_server(model_name: str, variant: str, max_batch: int, args: argparse.N
     config_path = log_dir / f"server-{model_name}-{variant}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = log_dir / f"server-{model_name}-{variant}.log"
-    server = start(log_path.stem, [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config_path)], log_path.parent, env={"PYTHONUNBUFFERED": "1"})
+    server = start(log_path.stem, [sys.executable, "-m", "kernelgate.cli", "serve", "--config", str(config_path)], log_path.parent,
+                   env={"PYTHONUNBUFFERED": "1", **(env or {})})
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=args.ready_timeout, proc=server)
     except Exception:

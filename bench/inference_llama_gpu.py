@@ -19,8 +19,12 @@ exactly ``--new-tokens`` generated tokens (EOS ignored):
 ``floor_ratio_bs1`` = kernelgate's decode ms/token at batch 1 (server metric) / floor;
 ``ratio_c64_over_hf`` = kernelgate tokens/s at concurrency 64 / HF's at batch 64 (prompt 128).
 With ``--tp N`` the server runs with ``model.tp_size`` N (one GPU per rank) and the result also
-records greedy equality with ``tp_size`` 1 under ``tp<N>``. Writes ``--out`` with the command,
-device and versions. ``scripts/gpu_bench.sh`` runs it on the device machine.
+records greedy equality with ``tp_size`` 1 under ``tp<N>``: tokens and whether the logits of every
+step are bitwise equal (``logits_equal``, ``logits_max_abs_diff``), and the server's tokens/s at
+``tp_size`` N and 1. ``--numerics default,tp_invariant`` does all of that for each ``model.numerics``
+(the first's figures at the top of ``tp<N>.<model>``, the others' under ``tp<N>.<model>.<numerics>``),
+so the cost of the tensor-parallel-invariant mode is in the same file. Writes ``--out`` with the
+command, device and versions. ``scripts/gpu_bench.sh`` runs it on the device machine.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-ops", default="", help="op sets to time the in-process decode step with "
                         "(comma list; default: --ops)")
     parser.add_argument("--tp", type=int, default=1, help="model.tp_size of the server (one GPU per rank)")
+    parser.add_argument("--numerics", default="default",
+                        help="model.numerics, comma list: with --tp N each is checked (tp N vs 1) and timed")
+    parser.add_argument("--numerics-shards", type=int, default=0, help="model.numerics_shards of tp_invariant")
+    parser.add_argument("--dtype", default="auto", help="model dtype (auto: float16 on CUDA, float32 on the CPU)")
     parser.add_argument("--check-model", default="llama-3.2-1b", help="'' skips the HF equality check")
     parser.add_argument("--skip", default="", help="comma list of parts to leave out: hf,server,step")
     parser.add_argument("--out", default=str(ROOT / "bench/results/inference_llama_gpu.json"))
@@ -66,8 +74,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-timeout", type=float, default=300.0,
                         help="seconds a child step (a tensor-parallel greedy check) may take before it is killed")
     parser.add_argument("--greedy-worker", metavar="MODEL",
-                        help="internal: write MODEL's greedy tokens with --tp ranks to --out and exit (a child "
-                             "process, so the bench itself never joins a process group)")
+                        help="internal: write MODEL's greedy tokens with --tp ranks to --out (and its logits to "
+                             "--logits-out) and exit (a child process, so the bench itself never joins a process "
+                             "group)")
+    parser.add_argument("--logits-out", help="internal: where the greedy worker saves its logits (torch.save)")
     parser.add_argument("--merge", nargs="+", metavar="RESULT",
                         help="no GPU: merge these result files (e.g. a later Qwen or tp2 run) into --out and exit")
     return parser.parse_args()
@@ -186,8 +196,9 @@ def greedy_tokens_hf(model, prompts: list[list[int]], new_tokens: int) -> list[l
 
 
 def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, args: argparse.Namespace,
-                 write_to: Path | None = None) -> list[list[int]]:
-    """Greedy tokens of kernelgate's decoder (the engine's runner, CUDA graphs on), ``tp`` ranks.
+                 write_to: Path | None = None, numerics: str = "default", logits_to: Path | None = None):
+    """Greedy tokens of kernelgate's decoder (the engine's runner, CUDA graphs on), ``tp`` ranks, and the
+    logits of every step ``[steps, rows, vocab]`` (on the CPU, in the model's dtype).
 
     Token ids, not text: the random shapes' vocabularies are far larger than the demo tokenizer's.
     """
@@ -197,8 +208,9 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
     from inference.model_loader import load_model
     from inference.runner import ModelRunner
 
-    config = ModelConfig(name=name, random_config=name, device=args.device, dtype=_dtype(args.device), ops=args.ops,
-                         tp_size=tp, max_model_len=256)
+    config = ModelConfig(name=name, random_config=name, device=args.device, dtype=_dtype(args), ops=args.ops,
+                         tp_size=tp, max_model_len=256, numerics=numerics,
+                         numerics_shards=args.numerics_shards if numerics == "tp_invariant" else 0)
     group = None
     if tp > 1:
         from inference.tensor_parallel import TensorParallelGroup
@@ -213,18 +225,24 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
     if group is not None:
         runner = group.mirror(runner)
     out: list[list[int]] = [[] for _ in prompts]
+    steps = []
     try:
         with torch.inference_mode():
             runner.capture_decode_graphs()
-            tokens = runner.prefill(0, prompts).argmax(-1).tolist()
+            steps.append(runner.prefill(0, prompts).cpu())
+            tokens = steps[-1].argmax(-1).tolist()
             for step in range(new_tokens):
                 for row, token in enumerate(tokens):
                     out[row].append(token)
                 if step + 1 < new_tokens:
-                    tokens = runner.decode(tokens, [len(p) + step for p in prompts]).argmax(-1).tolist()
+                    steps.append(runner.decode(tokens, [len(p) + step for p in prompts]).cpu())
+                    tokens = steps[-1].argmax(-1).tolist()
+        logits = torch.stack(steps)
+        if logits_to is not None:
+            torch.save(logits, logits_to)
         if write_to is not None:  # before the group's teardown, which has blocked on NCCL
             write_to.parent.mkdir(parents=True, exist_ok=True)
-            write_to.write_text(json.dumps({"model": name, "tp_size": tp, "tokens": out}))
+            write_to.write_text(json.dumps({"model": name, "tp_size": tp, "numerics": numerics, "tokens": out}))
     except BaseException:
         logging.getLogger("kernelgate.bench").exception("greedy run of %s with tp_size %d failed", name, tp)
         raise
@@ -234,7 +252,7 @@ def greedy_fused(name: str, prompts: list[list[int]], new_tokens: int, tp: int, 
             group.close()
     del loaded, runner
     torch.cuda.empty_cache()
-    return out
+    return out, logits
 
 
 def greedy_prompts(name: str) -> list[list[int]]:
@@ -243,8 +261,9 @@ def greedy_prompts(name: str) -> list[list[int]]:
     return prompts_for(random_config(name).vocab_size, 3, 32, seed=3)
 
 
-def greedy_in_child(name: str, tp: int, args: argparse.Namespace) -> list[list[int]]:
-    """``greedy_fused`` with ``tp`` ranks in a child process, killed after ``--step-timeout``.
+def greedy_in_child(name: str, tp: int, args: argparse.Namespace, numerics: str = "default"):
+    """``greedy_fused`` with ``tp`` ranks in a child process, killed after ``--step-timeout``: its tokens and
+    logits (the logits go through a file outside ``--log-dir``, which is the device call's output).
 
     Rank 0 of the group is the child, not this process: a group formed and left per model in
     one process is what hung the first two-GPU run (the follower exited without leaving the
@@ -253,9 +272,16 @@ def greedy_in_child(name: str, tp: int, args: argparse.Namespace) -> list[list[i
     """
     import subprocess
 
-    out = Path(args.log_dir) / f"greedy-{name}-tp{tp}.json"
+    import tempfile
+
+    import torch
+
+    out = Path(args.log_dir) / f"greedy-{name}-tp{tp}-{numerics}.json"
+    logits = Path(tempfile.mkdtemp(prefix="kg-greedy-")) / "logits.pt"
     command = [sys.executable, str(Path(__file__).resolve()), "--greedy-worker", name, "--tp", str(tp),
-               "--device", args.device, "--ops", args.ops, "--out", str(out), "--log-dir", args.log_dir]
+               "--device", args.device, "--ops", args.ops, "--out", str(out), "--log-dir", args.log_dir,
+               "--dtype", args.dtype, "--numerics", numerics, "--numerics-shards", str(args.numerics_shards),
+               "--logits-out", str(logits)]
     out.unlink(missing_ok=True)
     child = subprocess.Popen(command)
     deadline, written_at = time.monotonic() + args.step_timeout, None
@@ -273,7 +299,21 @@ def greedy_in_child(name: str, tp: int, args: argparse.Namespace) -> list[list[i
         time.sleep(0.2)
     if child.returncode not in (0, -9) or not out.exists():
         raise RuntimeError(f"greedy check of {name} with tp_size {tp} failed (exit {child.returncode})")
-    return json.loads(out.read_text())["tokens"]
+    got = torch.load(logits)
+    logits.unlink()
+    logits.parent.rmdir()
+    return json.loads(out.read_text())["tokens"], got
+
+
+def tp_check(name: str, prompts: list[list[int]], args: argparse.Namespace, numerics: str) -> dict:
+    """Greedy tokens and every step's logits with ``tp_size`` 1 (this process) against ``--tp`` (a child)."""
+    (want, want_logits), (got, got_logits) = (greedy_fused(name, prompts, 32, 1, args, numerics=numerics),
+                                              greedy_in_child(name, args.tp, args, numerics))
+    same_shape = want_logits.shape == got_logits.shape
+    diff = float((want_logits.float() - got_logits.float()).abs().max()) if same_shape else None
+    return {"numerics": numerics, "greedy_equal": want == got,
+            "greedy_common_prefix": [_common_prefix(a, b) for a, b in zip(want, got)],
+            "logits_equal": same_shape and bool((want_logits == got_logits).all()), "logits_max_abs_diff": diff}
 
 
 def step_times(name: str, model, args: argparse.Namespace) -> dict:
@@ -319,14 +359,46 @@ def step_times(name: str, model, args: argparse.Namespace) -> dict:
     return result
 
 
+def start_llama_server(name: str, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace, tp: int,
+                       numerics: str = "default", env: dict[str, str] | None = None):
+    """The kernelgate server of ``bench_server``, started and ready: (process, port, log path)."""
+    max_len = 2 ** (max(prompt_lengths) + args.new_tokens - 1).bit_length()
+    model_keys = {"ops": args.ops, "tp_size": tp, "max_model_len": max_len, "dtype": args.dtype, "numerics": numerics}
+    if numerics == "tp_invariant":
+        model_keys["numerics_shards"] = args.numerics_shards
+    variant = f"fused-tp{tp}" + ("" if numerics == "default" else f"-{numerics}")
+    return start_server(name, variant, max(levels), args, model_keys, env)
+
+
+def one_gpu_servers(name: str, length: int, levels: list[int], args: argparse.Namespace, modes: list[str]) -> list:
+    """One-GPU servers of every numerics mode, started side by side on GPUs 0, 1, ... (their start-up is
+    most of their time) where there are enough GPUs (or on the CPU), to be measured one at a time; else
+    Nones (each ``bench_server`` starts its own in turn)."""
+    import torch
+
+    if len(modes) < 2 or (args.device == "cuda" and torch.cuda.device_count() < len(modes)):
+        return [None] * len(modes)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(modes)) as pool:
+        futures = [pool.submit(start_llama_server, name, [length], levels, args, 1, mode,
+                               {"CUDA_VISIBLE_DEVICES": str(gpu)}) for gpu, mode in enumerate(modes)]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < len(futures):
+        for proc, _, _ in started:
+            stop_server(proc)
+        raise next(f.exception() for f in futures if f.exception() is not None)
+    return started
+
+
 def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: argparse.Namespace,
-                 tp: int) -> tuple[list[dict], dict]:
+                 tp: int, numerics: str = "default", server=None) -> tuple[list[dict], dict]:
+    """kernelgate's tokens/s, time to first token and decode time per token at each prompt length and
+    concurrency; ``server``: one already started by :func:`start_llama_server` (stopped here too)."""
     from inference.model_configs import random_config
 
     vocab = random_config(name).vocab_size
-    max_len = 2 ** (max(prompt_lengths) + args.new_tokens - 1).bit_length()
-    model_keys = {"ops": args.ops, "tp_size": tp, "max_model_len": max_len}
-    proc, port, log_path = start_server(name, f"fused-tp{tp}", max(levels), args, model_keys)
+    proc, port, log_path = server or start_llama_server(name, prompt_lengths, levels, args, tp, numerics)
     rows, extra = [], {}
     try:
         for length in prompt_lengths:
@@ -338,12 +410,13 @@ def bench_server(name: str, prompt_lengths: list[int], levels: list[int], args: 
                                                                args.new_tokens))
                 mean = {m: (scrape(port, m + "_sum") - s) / max(1.0, scrape(port, m + "_count") - c)
                         for m, (s, c) in before.items()}
-                row = {"model": name, "system": "kernelgate", "tp_size": tp, "prompt_tokens": length,
+                row = {"model": name, "system": "kernelgate", "tp_size": tp, "numerics": numerics,
+                       "prompt_tokens": length,
                        "concurrency": concurrency, "requests": len(latencies), "completion_tokens": tokens,
                        "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                        "ttft_ms": round(1000 * mean[TTFT], 2), "decode_ms_per_token": round(1000 * mean[TPOT], 3)}
                 rows.append(row)
-                print(f"[kernelgate tp{tp}] {name} p={length} c={concurrency}: {row['tokens_per_s']} tok/s, "
+                print(f"[kernelgate tp{tp} {numerics}] {name} p={length} c={concurrency}: {row['tokens_per_s']} tok/s, "
                       f"ttft {row['ttft_ms']} ms, decode {row['decode_ms_per_token']} ms/token", flush=True)
         text = log_path.read_text()
         extra["backend"] = next((line.split("(")[1].split(" backend")[0] for line in text.splitlines()
@@ -369,7 +442,7 @@ def write_result(args: argparse.Namespace, bandwidth: float, lengths: list[int],
                             + ["python3"] + [shlex.quote(a) for a in sys.argv]),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "gpus": torch.cuda.device_count() if args.device == "cuda" else 0, "versions": versions,
-        "dtype": _dtype(args.device), "weights": "random (seeded), the same for both systems",
+        "dtype": _dtype(args), "weights": "random (seeded), the same for both systems",
         "prompt_tokens": lengths, "new_tokens": args.new_tokens, "ops": args.ops,
         "copy_bandwidth_gbs": round(bandwidth, 1),
         "targets": {"llama-3.1-8b": {"floor_ratio_bs1": "<= 1.3", "ratio_c64_over_hf": ">= 5"}},
@@ -393,12 +466,18 @@ def merge(out: Path, parts: list[Path]) -> dict:
         for name, info in part.get("by_model", {}).items():
             result.setdefault("by_model", {}).setdefault(name, {}).update(info)
             result.get("not_run", {}).pop(name, None)
-        key = lambda r: (r["model"], r["system"], r.get("tp_size", 1), r["prompt_tokens"], r["concurrency"])  # noqa: E731
+        key = lambda r: (r["model"], r["system"], r.get("tp_size", 1), r.get("numerics", "default"),  # noqa: E731
+                         r["prompt_tokens"], r["concurrency"])
         fresh = {key(r) for r in part.get("rows", [])}
         result["rows"] = [r for r in result.get("rows", []) if key(r) not in fresh] + part.get("rows", [])
         result["checks"] = result.get("checks", []) + part.get("checks", [])
         for section in (k for k in part if k.startswith("tp") and k[2:].isdigit()):
-            result.setdefault(section, {}).update(part[section])
+            merged = result.setdefault(section, {})
+            for name, figures in part[section].items():  # per model: keys the run did not write stay
+                if isinstance(merged.get(name), dict) and isinstance(figures, dict):
+                    merged[name].update(figures)
+                else:
+                    merged[name] = figures
             result.get("not_run", {}).pop(section, None)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -412,7 +491,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s rank0 %(name)s: %(message)s")
     if args.greedy_worker:
-        greedy_fused(args.greedy_worker, greedy_prompts(args.greedy_worker), 32, args.tp, args, Path(args.out))
+        greedy_fused(args.greedy_worker, greedy_prompts(args.greedy_worker), 32, args.tp, args, Path(args.out),
+                     args.numerics, Path(args.logits_out) if args.logits_out else None)
         return 0
     import torch
 
@@ -420,6 +500,7 @@ def main() -> int:
     lengths = [int(x) for x in args.prompt_tokens.split(",") if x]
     levels = [int(c) for c in args.concurrency.split(",") if c]
     skip = set(args.skip.split(","))
+    modes = [m for m in args.numerics.split(",") if m]
     bandwidth = copy_bandwidth_gbs(args.device)
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows: list[dict] = []
@@ -439,39 +520,62 @@ def main() -> int:
             rows += bench_hf(name, model, lengths, levels, args)
         prompts = greedy_prompts(name)
         if name == args.check_model:
-            want, got = greedy_tokens_hf(model, prompts, 32), greedy_fused(name, prompts, 32, 1, args)
+            want = greedy_tokens_hf(model, prompts, 32)
+            got = greedy_fused(name, prompts, 32, 1, args, numerics=modes[0])[0]
             info["greedy_equal_hf"] = want == got
             info["greedy_common_prefix_hf"] = [_common_prefix(a, b) for a, b in zip(want, got)]
         if "step" not in skip and args.tp == 1:
             info.update(step_times(name, model, args))  # consumes the HF model
         del model
         torch.cuda.empty_cache()
-        if args.tp > 1:
-            want, got = greedy_fused(name, prompts, 32, 1, args), greedy_in_child(name, args.tp, args)
-            tp_section[name] = {"greedy_equal": want == got,
-                                "greedy_common_prefix": [_common_prefix(a, b) for a, b in zip(want, got)]}
-            print(f"[tp{args.tp}] {name} greedy_equal {want == got}", flush=True)
-            write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+        if args.tp > 1:  # first every mode's equality check (the point of the run), then the servers
+            tp_section[name] = {}
+            for mode in modes:
+                section = _mode_section(tp_section[name], mode, modes)
+                section.update(tp_check(name, prompts, args, mode))
+                if mode == "tp_invariant":
+                    section["numerics_shards"] = args.numerics_shards or "auto"
+                print(f"[tp{args.tp}] {name} {mode}: {json.dumps(section)}", flush=True)
+                write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
         if "server" not in skip:
-            server_rows, extra = bench_server(name, lengths, levels, args, args.tp)
+            server_rows, extra = bench_server(name, lengths, levels, args, args.tp, modes[0])
             rows += server_rows
             info["backend"] = extra["backend"]
             if args.tp > 1:
                 top = max(levels)
-                tp_section[name][f"tp{args.tp}"] = {"tokens_per_s_c1": _pick(server_rows, lengths[0], 1),
-                                                   f"tokens_per_s_c{top}": _pick(server_rows, lengths[0], top)}
-                write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
-                one_rows, _ = bench_server(name, lengths[:1], [1, top], args, 1)
-                tp_section[name]["tp1"] = {"tokens_per_s_c1": _pick(one_rows, lengths[0], 1),
-                                           f"tokens_per_s_c{top}": _pick(one_rows, lengths[0], top)}
+                for mode in modes:
+                    section = _mode_section(tp_section[name], mode, modes)
+                    if mode != modes[0]:
+                        server_rows, _ = bench_server(name, lengths[:1], [1, top], args, args.tp, mode)
+                        rows += server_rows
+                    section[f"tp{args.tp}"] = {"tokens_per_s_c1": _pick(server_rows, lengths[0], 1),
+                                               f"tokens_per_s_c{top}": _pick(server_rows, lengths[0], top)}
+                    write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+                servers = one_gpu_servers(name, lengths[0], [1, top], args, modes)
+                try:
+                    for index, mode in enumerate(modes):
+                        server, servers[index] = servers[index], None  # bench_server stops it
+                        one_rows, _ = bench_server(name, lengths[:1], [1, top], args, 1, mode, server)
+                        rows += one_rows
+                        _mode_section(tp_section[name], mode, modes)["tp1"] = {
+                            "tokens_per_s_c1": _pick(one_rows, lengths[0], 1),
+                            f"tokens_per_s_c{top}": _pick(one_rows, lengths[0], top)}
+                        write_result(args, bandwidth, lengths, by_model, checks, rows, tp_section)
+                finally:
+                    for server in servers:  # those not measured (a failure before them)
+                        if server is not None:
+                            stop_server(server[0])
         ours = next((r for r in rows if r["model"] == name and r["system"] == "kernelgate"
+                     and r.get("tp_size") == args.tp and r.get("numerics") == modes[0]
                      and r["prompt_tokens"] == lengths[0] and r["concurrency"] == 1), None)
         if ours:
             info["decode_ms_per_token_bs1"] = ours["decode_ms_per_token"]
             info["floor_ratio_bs1"] = round(ours["decode_ms_per_token"] / floor_ms, 3)
         if "step_ms_bs1" in info:
             info["step_floor_ratio_bs1"] = round(info["step_ms_bs1"] / floor_ms, 3)
-        hf64, ours64 = _pick(rows, lengths[0], max(levels), name, "hf_generate"), _pick(rows, lengths[0], max(levels), name)
+        hf64 = _pick(rows, lengths[0], max(levels), name, "hf_generate")
+        ours64 = _pick([r for r in rows if r.get("tp_size") == args.tp and r.get("numerics") == modes[0]],
+                       lengths[0], max(levels), name)
         if hf64 and ours64:
             info[f"ratio_c{max(levels)}_over_hf"] = round(ours64 / hf64, 2)
         if args.tp == 1:
@@ -485,8 +589,16 @@ def main() -> int:
     return 0
 
 
-def _dtype(device: str) -> str:
-    return "float16" if device == "cuda" else "float32"
+def _dtype(args: argparse.Namespace) -> str:
+    if args.dtype != "auto":
+        return args.dtype
+    return "float16" if args.device == "cuda" else "float32"
+
+
+def _mode_section(section: dict, mode: str, modes: list[str]) -> dict:
+    """Where a numerics mode's figures go in a model's ``tp<N>`` section: the first mode's at its top
+    (as before there were modes), every other under its name."""
+    return section if mode == modes[0] else section.setdefault(mode, {})
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -51,23 +51,34 @@ class SlotAttention:
         values[batch.row_index, :, batch.write_positions] = value.transpose(1, 2).to(values.dtype)
         return self.attend_cached(layer, query, scaling)
 
-    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+    def layer_cache(self, layer: int, kv_heads: slice | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         """This step's rows of ``layer``'s keys and values ``[rows, kv_heads, max_len, head_dim]``, and the batch.
 
         For a model that writes its keys/values into the cache itself (the fused decoder's
-        ``rotary_kv`` kernel) before :meth:`attend_cached`.
+        ``rotary_kv`` kernel) before :meth:`attend_cached`. ``kv_heads``: only these key/value heads
+        (views of the same cache; the fused decoder's ``tp_invariant`` numerics attend shard by shard).
         """
         cache, batch = self.cache, self.batch
         if cache is None or batch is None:
             raise RuntimeError("SlotAttention used outside a runner step")
         rows = slice(batch.first_slot, batch.first_slot + batch.num_rows)
-        return cache.keys(layer)[rows], cache.values(layer)[rows], batch
+        keys, values = cache.keys(layer)[rows], cache.values(layer)[rows]
+        if kv_heads is not None:
+            keys, values = keys[:, kv_heads], values[:, kv_heads]
+        return keys, values, batch
 
-    def attend_cached(self, layer: int, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    def attend_cached(self, layer: int, query: torch.Tensor, scaling: float | None = None,
+                      kv_heads: slice | None = None) -> torch.Tensor:
         """Attention of ``query`` ``[rows, heads, q_len, head_dim]`` over the keys/values already in the cache
-        (written by the model: :meth:`layer_cache`). Returns ``[rows, q_len, heads, head_dim]``."""
-        keys, values, batch = self.layer_cache(layer)
+        (written by the model: :meth:`layer_cache`; ``kv_heads`` as there: those heads are copied out
+        first, so SDPA sees the same shapes and strides whatever the cache's head count, i.e. the
+        tensor-parallel size; its backend may plan by strides).
+        Returns ``[rows, q_len, heads, head_dim]``."""
+        keys, values, batch = self.layer_cache(layer, kv_heads)
         keys, values = keys[:, :, :batch.kv_len], values[:, :, :batch.kv_len]
+        if kv_heads is not None:
+            keys, values = keys.contiguous(), values.contiguous()
         if batch.causal:  # a prefill from column 0: flash attention, GQA native
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
                                                  enable_gqa=query.shape[1] != keys.shape[1])
@@ -81,12 +92,13 @@ class SlotAttention:
         return batch is not None and not batch.causal and q_len == 1
 
     def attend_decode(self, layer: int, qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
-                      scaling: float, kernel: Any) -> torch.Tensor:
+                      scaling: float, kernel: Any, kv_heads: slice | None = None) -> torch.Tensor:
         """A decode step of ``layer`` in one ``kernel`` call: rotary on the fused projection ``qkv``
         ``[rows, 1, heads + 2 * kv_heads, head_dim]`` (``cos``/``sin`` whole tables), the key and value
         stored at each row's write position (also its rotary position: a decode token's position is its
-        cache column), attention over the row's columns up to it. Returns ``[rows, 1, heads, head_dim]``."""
-        keys, values, batch = self.layer_cache(layer)
+        cache column), attention over the row's columns up to it (``kv_heads``: of those cache heads
+        only, as in :meth:`layer_cache`). Returns ``[rows, 1, heads, head_dim]``."""
+        keys, values, batch = self.layer_cache(layer, kv_heads)
         return kernel(qkv, heads, cos, sin, batch.write_positions, keys, values, batch.kv_len, scaling)
 
 

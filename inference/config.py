@@ -16,6 +16,7 @@ Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Decoder = Literal["auto", "fused", "hf"]
 Ops = Literal["auto", "torch", "triton", "deepspeed"]
+Numerics = Literal["default", "tp_invariant"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,17 @@ class ModelConfig:
     server starts the other ranks itself). ``tp_timeout_s`` bounds every wait on the other
     ranks (one step, the graph capture, the stop): past it the server logs which wait hung,
     ends the other ranks and turns not ready.
+    ``numerics``: ``default`` computes each rank's slice of a layer as one GEMM per projection
+    and sums the ranks' partial products with the collective's own (unspecified) order, so
+    ``tp_size`` N and 1 agree only within rounding (a near-tied greedy token can flip).
+    ``tp_invariant`` (fused decoder only) computes every layer as the same ``numerics_shards``
+    shards at every ``tp_size`` (a rank runs its share of them): one GEMM and one attention call
+    per shard, each shard's output-projection partial kept fp32, the partials gathered and summed
+    in shard order; logits are then bitwise equal for every ``tp_size`` that divides the shard
+    count (same GPU model, same software). It costs more launches and smaller GEMMs (the
+    "Tensor-parallel numerics" section of docs/architecture.md). ``numerics_shards`` 0 picks the
+    largest of 8, 4, 2, 1 that divides the model's attention heads, key/value heads and MLP width;
+    set it explicitly (the same value on every deployment that must agree) to pay for fewer shards.
     """
 
     name: str = "tiny-gpt2"
@@ -67,12 +79,19 @@ class ModelConfig:
     ops: Ops = "auto"
     max_model_len: int | None = None
     cpu_threads: int = 1
+    numerics: Numerics = "default"
+    numerics_shards: int = 0
 
     def __post_init__(self) -> None:
         require(bool(self.name), "model.name must not be empty")
         require(self.cpu_threads >= 0, f"model.cpu_threads must be >= 0 (0: torch's default), got {self.cpu_threads}")
         require(self.tp_size >= 1, f"model.tp_size must be >= 1, got {self.tp_size}")
         require(self.tp_timeout_s > 0, f"model.tp_timeout_s must be > 0, got {self.tp_timeout_s}")
+        require(self.numerics_shards >= 0, f"model.numerics_shards must be >= 0, got {self.numerics_shards}")
+        require(self.numerics == "tp_invariant" or not self.numerics_shards,
+                "model.numerics_shards applies to model.numerics 'tp_invariant' only")
+        require(not self.numerics_shards or self.numerics_shards % self.tp_size == 0,
+                f"model.numerics_shards ({self.numerics_shards}) must be a multiple of model.tp_size ({self.tp_size})")
         require(self.max_model_len is None or self.max_model_len >= 2,
                 f"model.max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -66,6 +66,13 @@ def _tiny_llama3() -> PretrainedConfig:
                        rms_norm_eps=1e-5, bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
 
 
+def _tiny_llama_kv4() -> PretrainedConfig:
+    """Four key/value heads at test size: tensor parallel over four ranks (tests of ``tp_invariant`` numerics)."""
+    return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=4, max_position_embeddings=512, vocab_size=DEMO_VOCAB,
+                       bos_token_id=DEMO_EOS, eos_token_id=DEMO_EOS)
+
+
 def _tiny_mistral() -> PretrainedConfig:
     """Mistral's layout at test size (its sliding window caps the served context)."""
     return MistralConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -116,6 +123,7 @@ RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-llama": _tiny_llama,
     "small-gpt2": _small_gpt2,
     "tiny-llama3": _tiny_llama3,
+    "tiny-llama-kv4": _tiny_llama_kv4,
     "tiny-qwen2": _tiny_qwen2,
     "tiny-mistral": _tiny_mistral,
     "llama-3.2-1b": _llama_3_2_1b,

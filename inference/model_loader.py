@@ -92,13 +92,18 @@ def load_model(config: ModelConfig, max_batch_size: int = 1, tp: TensorParallel 
                          f"{getattr(module.config, 'model_type', '?')!r}")
     if config.tp_size > 1 and not fused:
         raise ValueError("model.tp_size > 1 needs the fused decoder (a llama, qwen2 or mistral model)")
+    if config.numerics == "tp_invariant" and not fused:
+        raise ValueError("model.numerics 'tp_invariant' needs the fused decoder (a llama, qwen2 or mistral model)")
     if fused:
         ops = select_ops(config.ops, device, dtype)
-        model = FusedLlama(module, attention, ops, max_len, tp)
+        model = FusedLlama(module, attention, ops, max_len, tp,
+                           invariant_shards=config.numerics_shards if config.numerics == "tp_invariant" else None)
         del module
-        log.info("model %s: %s on %s, context %d, fused decoder with %s kernels (rank %d of %d: %.2f GB of "
-                 "weights), built in %.1fs", config.name, str(dtype).removeprefix("torch."), device, max_len,
-                 ops.name, model.tp.rank, model.tp.world_size, model.weight_bytes / 1e9, time.monotonic() - started)
+        numerics = "default" if model.shards is None else f"tp_invariant ({model.shards} shards)"
+        log.info("model %s: %s on %s, context %d, fused decoder with %s kernels, numerics %s (rank %d of %d: "
+                 "%.2f GB of weights), built in %.1fs", config.name, str(dtype).removeprefix("torch."), device,
+                 max_len, ops.name, numerics, model.tp.rank, model.tp.world_size, model.weight_bytes / 1e9,
+                 time.monotonic() - started)
         return LoadedModel(module=model, attention=attention, tokenizer=tokenizer, device=device, dtype=dtype,
                            max_model_len=max_len, vocab_size=int(model.config.vocab_size),
                            eos_token_ids=_eos_ids(model.config, tokenizer), backend=f"fused-{ops.name}")

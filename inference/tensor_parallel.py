@@ -70,7 +70,7 @@ _WORD = 8  # bytes of one int64
 
 
 def _join(rank: int, world_size: int, port: int, backend: str) -> TensorParallel:
-    """Join the group; return the TP handle (its all-reduce).
+    """Join the group; return the TP handle (its all-reduce, and the all-gather of ``tp_invariant`` numerics).
 
     On CUDA the group is DeepSpeed's (``deepspeed.init_distributed``, NCCL) and the layers'
     all-reduce is ``deepspeed.comm.all_reduce``. On the CPU it is torch.distributed's gloo
@@ -87,14 +87,20 @@ def _join(rank: int, world_size: int, port: int, backend: str) -> TensorParallel
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=JOIN_TIMEOUT, rank=rank, world_size=world_size)
         reduce = dist.all_reduce
+
+        def all_gather(out: torch.Tensor, local: torch.Tensor) -> None:  # torch's own (DeepSpeed's wraps it)
+            torch.distributed.all_gather_into_tensor(out, local)
     else:
         torch.distributed.init_process_group(backend, timeout=JOIN_TIMEOUT, rank=rank, world_size=world_size)
         reduce = torch.distributed.all_reduce
 
+        def all_gather(out: torch.Tensor, local: torch.Tensor) -> None:  # gloo: into a list (contiguous chunks)
+            torch.distributed.all_gather(list(out.chunk(world_size)), local)
+
     def all_reduce(tensor: torch.Tensor) -> None:
         reduce(tensor)
 
-    return TensorParallel(rank=rank, world_size=world_size, all_reduce=all_reduce)
+    return TensorParallel(rank=rank, world_size=world_size, all_reduce=all_reduce, all_gather=all_gather)
 
 
 def _leave() -> None:

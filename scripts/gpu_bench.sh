@@ -10,7 +10,11 @@
 #                                              # kernel table and graph step time, the GPU tests of the Triton
 #                                              # decode attention / cache write, their per-layer times alone
 #   scripts/gpu_bench.sh llama                 # bench/results/inference_llama_gpu.json, three shapes (~7 min)
-#   scripts/gpu_bench.sh llama-tp2             # the same with model.tp_size 2 (2 GPUs): fills its "tp2" section
+#   scripts/gpu_bench.sh llama-tp2             # the same with model.tp_size 2 (2 GPUs): fills its "tp2" section, for
+#                                              # model.numerics default and tp_invariant (2 shards) each
+#   scripts/gpu_bench.sh tp-invariant          # 2 GPUs, <= 400 s: 8B tp_size 2 vs 1 with model.numerics default, then
+#                                              # tp_invariant over 2 shards: greedy tokens + every step's logits equal?
+#                                              # then tokens/s c1/c64 of both modes at tp 2 and 1 (the mode's cost)
 #   scripts/gpu_bench.sh llama-pending         # 2 GPUs, one <= 400 s call: 8B batch-1 floor (GPU 1) and Qwen2.5-7B
 #                                              # at prompt 128 (GPU 0) side by side, then 8B tp_size 2 vs 1; each
 #                                              # part under its own timeout, its JSON in $OUT when it finishes
@@ -79,7 +83,22 @@ case "$MODE" in
     ;;
   llama-tp2)
     python3 bench/inference_llama_gpu.py --tp 2 --skip hf,step --concurrency 1,64 --prompt-tokens 128 --models llama-3.1-8b,qwen2.5-7b \
-      --out "$OUT/inference_llama_gpu_tp2.json" --log-dir "$OUT" "$@"
+      --numerics default,tp_invariant --numerics-shards 2 --out "$OUT/inference_llama_gpu_tp2.json" --log-dir "$OUT" "$@"
+    ;;
+  tp-invariant)
+    # #19's tp_size 2 == 1 item, 8B fp16, one call <= KG_BUDGET_S (390 s, wheels included). In order, the JSON
+    # rewritten after each part (a cut run keeps what it measured): greedy + logits tp 2 vs 1 with the default
+    # numerics, then with tp_invariant (2 shards); then the server's tokens/s at c1 and c64: tp 2 default,
+    # tp 2 tp_invariant, tp 1 default, tp 1 tp_invariant. Figures under "tp2"."llama-3.1-8b" (the invariant
+    # mode's under its "tp_invariant" key).
+    check_wheels
+    budget="${KG_BUDGET_S:-390}"
+    rc=0; timeout $((budget - SECONDS)) python3 bench/inference_llama_gpu.py --tp 2 --models llama-3.1-8b \
+      --numerics default,tp_invariant --numerics-shards 2 --skip hf,step --check-model '' --concurrency 1,64 \
+      --prompt-tokens 128 --step-timeout 150 --ready-timeout 150 --out "$OUT/inference_llama_gpu_tp_invariant.json" \
+      --log-dir "$OUT/tp_invariant" "$@" || rc=$?
+    echo "[tp-invariant] exit $rc after ${SECONDS}s"; grep -E "^\[tp2\]|^\[kernelgate" "$OUT/gpu_bench-tp-invariant.log" | tail -n 8
+    exit "$rc"
     ;;
   llama-pending)
     budget="${KG_BUDGET_S:-390}"  # seconds for the whole call, wheels included
@@ -155,7 +174,7 @@ case "$MODE" in
       || { tail -n 40 /tmp/kg-replicas/*.log; exit 1; }
     ;;
   *)
-    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, kernels, llama, llama-tp2, llama-pending, pipeline, history, tracing, replicas, sampling, hot-swap)" >&2
+    echo "gpu_bench.sh: unknown mode '$MODE' (smoke, kernels, llama, llama-tp2, tp-invariant, llama-pending, pipeline, history, tracing, replicas, sampling, hot-swap)" >&2
     exit 2
     ;;
 esac

@@ -212,6 +212,13 @@ class Decider:
         self._cache.put(key, decision, revision)
         return decision
 
+    async def warm_up(self) -> None:
+        """Evaluate the policy once on an empty input, before any check: the client's first call
+        (OPA: the HTTP session, the loopback connection, OPA's first compile of the query; Wasm:
+        the instance) is paid here, not by the first check of a fresh process. Nothing is cached,
+        counted or logged; errors propagate (the caller bounds and ignores them)."""
+        await self._client.evaluate({})
+
     async def refresh_revision(self) -> bool:
         """Ask OPA for its policy/data revision; a change empties the cache."""
         revision = await self._client.revision()

@@ -118,6 +118,13 @@ async def start(config: SidecarConfig) -> Sidecar:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodAwareReflection(tuple(services)), server)
+    with contextlib.suppress(Exception):
+        # Before the port opens: the policy client's first evaluation is paid here. Paid by the first
+        # check of a fresh process (a spawned worker too), it ran past opa.timeout_s on a loaded
+        # machine and the check was refused (503) right after start-up. Bounded like the client's own
+        # timeout: OPA may start after us, or hang, and start-up never waits on it for longer.
+        async with asyncio.timeout(max(config.opa.timeout_s * 4, 1.0)):
+            await decider.warm_up()
     port = server.add_insecure_port(config.listen)
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"cannot listen on {config.listen}")

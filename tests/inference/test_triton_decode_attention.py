@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,6 +132,21 @@ def check_rotary_kv() -> None:
             assert torch.equal(caches[0][1], caches[1][1])  # values: copied exactly
 
 
+def counted_triton_ops(calls: list, what: Any = lambda args: args[0].shape[0]) -> Any:
+    """The Triton op set, its decode kernel appending ``what(args)`` of each call to ``calls`` (default: rows)."""
+    from inference.ops import TritonOps
+
+    ops = TritonOps()
+    kernel = ops.decode_attention
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(what(args))
+        return kernel(*args, **kwargs)
+
+    ops.decode_attention = counted
+    return ops
+
+
 def check_decoder() -> None:
     """Tiny Llama-3 (GQA 4:1, head 32) and Qwen2 (biases, GQA 3:1, head 16) shapes through the runner:
     the Triton op set (its decode kernel counted) against the torch op set, float32."""
@@ -143,7 +159,7 @@ def check_decoder() -> None:
     from inference.attention import SlotAttention
     from inference.llama import FusedLlama
     from inference.model_configs import random_config
-    from inference.ops import TorchOps, TritonOps
+    from inference.ops import TorchOps
     from inference.runner import ModelRunner
 
     prompts = [[5, 17, 99, 3], list(range(40, 100)), [200, 1, 2]]  # the second crosses the 64-key bucket
@@ -151,14 +167,7 @@ def check_decoder() -> None:
         torch.manual_seed(0)
         hf = AutoModelForCausalLM.from_config(random_config(name)).eval()
         calls: list[int] = []
-        triton_ops = TritonOps()
-        kernel = triton_ops.decode_attention
-
-        def counted(*args, **kwargs):
-            calls.append(args[0].shape[0])
-            return kernel(*args, **kwargs)
-
-        triton_ops.decode_attention = counted
+        triton_ops = counted_triton_ops(calls)
         results = []
         for ops in (TorchOps(), triton_ops):
             attention = SlotAttention()

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import signal
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sidecar.config import OpaConfig
 from sidecar.decision import Decider, DecisionCache, DecisionUnavailable, cache_key, parse_result
 from sidecar.opa import OpaPolicyClient
 from tests import procs
+from tests.stack import AuthzStack
 
 
 def doc(path="/v1/completions", request_id="1", trace="00-a-b-01", tenant="acme"):
@@ -135,3 +137,43 @@ async def test_undefined_policy_path_is_unavailable_not_allow(opa):
     with pytest.raises(DecisionUnavailable, match="undefined"):
         await Decider(config, client, DecisionCache(10, 1)).decide(doc())
     await client.close()
+
+
+class _CountingClient:
+    in_process = False
+
+    def __init__(self) -> None:
+        self.documents: list[dict] = []
+
+    async def evaluate(self, document):
+        self.documents.append(document)
+        return True
+
+    async def revision(self) -> str:
+        return "r1"
+
+
+async def test_warm_up_evaluates_once_and_caches_nothing():
+    client = _CountingClient()
+    decider = Decider(OpaConfig(), client, DecisionCache(8, 60))
+    await decider.warm_up()
+    assert client.documents == [{}]
+    decision = await decider.decide(doc())
+    assert decision.source != "cache" and len(client.documents) == 2  # the first check still asks the policy
+
+
+async def test_a_fresh_sidecar_has_evaluated_the_policy_before_its_port_opens(tmp_path: Path):
+    """start() warms the policy client before listening: OPA has answered a policy query by the time
+    a check can arrive (on a loaded machine a fresh worker's first query ran past opa.timeout_s and
+    its first check was refused)."""
+    stack = AuthzStack(tmp_path)
+    try:
+        stack.start_opa()
+        stack.start_sidecar()  # returns once the port accepts connections
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.opa_port}/metrics", timeout=5) as reply:
+            lines = reply.read().decode().splitlines()
+        queries = [line for line in lines if line.startswith("http_request_duration_seconds_count")
+                   and 'handler="v1/data"' in line and 'method="post"' in line]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in queries) >= 1, queries
+    finally:
+        stack.stop()

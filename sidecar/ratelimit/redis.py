@@ -280,6 +280,8 @@ class RedisRateLimiter:
                 timer.cancel()
                 self._deliver(batch, replies)
                 return
+            if all(future.done() for _, _, future in batch):
+                return  # its deadline passed (and aborted the connection): already answered 503, no retry
             # the connection was lost (Redis restarted?) or the script is gone: the slow path
             # retries once on a new connection / loads the script, within the same deadline
             task = asyncio.ensure_future(self._send(batch, timer, replies, retried=error is not None))

@@ -384,10 +384,14 @@ async def test_redis_timeout_is_backend_unavailable(redis_server: procs.Proc, re
             with pytest.raises(BackendUnavailable):
                 await limiter.charge([requests()])
             assert time.monotonic() - started < 1.0
+            written = limiter._pipe.round_trips
+            await asyncio.sleep(0.3)  # the aborted connection's loss must not re-send the batch answered 503
+            assert limiter._pipe.round_trips == written
         finally:
             redis_server.popen.send_signal(signal.SIGCONT)
         result = await limiter.charge([requests()])
         assert result.allowed and result.backend == "redis"
+        assert limiter._pipe.round_trips == written + 1
     finally:
         await limiter.close()
 

@@ -19,7 +19,9 @@
 #   cupti-python 13.0.x (its CUDA major and libcupti match torch's cu130 nvidia-cuda-cupti) and
 #     pyelftools (needed by the 13.4 line; harmless on 13.0);
 #   envoy-data-plane (betterproto2, grpclib, h2, hpack, hyperframe): `kernelgate.cli serve` loads
-#     the whole config through kernelgate.config, which imports the Envoy config types.
+#     the whole config through kernelgate.config, which imports the Envoy config types;
+#   pytest-asyncio and jsonschema (with referencing, jsonschema-specifications, rpds-py) for the GPU
+#     tests, `pytest -m gpu tests/inference tests/otel` (pytest itself is on the image).
 #
 # pip resolves the set once for cp312/manylinux x86-64 so the versions agree with each other;
 # wheels of packages the image already has at a usable version are dropped (DEVICE_HAS below,
@@ -53,6 +55,7 @@ ROOTS=(
   "llguidance==1.9.*"                            # response_format json_object/json_schema (inference/structured.py)
   "orjson==3.11.*"                               # the OpenAI endpoints' JSON bodies and SSE events (inference/openai/http.py)
   "httptools==0.9.*"                             # kernelgate.config -> envoy_config -> sidecar/http_transport imports it
+  "pytest-asyncio==1.5.*" "jsonschema==4.*"      # the GPU tests (pytest -m gpu): async fixtures, schema checks
 )
 DEEPSPEED_SPEC="deepspeed==0.19.8"
 # Packages on the device image (KINDS.md "Python packages already there", 2026-11-17), whose

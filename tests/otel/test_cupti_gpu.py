@@ -26,6 +26,8 @@ def test_real_cupti_records_each_pass_inside_its_window_and_attaches_again_after
     x = torch.randn(512, 512, device="cuda")
     torch.cuda.synchronize()
     for _ in range(3):  # the 2nd and 3rd capture need the callbacks registered again after finalize
+        if not capture.ready():  # attached ahead of a capture (off the engine thread), as the tracer does
+            capture.prepare()
         assert capture.ready()
         capture.start()
         lo = time.time_ns()

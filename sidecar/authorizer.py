@@ -54,6 +54,8 @@ from sidecar.ratelimit.descriptors import (
 )
 
 log = logging.getLogger("kernelgate.authz")
+# what _child_span gives an unrecorded check (reusable: entering it only returns the span)
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
 
 
 class SaturationView(Protocol):
@@ -176,6 +178,7 @@ class Authorizer:
         self._decision_log = decision_log
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer(names.SIDECAR_TRACER)
+        self._tracer_given = tracer is not None
         self._saturation = saturation
         self._limits = InputLimits(max_body_bytes=config.max_body_bytes)
         self._prefix = config.header_prefix.lower()
@@ -191,19 +194,34 @@ class Authorizer:
         decision_id = f"{self._ids.getrandbits(128):032x}"
         request = check_request if isinstance(check_request, Request) else request_of(check_request)
         headers = request.headers
+        if not self._tracing():  # no span can be recorded: no context to extract, no span to start
+            result = await self._checked(request, decision_id)
+            self._record(trace.INVALID_SPAN, result, headers.get("x-request-id", ""), started)
+            return result.response
         # the header map itself (no copy): the propagators only call get() and keys()
         carrier = call_metadata if call_metadata and "traceparent" in call_metadata else headers
         with self._tracer.start_as_current_span(names.AUTHZ_CHECK_SPAN, context=propagate.extract(carrier),
                                                 kind=trace.SpanKind.SERVER) as span:
-            try:
-                result = await self._evaluate(request, decision_id)
-            except Exception:  # noqa: BLE001 - a bug must answer 500, never kill the stream
-                log.exception("check failed unexpectedly (decision %s)", decision_id)
-                result = CheckResult(decision_id, response.deny(500, response.error_body(
-                    "the authorization service failed to process this request", "internal_error"), {}),
-                    http_status=500, reason="internal_error")
+            result = await self._checked(request, decision_id)
             self._record(span, result, headers.get("x-request-id", ""), started)
         return result.response
+
+    def _tracing(self) -> bool:
+        """Whether a span may be recorded: a tracer was given, or an SDK tracer provider is installed
+        (``otel.setup.configure_tracing``; telemetry off leaves the API's no-op proxy). Asked each
+        check, so a provider installed after start-up is honoured. Nothing in the check path reads
+        the span context but the span itself (no outgoing call carries it on)."""
+        return self._tracer_given or not isinstance(trace.get_tracer_provider(),
+                                                    (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+    async def _checked(self, request: Request, decision_id: str) -> CheckResult:
+        try:
+            return await self._evaluate(request, decision_id)
+        except Exception:  # noqa: BLE001 - a bug must answer 500, never kill the stream
+            log.exception("check failed unexpectedly (decision %s)", decision_id)
+            return CheckResult(decision_id, response.deny(500, response.error_body(
+                "the authorization service failed to process this request", "internal_error"), {}),
+                http_status=500, reason="internal_error")
 
     async def _evaluate(self, request: Request, decision_id: str) -> CheckResult:
         """input -> identity -> policy -> rate limits -> response; each step returns its value
@@ -351,7 +369,7 @@ class Authorizer:
         """
         if trace.get_current_span().is_recording():
             return self._tracer.start_as_current_span(name)
-        return contextlib.nullcontext(trace.INVALID_SPAN)
+        return _NO_SPAN
 
     def _on_opa_failure(self, exc: DecisionUnavailable) -> Decision:
         """``opa.failure_mode`` allow: a fail-open decision; deny: Refusal 503."""

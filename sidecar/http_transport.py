@@ -31,7 +31,8 @@ import httptools
 from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.http_contract import (
-    CARRIED_NAMES, CLIENT_HEADER_PREFIXES, HEADERS_TO_REMOVE, PATH_PREFIX, STATUS_STAND_INS, UPSTREAM_HEADER_PREFIXES,
+    CARRIED, CARRIED_NAMES, CLIENT_HEADER_PREFIXES, HEADERS_TO_REMOVE, PATH_PREFIX, STATUS_STAND_INS,
+    UPSTREAM_HEADER_PREFIXES,
 )
 from sidecar.input import Peer, Request
 from sidecar.response import Answer
@@ -51,12 +52,20 @@ def _given(value: str) -> str:
     return "" if value == "-" else value
 
 
-def _principal(carried: dict[str, str], side: str) -> str:
-    for part in ("uri-san", "dns-san"):
-        sans = _given(carried.get(f"x-kernelgate-authz-{side}-{part}", ""))
+# per side: the address header, then the principal's headers in the order Envoy picks them
+_SIDES = tuple((f"x-kernelgate-authz-{side}",
+                (f"x-kernelgate-authz-{side}-uri-san", f"x-kernelgate-authz-{side}-dns-san"),
+                f"x-kernelgate-authz-{side}-subject") for side in ("source", "destination"))
+_CERTIFICATE = "x-kernelgate-authz-source-certificate"
+_PLAIN = frozenset(CARRIED)  # without TLS Envoy carries only these: no principal, no certificate
+
+
+def _principal(carried: dict[str, str], sans_names: tuple[str, ...], subject_name: str) -> str:
+    for name in sans_names:
+        sans = _given(carried.get(name, ""))
         if sans:
             return sans.split(",", 1)[0]
-    return _given(carried.get(f"x-kernelgate-authz-{side}-subject", ""))
+    return _given(carried.get(subject_name, ""))
 
 
 def http_request(method: str, target: str, headers: dict[str, str], body: bytes) -> Request:
@@ -67,13 +76,14 @@ def http_request(method: str, target: str, headers: dict[str, str], body: bytes)
     host = headers.pop("host", "")
     scheme = _given(carried.get("x-kernelgate-authz-scheme", "")) or "http"
     length = headers.get("content-length", "")
+    tls = not carried.keys() <= _PLAIN
     peers = []
-    for side in ("source", "destination"):
-        host_part, _, port = _given(carried.get(f"x-kernelgate-authz-{side}", "")).rpartition(":")
+    for address_name, sans_names, subject_name in _SIDES:
+        host_part, _, port = _given(carried.get(address_name, "")).rpartition(":")
         address = {"socketAddress": {"address": host_part.strip("[]"), "portValue": int(port)}} \
             if host_part and port.isdigit() else None
-        certificate = _given(carried.get("x-kernelgate-authz-source-certificate", "")) if side == "source" else ""
-        peers.append(Peer(address, _principal(carried, side), certificate))
+        certificate = _given(carried.get(_CERTIFICATE, "")) if tls and not peers else ""
+        peers.append(Peer(address, _principal(carried, sans_names, subject_name) if tls else "", certificate))
     return Request(
         method=method, path=path, id=headers.get("x-request-id", ""), host=host, scheme=scheme,
         protocol=_given(carried.get("x-kernelgate-authz-protocol", "")),
@@ -151,7 +161,8 @@ class _Protocol(asyncio.Protocol):
         self._draining = draining
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._previous: asyncio.Future | None = None  # the answer before this one (pipelining)
+        self._loop: asyncio.AbstractEventLoop | None = None  # connection_made's
+        self._previous: asyncio.Task | None = None  # the answer before this one (pipelining)
         self._url = b""
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
@@ -159,6 +170,7 @@ class _Protocol(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc) -> None:
         self._transport = None
@@ -193,29 +205,30 @@ class _Protocol(asyncio.Protocol):
         request = http_request(method, self._url.decode("utf-8", "replace"), self._headers, b"".join(self._body))
         # While draining, each answer closes its connection so Envoy opens a new one (elsewhere).
         keep_alive = self._parser.should_keep_alive() and not self._draining.is_set()
-        previous = self._previous
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._previous = done
-        self._in_flight.add(done)
-        done.add_done_callback(self._in_flight.discard)
-        asyncio.ensure_future(self._answer(request, keep_alive, previous, done))
+        # the answer's task is what is in flight (drain waits for it) and what the next answer on
+        # this connection waits for before writing
+        task = (self._loop or asyncio.get_running_loop()).create_task(
+            self._answer(request, keep_alive, self._previous))
+        self._previous = task
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
 
-    async def _answer(self, request: Request, keep_alive: bool, previous: asyncio.Future | None,
-                      done: asyncio.Future) -> None:
+    async def _answer(self, request: Request, keep_alive: bool, previous: asyncio.Task | None) -> None:
+        headers = request.headers
+        metadata = {"traceparent": headers["traceparent"], "tracestate": headers.get("tracestate", "")} \
+            if "traceparent" in headers else None
         try:
-            headers = request.headers
-            metadata = {"traceparent": headers["traceparent"], "tracestate": headers.get("tracestate", "")} \
-                if "traceparent" in headers else None
-            response = await self._check(request, metadata)
-            payload = frame(response, keep_alive)
-            if previous is not None and not previous.done():
-                await previous
-            if self._transport is not None:
+            payload = frame(await self._check(request, metadata), keep_alive)
+        except Exception:  # noqa: BLE001 - the check answers its own failures; this is a bug here
+            log.exception("authorization request not answered")
+            payload, keep_alive = b"", False  # Envoy sees the connection close: its status_on_error
+        if previous is not None and not previous.done():
+            await asyncio.wait((previous,))  # its outcome is its own: only its order matters here
+        if self._transport is not None:
+            if payload:
                 self._transport.write(payload)
-                if not keep_alive:
-                    self._transport.close()
-        finally:
-            done.set_result(None)
+            if not keep_alive:
+                self._transport.close()
 
 
 class HttpAuthzServer:

@@ -81,12 +81,14 @@ class WasmPolicyClient:
     def _load(self) -> LoadedBundle:
         signature = self._signature()
         wasm, data, digest = read_bundle(self._path)
+        timeout_s = max(self._config.timeout_s, 0.05)
         policy = OpaWasmPolicy.from_wasm_bytes(wasm, config=PolicyConfig(
             pool_size=1, default_entrypoint=self._entrypoint,
             # evaluate() hands it JSON bytes strict_json.dumps wrote: nothing to re-validate
             parse_raw_json_input=False,
-            eval_timeout_seconds=max(self._config.timeout_s, 0.05)))
+            eval_timeout_seconds=timeout_s))
         wasm_fastcall.accelerate(policy)
+        wasm_fastcall.coarsen_epoch(policy, timeout_s)  # before any instance takes its deadline
         if self._entrypoint not in policy.entrypoints:
             raise BundleError(f"{self._path}: the bundle has no entrypoint '{self._entrypoint}' "
                               f"(it has {sorted(policy.entrypoints)})")

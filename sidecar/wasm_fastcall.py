@@ -8,8 +8,8 @@ Why: wasmtime-py's ``Func.__call__`` rebuilds the function's type and converts e
 through ``Val`` on each call, ~25 µs a call on this project's 2-core VMs, 1.3 µs unchecked;
 a decision makes five such calls, and that overhead was most of an in-process check.
 The signatures are checked once, when an instance is built: an export whose type is not all
-i32 keeps wasmtime's checked call. Traps still raise (the same ``enter_wasm`` guard wasmtime
-uses). This reaches into two private attributes of opa-py-wasm 1.2 (the pool's factory and the
+i32 keeps wasmtime's checked call. Traps still raise (wasmtime-py's ``enter_wasm`` guard,
+inlined). This reaches into two private attributes of opa-py-wasm 1.2 (the pool's factory and the
 runtime's export table); ``accelerate`` returns False and changes nothing when they are absent.
 """
 
@@ -24,7 +24,7 @@ import orjson
 import wasmtime
 from opapywasm import UNDEFINED
 from wasmtime import _ffi as ffi
-from wasmtime._func import enter_wasm
+from wasmtime._func import maybe_raise_last_exn
 
 from common import strict_json
 
@@ -44,10 +44,21 @@ class _UncheckedFunc(wasmtime.Func):
         raw = self._slots()
         for i, value in enumerate(params):
             raw[i].i32 = value
-        with enter_wasm(store) as trap:
-            error = ffi.wasmtime_func_call_unchecked(store._context(), ctypes.byref(self._func), raw, self._n, trap)
+        # wasmtime-py's enter_wasm, inlined (a generator-based context manager per call otherwise):
+        # a trap raises Trap, an error WasmtimeError, either after an exception a host function
+        # (an OPA builtin in Python) left behind
+        trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        try:
+            error = _call_unchecked(store._context(), ctypes.byref(self._func), raw, self._n, ctypes.byref(trap))
             if error:
                 raise wasmtime.WasmtimeError._from_ptr(error)
+            if trap:
+                trapped = wasmtime.Trap._from_ptr(trap)
+                maybe_raise_last_exn()
+                raise trapped
+        except wasmtime.WasmtimeError:
+            maybe_raise_last_exn()
+            raise
         return raw[0].i32 if self._n_results else None
 
 
@@ -105,12 +116,47 @@ def accelerate(policy: Any) -> bool:
     return True
 
 
+# Epoch ticks per evaluation deadline. opa-py-wasm's ticker thread wakes every 10 ms whatever
+# the deadline (100 wake-ups a second, each taking the GIL from the event loop: ~25 µs of a check's
+# CPU at 800 checks/s, bench/gate_profile.py); a deadline needs only a few ticks.
+TICKS_PER_DEADLINE = 8
+
+
+def coarsen_epoch(policy: Any, timeout_s: float) -> float | None:
+    """Tick ``policy``'s epoch ticker every ``timeout_s / TICKS_PER_DEADLINE`` (at least opa-py-wasm's
+    10 ms): instances built from now on get a deadline of ``TICKS_PER_DEADLINE`` ticks, i.e. an
+    evaluation is interrupted after 7/8 to 8/8 of ``timeout_s`` (with 10 ms ticks: after
+    timeout_s - 10 ms to timeout_s). Returns the tick, or None where opa-py-wasm's internals differ
+    (its 10 ms tick stays)."""
+    epoch = getattr(getattr(policy, "_factory", None), "epoch", None)
+    if epoch is None or not hasattr(epoch, "tick_seconds"):
+        log.warning("opa-py-wasm's internals changed: its epoch ticker keeps its own tick")
+        return None
+    epoch.tick_seconds = max(epoch.tick_seconds, timeout_s / TICKS_PER_DEADLINE)
+    return epoch.tick_seconds
+
+
 # --- one opa_eval call per evaluation ------------------------------------------------------------
 _libc = ctypes.CDLL(None)
 _memchr = _libc.memchr
 _memchr.restype = ctypes.c_void_p
 _memchr.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
 _PAGE = 65536
+
+
+def _raw(name: str, restype: Any) -> Any:
+    """A fresh ctypes handle on a wasmtime C function (wasmtime-py's own keeps its restype)."""
+    func = ffi.dll._FuncPtr((name, ffi.dll))
+    func.restype = restype
+    func.argtypes = (ctypes.POINTER(ffi.wasmtime_context_t), ctypes.POINTER(ffi.wasmtime_memory_t))
+    return func
+
+
+_call_unchecked = ffi.wasmtime_func_call_unchecked
+# the memory's base address as an int and its size: no pointer object and cast per call
+_memory_base = _raw("wasmtime_memory_data", ctypes.c_void_p)
+_memory_size = _raw("wasmtime_memory_data_size", ctypes.c_size_t)
+_set_epoch_deadline = ffi.wasmtime_context_set_epoch_deadline  # (store context, ticks after the current)
 
 
 class LeanEvaluationError(RuntimeError):
@@ -153,6 +199,8 @@ class LeanEvaluator:
             store = runtime.store
             func = _unchecked(store, runtime.get_func("opa_eval"))
             self._store, self._memory, self._eval = store, runtime.memory, func
+            # (store context, memory handle): stable for the instance's life, which holds both
+            self._where = (store._context(), ctypes.byref(runtime.memory._memory))
             self._data_addr, self._heap = data.data_addr, data.data_heap_ptr
             self._ticks = instance._evaluator._deadline_ticks
         except BaseException:
@@ -171,17 +219,17 @@ class LeanEvaluator:
         n = len(raw)
         if n > self._max_input:
             raise LeanEvaluationError(f"input of {n} bytes exceeds max_input_bytes {self._max_input}")
-        store, memory, addr = self._store, self._memory, self._heap
+        store, memory, addr, where = self._store, self._memory, self._heap, self._where
         try:
-            size = memory.data_len(store)
+            size = _memory_size(*where)
             if addr + n > size:
                 memory.grow(store, (addr + n - size + _PAGE - 1) // _PAGE)
-            ctypes.memmove(ctypes.cast(memory.data_ptr(store), ctypes.c_void_p).value + addr, raw, n)
+            ctypes.memmove(_memory_base(*where) + addr, raw, n)
             if self._ticks is not None:
-                store.set_epoch_deadline(self._ticks)
+                _set_epoch_deadline(where[0], self._ticks)
             result = self._eval(store, 0, self._entrypoint, self._data_addr, addr, n, addr + n, 0)
-            base = ctypes.cast(memory.data_ptr(store), ctypes.c_void_p).value
-            size = memory.data_len(store)
+            base = _memory_base(*where)  # the evaluation may have grown (moved) the memory
+            size = _memory_size(*where)
             if not 0 < result < size:
                 raise LeanEvaluationError(f"opa_eval returned an invalid address {result}")
             end = _memchr(base + result, 0, min(self._max_result + 1, size - result))

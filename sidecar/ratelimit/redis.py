@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError, RedisError
 from common import strict_json
 from sidecar.ratelimit.base import BackendUnavailable, Budget, BudgetState, Claimed, RateLimitResult, Reservation
 from sidecar.ratelimit.gcra import SLACK_UNITS
-from sidecar.ratelimit.resp import RespPipe, command
+from sidecar.ratelimit.resp import RespPipe, pack_command
 from sidecar.ratelimit.settle import settle
 
 # KEYS: budget keys, then concurrency slot keys, then (when reserving) the record and the expiry
@@ -186,7 +186,8 @@ class RedisRateLimiter:
         self._index = key_prefix + "res:index"
         # reserve calls waiting for the next pipeline: (keys, args, future of the reply)
         self._queued: list[tuple[list[str], list[Any], asyncio.Future]] = []
-        self._sending: set[asyncio.Task] = set()
+        self._sending: set[asyncio.Task] = set()  # batches on the slow path (_send)
+        self._written: list[list[Any]] = []  # batches written on the lean connection, unanswered
         self._pipe = RespPipe(self._client, timeout_s) if RespPipe.supports(self._client) else None
 
     async def charge(self, budgets: Sequence[Budget]) -> RateLimitResult:
@@ -250,35 +251,54 @@ class RedisRateLimiter:
             raise BackendUnavailable(f"redis: {type(exc).__name__}") from exc
 
     async def _queue(self, keys: list[str], args: list[Any]) -> Any:
-        """RESERVE_SCRIPT's reply, sent in the next pipeline (module docstring)."""
-        loop = asyncio.get_running_loop()
-        reply = loop.create_future()
-        # read even when its caller gave up (timeout), so asyncio never logs it as unretrieved
-        reply.add_done_callback(lambda f: f.cancelled() or f.exception())
+        """RESERVE_SCRIPT's reply, sent in the next pipeline (module docstring). Each batch has one
+        deadline (``timeout_s`` from its flush): the reply or BackendUnavailable comes by then."""
+        reply = asyncio.get_running_loop().create_future()
         self._queued.append((keys, args, reply))
         if len(self._queued) == 1:
-            loop.call_soon(self._flush)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await asyncio.shield(reply)  # a late reply must not cancel the others' pipeline
-        except TimeoutError as exc:
-            raise BackendUnavailable("redis: TimeoutError") from exc
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await reply
 
     def _flush(self) -> None:
+        """The queued batch to Redis: written at once on the lean connection when it is up (its
+        replies delivered from the connection's data_received), else by a task that connects."""
         batch, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        loop = asyncio.get_running_loop()
+        protocol = self._pipe.connected() if self._pipe is not None else None
+        if protocol is None:
+            timer = loop.call_later(self._timeout_s, self._expire, batch, None)
+            task = asyncio.ensure_future(self._send(batch, timer))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            return
+        timer = loop.call_later(self._timeout_s, self._expire, batch, protocol)
+        self._written.append(batch)
 
-    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> None:
-        try:
-            replies = await (self._pipelined(batch) if self._pipe is not None else self._pipelined_redis_py(batch))
-            for i, reply in enumerate(replies):
-                if isinstance(reply, NoScriptError):  # Redis restarted: load it once, run again
-                    keys, args, _ = batch[i]
-                    replies[i] = await self._reserve(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            replies = [exc] * len(batch)
+        def done(replies: list[Any] | None, error: BaseException | None) -> None:
+            self._written.remove(batch)
+            if error is None and not any(isinstance(r, NoScriptError) for r in replies):
+                timer.cancel()
+                self._deliver(batch, replies)
+                return
+            if all(future.done() for _, _, future in batch):
+                return  # its deadline passed (and aborted the connection): already answered 503, no retry
+            # the connection was lost (Redis restarted?) or the script is gone: the slow path
+            # retries once on a new connection / loads the script, within the same deadline
+            task = asyncio.ensure_future(self._send(batch, timer, replies, retried=error is not None))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+        self._pipe.write(protocol, self._payload(batch), len(batch), done)
+
+    def _expire(self, batch: list[tuple[list[str], list[Any], asyncio.Future]], protocol: Any) -> None:
+        """The batch's deadline: whatever is unanswered gets BackendUnavailable; a silent Redis's
+        connection is dropped (its replies, if late, must not be waited for)."""
+        if protocol is not None and any(not future.done() for _, _, future in batch):
+            self._pipe.abort(protocol)
+        self._deliver(batch, [TimeoutError()] * len(batch))
+
+    @staticmethod
+    def _deliver(batch: list[tuple[list[str], list[Any], asyncio.Future]], replies: list[Any]) -> None:
         for (_, _, future), reply in zip(batch, replies):
             if future.done():
                 continue
@@ -287,12 +307,36 @@ class RedisRateLimiter:
             else:
                 future.set_result(reply)
 
-    async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> list[Any]:
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future]], timer: asyncio.TimerHandle,
+                    replies: list[Any] | None = None, retried: bool = False) -> None:
+        """The slow path: connect, write (once more after a lost connection), load a missing script.
+        ``replies``: what the lean connection already answered (NOSCRIPT among them)."""
+        try:
+            if replies is None:
+                replies = await (self._pipelined(batch, retry=not retried) if self._pipe is not None
+                                 else self._pipelined_redis_py(batch))
+            for i, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):  # Redis restarted: load it once, run again
+                    keys, args, _ = batch[i]
+                    replies[i] = await self._reserve(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            replies = [exc] * len(batch)
+        timer.cancel()
+        self._deliver(batch, replies)
+
+    def _payload(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> bytes:
+        sha = self._reserve.sha
+        return b"".join([pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args, _ in batch])
+
+    async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future]],
+                         retry: bool = True) -> list[Any]:
         """The batch's replies over the lean connection (NOSCRIPT comes back as a NoScriptError)."""
-        payload = b"".join(command("EVALSHA", self._reserve.sha, len(keys), *keys, *args) for keys, args, _ in batch)
+        payload = self._payload(batch)
         try:
             return await self._pipe.send(payload, len(batch))
         except RedisConnectionError:  # a connection Redis closed (restart): once more, on a new one
+            if not retry:
+                raise
             return await self._pipe.send(payload, len(batch))
 
     async def _pipelined_redis_py(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> list[Any]:
@@ -306,6 +350,8 @@ class RedisRateLimiter:
         return await pipe.execute(raise_on_error=False)
 
     async def close(self) -> None:
+        if self._written:  # answered, or failed by their deadline, within timeout_s
+            await asyncio.wait({future for batch in self._written for _, _, future in batch}, timeout=self._timeout_s)
         if self._sending:
             await asyncio.wait(set(self._sending), timeout=self._timeout_s)
         if self._pipe is not None:

@@ -12,12 +12,18 @@ reader in ``data_received``. Replies come back in order on one connection, so ea
 for its count of replies. A batch not answered within ``timeout_s`` aborts the connection (as
 redis-py's socket timeout does): every batch waiting on it fails, the next one reconnects.
 Plain TCP only (``redis://``); a TLS or Unix-socket URL keeps redis-py (``supports``).
+
+``send`` is the awaitable form (connects when needed, times the batch out itself); ``write`` is
+the one the check path uses when the connection is up: the batch is written at once and
+``done`` is called with its replies (or the exception that lost them) straight from
+``data_received``, no task and no timer per batch (the caller keeps one deadline per batch).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -25,32 +31,27 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 
+pack_command = hiredis.pack_command  # a tuple of arguments -> one command (``command`` below)
+
+
 def command(*args: bytes | str | int | float) -> bytes:
-    """One command in RESP (an array of bulk strings), as redis-py's encoder writes its arguments."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            data = b"%d" % arg
-        elif isinstance(arg, float):
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    """One command in RESP (an array of bulk strings), byte for byte as redis-py's encoder writes its
+    arguments (str as UTF-8, int in decimal, float as its repr), packed by hiredis's C packer
+    (~3x cheaper than doing it here; anything else, bool included, is a TypeError)."""
+    return hiredis.pack_command(args)
 
 
 def _error(message: str) -> ResponseError:
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
+Done = Callable[[list[Any] | None, BaseException | None], None]
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader(replyError=_error)
-        # batches in the order they were written: [replies wanted, replies so far, future]
+        # batches in the order they were written: [replies wanted, replies so far, done(replies, error)]
         self.waiting: deque[list[Any]] = deque()
         self.transport: asyncio.Transport | None = None
 
@@ -77,15 +78,12 @@ class _Protocol(asyncio.Protocol):
             entry[1].append(reply)
             if len(entry[1]) == entry[0]:
                 waiting.popleft()
-                if not entry[2].done():
-                    entry[2].set_result(entry[1])
+                entry[2](entry[1], None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         while self.waiting:
-            future = self.waiting.popleft()[2]
-            if not future.done():
-                future.set_exception(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+            self.waiting.popleft()[2](None, RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
 
 
 class RespPipe:
@@ -146,9 +144,33 @@ class RespPipe:
 
     def _write(self, protocol: _Protocol, payload: bytes, count: int) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        protocol.waiting.append([count, [], future])
+
+        def done(replies: list[Any] | None, error: BaseException | None) -> None:
+            if not future.done():
+                future.set_result(replies) if error is None else future.set_exception(error)
+
+        protocol.waiting.append([count, [], done])
         protocol.transport.write(payload)
         return future
+
+    def connected(self) -> _Protocol | None:
+        """The connection if it is up (``write`` can go now), else None (``send`` connects)."""
+        protocol = self._protocol
+        return protocol if protocol is not None and protocol.transport is not None else None
+
+    def write(self, protocol: _Protocol, payload: bytes, count: int, done: Done) -> None:
+        """Write ``count`` encoded commands on the connection ``connected`` returned; ``done(replies,
+        None)`` with their replies in order, or ``done(None, error)`` if the connection is lost first.
+        No deadline of its own: the caller's, on expiry, calls ``abort``."""
+        self.round_trips += 1
+        protocol.waiting.append([count, [], done])
+        protocol.transport.write(payload)
+
+    def abort(self, protocol: _Protocol) -> None:
+        """Redis is silent: drop the connection (every batch waiting on it fails; the next
+        reconnects), as ``send`` does on its own deadline."""
+        if protocol.transport is not None:
+            protocol.transport.abort()
 
     async def send(self, payload: bytes, count: int) -> list[Any]:
         """Write ``count`` encoded commands at once; their replies, in order."""

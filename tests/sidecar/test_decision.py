@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,13 +59,26 @@ def test_cache_ttl_lru_and_revision():
     cache.put("b", d, "")
     cache.get("a")
     cache.put("c", d, "")
-    assert cache.get("b") is None and cache.get("a") is d  # LRU evicted b
+    assert cache.get("b") is None and cache.get("a") == replace(d, source="cache")  # LRU evicted b
     now[0] = 6
     assert cache.get("a") is None  # expired
     cache.put("a", d, "")
     assert cache.set_revision("r2") and len(cache) == 0
     cache.put("x", d, "old-revision")  # an answer computed under an old revision is not kept
     assert cache.get("x") is None
+
+
+def test_cached_decisions_are_rebuilt_whole_and_leave_the_cyclic_gc_nothing_to_walk():
+    cache = DecisionCache(max_entries=10, ttl_s=5)
+    d = parse_result({"allowed": True, "headers": {"x-model": "gpt2"}, "response_headers_to_add": {"a": "b"},
+                      "request_headers_to_remove": ["x-api-key"], "reason": "fine",
+                      "rate_limit": {"requests": 10, "unit": "minute"}}, revision="rev-1")
+    cache.revision = "rev-1"
+    cache.put("k", d, "rev-1")
+    assert cache.get("k") == replace(d, source="cache")
+    for _ in range(3):  # each pass untracks the tuples whose items are all untracked: inner first
+        gc.collect()
+    assert not gc.is_tracked(cache._entries["k"])
 
 
 @pytest.fixture

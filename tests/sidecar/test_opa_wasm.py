@@ -135,7 +135,10 @@ async def test_a_runaway_wasm_evaluation_is_cut_off_at_the_deadline(tmp_path: Pa
         started = time.monotonic()
         with pytest.raises(DecisionUnavailable, match="time limit"):
             await decider.decide(asking(10**9))
-        assert time.monotonic() - started < 5
+        # ticks of timeout_s / 8 (not opa-py-wasm's 10 ms): cut off after 7/8 to 8/8 of the 0.2 s
+        assert 0.2 * 7 / 8 - 0.01 <= time.monotonic() - started < 5
+        assert client._bundle.policy._factory.epoch.tick_seconds == pytest.approx(0.2 / 8)
+        assert client._bundle.evaluator._ticks == 8
         assert (await decider.decide(asking(50))).allowed  # the next evaluation runs normally
     finally:
         await client.close()  # stops its epoch ticker thread

@@ -384,10 +384,14 @@ async def test_redis_timeout_is_backend_unavailable(redis_server: procs.Proc, re
             with pytest.raises(BackendUnavailable):
                 await limiter.charge([requests()])
             assert time.monotonic() - started < 1.0
+            written = limiter._pipe.round_trips
+            await asyncio.sleep(0.3)  # the aborted connection's loss must not re-send the batch answered 503
+            assert limiter._pipe.round_trips == written
         finally:
             redis_server.popen.send_signal(signal.SIGCONT)
         result = await limiter.charge([requests()])
         assert result.allowed and result.backend == "redis"
+        assert limiter._pipe.round_trips == written + 1
     finally:
         await limiter.close()
 
@@ -428,3 +432,17 @@ async def test_redis_py_pipelines_where_the_lean_connection_does_not_apply(redis
         assert (await limiter.charge([requests("py-alone", limit=1)])).allowed
     finally:
         await limiter.close()
+
+
+def test_the_lean_connection_encodes_commands_as_redis_py_does() -> None:
+    """resp.command (hiredis's packer) writes the bytes redis-py's encoder writes, for every argument
+    type the reserve sends (str incl. non-ASCII, bytes, int, float), and refuses what it would not send."""
+    from redis.asyncio.connection import Connection
+
+    from sidecar.ratelimit import resp
+
+    args = ("EVALSHA", "a" * 40, 2, "kernelgate:rl:t:acmé:requests", b'{"id": "x"}', 0, -3, 2**70, 1.5, 0.1, 1e20,
+            repr(3600 * 1e6), "")
+    assert resp.command(*args) == b"".join(Connection().pack_command(*args))
+    with pytest.raises(TypeError):
+        resp.command(True)

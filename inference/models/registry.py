@@ -187,6 +187,7 @@ class ModelRegistry:
         self._build_engine = build_engine
         self._build_service = build_service
         self._check_memory = check_memory
+        self._memory = memory.MemoryEstimator()  # weight counts per architecture: a same-shape load builds nothing
         self._models = {m.name: _Model(m, recent=deque(maxlen=config.validation.recent_prompts))
                         for m in config.served_models}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -416,7 +417,7 @@ class ModelRegistry:
         est = None
         if self._check_memory:
             try:
-                est = memory.estimate(model_config, m.config.batching.max_batch_size)
+                est = self._memory.estimate(model_config, m.config.batching.max_batch_size)
             except (OSError, ValueError, KeyError) as exc:
                 raise LifecycleError(f"cannot read version '{version.version}' of model '{m.config.name}' "
                                      f"from {source}: {exc}") from None

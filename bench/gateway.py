@@ -582,6 +582,9 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=20000, help="bodies in the distinct workload")
     parser.add_argument("--quick", action="store_true", help="smoke check: few systems, one short round")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--pool-with", nargs="*", type=Path, default=[], metavar="RESULT",
+                        help="earlier authz_vs_opa.json files of the same systems and rates: their rounds are pooled "
+                             "with this run's (each run's machine drift stays inside its own rounds)")
     parser.add_argument("--tree", action="append", default=[], metavar="TAG=DIR",
                         help="another checkout whose sidecar the systems named NAME@TAG run (repeatable)")
     args = parser.parse_args()
@@ -609,8 +612,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = run(args)
+    rounds = args.rounds
+    for earlier in args.pool_with:  # earlier runs' rounds count as more rounds of this one
+        before = json.loads(earlier.read_text())
+        if before.get("rates", args.rates) != args.rates:
+            raise SystemExit(f"--pool-with {earlier}: rates {before.get('rates')} differ from {args.rates}")
+        rows += [{**r, "round": r["round"] + rounds, "run": str(earlier)} for r in before["rows"]]
+        rounds += before.get("rounds", 1 + max(r["round"] for r in before["rows"]))
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    summary = summarize(rows, systems, args.rates, args.rounds)
+    summary = summarize(rows, systems, args.rates, rounds)
     command = "python " + " ".join(sys.argv)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "load_average_at_end": os.getloadavg()}
@@ -619,6 +629,7 @@ def main() -> None:
                                 "point, order reversed every other round; ratios per round, pooled as the median "
                                 "with a bootstrap 90 % interval over rounds; max req/s = highest offered rate "
                                 "with p99 <= 10 ms, no errors, >= 95 % achieved (per round)",
+                      "rates": args.rates, "rounds": rounds, "pooled_with": [str(p) for p in args.pool_with],
                       "workloads": summary}
     distinct = summary.get("distinct") or next(iter(summary.values()))
     kg_name, vs_opa = best(distinct["ratios"].get("opa_envoy", {}))

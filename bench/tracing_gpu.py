@@ -75,7 +75,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -383,7 +383,8 @@ async def forced_request(port: int, args: argparse.Namespace, prompt: list[int],
 def pooled_loss(pairs_by_run: list[list[tuple[float, float]]], draws: int = 4000, seed: int = 7) -> dict[str, Any]:
     """Tokens/s lost (%) pooled over rounds, ``(baseline, mode)`` tokens/s per round, grouped by run:
     100 * (sum of baseline - sum of mode) / sum of baseline, with a bootstrap 90 % interval
-    (rounds resampled with replacement within each run)."""
+    (rounds resampled with replacement within each run), and a second one with the runs resampled
+    as well (``interval90_runs_resampled``)."""
     pairs = [p for run in pairs_by_run for p in run]
     if not pairs:
         raise ValueError("no rounds")
@@ -392,12 +393,20 @@ def pooled_loss(pairs_by_run: list[list[tuple[float, float]]], draws: int = 4000
         base = sum(a for a, _ in sample)
         return 100.0 * (base - sum(b for _, b in sample)) / base
 
+    def interval(resample: Callable[[], list[tuple[float, float]]]) -> tuple[float, float]:
+        boot = sorted(loss(resample()) for _ in range(draws))
+        return boot[int(0.05 * draws)], boot[int(math.ceil(0.95 * draws)) - 1]
+
     rng = random.Random(seed)
-    boot = sorted(loss([p for run in pairs_by_run for p in (rng.choice(run) for _ in run)]) for _ in range(draws))
-    lo, hi = boot[int(0.05 * draws)], boot[int(math.ceil(0.95 * draws)) - 1]
+    lo, hi = interval(lambda: [p for run in pairs_by_run for p in (rng.choice(run) for _ in run)])
+    # Runs resampled too (then rounds within each drawn run): the interval a run-to-run difference
+    # (another host, another lease) widens, which resampling rounds within fixed runs cannot show.
+    runs_lo, runs_hi = interval(lambda: [p for run in (rng.choice(pairs_by_run) for _ in pairs_by_run)
+                                         for p in (rng.choice(run) for _ in run)])
     per_round = [100.0 * (a - b) / a for a, b in pairs]
     return {"overhead_pct": round(loss(pairs), 2), "interval90": [round(lo, 2), round(hi, 2)],
-            "halfwidth": round((hi - lo) / 2, 2), "rounds": len(pairs),
+            "interval90_runs_resampled": [round(runs_lo, 2), round(runs_hi, 2)],
+            "halfwidth": round((hi - lo) / 2, 2), "rounds": len(pairs), "runs": len(pairs_by_run),
             "per_round_median": round(statistics.median(per_round), 2),
             "per_round_sd": round(statistics.stdev(per_round), 2) if len(per_round) > 1 else None}
 
@@ -732,7 +741,8 @@ def earlier_code(path: str) -> dict[str, Any]:
     """An earlier result's curve and losses, kept beside this one's (``--earlier``): the rows this run
     did not measure, from the code it ran, labelled with the command that made them."""
     prior = json.loads(Path(path).read_text())
-    keep = ("description", "kernel_ratio", "overhead_pct", "interval90", "halfwidth", "rounds")
+    keep = ("description", "kernel_ratio", "overhead_pct", "interval90", "interval90_runs_resampled", "halfwidth",
+            "rounds")
     return {"file": path, "command": prior["command"], "device": prior["device"],
             "note": "measured before engine.step/queue spans were built off the engine thread (otel/deferred.py); "
                     "not pooled with this run",

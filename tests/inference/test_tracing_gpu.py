@@ -27,8 +27,13 @@ async def test_graph_replays_are_recorded_once_then_derived_inside_their_step(se
 
     config = KernelTraceConfig(ratio=1.0, steps_per_request=12, max_captures_per_minute=1000,
                                max_spans_per_trace=100_000, stall_budget_pct=0, activities="cuda", capture="cupti")
+    capture = make_capture(config)
+    # Attached before the request, as the tracer's preparing thread attaches it for a waiting one: a
+    # fresh process's first attach (CUPTI's own start-up) outlasts this tiny model's whole 48-token
+    # request, which then ends with no pass recorded (the tracer attaches only on demand).
+    capture.prepare()
     spans, kernels = await kernel_traced_completion(serve, tiny_config(model=replace(TINY, device="cuda")), config,
-                                                    make_capture(config), 48)
+                                                    capture, 48)
     by_id = {s.context.span_id: s for s in spans}
     forwards = sorted((s for s in spans if s.name == FORWARD_SPAN), key=lambda s: s.start_time)
     recorded = [f for f in forwards if f.attributes["kernelgate.kernels.source"] == "recorded"

@@ -55,3 +55,21 @@ def test_pooled_loss_is_the_loss_of_the_summed_rounds_with_an_interval_that_narr
     assert many["halfwidth"] < few["halfwidth"]
     exact = bench.pooled_loss([[(100.0, 97.0), (200.0, 195.0)]])
     assert exact["overhead_pct"] == round(100 * 8 / 300, 2)
+
+
+def test_resampling_the_runs_too_widens_the_interval_when_runs_disagree() -> None:
+    rng = random.Random(9)
+
+    def run(loss: float, n: int = 20) -> list[tuple[float, float]]:
+        return [(base, base * (1 - loss) * rng.gauss(1.0, 0.005)) for base in (5000 * rng.gauss(1.0, 0.01)
+                                                                                for _ in range(n))]
+
+    agreeing = bench.pooled_loss([run(0.02), run(0.02), run(0.02)])
+    disagreeing = bench.pooled_loss([run(0.0), run(0.02), run(0.06)])
+    assert agreeing["runs"] == disagreeing["runs"] == 3
+    lo, hi = disagreeing["interval90_runs_resampled"]
+    # within fixed runs the interval is narrow; resampling runs reaches towards the outlying runs
+    assert hi - lo > 3 * (disagreeing["interval90"][1] - disagreeing["interval90"][0])
+    assert lo < 2.0 and hi > 4.0
+    a_lo, a_hi = agreeing["interval90_runs_resampled"]
+    assert a_hi - a_lo < 1.0 and a_lo < 2.0 < a_hi

@@ -35,10 +35,15 @@ Systems (``--systems``):
 
 Workloads (``--workloads``): ``distinct`` (every request body differs: no cache can help) and
 ``realistic`` (three tenants, four models, two routes, a few prompts, repeating; run by the rivals
-and kernelgate's HTTP + Wasm modes, ``REALISTIC_SYSTEMS``). Rates 100-1000 req/s by default: on a
-2-core machine nothing held p99 <= 10 ms at 500 req/s, leaving the max-req/s ratios undefined.
+and kernelgate's HTTP + Wasm modes, ``REALISTIC_SYSTEMS``). Rates 100-750 req/s in fine steps by
+default, 3 s windows: on a shared 2-core machine the systems' max req/s at p99 <= 10 ms lies between
+100 and 500, and steps of 250 made the per-round ratios too coarse to decide (1000 added nothing:
+no system but Envoy alone held it).
 
-    python bench/gateway.py                 # full run (~17 min on 2 cores); writes bench/results/
+    python bench/gateway.py                 # full run (~30 min on 2 cores); writes bench/results/
+    python bench/gateway.py --workloads distinct --systems envoy_only opa_envoy kg_http_wasm \
+        kg_http_wasm_w2 anchor kg_gate_http_wasm kg_gate_http_wasm_w2 --rounds 7 \
+        --pool-with bench/results/authz_vs_opa.json   # more rounds of the compared systems, pooled
     python bench/gateway.py --quick         # smoke check (< 3 min), writes under /tmp unless --out
 
 The duration is printed before the load starts: systems x load points x window x rounds x
@@ -88,7 +93,7 @@ QUICK_SYSTEMS = ("envoy_only", "opa_envoy", "kg_http_wasm_w2", "anchor", "kg_gat
 REALISTIC_SYSTEMS = ("envoy_only", "opa_envoy", "kg_http_wasm", "kg_http_wasm_w2", "anchor", "kg_gate_http_wasm_w2")
 # Offered rates (open loop): low enough that the max sustained req/s at p99 <= 10 ms is defined on
 # a 2-core machine (where even Envoy alone missed it at 500 req/s), up to past saturation.
-DEFAULT_RATES = (100, 250, 500, 750, 1000)
+DEFAULT_RATES = (100, 150, 200, 300, 400, 500, 750)
 P99_TARGET_MS = 10.0
 
 
@@ -577,7 +582,7 @@ def main() -> None:
                         choices=["distinct", "realistic"])
     parser.add_argument("--rates", nargs="+", type=int, default=list(DEFAULT_RATES))
     parser.add_argument("--concurrency", nargs="*", type=int, default=[16])
-    parser.add_argument("--window", type=float, default=2.0, help="seconds per system per load point")
+    parser.add_argument("--window", type=float, default=3.0, help="seconds per system per load point")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--distinct", type=int, default=20000, help="bodies in the distinct workload")
     parser.add_argument("--quick", action="store_true", help="smoke check: few systems, one short round")

@@ -138,5 +138,8 @@ def one_slow(tmp_path_factory) -> Iterator[ReplicaStack]:
 
 async def test_slow_replica_gets_less_traffic(one_slow: ReplicaStack) -> None:
     served = collections.Counter(await closed_loop(one_slow.url, {**BODY, "max_tokens": 48}, concurrency=6,
-                                                   total=48))
-    assert served["slow"] < min(served["fast0"], served["fast1"]), served
+                                                   total=96))
+    # Against the fast replicas' mean share: least_request picks the less busy of two random
+    # replicas, so two identical fast ones split their part unevenly by chance (24 and 12 of 48 in
+    # one CI run, where the slow one's 12 tied the smaller and failed a comparison with the min).
+    assert served["slow"] < (served["fast0"] + served["fast1"]) / 2, served

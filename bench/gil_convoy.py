@@ -13,13 +13,16 @@ counts separate the settings more clearly than the percentiles.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_report  # noqa: E402
 
 
 def run(interval: float, duty: bool, busy: bool, ops: int) -> dict:
@@ -68,12 +71,7 @@ def main() -> int:
     for interval in args.switch_intervals:
         for duty in (False, True):
             results[f"{interval * 1e6:g}us{'_duty' if duty else ''}"] = run(interval, duty, True, args.ops)
-    text = json.dumps({"benchmark": "gil_convoy", "command": " ".join(["python", *sys.argv]), "ops": args.ops,
-                       "results": results,
-                       "host_load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()]}, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report("gil_convoy", args.out, {"ops": args.ops, "results": results})
     return 0
 
 

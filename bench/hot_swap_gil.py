@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_report  # noqa: E402
+
 
 def measure(switch_interval: float, layers: int, hidden: int) -> dict:
     import torch
@@ -118,14 +120,7 @@ def main() -> int:
         run = subprocess.run([sys.executable, __file__, "--one", str(interval), "--layers", str(args.layers),
                               "--hidden", str(args.hidden)], check=True, capture_output=True, text=True)
         results[f"switch_interval_{interval * 1e3:g}ms"] = json.loads(run.stdout.strip().splitlines()[-1])
-    import os
-
-    text = json.dumps({"benchmark": "hot_swap_gil", "command": " ".join(["python", *sys.argv]),
-                       "layers": args.layers, "hidden": args.hidden, "results": results,
-                       "host_load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()]}, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report("hot_swap_gil", args.out, {"layers": args.layers, "hidden": args.hidden, "results": results})
     return 0
 
 

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import write_report  # noqa: E402
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -165,11 +166,8 @@ def main() -> int:
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)
-    text = json.dumps({"benchmark": "hot_swap_pacing", "command": " ".join(["python", *sys.argv]),
-                       "model": args.model, "rate_per_s": args.rate, "max_tokens": args.max_tokens, "runs": runs,
-                       "host_load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()]}, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report("hot_swap_pacing", args.out, {"model": args.model, "rate_per_s": args.rate,
+                                               "max_tokens": args.max_tokens, "runs": runs}, echo=False)
     return 0
 
 
